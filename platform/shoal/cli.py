@@ -1,0 +1,130 @@
+"""The `shoal` command. The only place that turns a ShoalError into one line and an exit status."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from shoal import __version__
+from shoal.errors import ShoalError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full command-line grammar (tests parse launch scripts and manifests with it)."""
+    p = argparse.ArgumentParser(prog="shoal", description="Distributed data-parallel training for PyTorch from one YAML file.")
+    p.add_argument("--version", action="version", version=f"shoal {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    t = sub.add_parser("train", help="train with N DDP workers started by Ray (default: the bundled quickstart)")
+    _config_args(t, optional=True)
+    t.add_argument("--resume", action="store_true", help="continue the run in run.dir from its latest complete checkpoint")
+
+    w = sub.add_parser("worker", help="run one rank from torchrun's environment (torchrun ... -m shoal worker CONFIG)")
+    _config_args(w, optional=False)
+    w.add_argument("--resume", action="store_true", help="continue the run in run.dir from its latest complete checkpoint")
+
+    v = sub.add_parser("validate", help="print the resolved config, or the first error")
+    _config_args(v, optional=False)
+
+    r = sub.add_parser("config-reference", help="print the config reference (markdown)")
+    r.set_defaults(func=_cmd_reference)
+    t.set_defaults(func=_cmd_train)
+    w.set_defaults(func=_cmd_worker)
+    v.set_defaults(func=_cmd_validate)
+    return p
+
+
+def _config_args(p: argparse.ArgumentParser, optional: bool) -> None:
+    p.add_argument("config", nargs="?" if optional else None, metavar="CONFIG", help="job YAML file")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=0.1")
+
+
+def _split_config(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """`shoal train optim.lr=0.1` has no CONFIG: a first positional with '=' is an override."""
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
+        overrides.insert(0, config)
+        config = None
+    return config, overrides
+
+
+def _load(args: argparse.Namespace):
+    from shoal.config import check_target, load_config
+
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # model.target modules next to the job file import as with `python -m`
+    config, overrides = _split_config(args)
+    if config is None and args.command != "train":
+        raise ShoalError(f"shoal {args.command}: CONFIG is required")
+    cfg = load_config(config, overrides)
+    check_target(cfg, config or "quickstart.yaml")
+    return cfg
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    sys.stdout.write(cfg.to_yaml())
+    return 0
+
+
+def _cmd_reference(args: argparse.Namespace) -> int:
+    from shoal.config import config_reference
+
+    sys.stdout.write(config_reference())
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from shoal.launcher import run
+
+    summary = run(cfg, resume=args.resume)
+    _print_result(summary)
+    return 0 if summary.get("status") == "completed" else 1
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from shoal.dist import WorldInfo
+    from shoal.progress import Progress
+    from shoal.worker import run_worker, setup_logging
+
+    world = WorldInfo.from_env()
+    setup_logging(world.rank if world.distributed else None)
+    progress = Progress(cfg.train.max_steps, cfg.log.progress, cfg.log.print_every_s) if world.is_main else None
+    try:
+        summary = run_worker(cfg, resume=args.resume, report=progress.update if progress else None)
+    finally:
+        if progress is not None:
+            progress.close()
+    if world.is_main:
+        _print_result(summary)
+    return 0 if summary.get("status") == "completed" else 1
+
+
+def _print_result(summary: dict) -> None:
+    parts = [f"status {summary.get('status')}", f"steps {summary.get('steps')}"]
+    for key in ("train_loss", "val_loss", "val_accuracy"):
+        if isinstance(summary.get(key), float):
+            parts.append(f"{key} {summary[key]:.4f}")
+    if "samples_per_s" in summary:
+        parts.append(f"{summary['samples_per_s']:,.0f} samples/s")
+    print("[shoal] " + "  ".join(parts), flush=True)
+    print(f"[shoal] run directory: {summary.get('run_dir')}", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `shoal` console script and `python -m shoal`."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ShoalError as e:
+        print(f"shoal: error: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("shoal: interrupted", file=sys.stderr, flush=True)
+        return 130

@@ -1,0 +1,512 @@
+"""The job config: typed, validated, the single source of defaults and their documentation.
+
+`load_config(path, overrides)` reads a YAML file, applies dotted `KEY=VALUE` overrides and
+returns a frozen `JobConfig`. Every problem becomes a one-line `ConfigError` naming the file,
+the line where the YAML has one, the dotted key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.resources
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from shoal.errors import ConfigError
+
+QUICKSTART = "quickstart.yaml"
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are errors, values are frozen, docstrings document fields."""
+
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, use_attribute_docstrings=True, validate_default=True
+    )
+
+
+class ModelConfig(Section):
+    name: Literal["mlp", "cnn", "resnet", "transformer_lm"] = "mlp"
+    """Built-in model. Input and output sizes come from the data."""
+    target: str | None = None
+    """Your own model as "package.module:factory"; called with `kwargs`. Overrides `name`."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments for `target`."""
+    width: int = Field(128, ge=1)
+    """Hidden units (mlp), channels (cnn, resnet: first stage) or model dimension (transformer_lm)."""
+    depth: int = Field(2, ge=1)
+    """Hidden layers (mlp), conv blocks (cnn), blocks per stage (resnet) or layers (transformer_lm)."""
+    activation: Literal["relu", "leaky_relu", "gelu", "tanh", "sigmoid"] = "relu"
+    """Hidden activation of mlp and cnn."""
+    init: Literal["default", "he", "xavier", "normal"] = "default"
+    """Weight init: PyTorch's default, he (Kaiming normal), xavier (Glorot normal) or normal(0, init_std)."""
+    init_std: float = Field(0.02, gt=0)
+    """Standard deviation for init: normal."""
+    norm: Literal["none", "batch", "layer"] = "none"
+    """Normalisation after each hidden layer of mlp and cnn (resnet always uses batch norm)."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout probability after each hidden layer."""
+    residual: bool = False
+    """Skip connections around the mlp's hidden layers of equal width."""
+    heads: int = Field(4, ge=1)
+    """Attention heads (transformer_lm); must divide width."""
+    freeze: list[str] = Field(default_factory=list)
+    """Glob patterns of parameter names to freeze (no gradient, not in the optimizer), e.g. "layers.0.*"."""
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.target is not None and not re.fullmatch(r"[\w.]+:[\w.]+", self.target):
+            raise ValueError(f"model.target: must look like 'package.module:factory' (got {self.target!r})")
+        if self.name == "transformer_lm" and self.width % self.heads:
+            raise ValueError(f"model.heads: must divide model.width={self.width} (got {self.heads})")
+        return self
+
+
+class DataConfig(Section):
+    format: Literal["memory"] = "memory"
+    """Where samples come from: memory (a built-in data set generated or loaded in each process)."""
+    dataset: Literal["digits", "synthetic"] = "digits"
+    """digits: scikit-learn's bundled 8x8 handwritten digits (1,797 samples). synthetic: generated per index."""
+    task: Literal["classification", "regression", "lm"] = "classification"
+    """Synthetic task: classification (labels from a fixed random teacher), regression or lm (token sequences)."""
+    num_samples: int = Field(10_000, ge=1)
+    """Synthetic samples (train and validation together). Up to 256 MiB they are generated once and held; beyond, per batch (flat memory at any size)."""
+    input_shape: list[int] = Field(default_factory=lambda: [32])
+    """Synthetic input shape, e.g. [784] or [1, 8, 8] for a cnn."""
+    num_classes: int = Field(10, ge=2)
+    """Synthetic classes."""
+    vocab_size: int = Field(64, ge=2)
+    """Synthetic lm vocabulary."""
+    seq_len: int = Field(32, ge=2)
+    """Synthetic lm sequence length (tokens per sample)."""
+    val_fraction: float = Field(0.2, ge=0, lt=1)
+    """Share of samples held out for validation, split by `seed`."""
+    batch_size: int = Field(32, ge=1)
+    """Micro-batch size per rank; an optimizer step sees batch_size x grad_accum_steps x world size samples."""
+    shuffle: bool = True
+    """Reshuffle every epoch, seeded by (seed, epoch)."""
+    num_workers: int = Field(0, ge=0)
+    """DataLoader worker processes per rank; 0 reads in the training process (best on few cores)."""
+    prefetch_factor: int = Field(2, ge=1)
+    """Batches each loader worker prepares ahead."""
+    pin_memory: Literal["auto"] | bool = "auto"
+    """Pin host memory for faster copies to the GPU; auto = on with CUDA."""
+    persistent_workers: bool = True
+    """Keep loader workers alive across epochs."""
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if any(d < 1 for d in self.input_shape) or not self.input_shape:
+            raise ValueError(f"data.input_shape: must be a non-empty list of positive sizes (got {self.input_shape})")
+        return self
+
+
+class OptimConfig(Section):
+    name: Literal["sgd", "adam", "adamw", "rmsprop"] = "adamw"
+    """Optimizer."""
+    lr: float = Field(1e-3, gt=0)
+    """Peak learning rate (after warmup)."""
+    momentum: float = Field(0.0, ge=0, lt=1)
+    """Momentum for sgd and rmsprop."""
+    nesterov: bool = False
+    """Nesterov momentum (sgd; needs momentum > 0)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam and AdamW betas."""
+    eps: float = Field(1e-8, gt=0)
+    """Adam, AdamW and RMSprop epsilon."""
+    weight_decay: float = Field(0.0, ge=0)
+    """Weight decay (decoupled for adamw, L2 in the gradient for the others)."""
+    decay_bias_and_norm: bool = False
+    """Also decay biases and normalisation weights (most recipes exclude them)."""
+    l1: float = Field(0.0, ge=0)
+    """L1 penalty on the decayed weights, added to their gradients."""
+
+    @model_validator(mode="after")
+    def _check(self) -> OptimConfig:
+        if self.nesterov and (self.name != "sgd" or self.momentum <= 0):
+            raise ValueError("optim.nesterov: needs optim.name=sgd and optim.momentum > 0")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas: each must be in [0, 1) (got {list(self.betas)})")
+        return self
+
+
+class ScheduleConfig(Section):
+    name: Literal["constant", "step", "multistep", "cosine", "plateau"] = "constant"
+    """Learning-rate schedule after warmup."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warmup from 0 to optim.lr over this many steps (any schedule)."""
+    step_size: int = Field(100, ge=1)
+    """step: multiply by gamma every step_size steps."""
+    gamma: float = Field(0.1, gt=0, le=1)
+    """step and multistep: decay factor."""
+    milestones: list[int] = Field(default_factory=list)
+    """multistep: steps at which to multiply by gamma (ascending)."""
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    """cosine: final learning rate as a fraction of optim.lr."""
+    metric: str = "val_loss"
+    """plateau: evaluation metric watched."""
+    mode: Literal["min", "max"] = "min"
+    """plateau: whether the metric should go down or up."""
+    patience: int = Field(3, ge=0)
+    """plateau: evaluations without improvement before the rate drops."""
+    factor: float = Field(0.1, gt=0, lt=1)
+    """plateau: factor applied to the rate on a plateau."""
+    threshold: float = Field(1e-4, ge=0)
+    """plateau: relative improvement that counts."""
+    min_lr: float = Field(0.0, ge=0)
+    """plateau: lower bound of the rate."""
+
+    @model_validator(mode="after")
+    def _check(self) -> ScheduleConfig:
+        if self.name == "multistep":
+            if not self.milestones:
+                raise ValueError("schedule.milestones: multistep needs at least one milestone")
+            if sorted(set(self.milestones)) != self.milestones or self.milestones[0] < 1:
+                raise ValueError(f"schedule.milestones: must be strictly ascending positive steps (got {self.milestones})")
+        return self
+
+
+class TrainConfig(Section):
+    max_steps: int = Field(1000, ge=1)
+    """Optimizer steps to run."""
+    grad_accum_steps: int = Field(1, ge=1)
+    """Micro-batches per optimizer step; gradients are AllReduced once, after the last one."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Autocast dtype. fp16 adds a GradScaler and needs CUDA; bf16 runs on CPU and recent GPUs."""
+    clip_grad_norm: float | None = Field(None, gt=0)
+    """Clip gradients to this global L2 norm (after unscaling)."""
+    clip_grad_value: float | None = Field(None, gt=0)
+    """Clip each gradient element to [-v, v] (after unscaling)."""
+    loss: Literal["cross_entropy", "mse", "bce_with_logits"] = "cross_entropy"
+    """Loss function."""
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    """cross_entropy label smoothing."""
+    eval_every: int = Field(100, ge=0)
+    """Evaluate on the validation split every this many steps (and at the end); 0 = only at the end."""
+    eval_batches: int | None = Field(None, ge=1)
+    """Limit each evaluation to this many batches per rank; None = the whole validation split."""
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.clip_grad_norm is not None and self.clip_grad_value is not None:
+            raise ValueError("train.clip_grad_value: set either train.clip_grad_norm or train.clip_grad_value, not both")
+        if self.label_smoothing and self.loss != "cross_entropy":
+            raise ValueError("train.label_smoothing: only applies to train.loss=cross_entropy")
+        return self
+
+
+class ScalingConfig(Section):
+    num_workers: int = Field(2, ge=1)
+    """DDP ranks started by `shoal train` (torchrun decides this itself for `shoal worker`)."""
+    cpus_per_worker: float = Field(1.0, gt=0)
+    """CPUs reserved for each rank in the Ray cluster."""
+    gpus_per_worker: float = Field(0.0, ge=0)
+    """GPUs reserved for each rank in the Ray cluster; 0 trains on CPU."""
+    threads_per_worker: int | None = Field(None, ge=1)
+    """torch intra-op threads per rank; None = cpus_per_worker under Ray, torch's choice otherwise."""
+    address: str | None = None
+    """Ray cluster to join (e.g. "auto" or "HOST:6379"); None = RAY_ADDRESS if set, else an embedded local cluster."""
+    placement: Literal["pack", "spread", "strict_spread"] = "pack"
+    """How ranks are placed on nodes: pack onto few, spread over many, or one per node."""
+    placement_timeout_s: float = Field(60.0, gt=0)
+    """How long to wait for the cluster to grant the workers' resources before failing."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Training device; auto = CUDA when the rank sees a GPU."""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """Process-group backend; auto = nccl on CUDA, gloo on CPU."""
+    timeout_s: float = Field(300.0, gt=0)
+    """Collective timeout: a lost rank fails the job after this long, not after torch's 30-minute default."""
+    dashboard: bool = False
+    """Start the Ray dashboard (and Jobs API) with the embedded cluster, on 127.0.0.1 only."""
+
+
+class DDPConfig(Section):
+    bucket_cap_mb: float = Field(25.0, gt=0)
+    """Gradient bucket size for AllReduce."""
+    gradient_as_bucket_view: bool = True
+    """Gradients are views into the AllReduce buckets (saves a copy and memory)."""
+    static_graph: bool = False
+    """Tell DDP the graph is the same every step (enables some optimisations)."""
+    find_unused_parameters: bool = False
+    """Allow parameters that get no gradient in a step (slower; only for models that need it)."""
+    broadcast_buffers: bool = True
+    """Broadcast buffers (batch-norm statistics) from rank 0 at every forward."""
+
+
+class LogConfig(Section):
+    every: int = Field(10, ge=1)
+    """Write a metrics line every this many steps."""
+    tensorboard: bool = True
+    """Write TensorBoard event files into the run directory."""
+    progress: Literal["auto", "bar", "lines", "none"] = "auto"
+    """Progress display: a bar on a terminal, periodic lines otherwise (auto)."""
+    print_every_s: float = Field(10.0, gt=0)
+    """Seconds between progress lines when there is no bar."""
+
+
+class RunConfig(Section):
+    dir: str | None = None
+    """Run directory; None = runs/<name>-<YYYYmmdd-HHMMSS> under the current directory."""
+    overwrite: bool = False
+    """Allow writing into a run directory that already holds a run (otherwise an error)."""
+
+
+class JobConfig(Section):
+    name: str = Field("shoal-job", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=63)
+    """Job name: letters, digits, '_', '.', '-'; used for the run directory."""
+    seed: int = Field(0, ge=0)
+    """Seed for data order, model init and every random generator."""
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    ddp: DDPConfig = Field(default_factory=DDPConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> JobConfig:
+        s = self.scaling
+        if self.train.precision == "fp16" and (s.device == "cpu" or (s.device == "auto" and s.gpus_per_worker == 0)):
+            raise ValueError(
+                "train.precision: fp16 needs CUDA; use bf16 or fp32 on CPU, or train on GPUs "
+                "(scaling.gpus_per_worker >= 1 with Ray, scaling.device=cuda with torchrun)"
+            )
+        if self.ddp.static_graph and self.train.grad_accum_steps > 1:
+            # DDP's static graph and no_sync() do not mix: an internal assert, or AllReduce silently stops
+            raise ValueError("ddp.static_graph: cannot be combined with train.grad_accum_steps > 1; turn one of them off")
+        if self.schedule.name == "plateau" and self.train.eval_every == 0:
+            raise ValueError("schedule.name: plateau needs evaluations; set train.eval_every > 0")
+        task = self.data.task if self.data.dataset == "synthetic" else "classification"
+        if (task == "lm") != (self.model.name == "transformer_lm") and self.model.target is None:
+            raise ValueError(
+                f"model.name: {self.model.name} does not fit data.task={task}; "
+                "transformer_lm goes with data.task=lm and the other models with classification or regression"
+            )
+        if task == "regression" and self.train.loss != "mse":
+            raise ValueError(f"train.loss: regression needs mse (got {self.train.loss})")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict of every value, defaults included (JSON/YAML safe)."""
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        """The resolved config as YAML, the form saved into the run directory."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def replace(self, updates: dict[str, Any]) -> JobConfig:
+        """A copy with dotted keys changed ({"run.dir": "/x"}), validated again."""
+        data = self.to_dict()
+        for key, value in updates.items():
+            _set_dotted(data, key.split("."), value, key)
+        return _validate(data, source="<replace>", lines={})
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    """Read a job YAML (None = the bundled quickstart), apply KEY=VALUE overrides, validate."""
+    source, text = _read(path)
+    data, lines = _parse_yaml(text, source)
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(data, key.split("."), value, key)
+        lines[key] = 0  # 0 = "from the command line", shown instead of a line number
+    return _validate(data, source=source, lines=lines)
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> JobConfig:
+    """Validate a plain dict (as saved in a run directory or a checkpoint)."""
+    return _validate(dict(data), source=source, lines={})
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """Split 'a.b=value'; the value is parsed as YAML (numbers, booleans, lists)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key):
+        raise ConfigError(f"override {item!r}: expected KEY=VALUE with a dotted key, e.g. optim.lr=0.1")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def check_target(cfg: JobConfig, source: str | None = None) -> None:
+    """Fail early, as a config error, if model.target does not import (before any worker starts)."""
+    if cfg.model.target is None:
+        return
+    module_name, _, attr = cfg.model.target.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except Exception as e:  # the user's module may fail in any way while importing
+        raise ConfigError(f"cannot import {cfg.model.target!r}: {type(e).__name__}: {e}", key="model.target", source=source) from None
+    if not callable(obj):
+        raise ConfigError(f"{cfg.model.target!r} is not callable", key="model.target", source=source)
+
+
+def quickstart_path() -> Path:
+    """The bundled default job (configs/quickstart.yaml in the repository)."""
+    return Path(str(importlib.resources.files("shoal") / QUICKSTART))
+
+
+def _read(path: str | Path | None) -> tuple[str, str]:
+    if path is None:
+        return QUICKSTART, quickstart_path().read_text()
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError("file not found", source=str(path))
+    if p.is_dir():
+        raise ConfigError("is a directory, expected a YAML job file", source=str(path))
+    try:
+        return str(path), p.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read: {e}", source=str(path)) from None
+
+
+def _parse_yaml(text: str, source: str) -> tuple[dict[str, Any], dict[str, int]]:
+    """Parse YAML into a dict plus the line number of every dotted key."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        raise ConfigError(f"YAML syntax error: {e.problem}", source=where) from None
+    if data is None:
+        return {}, {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"the top level must be a mapping of sections, got {type(data).__name__}", source=source)
+    lines: dict[str, int] = {}
+    _collect_lines(node, "", lines)
+    return data, lines
+
+
+def _collect_lines(node: yaml.Node, prefix: str, lines: dict[str, int]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            dotted = f"{prefix}{key_node.value}"
+            lines[dotted] = key_node.start_mark.line + 1
+            _collect_lines(value_node, dotted + ".", lines)
+
+
+def _set_dotted(data: dict[str, Any], parts: list[str], value: Any, key: str) -> None:
+    cur = data
+    for i, part in enumerate(parts[:-1]):
+        nxt = cur.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"cannot set {key}: {'.'.join(parts[: i + 1])} is not a section")
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def _validate(data: dict[str, Any], source: str, lines: dict[str, int]) -> JobConfig:
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as e:
+        raise _friendly(e, source, lines) from None
+
+
+# ---------------------------------------------------------------- error messages
+
+
+def _friendly(exc: ValidationError, source: str, lines: dict[str, int]) -> ConfigError:
+    """The first validation error as one line: file[:line]: key: what is allowed (got what)."""
+    errors = exc.errors(include_url=False)
+    err = errors[0]
+    loc = [str(p) for p in err["loc"] if not isinstance(p, int)]
+    key = ".".join(loc)
+    kind = err["type"]
+    got = err.get("input")
+    if kind == "value_error":
+        # our own validators write "key: message"; they carry the key they are about
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        key, _, msg = msg.partition(": ") if re.match(r"^[\w.]+: ", msg) else (key, "", msg)
+    elif kind == "extra_forbidden":
+        msg = "unknown key" + _did_you_mean(loc)
+    elif kind == "literal_error":
+        allowed = err.get("ctx", {}).get("expected", "")
+        msg = f"must be one of {allowed.replace(' or ', ', ')} (got {got!r})"
+    elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[kind]
+        bound = next(iter(err.get("ctx", {}).values()), "?")
+        msg = f"must be {op} {bound} (got {got!r})"
+    elif kind == "missing":
+        msg = "is required"
+    elif kind == "string_pattern_mismatch":
+        msg = f"must match {err['ctx']['pattern']} (got {got!r})"
+    else:
+        msg = f"{err['msg'].lower()} (got {got!r})"
+    if len(errors) > 1:
+        msg += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    line = _line_of(key, lines)
+    where = f"{source}:{line}" if line else f"{source} (command line)" if line == 0 else source
+    return ConfigError(msg, key=key or None, source=where)
+
+
+def _line_of(key: str, lines: dict[str, int]) -> int | None:
+    parts = key.split(".")
+    while parts:
+        if ".".join(parts) in lines:
+            return lines[".".join(parts)]
+        parts.pop()
+    return None
+
+
+def _did_you_mean(loc: list[str]) -> str:
+    """' (did you mean 'optim.lr'?)' from the fields of the section that holds the bad key."""
+    model: type[BaseModel] = JobConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(part)
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return ""
+        model = ann
+    names = list(model.model_fields)
+    close = difflib.get_close_matches(loc[-1], names, n=1, cutoff=0.6)
+    prefix = ".".join(loc[:-1])
+    if close:
+        return f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)"
+    return f"; allowed in {prefix or 'the top level'}: {', '.join(names)}"
+
+
+# ---------------------------------------------------------------- reference
+
+
+def config_reference() -> str:
+    """Markdown tables of every key, its default and its meaning, generated from the models."""
+    out: list[str] = []
+    top = [(n, f) for n, f in JobConfig.model_fields.items() if not _is_section(f.annotation)]
+    out.append("| key | default | meaning |\n|---|---|---|")
+    for name, field in top:
+        out.append(_row(name, field))
+    for name, field in JobConfig.model_fields.items():
+        if _is_section(field.annotation):
+            out.append(f"\n**{name}**\n\n| key | default | meaning |\n|---|---|---|")
+            for sub, subfield in field.annotation.model_fields.items():
+                out.append(_row(f"{name}.{sub}", subfield))
+    return "\n".join(out) + "\n"
+
+
+def _is_section(ann: Any) -> bool:
+    return isinstance(ann, type) and issubclass(ann, Section)
+
+
+def _row(key: str, field: Any) -> str:
+    default = field.get_default(call_default_factory=True)
+    shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+    if isinstance(default, tuple):
+        shown = str(list(default))
+    doc = (field.description or "").replace("|", "\\|").replace("\n", " ")
+    return f"| `{key}` | `{shown}` | {doc} |"

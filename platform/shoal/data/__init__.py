@@ -1,0 +1,172 @@
+"""The data interface the engine sees: an endless, resumable train stream and a validation split."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from shoal.config import JobConfig
+from shoal.data import partition
+from shoal.data.spec import DataSpec
+from shoal.dist import WorldInfo
+from shoal.errors import DataError
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class BatchSource(Protocol):
+    """A split that fetches whole batches by sample index."""
+
+    spec: DataSpec
+
+    def __len__(self) -> int: ...
+    def get_batch(self, idx: np.ndarray) -> Batch: ...
+
+
+class _ByIndexBatch(torch.utils.data.Dataset):
+    """Map-style view for DataLoader workers: item = one index array = one batch."""
+
+    def __init__(self, source: BatchSource):
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, idx: np.ndarray) -> Batch:
+        return self.source.get_batch(idx)
+
+
+class _EpochBatches(torch.utils.data.Sampler):
+    """The index batches of the stream's current (epoch, position); re-read at every iter()."""
+
+    def __init__(self, stream: TrainStream):
+        self.stream = stream
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return self.stream._index_batches()
+
+    def __len__(self) -> int:
+        s = self.stream
+        return partition.batches_per_epoch(len(s.source), s.world.world_size, s.batch_size, s.consumed)
+
+
+class TrainStream:
+    """This rank's endless stream of training micro-batches, epoch after epoch.
+
+    The position (epoch, global samples consumed this epoch) is the same on every rank and is
+    what a checkpoint stores; it stays valid when the job resumes with another world size.
+    """
+
+    def __init__(self, source: BatchSource, cfg: JobConfig, world: WorldInfo, device: torch.device):
+        self.source = source
+        self.world = world
+        self.device = device
+        self.batch_size = cfg.data.batch_size
+        self.seed = cfg.seed
+        self.shuffle = cfg.data.shuffle
+        self.epoch = 0
+        self.consumed = 0
+        global_batch = world.world_size * self.batch_size
+        if len(source) < global_batch:
+            raise DataError(
+                f"data: {len(source)} training samples are fewer than one global batch "
+                f"(world size {world.world_size} x data.batch_size {self.batch_size} = {global_batch}); "
+                "lower data.batch_size or scaling.num_workers"
+            )
+        self._loader = self._make_loader(cfg, device)
+        self._it: Iterator[Batch] | None = None
+
+    def _make_loader(self, cfg: JobConfig, device: torch.device) -> torch.utils.data.DataLoader | None:
+        pin = device.type == "cuda" if cfg.data.pin_memory == "auto" else bool(cfg.data.pin_memory)
+        if cfg.data.num_workers == 0 and not pin:
+            return None  # plain in-process fetch: no DataLoader machinery on the hot path
+        workers = cfg.data.num_workers
+        return torch.utils.data.DataLoader(
+            _ByIndexBatch(self.source),
+            batch_size=None,
+            sampler=_EpochBatches(self),
+            num_workers=workers,
+            pin_memory=pin,
+            prefetch_factor=cfg.data.prefetch_factor if workers else None,
+            persistent_workers=cfg.data.persistent_workers and workers > 0,
+        )
+
+    @property
+    def samples_per_batch(self) -> int:
+        return self.batch_size
+
+    def _index_batches(self) -> Iterator[np.ndarray]:
+        order = partition.epoch_order(len(self.source), self.seed, self.epoch, self.shuffle)
+        return partition.rank_batches(order, self.world.rank, self.world.world_size, self.batch_size, self.consumed)
+
+    def _epoch_iter(self) -> Iterator[Batch]:
+        if self._loader is not None:
+            return iter(self._loader)
+        return (self.source.get_batch(idx) for idx in self._index_batches())
+
+    def __iter__(self) -> TrainStream:
+        return self
+
+    def __next__(self) -> Batch:
+        if self._it is None:
+            self._it = self._epoch_iter()
+        try:
+            x, y = next(self._it)
+        except StopIteration:
+            self.epoch += 1
+            self.consumed = 0
+            self._it = self._epoch_iter()
+            x, y = next(self._it)
+        self.consumed += self.world.world_size * self.batch_size
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The global position: valid on every rank and for any world size."""
+        return {"epoch": self.epoch, "consumed": self.consumed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = int(state["epoch"])
+        self.consumed = int(state["consumed"])
+        self._it = None
+
+
+class EvalSet:
+    """This rank's share of the validation split (every sample exactly once across ranks)."""
+
+    def __init__(self, source: BatchSource, world: WorldInfo, batch_size: int, device: torch.device):
+        self.source = source
+        self.idx = partition.shard_for_eval(len(source), world.rank, world.world_size)
+        self.batch_size = batch_size
+        self.device = device
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def batches(self, limit: int | None = None) -> Iterator[Batch]:
+        for i, start in enumerate(range(0, len(self.idx), self.batch_size)):
+            if limit is not None and i >= limit:
+                return
+            x, y = self.source.get_batch(self.idx[start : start + self.batch_size])
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+@dataclass
+class Loaders:
+    train: TrainStream
+    val: EvalSet | None
+    spec: DataSpec
+
+
+def build_loaders(cfg: JobConfig, world: WorldInfo, device: torch.device) -> Loaders:
+    """The train stream and validation split for this rank."""
+    from shoal.data.memory import build_memory_data
+
+    train = build_memory_data(cfg.data, cfg.seed, "train")
+    val = build_memory_data(cfg.data, cfg.seed, "val") if cfg.data.val_fraction > 0 else None
+    stream = TrainStream(train, cfg, world, device)
+    evalset = EvalSet(val, world, cfg.data.batch_size, device) if val is not None and len(val) else None
+    return Loaders(train=stream, val=evalset, spec=train.spec)

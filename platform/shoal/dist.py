@@ -1,0 +1,207 @@
+"""Distributed setup: the only module that reads RANK/WORLD_SIZE/... and creates the process group.
+
+Launchers (torchrun, Shoal's Ray launcher) produce the torchrun environment; workers consume it
+through `WorldInfo.from_env()` and receive `world` as an argument everywhere else.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from shoal.errors import ConfigError
+
+if TYPE_CHECKING:  # torch is imported by the functions that need it: the Ray driver never loads it
+    import torch
+
+ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class WorldInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> WorldInfo:
+        """Read the variables torchrun sets; a plain process is rank 0 of 1."""
+        env = os.environ if env is None else env
+        world = _int(env, "WORLD_SIZE", 1, low=1)
+        rank = _int(env, "RANK", 0, low=0)
+        local_world = _int(env, "LOCAL_WORLD_SIZE", world, low=1)
+        local_rank = _int(env, "LOCAL_RANK", rank % local_world, low=0)
+        node_rank = _int(env, "GROUP_RANK", _int(env, "NODE_RANK", rank // local_world, low=0), low=0)
+        if rank >= world:
+            raise ConfigError(f"RANK={rank} must be < WORLD_SIZE={world}", key="environment")
+        if local_rank >= local_world:
+            raise ConfigError(f"LOCAL_RANK={local_rank} must be < LOCAL_WORLD_SIZE={local_world}", key="environment")
+        if world > 1 and ("MASTER_ADDR" not in env or "MASTER_PORT" not in env):
+            raise ConfigError(
+                "WORLD_SIZE > 1 needs MASTER_ADDR and MASTER_PORT (start ranks with torchrun or `shoal train`)",
+                key="environment",
+            )
+        return cls(
+            rank=rank,
+            world_size=world,
+            local_rank=local_rank,
+            local_world_size=local_world,
+            node_rank=node_rank,
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=_int(env, "MASTER_PORT", 29500, low=1),
+        )
+
+    def to_env(self) -> dict[str, str]:
+        """The torchrun environment that describes this rank."""
+        return {
+            "RANK": str(self.rank),
+            "WORLD_SIZE": str(self.world_size),
+            "LOCAL_RANK": str(self.local_rank),
+            "LOCAL_WORLD_SIZE": str(self.local_world_size),
+            "GROUP_RANK": str(self.node_rank),
+            "NODE_RANK": str(self.node_rank),
+            "MASTER_ADDR": self.master_addr,
+            "MASTER_PORT": str(self.master_port),
+        }
+
+
+def _int(env: Mapping[str, str], name: str, default: int, low: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an integer", key="environment") from None
+    if value < low:
+        raise ConfigError(f"{name}={value} must be >= {low}", key="environment")
+    return value
+
+
+def select_device(world: WorldInfo, want: str) -> torch.device:
+    """cuda:LOCAL_RANK when asked for (or auto and a GPU is visible), else cpu."""
+    import torch
+
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("CUDA was asked for but this rank sees no GPU", key="scaling.device")
+        index = world.local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+def select_backend(device: torch.device, want: str) -> str:
+    """nccl for CUDA, gloo for CPU, unless the config names one."""
+    if want == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    if want == "nccl" and device.type != "cuda":
+        raise ConfigError("nccl needs CUDA; use gloo (or auto) on CPU", key="scaling.backend")
+    return want
+
+
+def init_process_group(world: WorldInfo, backend: str, timeout_s: float, device: torch.device) -> None:
+    """Join the group described by `world` (no-op for a single process)."""
+    import torch.distributed as dist
+
+    if not world.distributed or dist.is_initialized():
+        return
+    os.environ.setdefault("MASTER_ADDR", world.master_addr)
+    os.environ.setdefault("MASTER_PORT", str(world.master_port))
+    dist.init_process_group(
+        backend=backend,
+        init_method="env://",
+        rank=world.rank,
+        world_size=world.world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+        device_id=device if device.type == "cuda" else None,
+    )
+
+
+def destroy_process_group() -> None:
+    """Leave the group if one was joined."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum a small tensor across ranks (in place, returned); identity for one process."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def all_max(values: torch.Tensor) -> torch.Tensor:
+    """Element-wise max across ranks (in place, returned)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values
+
+
+def agree(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """True on every rank if it is True on any rank: one collective, so all ranks decide alike."""
+    import torch
+
+    # int32 because NCCL cannot reduce bool
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    return bool(all_max(t).item())
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """Rank src's object on every rank."""
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    box: list[object] = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    """Wait for every rank."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def ranks_env_from_counts(node_counts: Sequence[int], master_addr: str, master_port: int) -> list[WorldInfo]:
+    """The WorldInfo of every rank when node i runs node_counts[i] ranks, in node order (as torchrun)."""
+    world = sum(node_counts)
+    out: list[WorldInfo] = []
+    for node_rank, count in enumerate(node_counts):
+        for local in range(count):
+            out.append(
+                WorldInfo(
+                    rank=len(out),
+                    world_size=world,
+                    local_rank=local,
+                    local_world_size=count,
+                    node_rank=node_rank,
+                    master_addr=master_addr,
+                    master_port=master_port,
+                )
+            )
+    return out

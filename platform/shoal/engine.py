@@ -1,0 +1,279 @@
+"""The training loop. `train_step` is one optimizer step and reads top to bottom:
+fetch k micro-batches, forward and backward each (AllReduce only on the last), unscale,
+agree across ranks, clip, step, schedule.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from shoal import comm, dist
+from shoal.config import JobConfig
+from shoal.data import Loaders, build_loaders
+from shoal.dist import WorldInfo
+from shoal.losses import Loss
+from shoal.models import apply_freeze, build_model
+from shoal.optim import Schedule, add_l1_grad, build_optimizer
+from shoal.precision import Precision
+
+Report = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class Counters:
+    """Where training stands; saved in checkpoints."""
+
+    step: int = 0
+    samples: int = 0
+    skipped_steps: int = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step, "samples": self.samples, "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.step, self.samples, self.skipped_steps = state["step"], state["samples"], state["skipped_steps"]
+
+
+@dataclass
+class Job:
+    """Everything one rank trains with."""
+
+    cfg: JobConfig
+    world: WorldInfo
+    device: torch.device
+    model: nn.Module  # DDP-wrapped when distributed
+    params: list[nn.Parameter]  # trainable ones
+    frozen: list[str]
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    precision: Precision
+    loss_fn: Loss
+    data: Loaders
+    counters: Counters = field(default_factory=Counters)
+    stop_requested: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def bare_model(self) -> nn.Module:
+        return comm.unwrap(self.model)
+
+
+@dataclass
+class StepResult:
+    loss_sum: torch.Tensor  # this rank's summed loss over its samples (on device, not yet reduced)
+    count: int  # elements that loss is summed over on this rank
+    samples: int  # global samples in the step
+    grad_norm: torch.Tensor  # global gradient norm before clipping (same on every rank)
+    lr: float
+    stepped: bool
+    data_s: float  # time waiting for this rank's batches
+
+
+def build_job(cfg: JobConfig, world: WorldInfo, device: torch.device) -> Job:
+    """Data, model (frozen parts, DDP), optimizer, schedule, precision and loss for this rank."""
+    torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
+    data = build_loaders(cfg, world, device)
+    loss_fn = Loss(cfg.train, data.spec)
+    model = build_model(cfg.model, data.spec, loss_fn.out_features()).to(device)
+    frozen = apply_freeze(model, cfg.model.freeze)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(model, cfg.optim)
+    model = comm.wrap_ddp(model, cfg.ddp, device)
+    # dropout and other training randomness differ per rank, reproducibly
+    torch.manual_seed(cfg.seed * 1_000_003 + world.rank + 1)
+    return Job(
+        cfg=cfg,
+        world=world,
+        device=device,
+        model=model,
+        params=params,
+        frozen=frozen,
+        optimizer=optimizer,
+        schedule=Schedule(cfg.schedule, cfg.optim.lr, cfg.train.max_steps),
+        precision=Precision(cfg.train.precision, device),
+        loss_fn=loss_fn,
+        data=data,
+    )
+
+
+def train_step(job: Job) -> StepResult:
+    """One optimizer step over train.grad_accum_steps micro-batches, one gradient AllReduce.
+
+    Whether to step is decided by that AllReduce itself: a NaN/Inf in any rank's loss or
+    gradients reaches every rank's reduced gradients, so every rank computes the same norm from
+    the same numbers and skips or steps with the others, without a second collective.
+    """
+    cfg = job.cfg.train
+    k = cfg.grad_accum_steps
+    model, opt, precision, loss_fn = job.model, job.optimizer, job.precision, job.loss_fn
+
+    t0 = time.perf_counter()
+    batches = [next(job.data.train) for _ in range(k)]  # all k first: the step's sample count is known
+    data_s = time.perf_counter() - t0
+    counts = [loss_fn.count(y) for _, y in batches]
+    total = sum(counts)
+
+    model.train()
+    loss_sum = torch.zeros((), device=job.device, dtype=torch.float64)
+    for i, ((x, y), n) in enumerate(zip(batches, counts)):
+        with comm.sync_gradients(model, enabled=i == k - 1):  # forward and backward of 1..k-1 in no_sync
+            with precision.autocast():
+                out = model(x)
+            loss = loss_fn(out, y)
+            # mean over the samples actually accumulated; a non-finite loss poisons this rank's gradients
+            precision.backward(loss * (n / total) * _poison(loss))
+        loss_sum += loss.detach().double() * n
+
+    precision.unscale(opt)  # clipping and the finite check must see true gradients
+    grad_norm = _total_norm(job.params, job.device)
+    ok = bool(torch.isfinite(grad_norm))  # identical reduced gradients: the same answer on every rank
+
+    if ok and cfg.clip_grad_norm is not None:
+        torch.nn.utils.clip_grads_with_norm_(job.params, cfg.clip_grad_norm, grad_norm)
+    elif ok and cfg.clip_grad_value is not None:
+        torch.nn.utils.clip_grad_value_(job.params, cfg.clip_grad_value)
+    if ok:
+        add_l1_grad(opt)
+    lr = job.schedule.apply(opt, job.counters.step)
+    stepped = precision.step(opt, ok)
+    opt.zero_grad(set_to_none=True)
+
+    return StepResult(
+        loss_sum=loss_sum,
+        count=total,
+        samples=sum(y.shape[0] for _, y in batches) * job.world.world_size,  # equal on every rank
+        grad_norm=grad_norm,
+        lr=lr,
+        stepped=stepped,
+        data_s=data_s,
+    )
+
+
+def _poison(loss: torch.Tensor) -> torch.Tensor:
+    """1.0 for a finite loss, NaN otherwise: multiplied into the loss, it makes every gradient NaN."""
+    return 1.0 + 0.0 * loss.detach()
+
+
+def _total_norm(params: list[nn.Parameter], device: torch.device) -> torch.Tensor:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=device, dtype=torch.float64)
+    return torch.nn.utils.get_total_norm(grads, foreach=True).double()
+
+
+@torch.no_grad()
+def evaluate(job: Job) -> dict[str, float]:
+    """Validation loss and accuracy: exact global means from sums and counts across ranks."""
+    if job.data.val is None:
+        return {}
+    model = job.bare_model  # no DDP: ranks may hold different numbers of validation batches
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=job.device)
+    for x, y in job.data.val.batches(job.cfg.train.eval_batches):
+        with job.precision.autocast():
+            out = model(x)
+        n = job.loss_fn.count(y)
+        sums[0] += job.loss_fn(out, y).double() * n
+        sums[1] += job.loss_fn.correct(out, y).double()
+        sums[2] += n
+    model.train(was_training)
+    loss_sum, correct, count = dist.all_sum(sums).tolist()
+    if count == 0:
+        return {}
+    result = {"val_loss": loss_sum / count}
+    if job.loss_fn.classify:
+        result["val_accuracy"] = correct / count
+    return result
+
+
+class Window:
+    """Sums between two log lines, kept on the device: reduced across ranks once per log line."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.count = 0
+        self.samples = 0
+        self.data_s = 0.0
+        self.start = time.perf_counter()
+
+    def add(self, r: StepResult) -> None:
+        self.loss_sum += r.loss_sum
+        self.count += r.count
+        self.samples += r.samples
+        self.data_s += r.data_s
+
+    def reduce(self, stop: bool) -> tuple[float, bool]:
+        """Global mean loss of the window and whether any rank asked to stop: one small collective."""
+        local = torch.stack([self.loss_sum, torch.tensor(float(self.count), dtype=torch.float64, device=self.device),
+                             torch.tensor(1.0 if stop else 0.0, dtype=torch.float64, device=self.device)])
+        loss_sum, count, stops = dist.all_sum(local).tolist()
+        return (loss_sum / count if count else float("nan")), stops > 0
+
+
+def train(job: Job, log: Report) -> dict[str, Any]:
+    """Run steps until train.max_steps (or an agreed stop); returns the final figures.
+
+    `log(record)` receives every metrics record on every rank; rank 0's are written. Ranks
+    exchange the window's loss and any stop request once per log line (log.every steps).
+    """
+    cfg, c = job.cfg, job.counters
+    window = Window(job.device)
+    started = time.perf_counter()
+    start_step, start_samples = c.step, c.samples
+    last_eval: dict[str, float] = {}
+    train_loss = float("nan")
+    status = "completed"
+    stop = False
+    while c.step < cfg.train.max_steps and not stop:
+        r = train_step(job)
+        c.step += 1
+        c.samples += r.samples
+        c.skipped_steps += 0 if r.stepped else 1
+        window.add(r)
+        record: dict[str, Any] = {}
+        if c.step % cfg.log.every == 0 or c.step == cfg.train.max_steps:
+            elapsed = time.perf_counter() - window.start
+            train_loss, stop = window.reduce(job.stop_requested.is_set())
+            record.update(
+                loss=train_loss,
+                lr=r.lr,
+                grad_norm=float(r.grad_norm),
+                samples_per_s=window.samples / elapsed,
+                data_wait=window.data_s / elapsed,
+                skipped_steps=c.skipped_steps,
+            )
+        if (cfg.train.eval_every and c.step % cfg.train.eval_every == 0) or c.step == cfg.train.max_steps or stop:
+            last_eval = evaluate(job)
+            job.schedule.observe(last_eval)
+            record.update(last_eval)
+        if record:
+            log({"step": c.step, "epoch": job.data.train.epoch, "samples": c.samples, "time": time.time(), **record})
+            window.reset()
+    if stop:
+        status = "preempted"
+    wall = time.perf_counter() - started
+    trained = c.samples - start_samples
+    return {
+        "status": status,
+        "steps": c.step,
+        "samples": c.samples,
+        "epochs": job.data.train.epoch,
+        "skipped_steps": c.skipped_steps,
+        "wall_s": wall,
+        "samples_per_s": trained / wall if wall > 0 else 0.0,
+        "steps_this_run": c.step - start_step,
+        "world_size": job.world.world_size,
+        "train_loss": train_loss,
+        **last_eval,
+    }

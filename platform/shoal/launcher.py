@@ -1,0 +1,321 @@
+"""The Ray launcher: start (or join) a Ray cluster, place N rank actors, give each the environment
+torchrun would, run `worker.run_worker` in each, and watch them.
+
+The driver never imports torch. It polls every rank a few times a second: rank 0's records drive
+the progress display, and a rank that fails (or whose process dies) stops the whole group within
+seconds, with that rank's error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shoal import rundir
+from shoal.config import JobConfig, ScalingConfig, config_from_dict
+from shoal.dist import ranks_env_from_counts
+from shoal.errors import ClusterError, ShoalError, WorkerFailed
+from shoal.progress import Progress
+
+log = logging.getLogger("shoal")
+POLL_S = 0.25
+
+
+class RankActor:
+    """One DDP rank in its own process; training runs in a thread so `poll` answers meanwhile."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+        self.records: list[dict[str, Any]] = []
+        self.state = "idle"
+        self.result: dict[str, Any] | None = None
+        self.error: dict[str, Any] | None = None
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+
+    def __repr__(self) -> str:  # Ray prefixes forwarded log lines with this
+        return f"rank {self.rank}"
+
+    def free_port(self) -> int:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return s.getsockname()[1]
+
+    def start(self, env: dict[str, str], cfg: dict[str, Any], run_dir: str, resume: bool, cwd: str, sys_path: list[str]) -> None:
+        """Set the torchrun environment and start training in a thread."""
+        os.environ.update(env)
+        if os.path.isdir(cwd):
+            os.chdir(cwd)  # relative paths in the config mean the same as on the driver
+        sys.path[:0] = [p for p in sys_path if p not in sys.path]
+        self.state = "running"
+        threading.Thread(target=self._train, args=(cfg, run_dir, resume), daemon=True, name="shoal-train").start()
+
+    def _train(self, cfg: dict[str, Any], run_dir: str, resume: bool) -> None:
+        from shoal.worker import run_worker, setup_logging
+
+        setup_logging(None)
+        try:
+            result = run_worker(config_from_dict(cfg), run_dir=Path(run_dir), resume=resume, report=self._report, stop=self.stop)
+            with self.lock:
+                self.result, self.state = result, "done"
+        except BaseException as exc:  # reported to the driver, which stops the group
+            tb = traceback.format_exc()
+            if not isinstance(exc, ShoalError):
+                print(tb, file=sys.stderr, flush=True)
+            with self.lock:
+                self.error = {
+                    "type": type(exc).__name__,
+                    "message": str(exc),
+                    "user_error": isinstance(exc, ShoalError),
+                    "exit_code": getattr(exc, "exit_code", 1),
+                    "traceback": tb,
+                }
+                self.state = "failed"
+
+    def _report(self, record: dict[str, Any]) -> None:
+        with self.lock:
+            self.records.append(record)
+
+    def poll(self) -> dict[str, Any]:
+        """State, new records since the last poll, and the result or error once there is one."""
+        with self.lock:
+            records, self.records = self.records, []
+            return {"state": self.state, "records": records, "result": self.result, "error": self.error}
+
+    def request_stop(self) -> None:
+        self.stop.set()
+
+
+@dataclass
+class Cluster:
+    """A connection to Ray; `embedded` clusters are ours to shut down."""
+
+    embedded: bool
+    owns_connection: bool
+    temp_dir: str | None = None
+
+    def close(self) -> None:
+        import ray
+
+        if self.owns_connection and ray.is_initialized():
+            ray.shutdown()
+        if self.temp_dir:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def connect(scaling: ScalingConfig) -> Cluster:
+    """Join scaling.address / RAY_ADDRESS, reuse this process's connection, or start an embedded cluster."""
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # one line per rank, not "[repeated 2x]"
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not sys.stdout.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    import ray
+
+    if ray.is_initialized():
+        return Cluster(embedded=False, owns_connection=False)
+    address = scaling.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        try:
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise ClusterError(f"scaling.address: cannot connect to Ray at {address}: {str(e).splitlines()[0]}") from None
+        return Cluster(embedded=False, owns_connection=True)
+    # A new cluster of our own, in its own temp dir: never attach by accident to another on this machine.
+    temp_dir = tempfile.mkdtemp(prefix="shoal-ray-")
+    ray.init(
+        address="local",
+        num_cpus=os.cpu_count() or 1,
+        include_dashboard=scaling.dashboard,
+        dashboard_host="127.0.0.1",
+        _temp_dir=temp_dir,
+        logging_level=logging.WARNING,
+        log_to_driver=True,
+    )
+    return Cluster(embedded=True, owns_connection=True, temp_dir=temp_dir)
+
+
+def check_resources(scaling: ScalingConfig) -> None:
+    """Fail at once, with requested vs available, if the cluster can never hold the workers."""
+    import ray
+
+    total = ray.cluster_resources()
+    n = scaling.num_workers
+    for key, per in (("CPU", scaling.cpus_per_worker), ("GPU", scaling.gpus_per_worker)):
+        need = n * per
+        have = total.get(key, 0.0)
+        if need > have + 1e-9:
+            knob = "scaling.cpus_per_worker" if key == "CPU" else "scaling.gpus_per_worker"
+            raise ClusterError(
+                f"scaling: {n} workers x {per:g} {key} = {need:g} {key} requested, but the cluster has {have:g} {key}; "
+                f"lower scaling.num_workers or {knob}"
+            )
+    if scaling.placement == "strict_spread":
+        nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+        if nodes < n:
+            raise ClusterError(f"scaling.placement: strict_spread puts one rank per node: {n} workers, {nodes} nodes alive")
+
+
+class WorkerGroup:
+    """N rank actors in a placement group, ordered by node like torchrun's ranks."""
+
+    def __init__(self, cfg: JobConfig):
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        s = cfg.scaling
+        bundle = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.gpus_per_worker else {})}
+        strategy = {"pack": "PACK", "spread": "SPREAD", "strict_spread": "STRICT_SPREAD"}[s.placement]
+        self.pg = placement_group([dict(bundle) for _ in range(s.num_workers)], strategy=strategy)
+        try:
+            ray.get(self.pg.ready(), timeout=s.placement_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            ray.util.remove_placement_group(self.pg)
+            raise ClusterError(
+                f"scaling: waited {s.placement_timeout_s:g}s for {s.num_workers} x {bundle} "
+                f"({s.placement}); available now: {ray.available_resources()}. "
+                "Free resources, lower scaling.num_workers, or raise scaling.placement_timeout_s"
+            ) from None
+        # Ranks fill node after node, as torchrun numbers them; known before the actors exist, so
+        # each actor is created with its rank (Ray prefixes its log lines with it).
+        bundle_nodes = ray.util.placement_group_table(self.pg)["bundles_to_node_id"]
+        node_ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+        bundles, counts = order_by_node([bundle_nodes[i] for i in range(s.num_workers)])
+        remote = ray.remote(RankActor)
+        self.actors = [
+            remote.options(
+                num_cpus=s.cpus_per_worker,
+                num_gpus=s.gpus_per_worker,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=b),
+                max_concurrency=4,
+            ).remote(rank)
+            for rank, b in enumerate(bundles)
+        ]
+        port = ray.get(self.actors[0].free_port.remote())
+        self.worlds = ranks_env_from_counts(counts, node_ips[bundle_nodes[bundles[0]]], port)
+
+    def start(self, cfg: JobConfig, run_dir: Path, resume: bool) -> None:
+        import ray
+
+        cfg_dict = cfg.to_dict()
+        if cfg.scaling.threads_per_worker is None:
+            cfg_dict["scaling"]["threads_per_worker"] = max(1, int(cfg.scaling.cpus_per_worker))
+        env = dict(_passthrough_env())
+        ray.get(
+            [
+                a.start.remote({**env, **w.to_env()}, cfg_dict, str(run_dir), resume, os.getcwd(), list(sys.path))
+                for a, w in zip(self.actors, self.worlds)
+            ]
+        )
+
+    def poll(self) -> list[dict[str, Any]]:
+        """Every rank's poll; a dead actor becomes a 'failed' entry naming its rank."""
+        import ray
+
+        refs = [a.poll.remote() for a in self.actors]
+        out: list[dict[str, Any]] = []
+        for rank, ref in enumerate(refs):
+            try:
+                out.append(ray.get(ref, timeout=60))
+            except ray.exceptions.GetTimeoutError:
+                out.append({"state": "running", "records": [], "result": None, "error": None})
+            except ray.exceptions.RayActorError as e:
+                reason = str(e).strip().splitlines()[0] if str(e).strip() else "the process died"
+                out.append({"state": "failed", "records": [], "result": None,
+                            "error": {"type": "WorkerDied", "message": f"process died ({reason})", "user_error": False, "exit_code": 1}})
+        return out
+
+    def request_stop(self) -> None:
+        for a in self.actors:
+            a.request_stop.remote()
+
+    def kill(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a, no_restart=True)
+        ray.util.remove_placement_group(self.pg)
+
+
+def order_by_node(bundle_nodes: list[str]) -> tuple[list[int], list[int]]:
+    """Bundle indices in rank order (node of bundle 0 first, node after node) and ranks per node."""
+    order = list(dict.fromkeys(bundle_nodes))
+    ranked = sorted(range(len(bundle_nodes)), key=lambda i: (order.index(bundle_nodes[i]), i))
+    counts = [bundle_nodes.count(node) for node in order]
+    return ranked, counts
+
+
+def _passthrough_env() -> dict[str, str]:
+    """Network and library settings the ranks should see as the driver does."""
+    keys = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "NCCL_DEBUG", "NCCL_IB_DISABLE", "TORCH_DISTRIBUTED_DEBUG", "PYTHONHASHSEED")
+    return {k: os.environ[k] for k in keys if k in os.environ}
+
+
+def run(cfg: JobConfig, *, resume: bool = False, progress_stream: Any = None) -> dict[str, Any]:
+    """Train with Ray: returns rank 0's summary, or raises the failing rank's error."""
+    path = rundir.resolve(cfg)
+    if rundir.holds_run(path) and not (resume or cfg.run.overwrite):
+        rundir.prepare(path, cfg, resume)  # raises the run-directory error before Ray starts
+    cluster = connect(cfg.scaling)
+    group: WorkerGroup | None = None
+    try:
+        check_resources(cfg.scaling)
+        cfg = rundir.prepare(path, cfg, resume)
+        print(f"[shoal] run directory: {path}", file=progress_stream or sys.stdout, flush=True)
+        group = WorkerGroup(cfg)
+        group.start(cfg, path, resume)
+        return _watch(group, cfg, path, progress_stream)
+    finally:
+        if group is not None:
+            group.kill()
+        cluster.close()
+
+
+def _watch(group: WorkerGroup, cfg: JobConfig, path: Path, stream: Any) -> dict[str, Any]:
+    """Poll every rank until all finish or one fails; drive the progress display from rank 0."""
+    progress = Progress(cfg.train.max_steps, cfg.log.progress, cfg.log.print_every_s, stream)
+    try:
+        while True:
+            polls = group.poll()
+            for record in polls[0]["records"]:
+                progress.update(record)
+            failed = [(rank, p) for rank, p in enumerate(polls) if p["state"] == "failed"]
+            if failed:
+                _raise_failure(failed, path)
+            if all(p["state"] == "done" for p in polls):
+                return polls[0]["result"]
+            time.sleep(POLL_S)
+    except KeyboardInterrupt:
+        _mark_failed(path, "interrupted (Ctrl-C)")
+        raise
+    finally:
+        progress.close()
+
+
+def _raise_failure(failed: list[tuple[int, dict[str, Any]]], path: Path) -> None:
+    # a user error (bad data, bad config) on any rank is the clearest message; else the lowest rank
+    rank, poll = next(((r, p) for r, p in failed if p["error"]["user_error"]), failed[0])
+    err = poll["error"]
+    message = f"rank {rank} failed: {err['type']}: {err['message']}" if not err["user_error"] else err["message"]
+    _mark_failed(path, message)
+    if err["user_error"]:
+        exc = ShoalError(message)
+        exc.exit_code = err["exit_code"]
+        raise exc
+    raise WorkerFailed(message)
+
+
+def _mark_failed(path: Path, message: str) -> None:
+    summary = rundir.read_summary(path)
+    if summary is None or summary.get("status") not in ("completed", "failed"):
+        rundir.write_summary(path, {"status": "failed", "error": message})

@@ -1,0 +1,57 @@
+"""Loss functions with the counts the engine needs for exact means across micro-batches and ranks."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from shoal.config import TrainConfig
+from shoal.data.spec import DataSpec
+from shoal.errors import ConfigError
+
+
+class Loss:
+    """loss(out, y) is a mean over `count(y)` elements; `correct` counts right predictions."""
+
+    def __init__(self, cfg: TrainConfig, spec: DataSpec):
+        self.name = cfg.loss
+        self.smoothing = cfg.label_smoothing
+        self.spec = spec
+        self.classify = spec.task in ("classification", "lm")
+        if spec.task == "regression" and self.name != "mse":
+            raise ConfigError(f"regression data needs mse (got {self.name})", key="train.loss")
+        if spec.task == "lm" and self.name != "cross_entropy":
+            raise ConfigError(f"lm data needs cross_entropy (got {self.name})", key="train.loss")
+        self.binary = self.name == "bce_with_logits" and spec.num_classes == 2
+
+    def out_features(self) -> int:
+        """Model outputs this loss expects."""
+        if self.spec.task == "regression":
+            return self.spec.target_dim
+        if self.spec.task == "lm":
+            return self.spec.vocab_size
+        return 1 if self.binary else self.spec.num_classes
+
+    def __call__(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = out.float()  # losses in fp32 under autocast
+        if self.spec.task == "lm":
+            return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), label_smoothing=self.smoothing)
+        if self.spec.task == "regression":
+            return F.mse_loss(out.reshape(y.shape), y)
+        if self.name == "cross_entropy":
+            return F.cross_entropy(out, y, label_smoothing=self.smoothing)
+        target = y.float().unsqueeze(1) if self.binary else F.one_hot(y, out.shape[1]).float()
+        if self.name == "mse":
+            return F.mse_loss(out, target)
+        return F.binary_cross_entropy_with_logits(out, target)
+
+    def count(self, y: torch.Tensor) -> int:
+        """Elements the mean is taken over: samples, or tokens for lm."""
+        return y.numel() if self.spec.task == "lm" else y.shape[0]
+
+    def correct(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Right predictions (a 0-dim tensor); 0 for regression."""
+        if not self.classify:
+            return torch.zeros((), device=out.device)
+        pred = (out.squeeze(1) > 0).long() if self.binary else out.argmax(dim=-1)
+        return (pred == y).sum()

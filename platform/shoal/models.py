@@ -1,0 +1,255 @@
+"""Built-in models (mlp, cnn, resnet, transformer_lm) and user models by import path."""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shoal.config import ModelConfig
+from shoal.data.spec import DataSpec
+from shoal.errors import ConfigError
+
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU,
+    "leaky_relu": lambda: nn.LeakyReLU(0.01),
+    "gelu": nn.GELU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+}
+# gain names torch.nn.init understands for each activation
+_GAIN = {"relu": "relu", "leaky_relu": "leaky_relu", "gelu": "relu", "tanh": "tanh", "sigmoid": "sigmoid"}
+NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
+
+
+def build_model(cfg: ModelConfig, spec: DataSpec, out_features: int) -> nn.Module:
+    """The model the config names, sized for the data, with its init applied."""
+    if cfg.target:
+        model = _import_factory(cfg.target)(**cfg.kwargs)
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"{cfg.target} returned {type(model).__name__}, not a torch.nn.Module", key="model.target")
+        return model
+    if cfg.name == "mlp":
+        model = MLP(math.prod(spec.input_shape), out_features, cfg)
+    elif cfg.name == "cnn":
+        model = CNN(_image_shape(spec, "cnn"), out_features, cfg)
+    elif cfg.name == "resnet":
+        model = ResNet(_image_shape(spec, "resnet"), out_features, cfg)
+    else:
+        model = TransformerLM(spec.vocab_size, spec.seq_len, cfg)
+    init_weights(model, cfg)
+    return model
+
+
+def _image_shape(spec: DataSpec, name: str) -> tuple[int, int, int]:
+    if len(spec.input_shape) != 3:
+        raise ConfigError(
+            f"{name} needs image-shaped samples (C, H, W); the data gives {list(spec.input_shape)} "
+            "(set data.input_shape: [1, 8, 8] for synthetic data, or use model.name=mlp)",
+            key="model.name",
+        )
+    return spec.input_shape  # type: ignore[return-value]
+
+
+def _import_factory(target: str) -> Callable[..., nn.Module]:
+    module_name, _, attr = target.partition(":")
+    obj: object = importlib.import_module(module_name)  # checked by config.check_target before launch
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj  # type: ignore[return-value]
+
+
+def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
+    """Apply model.init to every Linear and Conv weight; biases start at zero."""
+    if cfg.init == "default":
+        return
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            w = module.weight
+            if cfg.init == "he":
+                gain = "leaky_relu" if cfg.activation == "leaky_relu" else "relu"
+                nn.init.kaiming_normal_(w, nonlinearity=gain)
+            elif cfg.init == "xavier":
+                nn.init.xavier_normal_(w, gain=nn.init.calculate_gain(_GAIN[cfg.activation]))
+            else:
+                nn.init.normal_(w, 0.0, cfg.init_std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+
+def apply_freeze(model: nn.Module, patterns: list[str]) -> list[str]:
+    """Turn off gradients for parameters matching any glob; returns the frozen names."""
+    names = [n for n, _ in model.named_parameters()]
+    frozen: list[str] = []
+    for pattern in patterns:
+        hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+            raise ConfigError(f"pattern {pattern!r} matches no parameter (parameters: {shown})", key="model.freeze")
+        frozen.extend(h for h in hits if h not in frozen)
+    if frozen and len(frozen) == len(names):
+        raise ConfigError("every parameter is frozen: nothing would train", key="model.freeze")
+    params = dict(model.named_parameters())
+    for name in frozen:
+        params[name].requires_grad_(False)
+    return frozen
+
+
+def _norm1d(kind: str, width: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm1d(width)
+    if kind == "layer":
+        return nn.LayerNorm(width)
+    return nn.Identity()
+
+
+class Block(nn.Module):
+    """Linear -> norm -> activation -> dropout, with an optional skip connection."""
+
+    def __init__(self, fan_in: int, width: int, cfg: ModelConfig):
+        super().__init__()
+        self.linear = nn.Linear(fan_in, width)
+        self.norm = _norm1d(cfg.norm, width)
+        self.act = ACTIVATIONS[cfg.activation]()
+        self.drop = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
+        self.residual = cfg.residual and fan_in == width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.drop(self.act(self.norm(self.linear(x))))
+        return x + y if self.residual else y
+
+
+class MLP(nn.Module):
+    """depth hidden blocks of `width` units, then a linear head."""
+
+    def __init__(self, fan_in: int, out_features: int, cfg: ModelConfig):
+        super().__init__()
+        widths = [fan_in] + [cfg.width] * cfg.depth
+        self.layers = nn.ModuleList(Block(a, b, cfg) for a, b in zip(widths[:-1], widths[1:]))
+        self.head = nn.Linear(cfg.width, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+def _norm2d(kind: str, channels: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "layer":
+        return nn.GroupNorm(1, channels)  # LayerNorm over (C, H, W)
+    return nn.Identity()
+
+
+class CNN(nn.Module):
+    """depth conv blocks (3x3 conv, norm, activation, 2x2 pool while the map is >= 4), global pool, head."""
+
+    def __init__(self, shape: tuple[int, int, int], out_features: int, cfg: ModelConfig):
+        super().__init__()
+        c, h, _ = shape
+        blocks: list[nn.Module] = []
+        for _ in range(cfg.depth):
+            layers = [nn.Conv2d(c, cfg.width, 3, padding=1), _norm2d(cfg.norm, cfg.width), ACTIVATIONS[cfg.activation]()]
+            if h >= 4:
+                layers.append(nn.MaxPool2d(2))
+                h //= 2
+            if cfg.dropout:
+                layers.append(nn.Dropout(cfg.dropout))
+            blocks.append(nn.Sequential(*layers))
+            c = cfg.width
+        self.features = nn.Sequential(*blocks)
+        self.head = nn.Linear(c, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs with batch norm and an identity (or 1x1 projection) shortcut."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """A small ResNet: stem, three stages of `depth` basic blocks (width, 2x, 4x), global pool, head."""
+
+    def __init__(self, shape: tuple[int, int, int], out_features: int, cfg: ModelConfig):
+        super().__init__()
+        c, h, _ = shape
+        w = cfg.width
+        self.stem = nn.Sequential(nn.Conv2d(c, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU())
+        stages: list[nn.Module] = []
+        c_in = w
+        for i, c_out in enumerate((w, 2 * w, 4 * w)):
+            stride = 2 if i > 0 and h >= 4 else 1
+            h = h // stride
+            blocks = [BasicBlock(c_in if j == 0 else c_out, c_out, stride if j == 0 else 1) for j in range(cfg.depth)]
+            stages.append(nn.Sequential(*blocks))
+            c_in = c_out
+        self.stages = nn.Sequential(*stages)
+        self.head = nn.Linear(c_in, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stages(self.stem(x)).mean(dim=(2, 3)))
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm causal self-attention and MLP."""
+
+    def __init__(self, d: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.ln2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+        self.drop = nn.Dropout(dropout)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+        x = x + self.drop(self.proj(y.transpose(1, 2).reshape(b, t, d)))
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+
+class TransformerLM(nn.Module):
+    """A small decoder-only language model: token and position embeddings, depth blocks, tied head."""
+
+    def __init__(self, vocab: int, seq_len: int, cfg: ModelConfig):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, cfg.width)
+        self.pos = nn.Embedding(seq_len, cfg.width)
+        self.blocks = nn.ModuleList(DecoderBlock(cfg.width, cfg.heads, cfg.dropout) for _ in range(cfg.depth))
+        self.ln = nn.LayerNorm(cfg.width)
+        self.head = nn.Linear(cfg.width, vocab, bias=False)
+        self.head.weight = self.tok.weight
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        x = self.tok(idx) + self.pos(pos)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln(x))

@@ -1,0 +1,42 @@
+"""Importable pieces for tests: user model factories (model.target) with planted behaviour."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class FailingMLP(nn.Module):
+    """A tiny model whose forward raises on one rank after some steps (a crashing rank)."""
+
+    def __init__(self, fail_rank: int, after_calls: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+        self.fail_rank = fail_rank
+        self.after = after_calls
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        import torch.distributed as dist
+
+        if self.training and dist.is_initialized() and dist.get_rank() == self.fail_rank and self.calls > self.after:
+            raise RuntimeError(f"planted failure on rank {self.fail_rank}")
+        return self.net(x)
+
+
+def failing_mlp(fail_rank: int = 1, after_calls: int = 5) -> nn.Module:
+    return FailingMLP(fail_rank, after_calls)
+
+
+def env_recording_mlp(out_dir: str) -> nn.Module:
+    """A plain digits model that first records the torchrun variables this rank was given."""
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: os.environ.get(k) for k in keys}
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    Path(out_dir, f"env-{env['RANK']}.json").write_text(json.dumps(env))
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 10))

@@ -1,0 +1,57 @@
+"""WorldInfo from the torchrun environment, and collectives that make ranks decide together."""
+
+from __future__ import annotations
+
+import pytest
+
+from _ranks import spawn_ranks
+from shoal.dist import WorldInfo, ranks_env_from_counts
+from shoal.errors import ConfigError
+
+
+def test_plain_process_is_rank_zero_of_one():
+    w = WorldInfo.from_env({})
+    assert (w.rank, w.world_size, w.local_rank, w.local_world_size, w.node_rank) == (0, 1, 0, 1, 0)
+
+
+def test_torchrun_variables_are_read():
+    env = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "1234"}
+    w = WorldInfo.from_env(env)
+    assert (w.rank, w.world_size, w.local_rank, w.node_rank, w.master_addr, w.master_port) == (3, 4, 1, 1, "h", 1234)
+    assert WorldInfo.from_env(w.to_env()) == w
+
+
+@pytest.mark.parametrize(
+    "env, needle",
+    [
+        ({"RANK": "x", "WORLD_SIZE": "2"}, "RANK='x' is not an integer"),
+        ({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "a", "MASTER_PORT": "1"}, "RANK=2 must be < WORLD_SIZE=2"),
+        ({"RANK": "0", "WORLD_SIZE": "2"}, "needs MASTER_ADDR and MASTER_PORT"),
+        ({"WORLD_SIZE": "0"}, "WORLD_SIZE=0 must be >= 1"),
+    ],
+)
+def test_bad_environment_is_named(env, needle):
+    with pytest.raises(ConfigError, match=needle):
+        WorldInfo.from_env(env)
+
+
+def test_ranks_from_node_counts_match_torchrun_numbering():
+    worlds = ranks_env_from_counts([2, 1], "10.0.0.1", 29500)
+    assert [(w.rank, w.local_rank, w.local_world_size, w.node_rank) for w in worlds] == [(0, 0, 2, 0), (1, 1, 2, 0), (2, 0, 1, 1)]
+
+
+def _agree_and_sum(flags: list[bool]) -> tuple[bool, float]:
+    import torch
+
+    from shoal import dist
+
+    world = WorldInfo.from_env()
+    dist.init_process_group(world, "gloo", 30, torch.device("cpu"))
+    agreed = dist.agree(flags[world.rank])
+    total = dist.all_sum(torch.tensor([float(world.rank + 1)])).item()
+    return agreed, total
+
+
+def test_agree_is_true_everywhere_if_true_anywhere():
+    assert spawn_ranks(_agree_and_sum, 2, [False, True]) == [(True, 3.0), (True, 3.0)]
+    assert spawn_ranks(_agree_and_sum, 2, [False, False]) == [(False, 3.0), (False, 3.0)]

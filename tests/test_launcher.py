@@ -1,0 +1,168 @@
+"""The Ray launcher on a real local cluster (127.0.0.1), and the same job under torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, TESTS, shoal_cli, tiny_overrides
+from shoal import launcher
+from shoal.config import load_config
+from shoal.errors import ClusterError, WorkerFailed
+from shoal.launcher import order_by_node
+
+QUICKSTART = REPO / "configs" / "quickstart.yaml"
+
+
+def test_ranks_fill_node_after_node_like_torchrun():
+    bundles, counts = order_by_node(["b", "a", "b", "a", "c"])
+    assert bundles == [0, 2, 1, 3, 4]  # node of bundle 0 first, then in order of appearance
+    assert counts == [2, 2, 1]
+
+
+def test_quickstart_on_ray_reaches_95_percent(ray_cluster, tmp_path):
+    cfg = load_config(QUICKSTART, tiny_overrides(tmp_path / "run", **{"log.tensorboard": "true"}))
+    summary = launcher.run(cfg)
+    assert summary["status"] == "completed"
+    assert summary["world_size"] == 2
+    assert summary["steps"] == cfg.train.max_steps
+    assert summary["val_accuracy"] >= 0.95
+    run = tmp_path / "run"
+    saved = json.loads((run / "summary.json").read_text())
+    for key in ("status", "steps", "samples", "wall_s", "samples_per_s", "world_size", "train_loss", "val_loss", "val_accuracy"):
+        assert key in saved, key
+    assert saved["samples"] == cfg.train.max_steps * 2 * cfg.data.batch_size
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records][:3] == [10, 20, 30]
+    assert records[-1]["step"] == cfg.train.max_steps and "val_accuracy" in records[-1]
+    assert list(run.glob("events.out.tfevents.*"))
+    assert load_config(run / "config.yaml").run.dir == str(run)
+
+
+def test_ray_ranks_get_the_torchrun_environment(ray_cluster, tmp_path):
+    env_dir = tmp_path / "env"
+    cfg = load_config(
+        QUICKSTART,
+        tiny_overrides(tmp_path / "run", **{"model.target": "helpers:env_recording_mlp", "model.kwargs": f"{{out_dir: {env_dir}}}", "train.max_steps": 2}),
+    )
+    launcher.run(cfg)
+    import ray
+
+    node_ip = ray.nodes()[0]["NodeManagerAddress"]
+    ray_env = [json.loads((env_dir / f"env-{r}.json").read_text()) for r in range(2)]
+    for rank, env in enumerate(ray_env):
+        assert env["RANK"] == str(rank) and env["WORLD_SIZE"] == "2"
+        assert env["LOCAL_RANK"] == str(rank) and env["LOCAL_WORLD_SIZE"] == "2" and env["GROUP_RANK"] == "0"
+        assert env["MASTER_ADDR"] == node_ip and int(env["MASTER_PORT"]) > 0
+    assert ray_env[0]["MASTER_PORT"] == ray_env[1]["MASTER_PORT"]
+    # torchrun gives the same variables for the same job
+    tr_dir = tmp_path / "env-torchrun"
+    proc = torchrun(QUICKSTART, tiny_overrides(tmp_path / "run2", **{"model.target": "helpers:env_recording_mlp", "model.kwargs": f"{{out_dir: {tr_dir}}}", "train.max_steps": 2}))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    tr_env = [json.loads((tr_dir / f"env-{r}.json").read_text()) for r in range(2)]
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK")
+    assert [{k: e[k] for k in keys} for e in ray_env] == [{k: e[k] for k in keys} for e in tr_env]
+
+
+def test_impossible_request_fails_at_once_with_requested_and_available(ray_cluster, tmp_path):
+    cfg = load_config(QUICKSTART, tiny_overrides(tmp_path / "run", **{"scaling.num_workers": 8}))
+    started = time.monotonic()
+    with pytest.raises(ClusterError) as e:
+        launcher.run(cfg)
+    assert time.monotonic() - started < 10
+    assert "8 workers x 1 CPU = 8 CPU requested" in str(e.value)
+    assert "the cluster has 2 CPU" in str(e.value)
+    assert not (tmp_path / "run").exists()  # nothing written for a job that never started
+
+
+def test_a_failing_rank_stops_the_job_within_seconds(ray_cluster, tmp_path):
+    cfg = load_config(
+        QUICKSTART,
+        tiny_overrides(tmp_path / "run", **{"model.target": "helpers:failing_mlp", "model.kwargs": "{fail_rank: 1, after_calls: 5}", "train.max_steps": 10000, "scaling.timeout_s": 600}),
+    )
+    started = time.monotonic()
+    with pytest.raises(WorkerFailed) as e:
+        launcher.run(cfg)
+    assert time.monotonic() - started < 30  # not the 600 s collective timeout
+    assert "rank 1 failed: RuntimeError: planted failure on rank 1" in str(e.value)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed" and "rank 1" in summary["error"]
+
+
+def test_cli_train_without_config_runs_the_bundled_quickstart(ray_cluster, tmp_path):
+    proc = shoal_cli("train", *tiny_overrides(tmp_path / "run", **{"scaling.address": ray_cluster}), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"run directory: {tmp_path / 'run'}" in proc.stdout
+    acc = float(proc.stdout.split("val_accuracy ")[-1].split()[0])
+    assert acc >= 0.95
+    assert "(rank 0 pid=" in proc.stdout + proc.stderr  # rank-prefixed worker lines reach the driver
+
+
+def test_existing_run_directory_is_not_overwritten(ray_cluster, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text('{"status": "completed", "mine": true}')
+    proc = shoal_cli("train", str(QUICKSTART), *tiny_overrides(run, **{"scaling.address": ray_cluster}), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "already holds a run" in proc.stderr and "--resume" in proc.stderr
+    assert json.loads((run / "summary.json").read_text()) == {"status": "completed", "mine": True}
+
+
+def test_ctrl_c_stops_every_worker(ray_cluster, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    env["PYTHONPATH"] = str(TESTS)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shoal", "train", str(QUICKSTART), *tiny_overrides(tmp_path / "run", **{"scaling.address": ray_cluster, "train.max_steps": 100000, "log.print_every_s": 0.5})],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    deadline = time.monotonic() + 90
+    for line in proc.stdout:
+        if "[shoal] step" in line or time.monotonic() > deadline:
+            break
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 130, out[-2000:]
+    assert _rank_actor_processes_gone(timeout_s=20)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed" and "interrupted" in summary["error"]
+
+
+def _rank_actor_processes_gone(timeout_s: float) -> bool:
+    import psutil
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        alive = [p for p in psutil.process_iter(["cmdline"]) if any("RankActor" in c for c in (p.info["cmdline"] or []))]
+        if not alive:
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def torchrun(config: Path, overrides: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONPATH"] = str(TESTS)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "shoal", "worker", str(config), *overrides]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=REPO)
+
+
+def test_quickstart_under_torchrun_reaches_95_percent(tmp_path):
+    proc = torchrun(QUICKSTART, tiny_overrides(tmp_path / "run"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["status"] == "completed"
+    assert summary["val_accuracy"] >= 0.95
+
+
+def test_plain_worker_without_torchrun_is_world_size_one(tmp_path):
+    proc = shoal_cli("worker", str(QUICKSTART), *tiny_overrides(tmp_path / "run", **{"train.max_steps": 20}))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["world_size"] == 1 and summary["steps"] == 20

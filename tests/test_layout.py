@@ -1,0 +1,39 @@
+"""Packaging rules: platform/ is a source folder, the quickstart ships inside the package."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_platform_is_not_a_package_and_stdlib_platform_still_imports():
+    assert not (REPO / "platform" / "__init__.py").exists()
+    import platform
+
+    assert callable(platform.system)
+
+
+def test_bundled_quickstart_is_the_repository_file():
+    from shoal.config import quickstart_path
+
+    assert quickstart_path().read_text() == (REPO / "configs" / "quickstart.yaml").read_text()
+
+
+def test_python_dash_m_shoal_is_the_console_script():
+    proc = subprocess.run([sys.executable, "-m", "shoal", "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("shoal ")
+
+
+def test_importing_shoal_and_the_launcher_does_not_load_torch():
+    code = "import sys, shoal.cli, shoal.config, shoal.launcher; print('torch' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.stdout.strip() == "False", proc.stderr
+
+
+def test_every_config_in_configs_validates():
+    from shoal.config import load_config
+
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        load_config(path)
