@@ -140,7 +140,7 @@ def test_readme_config_reference_is_current():
     start, end = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
     assert start in readme and end in readme, "README lacks the generated config reference"
     current = readme.split(start)[1].split(end)[0].strip()
-    assert current == config_reference().strip(), "README config reference is stale: run `shoal config-reference`"
+    assert current == config_reference().strip(), "README config reference is stale: run `shoal config-reference --update README.md`"
 
 
 def test_every_field_is_documented():

@@ -166,3 +166,18 @@ def test_plain_worker_without_torchrun_is_world_size_one(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["world_size"] == 1 and summary["steps"] == 20
+
+
+def test_embedded_cluster_is_private_and_cleaned_up(ray_cluster, tmp_path):
+    import glob
+
+    import ray
+
+    before = set(glob.glob("/tmp/shoal-ray-*"))
+    env = {"RAY_ADDRESS": ""}
+    proc = shoal_cli("train", *tiny_overrides(tmp_path / "run", **{"train.max_steps": 30}), cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert set(glob.glob("/tmp/shoal-ray-*")) <= before  # its temp folder is gone
+    # the other cluster on the machine (this session's) was neither joined nor stopped
+    assert ray.get(ray.remote(lambda: 42).remote()) == 42
+    assert len(ray.nodes()) == 1

@@ -37,3 +37,11 @@ def test_every_config_in_configs_validates():
 
     for path in sorted((REPO / "configs").glob("*.yaml")):
         load_config(path)
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    readme = (REPO / "README.md").read_text()
+    blocks = readme.split("Run the tests:")[1].split("```bash\n")[1].split("\n```")[0].strip()
+    assert blocks.count("\n") == 0, "the README's test command is one line"
+    assert blocks in (REPO / ".ci" / "run").read_text().splitlines()
+    assert "pytest" in blocks and "torch==2.13.0" in blocks

@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(v, optional=False)
 
     r = sub.add_parser("config-reference", help="print the config reference (markdown)")
+    r.add_argument("--update", metavar="README", help="rewrite the reference between the markers in this file instead")
     r.set_defaults(func=_cmd_reference)
     t.set_defaults(func=_cmd_train)
     w.set_defaults(func=_cmd_worker)
@@ -71,9 +72,20 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_reference(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from shoal.config import config_reference
 
-    sys.stdout.write(config_reference())
+    if not args.update:
+        sys.stdout.write(config_reference())
+        return 0
+    path = Path(args.update)
+    start, end = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
+    text = path.read_text()
+    if start not in text or end not in text:
+        raise ShoalError(f"{path}: no {start} ... {end} markers to write between")
+    head, rest = text.split(start, 1)
+    path.write_text(head + start + "\n" + config_reference() + end + rest.split(end, 1)[1])
     return 0
 
 
