@@ -43,7 +43,7 @@ def spawn_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: 
     port = free_port()
     with tempfile.TemporaryDirectory() as out:
         ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=_entry, args=(r, world_size, port, fn, args, out), daemon=True) for r in range(world_size)]
+        procs = [ctx.Process(target=_entry, args=(r, world_size, port, fn, args, out)) for r in range(world_size)]
         for p in procs:
             p.start()
         for p in procs:

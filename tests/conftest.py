@@ -80,3 +80,36 @@ def shoal_cli(*args: str, cwd: Path | None = None, env: dict | None = None, time
     return subprocess.run(
         [sys.executable, "-m", "shoal", *args], cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def write_id_shards(root: Path, sizes: list[int], block: int = 4, val: list[int] | None = None) -> Path:
+    """Packed shards whose samples carry their own global id (x = [id, id], y = id), uneven sizes."""
+    import json
+
+    import numpy as np
+    import webdataset as wds
+
+    root.mkdir(parents=True, exist_ok=True)
+    splits = {}
+    start = 0
+    for split, split_sizes in (("train", sizes), ("val", val or [])):
+        shards = []
+        for s, size in enumerate(split_sizes):
+            name = f"{split}-{s:06d}.tar"
+            ids = np.arange(start, start + size, dtype=np.int64)
+            with wds.TarWriter(str(root / name)) as sink:
+                for b in range(0, size, block):
+                    chunk = ids[b : b + block]
+                    x = np.stack([chunk, chunk], axis=1).astype(np.float32)
+                    sink.write({"__key__": f"{chunk[0]:012d}", "x.bin": x.tobytes(), "y.bin": chunk.tobytes()})
+            shards.append({"name": name, "samples": size})
+            start += size
+        if shards:
+            splits[split] = {"samples": sum(split_sizes), "shards": shards}
+    total = sum(sizes) + sum(val or [])
+    manifest = {
+        "format": "shoal-packed-v1", "task": "classification", "num_classes": total, "block_size": block,
+        "fields": {"x": {"dtype": "<f4", "shape": [2]}, "y": {"dtype": "<i8", "shape": []}}, "splits": splits,
+    }
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root

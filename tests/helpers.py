@@ -40,3 +40,12 @@ def env_recording_mlp(out_dir: str) -> nn.Module:
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     Path(out_dir, f"env-{env['RANK']}.json").write_text(json.dumps(env))
     return nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+
+
+def decode_npy_cls(sample: dict):
+    """data.decode for foreign webdataset shards: one .npy input and a .cls label per sample."""
+    import io
+
+    import numpy as np
+
+    return np.load(io.BytesIO(sample["input.npy"])), int(sample["cls"])

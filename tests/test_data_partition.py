@@ -47,3 +47,52 @@ def test_resume_from_global_position_reads_exactly_the_unseen_samples(world_befo
 def test_eval_split_covers_every_sample_once():
     parts = [partition.shard_for_eval(11, r, 3) for r in range(3)]
     assert sorted(np.concatenate(parts).tolist()) == list(range(11))
+
+
+SHARDS = [[5, 17, 3, 29, 11, 8, 40], [100], [1, 1, 1], [64] * 9]
+
+
+def shard_epoch(plan_counts, world, batch, workers, window, consumed=None, epoch=0):
+    plans = [partition.ShardPlan(plan_counts, 0, True, window, r, world, batch) for r in range(world)]
+    return [list(p.batches(epoch, consumed or [], workers)) for p in plans]
+
+
+@pytest.mark.parametrize("counts", SHARDS)
+@pytest.mark.parametrize("world, batch, workers, window", [(1, 4, 0, 8), (2, 3, 2, 5), (3, 2, 4, 1000), (4, 5, 3, 16)])
+def test_shard_plan_equal_batches_each_sample_once(counts, world, batch, workers, window):
+    per_rank = shard_epoch(counts, world, batch, workers, window)
+    assert len({len(b) for b in per_rank}) == 1
+    used = [i for batches in per_rank for b in batches for i in b.tolist()]
+    assert len(used) == len(set(used))
+    assert sum(counts) - len(used) <= world * batch - 1
+    assert set(used) <= set(range(sum(counts)))
+
+
+def test_epoch_order_is_a_permutation_that_depends_on_seed_and_epoch():
+    o = partition.EpochOrder([5, 17, 3, 29], seed=1, epoch=0, window=7)
+    ids = o.ids(np.arange(54))
+    assert sorted(ids.tolist()) == list(range(54))
+    assert not np.array_equal(ids, partition.EpochOrder([5, 17, 3, 29], 1, 1, 7).ids(np.arange(54)))
+    assert np.array_equal(partition.EpochOrder([5, 17], 0, 0, 4, shuffle=False).ids(np.arange(22)), np.arange(22))
+
+
+@pytest.mark.parametrize("world_before, world_after, workers_before, workers_after", [(2, 2, 2, 2), (2, 3, 0, 1), (3, 1, 4, 0), (1, 4, 1, 3)])
+@pytest.mark.parametrize("taken", [1, 3, 7])
+def test_shard_plan_resume_any_layout_reads_only_unseen(world_before, world_after, workers_before, workers_after, taken):
+    counts, batch, window = [5, 17, 3, 29, 11, 8, 40, 60], 3, 8
+    before = shard_epoch(counts, world_before, batch, workers_before, window)
+    seen = {i for batches in before for b in batches[:taken] for i in b.tolist()}
+    plan = partition.ShardPlan(counts, 0, True, window, 0, world_before, batch)
+    consumed = plan.after(0, [], taken, workers_before)
+    assert sum(hi - lo for lo, hi in consumed) == len(seen) == taken * world_before * batch
+    # resume twice over: the second resume builds on intervals from the first
+    after = shard_epoch(counts, world_after, batch, workers_after, window, consumed)
+    rest = [i for batches in after for b in batches for i in b.tolist()]
+    assert not seen & set(rest) and len(rest) == len(set(rest))
+    assert sum(counts) - len(seen) - len(rest) <= world_after * batch - 1
+    plan2 = partition.ShardPlan(counts, 0, True, window, 0, world_after, batch)
+    consumed2 = plan2.after(0, consumed, 2, workers_after)
+    seen2 = seen | {i for batches in after for b in batches[:2] for i in b.tolist()}
+    again = shard_epoch(counts, 2, batch, 1, window, consumed2)
+    rest2 = [i for batches in again for b in batches for i in b.tolist()]
+    assert not seen2 & set(rest2)

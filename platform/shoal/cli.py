@@ -29,6 +29,26 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="print the resolved config, or the first error")
     _config_args(v, optional=False)
 
+    sh = sub.add_parser("shard", help="write a data set as webdataset tar shards plus manifest.json")
+    sh.add_argument("source", metavar="SOURCE", help="digits | synthetic | a .npz, .csv, .jsonl or text file | a folder of class subfolders of images")
+    sh.add_argument("out_dir", metavar="OUT_DIR")
+    size = sh.add_mutually_exclusive_group()
+    size.add_argument("--samples-per-shard", type=int, default=None, metavar="N", help="samples per shard (default 10000)")
+    size.add_argument("--bytes-per-shard", default=None, metavar="SIZE", help="shard size instead, e.g. 64MB")
+    sh.add_argument("--block-size", type=int, default=64, help="samples packed per tar entry (default 64)")
+    sh.add_argument("--val-fraction", type=float, default=0.1, help="share written as the val split (default 0.1)")
+    sh.add_argument("--seed", type=int, default=0, help="seed of the shuffle before writing")
+    sh.add_argument("--no-shuffle", action="store_true", help="keep the source's order")
+    sh.add_argument("--overwrite", action="store_true", help="replace shards already in OUT_DIR")
+    sh.add_argument("--num-samples", type=int, default=100_000, help="synthetic: samples")
+    sh.add_argument("--input-shape", type=int, nargs="+", default=[32], help="synthetic: sample shape")
+    sh.add_argument("--num-classes", type=int, default=10, help="synthetic: classes")
+    sh.add_argument("--task", choices=["classification", "regression", "lm"], default=None, help="task (default: inferred)")
+    sh.add_argument("--seq-len", type=int, default=64, help="text and synthetic lm: tokens per sample")
+    sh.add_argument("--label-column", default=None, help="CSV: label column name or index (default: the last)")
+    sh.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("H", "W"), help="images: resize to H x W")
+    sh.set_defaults(func=_cmd_shard)
+
     r = sub.add_parser("config-reference", help="print the config reference (markdown)")
     r.add_argument("--update", metavar="README", help="rewrite the reference between the markers in this file instead")
     r.set_defaults(func=_cmd_reference)
@@ -68,6 +88,29 @@ def _load(args: argparse.Namespace):
 def _cmd_validate(args: argparse.Namespace) -> int:
     cfg = _load(args)
     sys.stdout.write(cfg.to_yaml())
+    return 0
+
+
+def _cmd_shard(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from shoal.data.writer import ShardOptions, load_source, parse_bytes, write_shards
+
+    if not 0 <= args.val_fraction < 1:
+        raise ShoalError(f"--val-fraction: must be in [0, 1) (got {args.val_fraction})")
+    table = load_source(
+        args.source, num_samples=args.num_samples, input_shape=args.input_shape, num_classes=args.num_classes,
+        task=args.task, seq_len=args.seq_len, label_column=args.label_column,
+        image_size=tuple(args.image_size) if args.image_size else None, seed=args.seed,
+    )
+    opts = ShardOptions(
+        samples_per_shard=args.samples_per_shard, bytes_per_shard=parse_bytes(args.bytes_per_shard) if args.bytes_per_shard else None,
+        block_size=args.block_size, shuffle=not args.no_shuffle, seed=args.seed, val_fraction=args.val_fraction, overwrite=args.overwrite,
+    )
+    manifest = write_shards(table, Path(args.out_dir), opts, source=args.source)
+    for split, info in manifest["splits"].items():
+        print(f"[shoal] {split}: {info['samples']:,} samples in {len(info['shards'])} shards")
+    print(f"[shoal] wrote {Path(args.out_dir) / 'manifest.json'}")
     return 0
 
 

@@ -68,8 +68,21 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    format: Literal["memory"] = "memory"
-    """Where samples come from: memory (a built-in data set generated or loaded in each process)."""
+    format: Literal["memory", "shards"] = "memory"
+    """Where samples come from: memory (a built-in data set in each process) or shards (webdataset tar files, streamed)."""
+    path: str | None = None
+    """shards: a directory written by `shoal shard` (with manifest.json), a brace pattern such as
+    "data/train-{000000..000127}.tar", or any URL webdataset opens (http://, s3 via pipe:, pipe:CMD)."""
+    val_path: str | None = None
+    """shards: validation shards when data.path is not a `shoal shard` directory (which holds its own split)."""
+    manifest: str | None = None
+    """shards: manifest.json for a pattern or URL (counts without scanning); default: the one beside local shards."""
+    decode: str | None = None
+    """shards: "package.module:fn" turning a sample into (x, y); for Shoal's packed shards it gets and returns whole blocks."""
+    on_error: Literal["raise", "skip"] = "raise"
+    """shards: a missing, truncated or malformed shard or sample stops the job (raise) or is skipped, counted and reported (skip)."""
+    shuffle_buffer: int = Field(4096, ge=1)
+    """shards: samples shuffled together within each window of the epoch (after the shard order is shuffled)."""
     dataset: Literal["digits", "synthetic"] = "digits"
     """digits: scikit-learn's bundled 8x8 handwritten digits (1,797 samples). synthetic: generated per index."""
     task: Literal["classification", "regression", "lm"] = "classification"
@@ -101,6 +114,10 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
+        if self.format == "shards" and not self.path:
+            raise ValueError("data.path: data.format=shards needs data.path (a `shoal shard` directory, a pattern or a URL)")
+        if self.decode is not None and not re.fullmatch(r"[\w.]+:[\w.]+", self.decode):
+            raise ValueError(f"data.decode: must look like 'package.module:fn' (got {self.decode!r})")
         if any(d < 1 for d in self.input_shape) or not self.input_shape:
             raise ValueError(f"data.input_shape: must be a non-empty list of positive sizes (got {self.input_shape})")
         return self
@@ -284,14 +301,9 @@ class JobConfig(Section):
             raise ValueError("ddp.static_graph: cannot be combined with train.grad_accum_steps > 1; turn one of them off")
         if self.schedule.name == "plateau" and self.train.eval_every == 0:
             raise ValueError("schedule.name: plateau needs evaluations; set train.eval_every > 0")
-        task = self.data.task if self.data.dataset == "synthetic" else "classification"
-        if (task == "lm") != (self.model.name == "transformer_lm") and self.model.target is None:
-            raise ValueError(
-                f"model.name: {self.model.name} does not fit data.task={task}; "
-                "transformer_lm goes with data.task=lm and the other models with classification or regression"
-            )
-        if task == "regression" and self.train.loss != "mse":
-            raise ValueError(f"train.loss: regression needs mse (got {self.train.loss})")
+        if self.data.format == "memory":  # shards say their task in the manifest: checked when opened
+            task = self.data.task if self.data.dataset == "synthetic" else "classification"
+            check_task_fits(task, self.model, self.train)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -308,6 +320,17 @@ class JobConfig(Section):
         for key, value in updates.items():
             _set_dotted(data, key.split("."), value, key)
         return _validate(data, source="<replace>", lines={})
+
+
+def check_task_fits(task: str, model: ModelConfig, train: TrainConfig) -> None:
+    """The model and loss must suit the data's task (ValueError with the key at fault)."""
+    if (task == "lm") != (model.name == "transformer_lm") and model.target is None:
+        raise ValueError(
+            f"model.name: {model.name} does not fit data.task={task}; "
+            "transformer_lm goes with data.task=lm and the other models with classification or regression"
+        )
+    if task == "regression" and train.loss != "mse":
+        raise ValueError(f"train.loss: regression needs mse (got {train.loss})")
 
 
 # ---------------------------------------------------------------- loading

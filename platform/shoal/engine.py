@@ -125,10 +125,13 @@ def train_step(job: Job) -> StepResult:
         with comm.sync_gradients(model, enabled=i == k - 1):  # forward and backward of 1..k-1 in no_sync
             with precision.autocast():
                 out = model(x)
-            loss = loss_fn(out, y)
-            # mean over the samples actually accumulated; a non-finite loss poisons this rank's gradients
-            precision.backward(loss * (n / total) * _poison(loss))
-        loss_sum += loss.detach().double() * n
+            if n:
+                loss = loss_fn(out, y)
+                # mean over the samples actually accumulated; a non-finite loss poisons this rank's gradients
+                precision.backward(loss * (n / total) * _poison(loss))
+                loss_sum += loss.detach().double() * n
+            else:  # every sample of this micro-batch was skipped (data.on_error=skip): zero gradients, same collectives
+                precision.backward(out.float().sum() * 0.0)
 
     precision.unscale(opt)  # clipping and the finite check must see true gradients
     grad_norm = _total_norm(job.params, job.device)
@@ -264,6 +267,8 @@ def train(job: Job, log: Report) -> dict[str, Any]:
         status = "preempted"
     wall = time.perf_counter() - started
     trained = c.samples - start_samples
+    skipped = getattr(job.data.train, "skipped_samples", 0)
+    skipped = int(dist.all_sum(torch.tensor([float(skipped)], dtype=torch.float64, device=job.device)).item())
     return {
         "status": status,
         "steps": c.step,
@@ -275,5 +280,6 @@ def train(job: Job, log: Report) -> dict[str, Any]:
         "steps_this_run": c.step - start_step,
         "world_size": job.world.world_size,
         "train_loss": train_loss,
+        "data_skipped_samples": skipped,
         **last_eval,
     }

@@ -47,38 +47,42 @@ class _EpochBatches(torch.utils.data.Sampler):
         self.stream = stream
 
     def __iter__(self) -> Iterator[np.ndarray]:
-        return self.stream._index_batches()
+        s = self.stream
+        return s.plan.batches(s.epoch, s.consumed, s.loader_workers)
 
     def __len__(self) -> int:
-        s = self.stream
-        return partition.batches_per_epoch(len(s.source), s.world.world_size, s.batch_size, s.consumed)
+        return self.stream.plan.num_batches(self.stream.consumed)
 
 
 class TrainStream:
     """This rank's endless stream of training micro-batches, epoch after epoch.
 
-    The position (epoch, global samples consumed this epoch) is the same on every rank and is
-    what a checkpoint stores; it stays valid when the job resumes with another world size.
+    Its position (epoch, what is consumed this epoch) is the same on every rank, since every rank
+    takes the same number of batches, and stays valid when the job resumes with another world
+    size or number of loader workers. Batches come in the plan's order, also through DataLoader
+    workers (which hand out sampler items round robin), so the position is exact.
     """
 
-    def __init__(self, source: BatchSource, cfg: JobConfig, world: WorldInfo, device: torch.device):
+    def __init__(self, source: BatchSource, plan: Any, cfg: JobConfig, world: WorldInfo, device: torch.device):
         self.source = source
+        self.plan = plan
         self.world = world
         self.device = device
         self.batch_size = cfg.data.batch_size
-        self.seed = cfg.seed
-        self.shuffle = cfg.data.shuffle
+        self.loader_workers = cfg.data.num_workers
         self.epoch = 0
-        self.consumed = 0
-        global_batch = world.world_size * self.batch_size
-        if len(source) < global_batch:
+        self.consumed = plan.fresh()
+        self.taken = 0  # batches taken since `consumed` was set
+        self.skipped_samples = 0  # bad samples skipped under data.on_error=skip (this rank)
+        if plan.num_batches(self.consumed) == 0:
+            global_batch = world.world_size * self.batch_size
             raise DataError(
-                f"data: {len(source)} training samples are fewer than one global batch "
+                f"data: {plan.n} training samples are fewer than one global batch "
                 f"(world size {world.world_size} x data.batch_size {self.batch_size} = {global_batch}); "
                 "lower data.batch_size or scaling.num_workers"
             )
         self._loader = self._make_loader(cfg, device)
-        self._it: Iterator[Batch] | None = None
+        self._it: Iterator[Any] | None = None
 
     def _make_loader(self, cfg: JobConfig, device: torch.device) -> torch.utils.data.DataLoader | None:
         pin = device.type == "cuda" if cfg.data.pin_memory == "auto" else bool(cfg.data.pin_memory)
@@ -95,18 +99,10 @@ class TrainStream:
             persistent_workers=cfg.data.persistent_workers and workers > 0,
         )
 
-    @property
-    def samples_per_batch(self) -> int:
-        return self.batch_size
-
-    def _index_batches(self) -> Iterator[np.ndarray]:
-        order = partition.epoch_order(len(self.source), self.seed, self.epoch, self.shuffle)
-        return partition.rank_batches(order, self.world.rank, self.world.world_size, self.batch_size, self.consumed)
-
-    def _epoch_iter(self) -> Iterator[Batch]:
+    def _epoch_iter(self) -> Iterator[Any]:
         if self._loader is not None:
             return iter(self._loader)
-        return (self.source.get_batch(idx) for idx in self._index_batches())
+        return (self.source.get_batch(ids) for ids in self.plan.batches(self.epoch, self.consumed, self.loader_workers))
 
     def __iter__(self) -> TrainStream:
         return self
@@ -115,22 +111,29 @@ class TrainStream:
         if self._it is None:
             self._it = self._epoch_iter()
         try:
-            x, y = next(self._it)
+            item = next(self._it)
         except StopIteration:
             self.epoch += 1
-            self.consumed = 0
+            self.consumed = self.plan.fresh()
+            self.taken = 0
             self._it = self._epoch_iter()
-            x, y = next(self._it)
-        self.consumed += self.world.world_size * self.batch_size
+            item = next(self._it)
+        self.taken += 1
+        x, y = item[0], item[1]
+        if len(item) > 2:
+            self.skipped_samples += int(item[2])
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def state_dict(self) -> dict[str, Any]:
-        """The global position: valid on every rank and for any world size."""
-        return {"epoch": self.epoch, "consumed": self.consumed}
+        """The global position: the same on every rank, valid for any world size."""
+        consumed = self.plan.after(self.epoch, self.consumed, self.taken, self.loader_workers)
+        return {"epoch": self.epoch, "consumed": consumed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch = int(state["epoch"])
-        self.consumed = int(state["consumed"])
+        consumed = state["consumed"]
+        self.consumed = [tuple(c) for c in consumed] if isinstance(consumed, list) else int(consumed)
+        self.taken = 0
         self._it = None
 
 
@@ -150,8 +153,8 @@ class EvalSet:
         for i, start in enumerate(range(0, len(self.idx), self.batch_size)):
             if limit is not None and i >= limit:
                 return
-            x, y = self.source.get_batch(self.idx[start : start + self.batch_size])
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            item = self.source.get_batch(self.idx[start : start + self.batch_size])
+            yield item[0].to(self.device, non_blocking=True), item[1].to(self.device, non_blocking=True)
 
 
 @dataclass
@@ -163,10 +166,19 @@ class Loaders:
 
 def build_loaders(cfg: JobConfig, world: WorldInfo, device: torch.device) -> Loaders:
     """The train stream and validation split for this rank."""
-    from shoal.data.memory import build_memory_data
+    if cfg.data.format == "shards":
+        from shoal.data.shards import open_shards
 
-    train = build_memory_data(cfg.data, cfg.seed, "train")
-    val = build_memory_data(cfg.data, cfg.seed, "val") if cfg.data.val_fraction > 0 else None
-    stream = TrainStream(train, cfg, world, device)
+        train, val = open_shards(cfg.data)
+        plan: Any = partition.ShardPlan(
+            train.shard_counts, cfg.seed, cfg.data.shuffle, cfg.data.shuffle_buffer, world.rank, world.world_size, cfg.data.batch_size
+        )
+    else:
+        from shoal.data.memory import build_memory_data
+
+        train = build_memory_data(cfg.data, cfg.seed, "train")
+        val = build_memory_data(cfg.data, cfg.seed, "val") if cfg.data.val_fraction > 0 else None
+        plan = partition.MemoryPlan(len(train), cfg.seed, cfg.data.shuffle, world.rank, world.world_size, cfg.data.batch_size)
+    stream = TrainStream(train, plan, cfg, world, device)
     evalset = EvalSet(val, world, cfg.data.batch_size, device) if val is not None and len(val) else None
     return Loaders(train=stream, val=evalset, spec=train.spec)

@@ -89,7 +89,7 @@ class SyntheticData:
     lm: token sequences t[k+1] = (a * t[k] + c) mod vocab, with start and c drawn per sample.
     """
 
-    def __init__(self, cfg: DataConfig, split: str, seed: int):
+    def __init__(self, cfg: DataConfig, split: str, seed: int, materialize: bool = True):
         n_val = int(round(cfg.num_samples * cfg.val_fraction))
         self.offset = 0 if split == "train" else cfg.num_samples - n_val
         self.n = cfg.num_samples - n_val if split == "train" else n_val
@@ -108,7 +108,7 @@ class SyntheticData:
             self.spec = DataSpec(task=cfg.task, input_shape=self.shape, num_classes=cfg.num_classes if cfg.task == "classification" else 0)
 
         self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
-        if self.n * self._bytes_per_sample() <= MATERIALIZE_BYTES:
+        if materialize and self.n * self._bytes_per_sample() <= MATERIALIZE_BYTES:
             self._cache = self._generate(np.arange(self.n, dtype=np.int64))
 
     def _bytes_per_sample(self) -> int:

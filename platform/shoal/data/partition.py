@@ -40,5 +40,197 @@ def rank_batches(
 
 
 def shard_for_eval(n: int, rank: int, world_size: int) -> np.ndarray:
-    """Validation indices of one rank: every sample exactly once across ranks (counts may differ by 1)."""
-    return np.arange(rank, n, world_size, dtype=np.int64)
+    """Validation indices of one rank: a contiguous share, every sample exactly once across ranks."""
+    return np.arange(n * rank // world_size, n * (rank + 1) // world_size, dtype=np.int64)
+
+
+# ------------------------------------------------------------------ shard plans
+#
+# For shards the epoch is a sequence of positions 0..N-1. Position p names one sample id through a
+# seeded, per-epoch mapping: shards in permuted order (shard-major, so a stream reads each shard
+# front to back), then samples shuffled inside windows of `window` consecutive positions (the
+# shuffle buffer: exact, so it can be resumed). The ranks split the positions not yet consumed
+# into equal contiguous spans of whole batches; each DataLoader worker reads a contiguous part of
+# its rank's span. A reader therefore touches each shard region once, and the consumed set after
+# c batches on every rank is a pure function of the layout: checkpoints store it as intervals of
+# positions, valid for any world size or number of loader workers.
+
+Intervals = list[tuple[int, int]]
+
+
+class EpochOrder:
+    """Position -> sample id for one epoch of a sharded data set (pure, O(shards + window) memory)."""
+
+    def __init__(self, shard_counts: list[int], seed: int, epoch: int, window: int, shuffle: bool = True):
+        counts = np.asarray(shard_counts, dtype=np.int64)
+        self.n = int(counts.sum())
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])  # id of each shard's first sample
+        rng = np.random.Generator(np.random.PCG64([seed, epoch, 0x5AAD]))
+        order = rng.permutation(len(counts)) if shuffle else np.arange(len(counts))
+        self.shard_starts = starts[order]
+        self.cum = np.concatenate([[0], np.cumsum(counts[order])])  # position where each permuted shard begins
+        self.window = max(1, window) if shuffle else 0
+        self.seed, self.epoch = seed, epoch
+        self._perm_cache: tuple[int, np.ndarray] | None = None
+
+    def _base(self, positions: np.ndarray) -> np.ndarray:
+        shard = np.searchsorted(self.cum, positions, side="right") - 1
+        return self.shard_starts[shard] + (positions - self.cum[shard])
+
+    def _window_perm(self, w: int) -> np.ndarray:
+        if self._perm_cache is None or self._perm_cache[0] != w:
+            size = min(self.window, self.n - w * self.window)
+            rng = np.random.Generator(np.random.PCG64([self.seed, self.epoch, w, 0x0B0F]))
+            self._perm_cache = (w, rng.permutation(size))
+        return self._perm_cache[1]
+
+    def ids(self, positions: np.ndarray) -> np.ndarray:
+        """Sample ids at these positions of the epoch."""
+        positions = np.asarray(positions, dtype=np.int64)
+        if not self.window:
+            return self._base(positions)
+        out = np.empty_like(positions)
+        windows = positions // self.window
+        for w in np.unique(windows):
+            sel = windows == w
+            out[sel] = w * self.window + self._window_perm(int(w))[positions[sel] - w * self.window]
+        return self._base(out)
+
+
+def complement(n: int, consumed: Intervals) -> Intervals:
+    """The positions of [0, n) not in `consumed` (sorted, disjoint intervals)."""
+    out: Intervals = []
+    cur = 0
+    for lo, hi in merge(consumed):
+        if lo > cur:
+            out.append((cur, lo))
+        cur = max(cur, hi)
+    if cur < n:
+        out.append((cur, n))
+    return out
+
+
+def merge(intervals: Intervals) -> Intervals:
+    """Sorted union of half-open intervals."""
+    out: Intervals = []
+    for lo, hi in sorted((int(a), int(b)) for a, b in intervals if b > a):
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
+class SpanLayout:
+    """Where each rank's and loader worker's batches lie among the positions left this epoch."""
+
+    def __init__(self, n: int, consumed: Intervals, world_size: int, batch_size: int, loader_workers: int):
+        self.remaining = complement(n, consumed)
+        lengths = np.array([hi - lo for lo, hi in self.remaining], dtype=np.int64)
+        self.cum = np.concatenate([[0], np.cumsum(lengths)])
+        self.world, self.batch = world_size, batch_size
+        self.nw = max(1, loader_workers)
+        self.batches_per_rank = int(self.cum[-1]) // (world_size * batch_size)
+        per = self.batches_per_rank
+        self.worker_counts = [per // self.nw + (1 if w < per % self.nw else 0) for w in range(self.nw)]
+        self.worker_starts = np.concatenate([[0], np.cumsum(self.worker_counts)])
+
+    def _positions(self, lo: int, hi: int) -> np.ndarray:
+        """Global positions of remaining-index range [lo, hi)."""
+        parts = [np.arange(a, b, dtype=np.int64) for a, b in self._intervals(lo, hi)]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    def _intervals(self, lo: int, hi: int) -> Intervals:
+        """Global position intervals of remaining-index range [lo, hi), without materialising it."""
+        out: Intervals = []
+        k = int(np.searchsorted(self.cum, lo, side="right")) - 1
+        while lo < hi and k < len(self.remaining):
+            start, end = self.remaining[k]
+            a = start + (lo - int(self.cum[k]))
+            b = min(end, a + (hi - lo))
+            out.append((a, b))
+            lo += b - a
+            k += 1
+        return out
+
+    def _batch_range(self, rank: int, worker: int, j: int) -> tuple[int, int]:
+        start = (rank * self.batches_per_rank + int(self.worker_starts[worker]) + j) * self.batch
+        return start, start + self.batch
+
+    def order(self) -> list[tuple[int, int]]:
+        """(worker, j) of the rank's batches in the order a DataLoader hands them out (round robin)."""
+        out = []
+        for j in range(max(self.worker_counts, default=0)):
+            out.extend((w, j) for w in range(self.nw) if j < self.worker_counts[w])
+        return out
+
+    def rank_batches(self, rank: int) -> Iterator[np.ndarray]:
+        """Positions of this rank's batches, in DataLoader order (batch i goes to worker i % workers)."""
+        for w, j in self.order():
+            yield self._positions(*self._batch_range(rank, w, j))
+
+    def consumed_after(self, taken: int) -> Intervals:
+        """Positions consumed when every rank has taken `taken` batches (union over ranks)."""
+        done: Intervals = []
+        taken_per_worker = [0] * self.nw
+        for w, _ in self.order()[:taken]:
+            taken_per_worker[w] += 1
+        for rank in range(self.world):
+            for w, t in enumerate(taken_per_worker):
+                if t:
+                    lo = self._batch_range(rank, w, 0)[0]
+                    done.extend(self._intervals(lo, lo + t * self.batch))
+        return merge(done)
+
+
+# ------------------------------------------------------------------ plans: what TrainStream asks
+#
+# A plan turns (epoch, consumed) into this rank's batches of sample ids and says what is consumed
+# after `taken` batches on every rank. MemoryPlan's `consumed` is a count of global samples;
+# ShardPlan's is a list of position intervals.
+
+
+class MemoryPlan:
+    """In-memory data: one global permutation per epoch, global batches dealt across ranks."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool, rank: int, world_size: int, batch_size: int):
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.rank, self.world, self.batch = rank, world_size, batch_size
+
+    def fresh(self) -> int:
+        return 0
+
+    def batches(self, epoch: int, consumed: int, loader_workers: int) -> Iterator[np.ndarray]:
+        order = epoch_order(self.n, self.seed, epoch, self.shuffle)
+        return rank_batches(order, self.rank, self.world, self.batch, consumed)
+
+    def after(self, epoch: int, consumed: int, taken: int, loader_workers: int) -> int:
+        return consumed + taken * self.world * self.batch
+
+    def num_batches(self, consumed: int) -> int:
+        return batches_per_epoch(self.n, self.world, self.batch, consumed)
+
+
+class ShardPlan:
+    """Sharded data: contiguous per-rank spans of the epoch's positions (see EpochOrder, SpanLayout)."""
+
+    def __init__(self, shard_counts: list[int], seed: int, shuffle: bool, window: int, rank: int, world_size: int, batch_size: int):
+        self.counts = list(shard_counts)
+        self.n = sum(self.counts)
+        self.seed, self.shuffle, self.window = seed, shuffle, window
+        self.rank, self.world, self.batch = rank, world_size, batch_size
+
+    def fresh(self) -> Intervals:
+        return []
+
+    def batches(self, epoch: int, consumed: Intervals, loader_workers: int) -> Iterator[np.ndarray]:
+        order = EpochOrder(self.counts, self.seed, epoch, self.window, self.shuffle)
+        layout = SpanLayout(self.n, consumed, self.world, self.batch, loader_workers)
+        return (order.ids(pos) for pos in layout.rank_batches(self.rank))
+
+    def after(self, epoch: int, consumed: Intervals, taken: int, loader_workers: int) -> Intervals:
+        layout = SpanLayout(self.n, consumed, self.world, self.batch, loader_workers)
+        return merge(list(consumed) + layout.consumed_after(taken))
+
+    def num_batches(self, consumed: Intervals) -> int:
+        return SpanLayout(self.n, consumed, self.world, self.batch, 1).batches_per_rank

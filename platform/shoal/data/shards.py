@@ -1,0 +1,390 @@
+"""Reading webdataset tar shards: Shoal's packed shards fast, any webdataset shards with a decode fn.
+
+Shoal's packed format (written by `shoal shard`) stores a block of `block_size` samples per tar
+key: one member per field (`<key>.x.bin`, `<key>.y.bin`) holding the raw bytes of a
+[count, *shape] array whose dtype and shape are in manifest.json. The files stay ordinary tars
+(webdataset and `tar` open them); decoding a block is one `np.frombuffer`, not one `np.load`
+per sample.
+
+Local shards are read at random by block: the tar headers are scanned once per reader and
+blocks are read with seek + read. URLs (http://, pipe:CMD, anything webdataset's gopen opens)
+are streamed forward. Either way a reader holds at most a few windows of blocks in memory, so
+its memory does not grow with the data set.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import math
+import os
+import tarfile
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from shoal.config import DataConfig
+from shoal.data.spec import DataSpec
+from shoal.errors import ConfigError, DataError
+
+log = logging.getLogger("shoal")
+
+MANIFEST = "manifest.json"
+PACKED = "shoal-packed-v1"
+
+
+@dataclass(frozen=True)
+class Shard:
+    url: str  # local path or URL
+    name: str  # for messages
+    samples: int
+
+
+# ---------------------------------------------------------------- resolving data.path
+
+
+def open_shards(cfg: DataConfig) -> tuple[ShardSource, ShardSource | None]:
+    """The train and validation sources data.path (and data.val_path) name."""
+    assert cfg.path is not None
+    path = Path(cfg.path).expanduser()
+    decode = _import_decode(cfg.decode) if cfg.decode else None
+    if _is_local(cfg.path) and path.is_dir():
+        manifest = read_manifest(path / MANIFEST, hint=f"data.path: {path} has no {MANIFEST}; write shards with `shoal shard` or give a pattern")
+        train = ShardSource(_split_shards(manifest, "train", path), manifest, cfg, decode)
+        val_shards = _split_shards(manifest, "val", path) if "val" in manifest["splits"] else []
+        val = ShardSource(val_shards, manifest, cfg, decode) if val_shards else None
+        if cfg.val_path:
+            val = _open_pattern(cfg.val_path, cfg, decode, key="data.val_path")
+        return train, val
+    train = _open_pattern(cfg.path, cfg, decode, key="data.path")
+    val = _open_pattern(cfg.val_path, cfg, decode, key="data.val_path") if cfg.val_path else None
+    return train, val
+
+
+def _open_pattern(pattern: str, cfg: DataConfig, decode: Callable | None, key: str) -> ShardSource:
+    import braceexpand
+
+    urls = list(braceexpand.braceexpand(pattern))
+    local = _is_local(pattern)
+    if local:
+        present = [u for u in urls if Path(u).expanduser().exists()]
+        if not present:
+            raise DataError(f"{key}: pattern {pattern!r} matches no file")
+        missing = [u for u in urls if u not in present]
+        if missing and cfg.on_error == "raise":
+            raise DataError(f"shard {missing[0]}: missing ({len(missing)} of {len(urls)} shards of {key} are absent)")
+        if missing:
+            log.warning("data.on_error=skip: %d missing shards of %s skipped, first %s", len(missing), key, missing[0])
+            urls = present
+    manifest_path = Path(cfg.manifest).expanduser() if cfg.manifest else (Path(urls[0]).expanduser().parent / MANIFEST if local else None)
+    manifest = read_manifest(manifest_path) if manifest_path is not None and manifest_path.exists() else None
+    if cfg.manifest and manifest is None:
+        raise DataError(f"data.manifest: {cfg.manifest} not found")
+    known = _manifest_counts(manifest) if manifest else {}
+    shards = []
+    for url in urls:
+        name = os.path.basename(url.split("::")[-1].rstrip("|").split()[-1]) if not local else Path(url).name
+        samples = known.get(name)
+        if samples is None and manifest is not None:
+            raise DataError(f"shard {name}: not listed in {manifest_path}")
+        shards.append(Shard(url, name, samples if samples is not None else _count_samples(url, name)))
+    if manifest is None and decode is None:
+        raise ConfigError("shards without Shoal's manifest need a decode function 'package.module:fn' (sample dict -> (x, y))", key="data.decode")
+    return ShardSource(shards, manifest, cfg, decode)
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in path and not path.startswith("pipe:")
+
+
+def read_manifest(path: Path, hint: str | None = None) -> dict[str, Any]:
+    """manifest.json of a `shoal shard` directory."""
+    if not path.exists():
+        raise DataError(hint or f"{path}: not found")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: not a readable manifest ({e})") from None
+    if manifest.get("format") != PACKED:
+        raise DataError(f"{path}: format {manifest.get('format')!r}, expected {PACKED!r}")
+    return manifest
+
+
+def _split_shards(manifest: dict[str, Any], split: str, root: Path) -> list[Shard]:
+    return [Shard(str(root / s["name"]), s["name"], int(s["samples"])) for s in manifest["splits"][split]["shards"]]
+
+
+def _manifest_counts(manifest: dict[str, Any]) -> dict[str, int]:
+    return {s["name"]: int(s["samples"]) for split in manifest["splits"].values() for s in split["shards"]}
+
+
+def _count_samples(url: str, name: str) -> int:
+    """Samples (tar keys) in a shard without a manifest: one pass over its headers."""
+    return sum(1 for _ in _iter_groups(url, name, with_data=False))
+
+
+def _import_decode(target: str) -> Callable:
+    module, _, attr = target.partition(":")
+    try:
+        obj: Any = importlib.import_module(module)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except Exception as e:  # the user's module may fail in any way
+        raise ConfigError(f"cannot import {target!r}: {type(e).__name__}: {e}", key="data.decode") from None
+    return obj
+
+
+# ---------------------------------------------------------------- tar access
+
+
+def _iter_groups(url: str, name: str, with_data: bool = True) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(key, {extension: bytes or (offset, size)}) of consecutive tar members sharing a key."""
+    try:
+        if _is_local(url):
+            stream: Any = open(Path(url).expanduser(), "rb")
+        else:
+            from webdataset.gopen import gopen
+
+            stream = gopen(url, "rb")
+    except OSError as e:
+        raise DataError(f"shard {name}: cannot open ({e.strerror or e})") from None
+    key, group = None, {}
+    try:
+        with tarfile.open(fileobj=stream, mode="r|") as tf:
+            for member in tf:
+                if not member.isfile():
+                    continue
+                base = os.path.basename(member.name)
+                k, _, ext = base.partition(".")
+                if k != key and key is not None:
+                    yield key, group
+                    group = {}
+                key = k
+                if with_data:
+                    f = tf.extractfile(member)
+                    data = f.read() if f else b""
+                    if len(data) != member.size:
+                        raise DataError(f"shard {name}, sample {k}: truncated ({len(data)} of {member.size} bytes of .{ext})")
+                    group[ext] = data
+                else:
+                    group[ext] = (member.offset_data, member.size)
+    except tarfile.TarError as e:
+        raise DataError(f"shard {name}, after sample {key}: corrupt or truncated tar ({e})") from None
+    finally:
+        stream.close()
+    if key is not None:
+        yield key, group
+
+
+class _LocalShard:
+    """Random access to the key groups of a local tar: headers scanned once, data read by seek."""
+
+    def __init__(self, shard: Shard):
+        self.shard = shard
+        self.index: list[tuple[str, dict[str, tuple[int, int]]]] | None = None
+        self.file: Any = None
+
+    def group(self, i: int) -> tuple[str, dict[str, bytes]]:
+        if self.index is None:
+            self.index = list(_iter_groups(self.shard.url, self.shard.name, with_data=False))
+            self.file = open(Path(self.shard.url).expanduser(), "rb")
+        if i >= len(self.index):
+            raise DataError(f"shard {self.shard.name}: holds {len(self.index)} entries, the manifest promises more (truncated?)")
+        key, members = self.index[i]
+        out = {}
+        for ext, (offset, size) in members.items():
+            self.file.seek(offset)
+            data = self.file.read(size)
+            if len(data) != size:
+                raise DataError(f"shard {self.shard.name}, sample {key}: truncated ({len(data)} of {size} bytes of .{ext})")
+            out[ext] = data
+        return key, out
+
+
+class _StreamShard:
+    """Forward-only access to the key groups of a shard behind a URL or pipe."""
+
+    def __init__(self, shard: Shard):
+        self.shard = shard
+        self.it: Iterator[tuple[str, dict[str, Any]]] | None = None
+        self.next = 0
+
+    def group(self, i: int) -> tuple[str, dict[str, bytes]]:
+        if self.it is None or i < self.next:
+            self.it = _iter_groups(self.shard.url, self.shard.name)
+            self.next = 0
+        for key, members in self.it:
+            self.next += 1
+            if self.next - 1 == i:
+                return key, members
+        raise DataError(f"shard {self.shard.name}: ended after {self.next} entries, the manifest promises more (truncated?)")
+
+
+# ---------------------------------------------------------------- the source
+
+
+class ShardSource:
+    """Fetches batches of samples by global id (shard-major order) from a list of shards."""
+
+    def __init__(self, shards: list[Shard], manifest: dict[str, Any] | None, cfg: DataConfig, decode: Callable | None):
+        self.shards = shards
+        self.manifest = manifest
+        self.decode = decode
+        self.on_error = cfg.on_error
+        self.shard_counts = [s.samples for s in shards]
+        self.n = sum(self.shard_counts)
+        self.cum = np.concatenate([[0], np.cumsum(self.shard_counts)]).astype(np.int64)
+        self.block_size = int(manifest["block_size"]) if manifest else 1
+        # enough decoded blocks for two shuffle windows: memory is bounded, not proportional to the data
+        self.capacity = 2 * math.ceil(cfg.shuffle_buffer / self.block_size) + 4
+        self.spec = _spec(manifest, cfg)
+        self._readers: dict[int, Any] = {}
+        self._cache: OrderedDict[tuple[int, int], Any] = OrderedDict()
+        self._warned: set[str] = set()
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getstate__(self) -> dict[str, Any]:  # loader workers open their own files
+        state = dict(self.__dict__)
+        state["_readers"], state["_cache"] = {}, OrderedDict()
+        return state
+
+    def get_batch(self, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(x, y, samples skipped) for these ids; skipped only under data.on_error=skip."""
+        ids = np.asarray(ids, dtype=np.int64)
+        shard = np.searchsorted(self.cum, ids, side="right") - 1
+        offset = ids - self.cum[shard]
+        block = offset // self.block_size
+        within = offset % self.block_size
+        xs: list[np.ndarray] = []
+        ys: list[np.ndarray] = []
+        rows: list[np.ndarray] = []
+        for s, b in dict.fromkeys(zip(shard.tolist(), block.tolist())):
+            got = self._block(s, b)
+            if got is None:
+                continue
+            sel = np.nonzero((shard == s) & (block == b))[0]
+            bx, by = got
+            xs.append(bx[within[sel]])
+            ys.append(by[within[sel]])
+            rows.append(sel)
+        if not rows:
+            return _empty(self.spec), _empty_y(self.spec), len(ids)
+        order = np.argsort(np.concatenate(rows), kind="stable")  # back to the requested order
+        x = np.concatenate(xs)[order]
+        y = np.concatenate(ys)[order]
+        return _to_x(x, self.manifest), _to_y(y, self.spec), len(ids) - len(x)
+
+    def _block(self, s: int, b: int) -> tuple[np.ndarray, np.ndarray] | None:
+        key = (s, b)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        try:
+            value: Any = self._read_block(s, b)
+        except DataError as e:
+            if self.on_error == "raise":
+                raise
+            self._warn_once(self.shards[s].name, e)
+            value = None
+        self._cache[key] = value
+        if len(self._cache) > self.capacity:
+            self._cache.popitem(last=False)
+        return value
+
+    def _read_block(self, s: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+        shard = self.shards[s]
+        reader = self._readers.get(s)
+        if reader is None:
+            reader = _LocalShard(shard) if _is_local(shard.url) else _StreamShard(shard)
+            self._readers[s] = reader
+        key, members = reader.group(b)
+        if self.manifest is None:
+            return self._decode_user(shard, key, members)
+        count = min(self.block_size, shard.samples - b * self.block_size)
+        arrays = {f: _field(shard, key, members, f, spec, count) for f, spec in self.manifest["fields"].items()}
+        if self.decode is not None:
+            x, y = self.decode(arrays)
+            return np.asarray(x), np.asarray(y)
+        return arrays["x"], arrays["y"]
+
+    def _decode_user(self, shard: Shard, key: str, members: dict[str, bytes]) -> tuple[np.ndarray, np.ndarray]:
+        try:
+            x, y = self.decode({"__key__": key, **members})  # type: ignore[misc]
+        except DataError:
+            raise
+        except Exception as e:  # a user function failing on one sample
+            raise DataError(f"shard {shard.name}, sample {key}: data.decode failed: {type(e).__name__}: {e}") from None
+        return np.asarray(x)[None], np.asarray(y).reshape(1)
+
+    def _warn_once(self, shard: str, err: DataError) -> None:
+        if shard not in self._warned:
+            self._warned.add(shard)
+            log.warning("data.on_error=skip: skipping bad data: %s", err)
+
+
+def _field(shard: Shard, key: str, members: dict[str, bytes], field: str, spec: dict[str, Any], count: int) -> np.ndarray:
+    data = members.get(f"{field}.bin")
+    if data is None:
+        raise DataError(f"shard {shard.name}, sample {key}: field {field!r} is missing (has {sorted(members)})")
+    dtype = np.dtype(spec["dtype"])
+    shape = tuple(spec["shape"])
+    expected = count * dtype.itemsize * math.prod(shape)
+    if len(data) != expected:
+        raise DataError(
+            f"shard {shard.name}, sample {key}: field {field!r} holds {len(data)} bytes, expected {expected} "
+            f"for {count} x {spec['dtype']}{list(shape)}"
+        )
+    return np.frombuffer(data, dtype=dtype).reshape(count, *shape)
+
+
+def _spec(manifest: dict[str, Any] | None, cfg: DataConfig) -> DataSpec:
+    if manifest is None:  # foreign shards: the config describes them
+        if cfg.task == "lm":
+            return DataSpec(task="lm", input_shape=(cfg.seq_len,), vocab_size=cfg.vocab_size, seq_len=cfg.seq_len)
+        return DataSpec(task=cfg.task, input_shape=tuple(cfg.input_shape), num_classes=cfg.num_classes if cfg.task == "classification" else 0)
+    x = manifest["fields"]["x"]
+    task = manifest["task"]
+    if task == "lm":
+        return DataSpec(task="lm", input_shape=tuple(x["shape"]), vocab_size=int(manifest["vocab_size"]), seq_len=int(x["shape"][0]))
+    y_shape = manifest["fields"]["y"]["shape"]
+    return DataSpec(
+        task=task,
+        input_shape=tuple(x["shape"]),
+        num_classes=int(manifest.get("num_classes") or 0),
+        target_dim=int(math.prod(y_shape)) if task == "regression" else 1,
+    )
+
+
+def _to_x(x: np.ndarray, manifest: dict[str, Any] | None) -> torch.Tensor:
+    scale = manifest["fields"]["x"].get("scale") if manifest else None
+    if manifest and manifest["task"] == "lm":
+        return torch.from_numpy(x.astype(np.int64))
+    if scale is not None or x.dtype != np.float32:
+        x = x.astype(np.float32) * np.float32(scale if scale is not None else 1.0)
+    return torch.from_numpy(np.ascontiguousarray(x))
+
+
+def _to_y(y: np.ndarray, spec: DataSpec) -> torch.Tensor:
+    if spec.task == "regression":
+        return torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32))
+    return torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
+
+
+def _empty(spec: DataSpec) -> torch.Tensor:
+    if spec.task == "lm":
+        return torch.zeros((0, spec.seq_len), dtype=torch.int64)
+    return torch.zeros((0, *spec.input_shape), dtype=torch.float32)
+
+
+def _empty_y(spec: DataSpec) -> torch.Tensor:
+    if spec.task == "lm":
+        return torch.zeros((0, spec.seq_len), dtype=torch.int64)
+    return torch.zeros((0,), dtype=torch.float32 if spec.task == "regression" else torch.int64)
