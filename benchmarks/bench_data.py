@@ -14,9 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import io
-import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -127,6 +124,8 @@ def ddp_rank(steps: int, warmup: int, run_dir: str, data: dict) -> tuple[float, 
             waits.append(r["data_wait"])
 
     run_worker(cfg, report=report)
+    if not marks:  # only rank 0 reports
+        return float("nan"), float("nan")
     return (marks[warmup + steps] - marks[warmup]) / steps, float(np.mean(waits))
 
 
@@ -135,12 +134,23 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=20000)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--parts", default="123", help="which parts to run, e.g. 13")
     args = p.parse_args()
     n = args.samples
     with tempfile.TemporaryDirectory(prefix="shoal-bench-data-") as tmp:
         root = Path(tmp)
         pattern = write_npy_layout(root / "npy", n)
         packed = write_packed(root / "packed", n)
+        if "1" in args.parts:
+            reader_part(args, n, pattern, packed)
+        if "2" in args.parts:
+            rss_part(root)
+        if "3" in args.parts:
+            ddp_part(args, n, root, packed)
+
+
+def reader_part(args: argparse.Namespace, n: int, pattern: str, packed: Path) -> None:
+    if True:
         print(f"1. reader, one process, {n:,} samples of {DIM} floats, batch 64; {machine()}", flush=True)
         rows = []
         for r in range(args.rounds):
@@ -153,12 +163,20 @@ def main() -> None:
         base = [r["bare webdataset .npy"] for r in rows]
         print(table(["reader", "samples/s (median)", "x bare webdataset"], [[k, median([r[k] for r in rows]), median([r[k] / b for r, b in zip(rows, base)])] for k in rows[0]]))
 
+
+
+def rss_part(root: Path) -> None:
+    if True:
         print("\n2. peak RSS reading 50,000 samples (32 floats each, batch 256)", flush=True)
         small = write_packed(root / "small", 200_000, dim=32)
         large = write_packed(root / "large", 2_000_000, dim=32)
         rs, rl = rss_mb(small), rss_mb(large)
         print(table(["data set", "peak RSS MiB"], [["200,000 samples", rs], ["2,000,000 samples", rl], ["ratio", rl / rs]]))
 
+
+
+def ddp_part(args: argparse.Namespace, n: int, root: Path, packed: Path) -> None:
+    if True:
         print(f"\n3. 2 ranks gloo, MLP {DIM}-1024-1024-10, batch 64/rank, {args.steps} steps", flush=True)
         variants = {
             "memory": {"data.dataset": "synthetic", "data.num_samples": n, "data.input_shape": [DIM], "data.val_fraction": 0.0},
@@ -168,7 +186,8 @@ def main() -> None:
         results: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
         for r in range(args.rounds):
             for name, data in variants.items():
-                results[name].append(spawn_ranks(ddp_rank, 2, args.steps, 30, str(root / f"run-{r}-{len(results[name])}-{name[:6]}"), data, timeout_s=900)[0])
+                run_dir = root / f"run-{r}-{list(variants).index(name)}"
+                results[name].append(spawn_ranks(ddp_rank, 2, args.steps, 30, str(run_dir), data, timeout_s=900)[0])
             print(f"  round {r + 1}: " + ", ".join(f"{k} {v[-1][0] * 1000:.1f} ms" for k, v in results.items()), flush=True)
         mem = [s for s, _ in results["memory"]]
         print(table(

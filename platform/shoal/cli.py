@@ -29,6 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="print the resolved config, or the first error")
     _config_args(v, optional=False)
 
+    e = sub.add_parser("export", help="write a checkpoint's model weights as a plain state dict for inference")
+    e.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint directory (RUN_DIR/checkpoints/step-000100) or a run directory (its latest)")
+    e.add_argument("out", metavar="OUT", help="output file: .pt (torch.save) or .safetensors")
+    e.set_defaults(func=_cmd_export)
+
     sh = sub.add_parser("shard", help="write a data set as webdataset tar shards plus manifest.json")
     sh.add_argument("source", metavar="SOURCE", help="digits | synthetic | a .npz, .csv, .jsonl or text file | a folder of class subfolders of images")
     sh.add_argument("out_dir", metavar="OUT_DIR")
@@ -91,6 +96,23 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from shoal import checkpoint
+    from shoal.errors import CheckpointError
+
+    path = Path(args.checkpoint)
+    if (path / "checkpoints").is_dir():
+        found = checkpoint.find_latest(path)
+        if found is None:
+            raise CheckpointError(f"{path}: no complete checkpoint")
+        path = found
+    out = checkpoint.export(path, Path(args.out))
+    print(f"[shoal] wrote {out} (model weights of {path})")
+    return 0
+
+
 def _cmd_shard(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -132,13 +154,31 @@ def _cmd_reference(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_resume(args: argparse.Namespace, cfg) -> None:
+    if args.resume and not cfg.run.dir:
+        from shoal.errors import ConfigError
+
+        raise ConfigError("--resume needs the run to continue: set run.dir", key="run.dir")
+
+
+def _exit_code(summary: dict) -> int:
+    status = summary.get("status")
+    if status == "completed":
+        return 0
+    if status == "preempted":
+        print(f"[shoal] preempted at step {summary.get('steps')}: checkpoint saved; continue with --resume run.dir={summary.get('run_dir')}", flush=True)
+        return int(summary.get("exit_code", 143))
+    return 1
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     cfg = _load(args)
+    _check_resume(args, cfg)
     from shoal.launcher import run
 
     summary = run(cfg, resume=args.resume)
     _print_result(summary)
-    return 0 if summary.get("status") == "completed" else 1
+    return _exit_code(summary)
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
@@ -147,17 +187,26 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     from shoal.progress import Progress
     from shoal.worker import run_worker, setup_logging
 
+    import threading
+
+    from shoal.signals import StopOnSignal
+
+    _check_resume(args, cfg)
     world = WorldInfo.from_env()
     setup_logging(world.rank if world.distributed else None)
     progress = Progress(cfg.train.max_steps, cfg.log.progress, cfg.log.print_every_s) if world.is_main else None
+    stop = threading.Event()
     try:
-        summary = run_worker(cfg, resume=args.resume, report=progress.update if progress else None)
+        with StopOnSignal(stop) as signals:
+            summary = run_worker(cfg, resume=args.resume, report=progress.update if progress else None, stop=stop)
     finally:
         if progress is not None:
             progress.close()
+    summary["exit_code"] = signals.exit_code
     if world.is_main:
         _print_result(summary)
-    return 0 if summary.get("status") == "completed" else 1
+    code = _exit_code(summary) if world.is_main else (0 if summary.get("status") == "completed" else signals.exit_code or 1)
+    return code
 
 
 def _print_result(summary: dict) -> None:

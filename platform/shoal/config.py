@@ -266,6 +266,32 @@ class LogConfig(Section):
     """Seconds between progress lines when there is no bar."""
 
 
+class KeepBest(Section):
+    metric: str = "val_loss"
+    """Metric from the evaluations, e.g. val_loss or val_accuracy."""
+    mode: Literal["min", "max"] = "min"
+    """Whether lower or higher is better."""
+
+
+class CheckpointConfig(Section):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, validate_default=True, populate_by_name=True)
+
+    every_steps: int | None = Field(None, ge=1)
+    """Save every this many optimizer steps."""
+    every_minutes: float | None = Field(None, gt=0)
+    """Save when this many minutes have passed since the last save (decided by all ranks together)."""
+    at_end: bool = True
+    """Save when training ends (also when it is stopped by SIGTERM or SIGINT)."""
+    keep_last: int | None = Field(None, ge=1)
+    """Keep only the newest K checkpoints (plus the newest one from before a non-finite loss, and the best)."""
+    keep_best: KeepBest | None = None
+    """Also keep the checkpoint with the best evaluation metric, e.g. {metric: val_loss, mode: min}."""
+    async_save: bool = Field(False, alias="async")
+    """(YAML key `async`) Snapshot the state to host memory and write it in the background; one save in flight."""
+    resume_from: str | None = None
+    """Start from this checkpoint directory (a fresh run directory is fine); `--resume` uses the run's latest instead."""
+
+
 class RunConfig(Section):
     dir: str | None = None
     """Run directory; None = runs/<name>-<YYYYmmdd-HHMMSS> under the current directory."""
@@ -285,6 +311,7 @@ class JobConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     ddp: DDPConfig = Field(default_factory=DDPConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     run: RunConfig = Field(default_factory=RunConfig)
 
@@ -307,8 +334,8 @@ class JobConfig(Section):
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict of every value, defaults included (JSON/YAML safe)."""
-        return self.model_dump(mode="json")
+        """Plain nested dict of every value, defaults included (JSON/YAML safe), with YAML key names."""
+        return self.model_dump(mode="json", by_alias=True)
 
     def to_yaml(self) -> str:
         """The resolved config as YAML, the form saved into the run directory."""
@@ -496,7 +523,7 @@ def _did_you_mean(loc: list[str]) -> str:
         if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
             return ""
         model = ann
-    names = list(model.model_fields)
+    names = [f.alias or n for n, f in model.model_fields.items()]
     close = difflib.get_close_matches(loc[-1], names, n=1, cutoff=0.6)
     prefix = ".".join(loc[:-1])
     if close:
@@ -518,7 +545,7 @@ def config_reference() -> str:
         if _is_section(field.annotation):
             out.append(f"\n**{name}**\n\n| key | default | meaning |\n|---|---|---|")
             for sub, subfield in field.annotation.model_fields.items():
-                out.append(_row(f"{name}.{sub}", subfield))
+                out.append(_row(f"{name}.{subfield.alias or sub}", subfield))
     return "\n".join(out) + "\n"
 
 

@@ -205,3 +205,49 @@ def ranks_env_from_counts(node_counts: Sequence[int], master_addr: str, master_p
                 )
             )
     return out
+
+
+def all_gather_object(obj: object) -> list[object]:
+    """Every rank's object, in rank order."""
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class Pulse:
+    """Flags any rank may raise (stop requested, save due), agreed by all ranks one step later.
+
+    Each step starts an asynchronous all_reduce of this step's flags and reads the previous one:
+    every rank gets the same answer at the same step, and the collective's latency hides behind a
+    step of compute instead of stalling every step (a blocking one costs 0.2-2 ms per step on gloo).
+    """
+
+    def __init__(self, size: int, device: torch.device):
+        self.size = size
+        self.device = device
+        self._pending: tuple[object, torch.Tensor] | None = None
+
+    def exchange(self, flags: Sequence[bool]) -> list[bool]:
+        """The flags agreed from the previous call (all False the first time); starts agreeing these."""
+        import torch
+        import torch.distributed as dist
+
+        agreed = self.drain()
+        t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32, device=self.device)
+        work = dist.all_reduce(t, op=dist.ReduceOp.MAX, async_op=True) if dist.is_initialized() and dist.get_world_size() > 1 else None
+        self._pending = (work, t)
+        return agreed
+
+    def drain(self) -> list[bool]:
+        """Wait for the exchange in flight and return its agreed flags."""
+        if self._pending is None:
+            return [False] * self.size
+        work, t = self._pending
+        self._pending = None
+        if work is not None:
+            work.wait()
+        return [bool(v) for v in t.tolist()]

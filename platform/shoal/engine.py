@@ -58,6 +58,11 @@ class Job:
     data: Loaders
     counters: Counters = field(default_factory=Counters)
     stop_requested: threading.Event = field(default_factory=threading.Event)
+    window: Window = field(init=False)
+    last_eval: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.window = Window(self.device)
 
     @property
     def bare_model(self) -> nn.Module:
@@ -216,27 +221,84 @@ class Window:
         self.samples += r.samples
         self.data_s += r.data_s
 
-    def reduce(self, stop: bool) -> tuple[float, bool]:
-        """Global mean loss of the window and whether any rank asked to stop: one small collective."""
-        local = torch.stack([self.loss_sum, torch.tensor(float(self.count), dtype=torch.float64, device=self.device),
-                             torch.tensor(1.0 if stop else 0.0, dtype=torch.float64, device=self.device)])
-        loss_sum, count, stops = dist.all_sum(local).tolist()
-        return (loss_sum / count if count else float("nan")), stops > 0
+    def _local(self) -> torch.Tensor:
+        return torch.stack([self.loss_sum, torch.tensor(float(self.count), dtype=torch.float64, device=self.device)])
+
+    def mean_loss(self) -> float:
+        """Global mean loss of the window: one small collective."""
+        loss_sum, count = dist.all_sum(self._local()).tolist()
+        return loss_sum / count if count else float("nan")
+
+    def state_dict(self) -> dict[str, float]:
+        """The window summed over ranks (a collective): a resumed run logs the same values."""
+        loss_sum, count = dist.all_sum(self._local()).tolist()
+        return {"loss_sum": loss_sum, "count": count, "samples": self.samples}
+
+    def load_state_dict(self, state: dict[str, float], is_main: bool) -> None:
+        self.reset()
+        if is_main:  # rank 0 carries the global sums; the next reduction adds the others' zeros
+            self.loss_sum += state["loss_sum"]
+            self.count = int(state["count"])
+        self.samples = int(state["samples"])
 
 
-def train(job: Job, log: Report) -> dict[str, Any]:
+def collect_state(job: Job) -> dict[str, Any]:
+    """Everything needed to continue exactly (collective: every rank calls it at the same step)."""
+    from shoal.checkpoint import rng_state
+
+    rngs = dist.all_gather_object(rng_state())
+    return {
+        "model": job.bare_model.state_dict(),
+        "optimizer": job.optimizer.state_dict(),
+        "state": {
+            "counters": job.counters.state_dict(),
+            "schedule": job.schedule.state_dict(),
+            "precision": job.precision.state_dict(),
+            "data": job.data.train.state_dict(),
+            "window": job.window.state_dict(),
+            "last_eval": dict(job.last_eval),
+            "rng": rngs,
+            "world_size": job.world.world_size,
+        },
+    }
+
+
+def restore_state(job: Job, path: Any, data: dict[str, Any]) -> None:
+    """Load a checkpoint's contents into this rank's job."""
+    from shoal.checkpoint import load_model_state, set_rng_state
+    from shoal.errors import CheckpointError
+
+    load_model_state(job.bare_model, data["model.pt"], path)
+    try:
+        job.optimizer.load_state_dict(data["optimizer.pt"])
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"checkpoint {path}: optimizer state does not fit this config ({e})") from None
+    st = data["state.pt"]
+    job.counters.load_state_dict(st["counters"])
+    job.schedule.load_state_dict(st["schedule"])
+    job.precision.load_state_dict(st["precision"])
+    job.data.train.load_state_dict(st["data"])
+    job.window.load_state_dict(st["window"], job.world.is_main)
+    job.last_eval = dict(st["last_eval"])
+    if st["world_size"] == job.world.world_size:
+        set_rng_state(st["rng"][job.world.rank])
+    else:  # new ranks: fresh, reproducible generators (bitwise resume needs the same world size)
+        torch.manual_seed(job.cfg.seed * 1_000_003 + job.world.rank + 1 + 7919 * job.counters.step)
+
+
+def train(job: Job, log: Report, saver: Any = None) -> dict[str, Any]:
     """Run steps until train.max_steps (or an agreed stop); returns the final figures.
 
-    `log(record)` receives every metrics record on every rank; rank 0's are written. Ranks
-    exchange the window's loss and any stop request once per log line (log.every steps).
+    `log(record)` receives every metrics record on every rank; rank 0's are written. `saver` (a
+    checkpoint.Checkpointer) is asked at each step; what any rank raises (a stop request, a
+    save timer) is agreed through a Pulse, so every rank saves and stops at the same step.
     """
     cfg, c = job.cfg, job.counters
-    window = Window(job.device)
+    window = job.window
+    pulse = dist.Pulse(2, job.device)
     started = time.perf_counter()
     start_step, start_samples = c.step, c.samples
-    last_eval: dict[str, float] = {}
     train_loss = float("nan")
-    status = "completed"
     stop = False
     while c.step < cfg.train.max_steps and not stop:
         r = train_step(job)
@@ -244,10 +306,13 @@ def train(job: Job, log: Report) -> dict[str, Any]:
         c.samples += r.samples
         c.skipped_steps += 0 if r.stepped else 1
         window.add(r)
+        stop, save_due = pulse.exchange([job.stop_requested.is_set(), saver is not None and saver.time_due()])
+        # a stop is not a log or eval step: a resumed run then logs exactly what an uninterrupted one would
+        last = c.step == cfg.train.max_steps
         record: dict[str, Any] = {}
-        if c.step % cfg.log.every == 0 or c.step == cfg.train.max_steps:
+        if c.step % cfg.log.every == 0 or last:
             elapsed = time.perf_counter() - window.start
-            train_loss, stop = window.reduce(job.stop_requested.is_set())
+            train_loss = window.mean_loss()
             record.update(
                 loss=train_loss,
                 lr=r.lr,
@@ -256,21 +321,24 @@ def train(job: Job, log: Report) -> dict[str, Any]:
                 data_wait=window.data_s / elapsed,
                 skipped_steps=c.skipped_steps,
             )
-        if (cfg.train.eval_every and c.step % cfg.train.eval_every == 0) or c.step == cfg.train.max_steps or stop:
-            last_eval = evaluate(job)
-            job.schedule.observe(last_eval)
-            record.update(last_eval)
+            window.reset()
+        if (cfg.train.eval_every and c.step % cfg.train.eval_every == 0) or last:
+            job.last_eval = evaluate(job)
+            job.schedule.observe(job.last_eval)
+            record.update(job.last_eval)
         if record:
             log({"step": c.step, "epoch": job.data.train.epoch, "samples": c.samples, "time": time.time(), **record})
-            window.reset()
-    if stop:
-        status = "preempted"
+        if saver is not None and (saver.step_due(c.step) or save_due or stop or (last and cfg.checkpoint.at_end)):
+            saver.save(collect_state(job), c.step, job.last_eval, c.skipped_steps)
+    pulse.drain()
+    if saver is not None:
+        saver.wait()
     wall = time.perf_counter() - started
     trained = c.samples - start_samples
     skipped = getattr(job.data.train, "skipped_samples", 0)
     skipped = int(dist.all_sum(torch.tensor([float(skipped)], dtype=torch.float64, device=job.device)).item())
     return {
-        "status": status,
+        "status": "preempted" if stop else "completed",
         "steps": c.step,
         "samples": c.samples,
         "epochs": job.data.train.epoch,
@@ -281,5 +349,5 @@ def train(job: Job, log: Report) -> dict[str, Any]:
         "world_size": job.world.world_size,
         "train_loss": train_loss,
         "data_skipped_samples": skipped,
-        **last_eval,
+        **job.last_eval,
     }

@@ -26,6 +26,7 @@ from shoal.config import JobConfig, ScalingConfig, config_from_dict
 from shoal.dist import ranks_env_from_counts
 from shoal.errors import ClusterError, ShoalError, WorkerFailed
 from shoal.progress import Progress
+from shoal.signals import StopOnSignal
 
 log = logging.getLogger("shoal")
 POLL_S = 0.25
@@ -284,19 +285,22 @@ def run(cfg: JobConfig, *, resume: bool = False, progress_stream: Any = None) ->
 def _watch(group: WorkerGroup, cfg: JobConfig, path: Path, stream: Any) -> dict[str, Any]:
     """Poll every rank until all finish or one fails; drive the progress display from rank 0."""
     progress = Progress(cfg.train.max_steps, cfg.log.progress, cfg.log.print_every_s, stream)
+    stop = threading.Event()
     try:
-        while True:
-            polls = group.poll()
-            for record in polls[0]["records"]:
-                progress.update(record)
-            failed = [(rank, p) for rank, p in enumerate(polls) if p["state"] == "failed"]
-            if failed:
-                _raise_failure(failed, path)
-            if all(p["state"] == "done" for p in polls):
-                return polls[0]["result"]
-            time.sleep(POLL_S)
+        # first SIGTERM/SIGINT: every rank finishes its step, saves and stops; a second one kills
+        with StopOnSignal(stop, on_first=group.request_stop) as signals:
+            while True:
+                polls = group.poll()
+                for record in polls[0]["records"]:
+                    progress.update(record)
+                failed = [(rank, p) for rank, p in enumerate(polls) if p["state"] == "failed"]
+                if failed:
+                    _raise_failure(failed, path)
+                if all(p["state"] == "done" for p in polls):
+                    return {**polls[0]["result"], "exit_code": signals.exit_code}
+                time.sleep(POLL_S)
     except KeyboardInterrupt:
-        _mark_failed(path, "interrupted (Ctrl-C)")
+        _mark_failed(path, "interrupted (stopped at once, no checkpoint)")
         raise
     finally:
         progress.close()

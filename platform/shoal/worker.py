@@ -37,6 +37,7 @@ def run_worker(
     import torch
 
     from shoal import dist
+    from shoal.checkpoint import Checkpointer
     from shoal.engine import build_job, train
 
     world = WorldInfo.from_env()
@@ -61,10 +62,12 @@ def run_worker(
         job = build_job(cfg, world, device)
         if stop is not None:
             job.stop_requested = stop
+        resumed_from = _resume(job, cfg, path, resume, world)
         if world.is_main:
             from shoal.metrics import MetricsWriter
 
-            writer = MetricsWriter(path, cfg.log.tensorboard)
+            # a resumed run rewrites what the interrupted one logged after its checkpoint
+            writer = MetricsWriter(path, cfg.log.tensorboard, truncate_after_step=job.counters.step if (resume or resumed_from) else None)
             log.info("run directory %s; %d rank(s) on %s, backend %s", path, world.world_size, device, dist.select_backend(device, cfg.scaling.backend))
 
         def on_record(record: dict[str, Any]) -> None:
@@ -73,8 +76,10 @@ def run_worker(
                 if report is not None:
                     report(record)
 
-        summary = train(job, on_record)
+        summary = train(job, on_record, Checkpointer(cfg, path, world))
         summary.update(run_dir=str(path), name=cfg.name, precision=cfg.train.precision, device=str(device))
+        if resumed_from is not None:
+            summary["resumed_from"] = str(resumed_from)
         if world.is_main:
             rundir.write_summary(path, summary)
         return summary
@@ -86,6 +91,31 @@ def run_worker(
         if writer is not None:
             writer.close()
         dist.destroy_process_group()
+
+
+def _resume(job: Any, cfg: JobConfig, path: Path, resume: bool, world: WorldInfo) -> Path | None:
+    """Load the checkpoint to continue from: the run's latest (--resume) or checkpoint.resume_from."""
+    from shoal import checkpoint, dist
+    from shoal.engine import restore_state
+
+    target: Path | None = None
+    if resume:
+        # rank 0 picks (falling back past corrupt ones); every rank loads the same one
+        found = checkpoint.find_latest(path) if world.is_main else None
+        target = dist.broadcast_object(found)  # type: ignore[assignment]
+        if target is None:
+            if world.is_main:
+                log.info("--resume: no complete checkpoint in %s; starting from step 0", path)
+            return None
+    elif cfg.checkpoint.resume_from:
+        target = Path(cfg.checkpoint.resume_from).expanduser()
+    if target is None:
+        return None
+    _meta, data = checkpoint.load(target)
+    restore_state(job, target, data)
+    if world.is_main:
+        log.info("resumed from %s at step %d", target, job.counters.step)
+    return target
 
 
 def _write_failed_summary(path: Path, exc: BaseException) -> None:

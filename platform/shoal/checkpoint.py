@@ -1,0 +1,322 @@
+"""Checkpoints you can trust: complete, atomic, exact to resume from, optionally written in the background.
+
+Layout (rank 0 saves the replicated state; DDP replicas are identical):
+
+    RUN_DIR/checkpoints/step-000100/
+        model.pt       the bare model's state dict (no DDP `module.` prefix)
+        optimizer.pt   the optimizer's state dict
+        state.pt       counters, schedule, precision, data position, every rank's RNG, log window
+        meta.json      written last: step, metrics, config, Shoal version, sha256 of every file
+    RUN_DIR/checkpoints/latest   the name of the newest complete checkpoint, replaced atomically
+
+A save goes to a temporary directory that is renamed into place only when every file and
+meta.json are written and synced, so a crash at any moment leaves the previous checkpoint whole.
+Loading uses `torch.load(weights_only=True)`: a checkpoint holds tensors and plain data only and
+cannot run code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from shoal import __version__, dist
+from shoal.config import JobConfig
+from shoal.errors import CheckpointError
+
+log = logging.getLogger("shoal")
+
+FILES = ("model.pt", "optimizer.pt", "state.pt")
+META = "meta.json"
+LATEST = "latest"
+
+
+# ---------------------------------------------------------------- RNG
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's generators as tensors and plain data (weights_only-loadable)."""
+    np_state = np.random.get_state()
+    return {
+        "python": _plain(random.getstate()),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]), "gauss": [int(np_state[3]), float(np_state[4])]},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_tuples(state["python"]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["gauss"][0], n["gauss"][1]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _plain(x: Any) -> Any:
+    return [_plain(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _tuples(x: Any) -> Any:
+    return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
+
+
+# ---------------------------------------------------------------- finding and verifying
+
+
+def checkpoints_dir(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def verify(path: Path) -> dict[str, Any]:
+    """meta.json of a complete checkpoint whose files match their checksums; CheckpointError otherwise."""
+    meta_path = path / META
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path}: not found")
+    if not meta_path.exists():
+        raise CheckpointError(f"checkpoint {path}: incomplete (no {META})")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {path}: unreadable {META} ({e})") from None
+    for name, digest in meta.get("sha256", {}).items():
+        f = path / name
+        if not f.exists():
+            raise CheckpointError(f"checkpoint {path}: {name} is missing")
+        if _sha256(f) != digest:
+            raise CheckpointError(f"checkpoint {path}: {name} does not match its checksum (corrupt)")
+    return meta
+
+
+def find_latest(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint: `latest` if it verifies, else the newest that does (saying so)."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return None
+    candidates = sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")), key=lambda p: p.name, reverse=True)
+    named = root / LATEST
+    if named.exists():
+        first = root / named.read_text().strip()
+        candidates = [first] + [c for c in candidates if c != first]
+    for path in candidates:
+        try:
+            verify(path)
+            return path
+        except CheckpointError as e:
+            log.warning("%s; falling back to an older checkpoint", e)
+    return None
+
+
+def load(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(meta, {file: contents}) of a verified checkpoint, loaded without running pickled code."""
+    meta = verify(path)
+    data = {}
+    for name in FILES:
+        try:
+            data[name] = torch.load(path / name, map_location="cpu", weights_only=True)
+        except Exception as e:  # weights_only refuses anything but tensors and plain data
+            raise CheckpointError(f"checkpoint {path}: cannot load {name} safely ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    return meta, data
+
+
+def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Load weights, or fail listing every missing, unexpected and mis-shaped key."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: checkpoint {list(state[k].shape)} vs model {list(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:6]}{' ...' if len(missing) > 6 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}")
+        if shapes:
+            parts.append("shape mismatch " + "; ".join(shapes[:6]))
+        raise CheckpointError(f"checkpoint {path} does not fit the model in the config: " + ", ".join(parts))
+    model.load_state_dict(state)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- saving
+
+
+def _to_cpu(obj: Any) -> Any:
+    """A deep copy with every tensor on the CPU (the snapshot an asynchronous save writes)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+class Checkpointer:
+    """Decides when to save, writes atomically (in the background if asked), prunes, resumes."""
+
+    def __init__(self, cfg: JobConfig, run_dir: Path, world: dist.WorldInfo):
+        self.cfg = cfg.checkpoint
+        self.job_cfg = cfg
+        self.root = checkpoints_dir(run_dir)
+        self.world = world
+        self.last_save = time.monotonic()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.saved: list[Path] = []
+
+    def time_due(self) -> bool:
+        """This rank's clock says checkpoint.every_minutes has passed (ranks agree on it together)."""
+        return self.cfg.every_minutes is not None and time.monotonic() - self.last_save >= self.cfg.every_minutes * 60
+
+    def step_due(self, step: int) -> bool:
+        return self.cfg.every_steps is not None and step % self.cfg.every_steps == 0
+
+    def save(self, state: dict[str, Any], step: int, metrics: dict[str, float], nonfinite_steps: int) -> None:
+        """Write a checkpoint of `state` (rank 0 only; the caller gathered what every rank holds)."""
+        self.last_save = time.monotonic()
+        if not self.world.is_main:
+            return
+        self.wait()  # at most one save in flight
+        if self.cfg.async_save:
+            snapshot = _to_cpu(state)
+            self._thread = threading.Thread(target=self._write_guarded, args=(snapshot, step, metrics, nonfinite_steps), daemon=True, name="shoal-ckpt")
+            self._thread.start()
+        else:
+            self._write_guarded(state, step, metrics, nonfinite_steps)
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is on disk."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _write_guarded(self, state: dict[str, Any], step: int, metrics: dict[str, float], nonfinite_steps: int) -> None:
+        try:
+            path = self._write(state, step, metrics, nonfinite_steps)
+            self._prune()
+            log.info("checkpoint saved: %s", path)
+        except OSError as e:
+            log.error("checkpoint at step %d failed (%s); the previous checkpoint is kept", step, e.strerror or e)
+
+    def _write(self, state: dict[str, Any], step: int, metrics: dict[str, float], nonfinite_steps: int) -> Path:
+        name = f"step-{step:06d}"
+        final = self.root / name
+        tmp = self.root / f".tmp-{name}-{os.getpid()}"
+        self.root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            sums = {}
+            for fname, key in zip(FILES, ("model", "optimizer", "state")):
+                torch.save(state[key], tmp / fname)
+                sums[fname] = _sha256(tmp / fname)
+            meta = {
+                "step": step,
+                "epoch": state["state"]["data"]["epoch"],
+                "metrics": metrics,
+                "nonfinite_steps": nonfinite_steps,
+                "world_size": self.world.world_size,
+                "shoal_version": __version__,
+                "time": time.time(),
+                "config": self.job_cfg.to_dict(),
+                "sha256": sums,
+            }
+            _write_synced(tmp / META, json.dumps(meta, indent=1))
+            _fsync_dir(tmp)
+            if final.exists():  # a checkpoint of the same step from an earlier attempt
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.root)
+            _write_synced(self.root / f".{LATEST}.tmp", name)
+            os.replace(self.root / f".{LATEST}.tmp", self.root / LATEST)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.saved.append(final)
+        return final
+
+    def _prune(self) -> None:
+        """keep_last newest, plus the newest from before a non-finite step and the best by keep_best."""
+        if self.cfg.keep_last is None:
+            return
+        entries = []
+        for p in sorted(self.root.glob("step-*")):
+            try:
+                entries.append((p, json.loads((p / META).read_text())))
+            except (OSError, ValueError):
+                continue  # incomplete: not ours to judge here
+        keep = {p for p, _ in entries[-self.cfg.keep_last :]}
+        if entries:
+            latest_bad = entries[-1][1].get("nonfinite_steps", 0)
+            before_bad = [p for p, m in entries if m.get("nonfinite_steps", 0) < latest_bad]
+            if before_bad:
+                keep.add(before_bad[-1])
+        best = self._best(entries)
+        if best is not None:
+            keep.add(best)
+        for p, _ in entries:
+            if p not in keep:
+                shutil.rmtree(p, ignore_errors=True)
+
+    def _best(self, entries: list[tuple[Path, dict[str, Any]]]) -> Path | None:
+        kb = self.cfg.keep_best
+        if kb is None:
+            return None
+        scored = [(m["metrics"][kb.metric], p) for p, m in entries if isinstance(m.get("metrics", {}).get(kb.metric), (int, float))]
+        if not scored:
+            return None
+        return (min if kb.mode == "min" else max)(scored, key=lambda t: t[0])[1]
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------- export
+
+
+def export(checkpoint: Path, out: Path) -> Path:
+    """Write the checkpoint's model weights as a plain state dict (safetensors if OUT ends so)."""
+    meta = verify(checkpoint)
+    state = torch.load(checkpoint / "model.pt", map_location="cpu", weights_only=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".safetensors":
+        try:
+            from safetensors.torch import save_file
+        except ImportError:
+            raise CheckpointError("writing .safetensors needs the safetensors package (pip install safetensors), or use a .pt name") from None
+        save_file({k: v.contiguous() for k, v in state.items()}, str(out), metadata={"shoal_step": str(meta["step"])})
+    else:
+        torch.save(state, out)
+    return out
