@@ -150,50 +150,47 @@ def main() -> None:
 
 
 def reader_part(args: argparse.Namespace, n: int, pattern: str, packed: Path) -> None:
-    if True:
-        print(f"1. reader, one process, {n:,} samples of {DIM} floats, batch 64; {machine()}", flush=True)
-        rows = []
-        for r in range(args.rounds):
-            row = {"bare webdataset .npy": bare_webdataset(pattern, n)}
-            for w in (0, 1, 2):
-                row[f"Shoal packed, {w} loader workers"] = shoal_reader(str(packed), w)
-            row["in-memory tensor"] = in_memory(n)
-            rows.append(row)
-            print(f"  round {r + 1}: " + ", ".join(f"{k} {v:,.0f}/s" for k, v in row.items()), flush=True)
-        base = [r["bare webdataset .npy"] for r in rows]
-        print(table(["reader", "samples/s (median)", "x bare webdataset"], [[k, median([r[k] for r in rows]), median([r[k] / b for r, b in zip(rows, base)])] for k in rows[0]]))
+    print(f"1. reader, one process, {n:,} samples of {DIM} floats, batch 64; {machine()}", flush=True)
+    rows = []
+    for r in range(args.rounds):
+        row = {"bare webdataset .npy": bare_webdataset(pattern, n)}
+        for w in (0, 1, 2):
+            row[f"Shoal packed, {w} loader workers"] = shoal_reader(str(packed), w)
+        row["in-memory tensor"] = in_memory(n)
+        rows.append(row)
+        print(f"  round {r + 1}: " + ", ".join(f"{k} {v:,.0f}/s" for k, v in row.items()), flush=True)
+    base = [r["bare webdataset .npy"] for r in rows]
+    print(table(["reader", "samples/s (median)", "x bare webdataset"], [[k, median([r[k] for r in rows]), median([r[k] / b for r, b in zip(rows, base)])] for k in rows[0]]))
 
 
 
 def rss_part(root: Path) -> None:
-    if True:
-        print("\n2. peak RSS reading 50,000 samples (32 floats each, batch 256)", flush=True)
-        small = write_packed(root / "small", 200_000, dim=32)
-        large = write_packed(root / "large", 2_000_000, dim=32)
-        rs, rl = rss_mb(small), rss_mb(large)
-        print(table(["data set", "peak RSS MiB"], [["200,000 samples", rs], ["2,000,000 samples", rl], ["ratio", rl / rs]]))
+    print("\n2. peak RSS reading 50,000 samples (32 floats each, batch 256)", flush=True)
+    small = write_packed(root / "small", 200_000, dim=32)
+    large = write_packed(root / "large", 2_000_000, dim=32)
+    rs, rl = rss_mb(small), rss_mb(large)
+    print(table(["data set", "peak RSS MiB"], [["200,000 samples", rs], ["2,000,000 samples", rl], ["ratio", rl / rs]]))
 
 
 
 def ddp_part(args: argparse.Namespace, n: int, root: Path, packed: Path) -> None:
-    if True:
-        print(f"\n3. 2 ranks gloo, MLP {DIM}-1024-1024-10, batch 64/rank, {args.steps} steps", flush=True)
-        variants = {
-            "memory": {"data.dataset": "synthetic", "data.num_samples": n, "data.input_shape": [DIM], "data.val_fraction": 0.0},
-            "shards, 0 loader workers": {"data.format": "shards", "data.path": str(packed), "data.num_workers": 0},
-            "shards, 1 loader worker": {"data.format": "shards", "data.path": str(packed), "data.num_workers": 1},
-        }
-        results: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
-        for r in range(args.rounds):
-            for name, data in variants.items():
-                run_dir = root / f"run-{r}-{list(variants).index(name)}"
-                results[name].append(spawn_ranks(ddp_rank, 2, args.steps, 30, str(run_dir), data, timeout_s=900)[0])
-            print(f"  round {r + 1}: " + ", ".join(f"{k} {v[-1][0] * 1000:.1f} ms" for k, v in results.items()), flush=True)
-        mem = [s for s, _ in results["memory"]]
-        print(table(
-            ["data", "ms/step (median)", "x memory", "data-wait share"],
-            [[k, median([s for s, _ in v]) * 1000, median([s / m for (s, _), m in zip(v, mem)]), median([w for _, w in v])] for k, v in results.items()],
-        ))
+    print(f"\n3. 2 ranks gloo, MLP {DIM}-1024-1024-10, batch 64/rank, {args.steps} steps", flush=True)
+    variants = {
+        "memory": {"data.dataset": "synthetic", "data.num_samples": n, "data.input_shape": [DIM], "data.val_fraction": 0.0},
+        "shards, 0 loader workers": {"data.format": "shards", "data.path": str(packed), "data.num_workers": 0},
+        "shards, 1 loader worker": {"data.format": "shards", "data.path": str(packed), "data.num_workers": 1},
+    }
+    results: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
+    for r in range(args.rounds):
+        for name, data in variants.items():
+            run_dir = root / f"run-{r}-{list(variants).index(name)}"
+            results[name].append(spawn_ranks(ddp_rank, 2, args.steps, 30, str(run_dir), data, timeout_s=900)[0])
+        print(f"  round {r + 1}: " + ", ".join(f"{k} {v[-1][0] * 1000:.1f} ms" for k, v in results.items()), flush=True)
+    mem = [s for s, _ in results["memory"]]
+    print(table(
+        ["data", "ms/step (median)", "x memory", "data-wait share"],
+        [[k, median([s for s, _ in v]) * 1000, median([s / m for (s, _), m in zip(v, mem)]), median([w for _, w in v])] for k, v in results.items()],
+    ))
 
 
 if __name__ == "__main__":

@@ -41,24 +41,86 @@ def _no_leaked_dist_env():
     assert not leaked, f"test leaked distributed environment variables: {leaked}"
 
 
+def free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports above Ray's worker port range (10002-19999)."""
+    import socket
+
+    ports: list[int] = []
+    while len(ports) < n:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port > 20000 and port not in ports:
+            ports.append(port)
+    return ports
+
+
+def wait_port(host: str, port: int, timeout_s: float) -> None:
+    import socket
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"{host}:{port} did not open within {timeout_s}s")
+
+
+def start_ray_node(temp_dir: str, args: list[str], log_name: str) -> subprocess.Popen:
+    """`ray start --block ...` as a child we own: SIGTERM to it stops exactly the processes it started."""
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    log = open(Path(temp_dir) / log_name, "w")
+    return subprocess.Popen([ray_bin, "start", "--block", "--disable-usage-stats", *args], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop_ray_node(proc: subprocess.Popen) -> None:
+    import signal
+
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+class RayHead:
+    def __init__(self, gcs: str, dashboard: str, temp_dir: str):
+        self.gcs, self.dashboard, self.temp_dir = gcs, dashboard, temp_dir
+
+
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """A real Ray cluster on 127.0.0.1 for the whole session; only this one is ever stopped."""
+def ray_head():
+    """One real Ray cluster for the whole session: `ray start --head` with token authentication and
+    its dashboard / Jobs API on 127.0.0.1, joined by this process. Only this cluster is ever stopped."""
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ["RAY_AUTH_MODE"] = "token"
     import ray
 
     temp_dir = tempfile.mkdtemp(prefix="shoal-rt-")
-    ctx = ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        _temp_dir=temp_dir,
-        logging_level="WARNING",
-    )
-    yield ctx.address_info["gcs_address"]
-    ray.shutdown()
-    shutil.rmtree(temp_dir, ignore_errors=True)
+    gcs_port, dash_port, client_port = free_ports(3)
+    proc = start_ray_node(temp_dir, [
+        "--head", f"--port={gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
+        f"--ray-client-server-port={client_port}", "--num-cpus=2", "--include-dashboard=true", f"--temp-dir={temp_dir}",
+    ], "head.log")
+    try:
+        wait_port("127.0.0.1", dash_port, 90)
+        ctx = ray.init(address=f"127.0.0.1:{gcs_port}", logging_level="WARNING")
+        yield RayHead(ctx.address_info["gcs_address"], f"http://127.0.0.1:{dash_port}", temp_dir)
+    finally:
+        ray.shutdown()
+        stop_ray_node(proc)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(ray_head):
+    """The session cluster's GCS address (for scaling.address)."""
+    return ray_head.gcs
 
 
 def tiny_overrides(run_dir: Path, **extra: object) -> list[str]:

@@ -49,3 +49,39 @@ def decode_npy_cls(sample: dict):
     import numpy as np
 
     return np.load(io.BytesIO(sample["input.npy"])), int(sample["cls"])
+
+
+class HangingMLP(nn.Module):
+    """Rank `hang_rank` stops making progress (sleeps in forward) after some calls."""
+
+    def __init__(self, hang_rank: int, after_calls: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+        self.hang_rank, self.after, self.calls = hang_rank, after_calls, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import time
+
+        import torch.distributed as dist
+
+        self.calls += 1
+        if self.training and dist.is_initialized() and dist.get_rank() == self.hang_rank and self.calls > self.after:
+            time.sleep(3600)
+        return self.net(x)
+
+
+def hanging_mlp(hang_rank: int = 1, after_calls: int = 5) -> nn.Module:
+    return HangingMLP(hang_rank, after_calls)
+
+
+def node_recording_mlp(out_dir: str) -> nn.Module:
+    """Records the torchrun variables and the Ray node this rank runs on."""
+    import ray
+
+    model = env_recording_mlp(out_dir)
+    rank = os.environ["RANK"]
+    path = Path(out_dir, f"env-{rank}.json")
+    env = json.loads(path.read_text())
+    env["NODE_ID"] = ray.get_runtime_context().get_node_id()
+    path.write_text(json.dumps(env))
+    return model

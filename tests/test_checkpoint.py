@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, TESTS, shoal_cli, tiny_overrides
+from conftest import REPO, shoal_cli, tiny_overrides
 from shoal import checkpoint
 from shoal.checkpoint import Checkpointer, find_latest, verify
 from shoal.config import JobConfig, load_config
 from shoal.dist import WorldInfo
-from shoal.engine import build_job, train
+from shoal.engine import build_job
 from shoal.errors import CheckpointError
 from shoal.models import build_model
 

@@ -160,14 +160,21 @@ def _sha256(path: Path) -> str:
 # ---------------------------------------------------------------- saving
 
 
-def _to_cpu(obj: Any) -> Any:
-    """A deep copy with every tensor on the CPU (the snapshot an asynchronous save writes)."""
+def _stage(obj: Any, staged: Any) -> Any:
+    """A deep copy of `obj` with every tensor on the CPU, reusing the buffers of the previous copy.
+
+    Reuse matters: a fresh 170 MB allocation costs more page faults than the copy itself.
+    """
     if isinstance(obj, torch.Tensor):
+        if isinstance(staged, torch.Tensor) and staged.shape == obj.shape and staged.dtype == obj.dtype:
+            return staged.copy_(obj.detach())
         return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
+        old = staged if isinstance(staged, dict) else {}
+        return {k: _stage(v, old.get(k)) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
+        old = staged if isinstance(staged, (list, tuple)) and len(staged) == len(obj) else [None] * len(obj)
+        return type(obj)(_stage(v, o) for v, o in zip(obj, old))
     return obj
 
 
@@ -181,8 +188,9 @@ class Checkpointer:
         self.world = world
         self.last_save = time.monotonic()
         self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
         self.saved: list[Path] = []
+        self.stalls: list[float] = []  # seconds each save held up the training loop
+        self._staged: Any = None  # host copy of the last snapshot, reused by the next
 
     def time_due(self) -> bool:
         """This rank's clock says checkpoint.every_minutes has passed (ranks agree on it together)."""
@@ -196,13 +204,15 @@ class Checkpointer:
         self.last_save = time.monotonic()
         if not self.world.is_main:
             return
+        started = time.perf_counter()
         self.wait()  # at most one save in flight
         if self.cfg.async_save:
-            snapshot = _to_cpu(state)
+            snapshot = self._staged = _stage(state, self._staged)  # safe: the previous write is done
             self._thread = threading.Thread(target=self._write_guarded, args=(snapshot, step, metrics, nonfinite_steps), daemon=True, name="shoal-ckpt")
             self._thread.start()
         else:
             self._write_guarded(state, step, metrics, nonfinite_steps)
+        self.stalls.append(time.perf_counter() - started)
 
     def wait(self) -> None:
         """Block until the save in flight (if any) is on disk."""

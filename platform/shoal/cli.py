@@ -29,6 +29,23 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="print the resolved config, or the first error")
     _config_args(v, optional=False)
 
+    su = sub.add_parser("submit", help="run the job on a remote Ray cluster through its Jobs API")
+    _config_args(su, optional=False)
+    _cluster_args(su)
+    su.add_argument("--working-dir", default=None, help="directory uploaded with the job (your model code); default: the current one")
+    su.add_argument("--pip", action="append", default=[], metavar="REQ", help="pip requirement for the job's environment (repeatable)")
+    su.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="leave these out of the upload (repeatable)")
+    su.add_argument("--python", default=None, help="interpreter that runs `-m shoal` on the cluster (default: python, or this one for a local cluster)")
+    su.add_argument("--no-wait", action="store_true", help="print the job id and return instead of following the logs")
+    su.add_argument("--start-timeout", type=float, default=600.0, metavar="S", help="fail if the job has not started after S seconds (default 600)")
+    su.set_defaults(func=_cmd_submit)
+
+    j = sub.add_parser("jobs", help="list | status ID | logs ID | stop ID: jobs on a Ray cluster")
+    j.add_argument("action", choices=["list", "status", "logs", "stop"])
+    j.add_argument("job_id", nargs="?", metavar="ID")
+    _cluster_args(j)
+    j.set_defaults(func=_cmd_jobs)
+
     e = sub.add_parser("export", help="write a checkpoint's model weights as a plain state dict for inference")
     e.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint directory (RUN_DIR/checkpoints/step-000100) or a run directory (its latest)")
     e.add_argument("out", metavar="OUT", help="output file: .pt (torch.save) or .safetensors")
@@ -68,6 +85,11 @@ def _config_args(p: argparse.ArgumentParser, optional: bool) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=0.1")
 
 
+def _cluster_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default=None, help="the cluster's Jobs API, http://HEAD:8265 (default: RAY_ADDRESS)")
+    p.add_argument("--token-file", default=None, help="the cluster's auth token (default: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)")
+
+
 def _split_config(args: argparse.Namespace) -> tuple[str | None, list[str]]:
     """`shoal train optim.lr=0.1` has no CONFIG: a first positional with '=' is an override."""
     config, overrides = args.config, list(args.overrides)
@@ -94,6 +116,23 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     cfg = _load(args)
     sys.stdout.write(cfg.to_yaml())
     return 0
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    cfg = _load(args)  # validated here: a typo fails on the laptop, not on the cluster
+    from shoal.submit import submit
+
+    if not cfg.run.dir or not os.path.isabs(cfg.run.dir):
+        print("[shoal] note: run.dir is not an absolute path: the run directory lands in the job's working "
+              "directory on the cluster; set run.dir to shared storage to keep it", file=sys.stderr)
+    return submit(cfg, address=args.address, token_file=args.token_file, working_dir=args.working_dir, pip=args.pip,
+                  python=args.python, wait=not args.no_wait, start_timeout_s=args.start_timeout, excludes=args.exclude)
+
+
+def _cmd_jobs(args: argparse.Namespace) -> int:
+    from shoal.submit import jobs
+
+    return jobs(args.action, args.job_id, args.address, args.token_file)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import os
 import importlib.resources
 import re
 from pathlib import Path
@@ -240,6 +241,10 @@ class ScalingConfig(Section):
     """Collective timeout: a lost rank fails the job after this long, not after torch's 30-minute default."""
     dashboard: bool = False
     """Start the Ray dashboard (and Jobs API) with the embedded cluster, on 127.0.0.1 only."""
+    max_failures: int = Field(0, ge=0)
+    """Restarts allowed for the whole job: a rank that dies, fails or hangs restarts every worker from the latest checkpoint."""
+    hang_timeout_s: float | None = Field(None, gt=0)
+    """A rank that finishes no step for this long counts as failed (None: never; set it above your slowest step, eval or save)."""
 
 
 class DDPConfig(Section):
@@ -414,6 +419,11 @@ def quickstart_path() -> Path:
 def _read(path: str | Path | None) -> tuple[str, str]:
     if path is None:
         return QUICKSTART, quickstart_path().read_text()
+    if isinstance(path, str) and path.startswith("env:"):  # `shoal submit` carries the config this way
+        name = path[4:]
+        if name not in os.environ:
+            raise ConfigError(f"environment variable {name} is not set", source=path)
+        return path, os.environ[name]
     p = Path(path)
     if not p.exists():
         raise ConfigError("file not found", source=str(path))

@@ -286,7 +286,7 @@ def restore_state(job: Job, path: Any, data: dict[str, Any]) -> None:
         torch.manual_seed(job.cfg.seed * 1_000_003 + job.world.rank + 1 + 7919 * job.counters.step)
 
 
-def train(job: Job, log: Report, saver: Any = None) -> dict[str, Any]:
+def train(job: Job, log: Report, saver: Any = None, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Run steps until train.max_steps (or an agreed stop); returns the final figures.
 
     `log(record)` receives every metrics record on every rank; rank 0's are written. `saver` (a
@@ -306,6 +306,8 @@ def train(job: Job, log: Report, saver: Any = None) -> dict[str, Any]:
         c.samples += r.samples
         c.skipped_steps += 0 if r.stepped else 1
         window.add(r)
+        if on_step is not None:
+            on_step(c.step)
         stop, save_due = pulse.exchange([job.stop_requested.is_set(), saver is not None and saver.time_due()])
         # a stop is not a log or eval step: a resumed run then logs exactly what an uninterrupted one would
         last = c.step == cfg.train.max_steps

@@ -27,9 +27,11 @@ from shoal.dist import ranks_env_from_counts
 from shoal.errors import ClusterError, ShoalError, WorkerFailed
 from shoal.progress import Progress
 from shoal.signals import StopOnSignal
+from shoal.submit import read_token
 
 log = logging.getLogger("shoal")
 POLL_S = 0.25
+FAILURE_GRACE_S = 1.5
 
 
 class RankActor:
@@ -43,6 +45,7 @@ class RankActor:
         self.error: dict[str, Any] | None = None
         self.stop = threading.Event()
         self.lock = threading.Lock()
+        self.step = -1  # last finished step: the driver's hang watch
 
     def __repr__(self) -> str:  # Ray prefixes forwarded log lines with this
         return f"rank {self.rank}"
@@ -66,7 +69,7 @@ class RankActor:
 
         setup_logging(None)
         try:
-            result = run_worker(config_from_dict(cfg), run_dir=Path(run_dir), resume=resume, report=self._report, stop=self.stop)
+            result = run_worker(config_from_dict(cfg), run_dir=Path(run_dir), resume=resume, report=self._report, stop=self.stop, on_step=self._step)
             with self.lock:
                 self.result, self.state = result, "done"
         except BaseException as exc:  # reported to the driver, which stops the group
@@ -83,6 +86,9 @@ class RankActor:
                 }
                 self.state = "failed"
 
+    def _step(self, step: int) -> None:
+        self.step = step
+
     def _report(self, record: dict[str, Any]) -> None:
         with self.lock:
             self.records.append(record)
@@ -91,7 +97,7 @@ class RankActor:
         """State, new records since the last poll, and the result or error once there is one."""
         with self.lock:
             records, self.records = self.records, []
-            return {"state": self.state, "records": records, "result": self.result, "error": self.error}
+            return {"state": self.state, "records": records, "result": self.result, "error": self.error, "step": self.step}
 
     def request_stop(self) -> None:
         self.stop.set()
@@ -126,6 +132,10 @@ def connect(scaling: ScalingConfig) -> Cluster:
         return Cluster(embedded=False, owns_connection=False)
     address = scaling.address or os.environ.get("RAY_ADDRESS")
     if address:
+        _check_reachable(address)
+        if "RAY_AUTH_MODE" not in os.environ and read_token(None):
+            # clusters started with `ray start` expect the token; a token-mode client also joins open ones
+            os.environ["RAY_AUTH_MODE"] = "token"
         try:
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
         except (ConnectionError, RuntimeError, ValueError) as e:
@@ -143,6 +153,20 @@ def connect(scaling: ScalingConfig) -> Cluster:
         log_to_driver=True,
     )
     return Cluster(embedded=True, owns_connection=True, temp_dir=temp_dir)
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail within seconds when HOST:PORT does not answer (Ray itself retries for a minute)."""
+    if address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s):
+            pass
+    except OSError as e:
+        raise ClusterError(f"scaling.address: nothing answers at {address} ({e.strerror or e}); is the Ray head node up?") from None
 
 
 def check_resources(scaling: ScalingConfig) -> None:
@@ -220,16 +244,18 @@ class WorkerGroup:
         )
 
     def poll(self) -> list[dict[str, Any]]:
-        """Every rank's poll; a dead actor becomes a 'failed' entry naming its rank."""
+        """Every rank's poll; a dead actor becomes 'failed' naming its rank, a silent one 'unanswered'."""
         import ray
 
         refs = [a.poll.remote() for a in self.actors]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=10)
         out: list[dict[str, Any]] = []
-        for rank, ref in enumerate(refs):
+        for ref in refs:
+            if ref not in ready:
+                out.append({"state": "running", "records": [], "result": None, "error": None, "unanswered": True})
+                continue
             try:
-                out.append(ray.get(ref, timeout=60))
-            except ray.exceptions.GetTimeoutError:
-                out.append({"state": "running", "records": [], "result": None, "error": None})
+                out.append(ray.get(ref))
             except ray.exceptions.RayActorError as e:
                 reason = str(e).strip().splitlines()[0] if str(e).strip() else "the process died"
                 out.append({"state": "failed", "records": [], "result": None,
@@ -262,30 +288,71 @@ def _passthrough_env() -> dict[str, str]:
     return {k: os.environ[k] for k in keys if k in os.environ}
 
 
+class RankFailure(Exception):
+    """A rank failed, died, hung or stopped answering (the launcher decides whether to restart)."""
+
+    def __init__(self, rank: int, message: str, user_error: bool = False, exit_code: int = 1):
+        super().__init__(message)
+        self.rank, self.message, self.user_error, self.exit_code = rank, message, user_error, exit_code
+
+
 def run(cfg: JobConfig, *, resume: bool = False, progress_stream: Any = None) -> dict[str, Any]:
-    """Train with Ray: returns rank 0's summary, or raises the failing rank's error."""
+    """Train with Ray: returns rank 0's summary, or raises the failing rank's error.
+
+    A rank that fails, dies or hangs stops the whole group; with scaling.max_failures > 0 the
+    group is started again and resumes from the latest complete checkpoint. The budget counts
+    restarts of the whole job (not per node, as torchrun's agents do).
+    """
+    out = progress_stream or sys.stdout
     path = rundir.resolve(cfg)
     if rundir.holds_run(path) and not (resume or cfg.run.overwrite):
         rundir.prepare(path, cfg, resume)  # raises the run-directory error before Ray starts
     cluster = connect(cfg.scaling)
-    group: WorkerGroup | None = None
+    restarts = 0
     try:
         check_resources(cfg.scaling)
         cfg = rundir.prepare(path, cfg, resume)
-        print(f"[shoal] run directory: {path}", file=progress_stream or sys.stdout, flush=True)
-        group = WorkerGroup(cfg)
-        group.start(cfg, path, resume)
-        return _watch(group, cfg, path, progress_stream)
+        print(f"[shoal] run directory: {path}", file=out, flush=True)
+        while True:
+            group = WorkerGroup(cfg)
+            try:
+                group.start(cfg, path, resume or restarts > 0)
+                result = _watch(group, cfg, path, progress_stream)
+                break
+            except RankFailure as f:
+                if f.user_error or restarts >= cfg.scaling.max_failures:
+                    _fail(f, path, restarts, cfg.scaling.max_failures)
+                restarts += 1
+                print(f"[shoal] {f.message}; restarting all workers from the latest checkpoint "
+                      f"(restart {restarts} of scaling.max_failures={cfg.scaling.max_failures})", file=out, flush=True)
+            finally:
+                group.kill()
+        if restarts:
+            result["restarts"] = restarts
+            summary = rundir.read_summary(path) or {}
+            rundir.write_summary(path, {**summary, "restarts": restarts})
+        return result
     finally:
-        if group is not None:
-            group.kill()
         cluster.close()
+
+
+def _fail(f: RankFailure, path: Path, restarts: int, budget: int) -> None:
+    message = f.message
+    if not f.user_error and budget:
+        message += f" (after {restarts} restart(s); scaling.max_failures={budget})"
+    _mark_failed(path, message, restarts)
+    if f.user_error:
+        exc = ShoalError(message)
+        exc.exit_code = f.exit_code
+        raise exc
+    raise WorkerFailed(message)
 
 
 def _watch(group: WorkerGroup, cfg: JobConfig, path: Path, stream: Any) -> dict[str, Any]:
     """Poll every rank until all finish or one fails; drive the progress display from rank 0."""
     progress = Progress(cfg.train.max_steps, cfg.log.progress, cfg.log.print_every_s, stream)
     stop = threading.Event()
+    hang = HangWatch(len(group.actors), cfg.scaling.hang_timeout_s, cfg.scaling.timeout_s)
     try:
         # first SIGTERM/SIGINT: every rank finishes its step, saves and stops; a second one kills
         with StopOnSignal(stop, on_first=group.request_stop) as signals:
@@ -295,7 +362,13 @@ def _watch(group: WorkerGroup, cfg: JobConfig, path: Path, stream: Any) -> dict[
                     progress.update(record)
                 failed = [(rank, p) for rank, p in enumerate(polls) if p["state"] == "failed"]
                 if failed:
-                    _raise_failure(failed, path)
+                    # the peers of a dead rank fail too, in their collectives; look again briefly so
+                    # the report names the root cause rather than whichever rank noticed first
+                    time.sleep(FAILURE_GRACE_S)
+                    later = group.poll()
+                    failed = [(rank, p) for rank, p in enumerate(later) if p["state"] == "failed"] or failed
+                    raise _failure(failed)
+                hang.check(polls)
                 if all(p["state"] == "done" for p in polls):
                     return {**polls[0]["result"], "exit_code": signals.exit_code}
                 time.sleep(POLL_S)
@@ -306,20 +379,53 @@ def _watch(group: WorkerGroup, cfg: JobConfig, path: Path, stream: Any) -> dict[
         progress.close()
 
 
-def _raise_failure(failed: list[tuple[int, dict[str, Any]]], path: Path) -> None:
-    # a user error (bad data, bad config) on any rank is the clearest message; else the lowest rank
-    rank, poll = next(((r, p) for r, p in failed if p["error"]["user_error"]), failed[0])
+class HangWatch:
+    """A rank that makes no step for hang_timeout_s, or does not answer for timeout_s, has failed."""
+
+    def __init__(self, ranks: int, hang_timeout_s: float | None, timeout_s: float):
+        now = time.monotonic()
+        self.hang_timeout_s, self.timeout_s = hang_timeout_s, timeout_s
+        self.steps = [-1] * ranks
+        self.moved = [now] * ranks
+        self.answered = [now] * ranks
+
+    def check(self, polls: list[dict[str, Any]]) -> None:
+        now = time.monotonic()
+        for rank, p in enumerate(polls):
+            if p.get("unanswered"):
+                if now - self.answered[rank] > self.timeout_s:
+                    raise RankFailure(rank, f"rank {rank} did not answer for {self.timeout_s:g}s (node lost?; scaling.timeout_s)")
+                continue
+            self.answered[rank] = now
+            if p.get("step", -1) != self.steps[rank] or p["state"] != "running":
+                self.steps[rank], self.moved[rank] = p.get("step", -1), now
+            elif self.hang_timeout_s and now - self.moved[rank] > self.hang_timeout_s:
+                raise RankFailure(rank, f"rank {rank} made no progress for {self.hang_timeout_s:g}s at step {self.steps[rank]} (hang; scaling.hang_timeout_s)")
+
+
+def _failure(failed: list[tuple[int, dict[str, Any]]]) -> RankFailure:
+    """The root cause: a user error (bad data, config), then a dead process, then an error of the
+    rank's own, and only last a peer's failed collective."""
+
+    def rank_of(item: tuple[int, dict[str, Any]]) -> tuple[int, int]:
+        rank, p = item
+        err = p["error"]
+        if err["user_error"]:
+            return (0, rank)
+        if err["type"] == "WorkerDied":
+            return (1, rank)
+        collective = any(w in err["message"] for w in ("gloo", "NCCL", "Connection reset", "Connection closed", "timed out"))
+        return (3 if collective else 2, rank)
+
+    rank, poll = min(failed, key=rank_of)
     err = poll["error"]
-    message = f"rank {rank} failed: {err['type']}: {err['message']}" if not err["user_error"] else err["message"]
-    _mark_failed(path, message)
     if err["user_error"]:
-        exc = ShoalError(message)
-        exc.exit_code = err["exit_code"]
-        raise exc
-    raise WorkerFailed(message)
+        return RankFailure(rank, err["message"], user_error=True, exit_code=err["exit_code"])
+    return RankFailure(rank, f"rank {rank} failed: {err['type']}: {err['message']}")
 
 
-def _mark_failed(path: Path, message: str) -> None:
-    summary = rundir.read_summary(path)
-    if summary is None or summary.get("status") not in ("completed", "failed"):
-        rundir.write_summary(path, {"status": "failed", "error": message})
+def _mark_failed(path: Path, message: str, restarts: int = 0) -> None:
+    summary = rundir.read_summary(path) or {}
+    if summary.get("status") != "completed":  # the driver names the root cause; rank 0 only saw its part
+        noticed = {"rank0_error": summary["error"]} if summary.get("error") and summary["error"] != message else {}
+        rundir.write_summary(path, {"status": "failed", "error": message, "restarts": restarts, **noticed})

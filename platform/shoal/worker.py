@@ -8,6 +8,7 @@ import logging
 import threading
 import traceback
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from shoal import rundir
@@ -26,6 +27,7 @@ def run_worker(
     resume: bool = False,
     report: Report | None = None,
     stop: threading.Event | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Train this rank. Rank 0 owns the run directory and writes metrics and summary.json.
 
@@ -33,6 +35,7 @@ def run_worker(
         run_dir: already prepared by the launcher; None = rank 0 prepares it (torchrun, plain worker).
         report: receives rank 0's metrics records (progress display).
         stop: set it to ask for a stop at the next step boundary, agreed by every rank.
+        on_step: called with the step number after every step (the Ray launcher's hang watch).
     """
     import torch
 
@@ -76,7 +79,7 @@ def run_worker(
                 if report is not None:
                     report(record)
 
-        summary = train(job, on_record, Checkpointer(cfg, path, world))
+        summary = train(job, on_record, Checkpointer(cfg, path, world), on_step)
         summary.update(run_dir=str(path), name=cfg.name, precision=cfg.train.precision, device=str(device))
         if resumed_from is not None:
             summary["resumed_from"] = str(resumed_from)

@@ -263,24 +263,31 @@ class ShardSource:
         offset = ids - self.cum[shard]
         block = offset // self.block_size
         within = offset % self.block_size
-        xs: list[np.ndarray] = []
-        ys: list[np.ndarray] = []
-        rows: list[np.ndarray] = []
-        for s, b in dict.fromkeys(zip(shard.tolist(), block.tolist())):
-            got = self._block(s, b)
+        # group the batch by block without a pass over the whole batch per block
+        key = shard * (self.n + 1) + block
+        order = np.argsort(key, kind="stable")
+        starts = np.flatnonzero(np.r_[True, key[order][1:] != key[order][:-1]])
+        ends = np.r_[starts[1:], len(order)]
+        x = y = None
+        keep = np.ones(len(ids), dtype=bool)
+        for a, b in zip(starts.tolist(), ends.tolist()):
+            rows = order[a:b]
+            got = self._block(int(shard[rows[0]]), int(block[rows[0]]))
             if got is None:
+                keep[rows] = False
                 continue
-            sel = np.nonzero((shard == s) & (block == b))[0]
             bx, by = got
-            xs.append(bx[within[sel]])
-            ys.append(by[within[sel]])
-            rows.append(sel)
-        if not rows:
+            if x is None:
+                x = np.empty((len(ids), *bx.shape[1:]), dtype=bx.dtype)
+                y = np.empty((len(ids), *by.shape[1:]), dtype=by.dtype)
+            x[rows] = bx[within[rows]]
+            y[rows] = by[within[rows]]
+        if x is None:
             return _empty(self.spec), _empty_y(self.spec), len(ids)
-        order = np.argsort(np.concatenate(rows), kind="stable")  # back to the requested order
-        x = np.concatenate(xs)[order]
-        y = np.concatenate(ys)[order]
-        return _to_x(x, self.manifest), _to_y(y, self.spec), len(ids) - len(x)
+        skipped = int(len(ids) - keep.sum())
+        if skipped:
+            x, y = x[keep], y[keep]
+        return _to_x(x, self.manifest), _to_y(y, self.spec), skipped
 
     def _block(self, s: int, b: int) -> tuple[np.ndarray, np.ndarray] | None:
         key = (s, b)

@@ -1,0 +1,171 @@
+"""`shoal submit` and `shoal jobs`: run a job on a remote Ray cluster through Ray's Jobs API.
+
+The job runs the same launcher as `shoal train`, on the cluster: its runtime environment carries
+the resolved config (in an environment variable), the user's working directory (their model code)
+and optional pip requirements. Ray's Jobs API runs any code it is sent, so clusters use Ray's
+token authentication: the token comes from --token-file, RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
+~/.ray/auth_token, and is sent as a bearer token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from shoal.config import JobConfig
+from shoal.errors import ClusterError
+
+CONFIG_ENV = "SHOAL_JOB_CONFIG"
+DEFAULT_EXCLUDES = [".git", ".venv", "runs", "__pycache__", "*.tar", "data"]
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+def resolve_address(address: str | None) -> str:
+    """The Jobs API URL: --address, else RAY_ADDRESS if it is an http(s) URL."""
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    if not address:
+        raise ClusterError("no cluster: pass --address http://HEAD:8265 (the Ray dashboard / Jobs API) or set RAY_ADDRESS")
+    if "://" not in address:
+        address = f"http://{address}"
+    return address.rstrip("/")
+
+
+def read_token(token_file: str | None) -> str | None:
+    """The cluster's auth token, from the first place that has one."""
+    if token_file:
+        path = Path(token_file).expanduser()
+        if not path.exists():
+            raise ClusterError(f"--token-file: {path} not found")
+        return path.read_text().strip()
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    for candidate in (os.environ.get("RAY_AUTH_TOKEN_PATH"), "~/.ray/auth_token"):
+        if candidate and Path(candidate).expanduser().exists():
+            return Path(candidate).expanduser().read_text().strip()
+    return None
+
+
+def client(address: str | None, token_file: str | None = None, timeout_s: float = 5.0) -> Any:
+    """A JobSubmissionClient for the cluster, failing within seconds with a clear reason."""
+    url = resolve_address(address)
+    parsed = urlparse(url)
+    host, port = parsed.hostname or "", parsed.port or (443 if parsed.scheme == "https" else 8265)
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            pass
+    except OSError as e:
+        raise ClusterError(f"cannot reach the Ray Jobs API at {url} ({e.strerror or e}); is the head node up with its dashboard?") from None
+    token = read_token(token_file)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(url, headers=headers)
+    except Exception as e:  # Ray raises its own AuthenticationError, ConnectionError, RuntimeError
+        text = str(e)
+        if "Invalid authentication token" in text or "Forbidden" in text:
+            raise ClusterError(f"the cluster at {url} rejected the authentication token (wrong cluster or stale token)") from None
+        if "Missing authentication token" in text or "Unauthorized" in text or "couldn't find" in text.lower():
+            raise ClusterError(
+                f"the cluster at {url} asks for an authentication token and none was found: "
+                "pass --token-file, or set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH (the head node's ~/.ray/auth_token)"
+            ) from None
+        raise ClusterError(f"cannot use the Ray Jobs API at {url}: {text.splitlines()[0]}") from None
+
+
+def submit(cfg: JobConfig, *, address: str | None, token_file: str | None, working_dir: str | None, pip: list[str],
+           python: str | None, wait: bool, start_timeout_s: float, excludes: list[str]) -> int:
+    """Submit the job; print its id; follow its logs unless told not to; return an exit status."""
+    c = client(address, token_file)
+    workdir = Path(working_dir or os.getcwd()).resolve()
+    runtime_env: dict[str, Any] = {
+        "working_dir": str(workdir),
+        "excludes": DEFAULT_EXCLUDES + list(excludes),
+        "env_vars": {CONFIG_ENV: cfg.to_yaml(), "PYTHONUNBUFFERED": "1"},
+    }
+    if pip:
+        runtime_env["pip"] = list(pip)
+    entry_python = python or _default_python(resolve_address(address))
+    submission_id = f"shoal-{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        job_id = c.submit_job(entrypoint=f"{entry_python} -m shoal train env:{CONFIG_ENV}", runtime_env=runtime_env, submission_id=submission_id)
+    except Exception as e:  # upload or validation failure from Ray
+        raise ClusterError(f"submitting to {resolve_address(address)} failed: {str(e).splitlines()[0]}") from None
+    print(f"[shoal] submitted job {job_id}", flush=True)
+    if not wait:
+        print(f"[shoal] follow it with: shoal jobs logs {job_id} --address {resolve_address(address)}", flush=True)
+        return 0
+    return follow(c, job_id, start_timeout_s)
+
+
+def _default_python(url: str) -> str:
+    """The interpreter the entrypoint runs: this one for a cluster on this machine, else `python`."""
+    host = urlparse(url).hostname or ""
+    local = {"127.0.0.1", "localhost", socket.gethostname()}
+    try:
+        local.add(socket.gethostbyname(socket.gethostname()))
+    except OSError:
+        pass
+    return sys.executable if host in local else "python"
+
+
+def follow(c: Any, job_id: str, start_timeout_s: float) -> int:
+    """Wait for the job to start (bounded), stream its logs, return 0 on success."""
+    started = time.monotonic()
+    while True:
+        status = str(c.get_job_status(job_id)).split(".")[-1]
+        if status != "PENDING":
+            break
+        if time.monotonic() - started > start_timeout_s:
+            c.stop_job(job_id)
+            info = c.get_job_info(job_id)
+            raise ClusterError(f"job {job_id} did not start within {start_timeout_s:g}s (runtime environment or resources): {info.message or 'no message'}")
+        time.sleep(0.5)
+    if status not in TERMINAL:
+        asyncio.run(_tail(c, job_id))
+    else:
+        print(c.get_job_logs(job_id), end="", flush=True)
+    for _ in range(50):  # the log stream ends slightly before the status settles
+        status = str(c.get_job_status(job_id)).split(".")[-1]
+        if status in TERMINAL:
+            break
+        time.sleep(0.2)
+    info = c.get_job_info(job_id)
+    print(f"[shoal] job {job_id}: {status}" + (f" ({info.message})" if status != "SUCCEEDED" and info.message else ""), flush=True)
+    return 0 if status == "SUCCEEDED" else 1
+
+
+async def _tail(c: Any, job_id: str) -> None:
+    async for lines in c.tail_job_logs(job_id):
+        print(lines, end="", flush=True)
+
+
+def jobs(action: str, job_id: str | None, address: str | None, token_file: str | None) -> int:
+    """shoal jobs list | status ID | logs ID | stop ID."""
+    c = client(address, token_file)
+    if action == "list":
+        rows = sorted(c.list_jobs(), key=lambda j: j.start_time or 0)
+        for j in rows:
+            status = str(j.status).split(".")[-1]
+            print(f"{j.submission_id or j.job_id}\t{status}\t{j.entrypoint}")
+        return 0
+    if job_id is None:
+        raise ClusterError(f"shoal jobs {action} needs a job id")
+    try:
+        if action == "status":
+            info = c.get_job_info(job_id)
+            print(f"{job_id}\t{str(info.status).split('.')[-1]}\t{info.message or ''}")
+        elif action == "logs":
+            print(c.get_job_logs(job_id), end="")
+        elif action == "stop":
+            stopped = c.stop_job(job_id)
+            print(f"{job_id}\t{'stop requested' if stopped else 'already finished'}")
+    except RuntimeError as e:
+        raise ClusterError(f"job {job_id}: {str(e).splitlines()[0]}") from None
+    return 0
