@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     su.add_argument("--pip", action="append", default=[], metavar="REQ", help="pip requirement for the job's environment (repeatable)")
     su.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="leave these out of the upload (repeatable)")
     su.add_argument("--python", default=None, help="interpreter that runs `-m shoal` on the cluster (default: python, or this one for a local cluster)")
+    su.add_argument("--resume", action="store_true", help="continue the run in run.dir from its latest checkpoint")
     su.add_argument("--no-wait", action="store_true", help="print the job id and return instead of following the logs")
     su.add_argument("--start-timeout", type=float, default=600.0, metavar="S", help="fail if the job has not started after S seconds (default 600)")
     su.set_defaults(func=_cmd_submit)
@@ -126,7 +127,8 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         print("[shoal] note: run.dir is not an absolute path: the run directory lands in the job's working "
               "directory on the cluster; set run.dir to shared storage to keep it", file=sys.stderr)
     return submit(cfg, address=args.address, token_file=args.token_file, working_dir=args.working_dir, pip=args.pip,
-                  python=args.python, wait=not args.no_wait, start_timeout_s=args.start_timeout, excludes=args.exclude)
+                  python=args.python, wait=not args.no_wait, start_timeout_s=args.start_timeout, excludes=args.exclude,
+                  resume=args.resume)
 
 
 def _cmd_jobs(args: argparse.Namespace) -> int:

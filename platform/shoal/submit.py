@@ -80,10 +80,11 @@ def client(address: str | None, token_file: str | None = None, timeout_s: float 
 
 
 def submit(cfg: JobConfig, *, address: str | None, token_file: str | None, working_dir: str | None, pip: list[str],
-           python: str | None, wait: bool, start_timeout_s: float, excludes: list[str]) -> int:
+           python: str | None, wait: bool, start_timeout_s: float, excludes: list[str], resume: bool = False) -> int:
     """Submit the job; print its id; follow its logs unless told not to; return an exit status."""
     c = client(address, token_file)
     workdir = Path(working_dir or os.getcwd()).resolve()
+    _check_upload_size(workdir, DEFAULT_EXCLUDES + list(excludes))
     runtime_env: dict[str, Any] = {
         "working_dir": str(workdir),
         "excludes": DEFAULT_EXCLUDES + list(excludes),
@@ -94,7 +95,8 @@ def submit(cfg: JobConfig, *, address: str | None, token_file: str | None, worki
     entry_python = python or _default_python(resolve_address(address))
     submission_id = f"shoal-{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
-        job_id = c.submit_job(entrypoint=f"{entry_python} -m shoal train env:{CONFIG_ENV}", runtime_env=runtime_env, submission_id=submission_id)
+        entrypoint = f"{entry_python} -m shoal train env:{CONFIG_ENV}" + (" --resume" if resume else "")
+        job_id = c.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id)
     except Exception as e:  # upload or validation failure from Ray
         raise ClusterError(f"submitting to {resolve_address(address)} failed: {str(e).splitlines()[0]}") from None
     print(f"[shoal] submitted job {job_id}", flush=True)
@@ -102,6 +104,26 @@ def submit(cfg: JobConfig, *, address: str | None, token_file: str | None, worki
         print(f"[shoal] follow it with: shoal jobs logs {job_id} --address {resolve_address(address)}", flush=True)
         return 0
     return follow(c, job_id, start_timeout_s)
+
+
+def _check_upload_size(workdir: Path, excludes: list[str], limit_mb: float = 100.0) -> None:
+    """Refuse before uploading a directory that is far too big to be model code."""
+    import fnmatch
+
+    total = 0
+    for root, dirs, files in os.walk(workdir):
+        dirs[:] = [d for d in dirs if not any(fnmatch.fnmatch(d, e.rstrip("/")) for e in excludes)]
+        for f in files:
+            if not any(fnmatch.fnmatch(f, e) for e in excludes):
+                try:
+                    total += os.path.getsize(os.path.join(root, f))
+                except OSError:
+                    pass
+        if total > limit_mb * 2**20:
+            raise ClusterError(
+                f"the working directory {workdir} holds more than {limit_mb:g} MB to upload; run from your project "
+                "directory, pass --working-dir, or leave data out with --exclude"
+            )
 
 
 def _default_python(url: str) -> str:
