@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     _cluster_args(j)
     j.set_defaults(func=_cmd_jobs)
 
+    c = sub.add_parser("compare", help="train the job with allreduce and with async_ps on one budget and compare")
+    _config_args(c, optional=False)
+    c.add_argument("--budget", required=True, help="STEPS (e.g. 300: async gets N x as many updates for the same samples) or SECONDS (e.g. 60s)")
+    c.add_argument("--target-loss", type=float, default=None, help="loss for time-to-target (default: the worse final loss)")
+    c.set_defaults(func=_cmd_compare)
+
     e = sub.add_parser("export", help="write a checkpoint's model weights as a plain state dict for inference")
     e.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint directory (RUN_DIR/checkpoints/step-000100) or a run directory (its latest)")
     e.add_argument("out", metavar="OUT", help="output file: .pt (torch.save) or .safetensors")
@@ -135,6 +141,18 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
     from shoal.submit import jobs
 
     return jobs(args.action, args.job_id, args.address, args.token_file)
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from shoal.compare import run_both, table
+
+    report = run_both(cfg, args.budget, args.target_loss)
+    print(table(report))
+    from shoal import rundir
+
+    print(f"[shoal] report: {rundir.resolve(cfg) / 'compare' / 'report.md'}")
+    return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:

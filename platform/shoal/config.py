@@ -192,6 +192,8 @@ class ScheduleConfig(Section):
 class TrainConfig(Section):
     max_steps: int = Field(1000, ge=1)
     """Optimizer steps to run."""
+    max_time_s: float | None = Field(None, gt=0)
+    """Also stop (as completed) after this many seconds of training; all ranks agree on it."""
     grad_accum_steps: int = Field(1, ge=1)
     """Micro-batches per optimizer step; gradients are AllReduced once, after the last one."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -243,6 +245,10 @@ class ScalingConfig(Section):
     """Start the Ray dashboard (and Jobs API) with the embedded cluster, on 127.0.0.1 only."""
     max_failures: int = Field(0, ge=0)
     """Restarts allowed for the whole job: a rank that dies, fails or hangs restarts every worker from the latest checkpoint."""
+    straggler_rank: int | None = Field(None, ge=0)
+    """Test and benchmark hook: this rank sleeps straggler_delay_s every step (a slow worker)."""
+    straggler_delay_s: float = Field(0.0, ge=0)
+    """Seconds the straggler sleeps per step."""
     hang_timeout_s: float | None = Field(None, gt=0)
     """A rank that finishes no step for this long counts as failed (None: never; set it above your slowest step, eval or save)."""
 
@@ -258,6 +264,18 @@ class DDPConfig(Section):
     """Allow parameters that get no gradient in a step (slower; only for models that need it)."""
     broadcast_buffers: bool = True
     """Broadcast buffers (batch-norm statistics) from rank 0 at every forward."""
+
+
+class PSConfig(Section):
+    num_shards: int = Field(1, ge=1)
+    """strategy=async_ps: parameter-server actors, each owning a slice of the parameters balanced by bytes."""
+    max_staleness: int | None = Field(None, ge=0)
+    """Bounded staleness (SSP): an update computed on parameters more than this many versions old is
+    dropped and its worker pulls again; None = no bound."""
+    staleness_lr: Literal["none", "inverse"] = "none"
+    """Scale each update's learning rate by 1/staleness (inverse; staleness 0 counts as 1)."""
+    cpus_per_server: float = Field(0.0, ge=0)
+    """CPUs reserved per parameter server in the Ray cluster."""
 
 
 class LogConfig(Section):
@@ -309,6 +327,8 @@ class JobConfig(Section):
     """Job name: letters, digits, '_', '.', '-'; used for the run directory."""
     seed: int = Field(0, ge=0)
     """Seed for data order, model init and every random generator."""
+    strategy: Literal["allreduce", "async_ps"] = "allreduce"
+    """allreduce: synchronous DDP. async_ps: workers push gradients to parameter servers without waiting."""
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
@@ -317,6 +337,7 @@ class JobConfig(Section):
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     ddp: DDPConfig = Field(default_factory=DDPConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    ps: PSConfig = Field(default_factory=PSConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     run: RunConfig = Field(default_factory=RunConfig)
 

@@ -60,9 +60,12 @@ class Job:
     stop_requested: threading.Event = field(default_factory=threading.Event)
     window: Window = field(init=False)
     last_eval: dict[str, float] = field(default_factory=dict)
+    straggle_s: float = 0.0  # scaling.straggler_*: this rank sleeps so long per step
 
     def __post_init__(self) -> None:
         self.window = Window(self.device)
+        s = self.cfg.scaling
+        self.straggle_s = s.straggler_delay_s if s.straggler_rank == self.world.rank else 0.0
 
     @property
     def bare_model(self) -> nn.Module:
@@ -107,12 +110,45 @@ def build_job(cfg: JobConfig, world: WorldInfo, device: torch.device) -> Job:
     )
 
 
-def train_step(job: Job) -> StepResult:
-    """One optimizer step over train.grad_accum_steps micro-batches, one gradient AllReduce.
+@dataclass
+class Gradients:
+    """What the backward passes of one step leave behind, before the optimizer acts."""
 
-    Whether to step is decided by that AllReduce itself: a NaN/Inf in any rank's loss or
-    gradients reaches every rank's reduced gradients, so every rank computes the same norm from
-    the same numbers and skips or steps with the others, without a second collective.
+    loss_sum: torch.Tensor  # this rank's summed loss (on device)
+    count: int  # elements it is summed over
+    rows: int  # samples this rank read
+    grad_norm: torch.Tensor  # global norm before clipping
+    ok: bool  # every gradient finite, on every rank
+    data_s: float
+
+
+def train_step(job: Job) -> StepResult:
+    """One optimizer step over train.grad_accum_steps micro-batches, one gradient AllReduce."""
+    g = compute_gradients(job)
+    opt = job.optimizer
+    if g.ok:
+        add_l1_grad(opt)
+    lr = job.schedule.apply(opt, job.counters.step)
+    stepped = job.precision.step(opt, g.ok)
+    opt.zero_grad(set_to_none=True)
+    return StepResult(
+        loss_sum=g.loss_sum,
+        count=g.count,
+        samples=g.rows * job.world.world_size,  # equal on every rank
+        grad_norm=g.grad_norm,
+        lr=lr,
+        stepped=stepped,
+        data_s=g.data_s,
+    )
+
+
+def compute_gradients(job: Job) -> Gradients:
+    """Fetch, forward and backward train.grad_accum_steps micro-batches, unscale, check, clip.
+
+    Whether to step is decided by the one gradient AllReduce itself: a NaN/Inf in any rank's loss
+    or gradients reaches every rank's reduced gradients, so every rank computes the same norm
+    from the same numbers and skips or steps with the others, without a second collective.
+    (The parameter-server workers call this too, without DDP, and push what it leaves.)
     """
     cfg = job.cfg.train
     k = cfg.grad_accum_steps
@@ -141,26 +177,13 @@ def train_step(job: Job) -> StepResult:
     precision.unscale(opt)  # clipping and the finite check must see true gradients
     grad_norm = _total_norm(job.params, job.device)
     ok = bool(torch.isfinite(grad_norm))  # identical reduced gradients: the same answer on every rank
-
     if ok and cfg.clip_grad_norm is not None:
         torch.nn.utils.clip_grads_with_norm_(job.params, cfg.clip_grad_norm, grad_norm)
     elif ok and cfg.clip_grad_value is not None:
         torch.nn.utils.clip_grad_value_(job.params, cfg.clip_grad_value)
-    if ok:
-        add_l1_grad(opt)
-    lr = job.schedule.apply(opt, job.counters.step)
-    stepped = precision.step(opt, ok)
-    opt.zero_grad(set_to_none=True)
-
-    return StepResult(
-        loss_sum=loss_sum,
-        count=total,
-        samples=sum(y.shape[0] for _, y in batches) * job.world.world_size,  # equal on every rank
-        grad_norm=grad_norm,
-        lr=lr,
-        stepped=stepped,
-        data_s=data_s,
-    )
+    if job.straggle_s:
+        time.sleep(job.straggle_s)
+    return Gradients(loss_sum, total, sum(y.shape[0] for _, y in batches), grad_norm, ok, data_s)
 
 
 def _poison(loss: torch.Tensor) -> torch.Tensor:
@@ -295,12 +318,13 @@ def train(job: Job, log: Report, saver: Any = None, on_step: Callable[[int], Non
     """
     cfg, c = job.cfg, job.counters
     window = job.window
-    pulse = dist.Pulse(2, job.device)
+    pulse = dist.Pulse(3, job.device)
     started = time.perf_counter()
     start_step, start_samples = c.step, c.samples
     train_loss = float("nan")
     stop = False
-    while c.step < cfg.train.max_steps and not stop:
+    out_of_time = False
+    while c.step < cfg.train.max_steps and not stop and not out_of_time:
         r = train_step(job)
         c.step += 1
         c.samples += r.samples
@@ -308,9 +332,10 @@ def train(job: Job, log: Report, saver: Any = None, on_step: Callable[[int], Non
         window.add(r)
         if on_step is not None:
             on_step(c.step)
-        stop, save_due = pulse.exchange([job.stop_requested.is_set(), saver is not None and saver.time_due()])
+        time_up = cfg.train.max_time_s is not None and time.perf_counter() - started >= cfg.train.max_time_s
+        stop, save_due, out_of_time = pulse.exchange([job.stop_requested.is_set(), saver is not None and saver.time_due(), time_up])
         # a stop is not a log or eval step: a resumed run then logs exactly what an uninterrupted one would
-        last = c.step == cfg.train.max_steps
+        last = c.step == cfg.train.max_steps or out_of_time
         record: dict[str, Any] = {}
         if c.step % cfg.log.every == 0 or last:
             elapsed = time.perf_counter() - window.start
@@ -329,7 +354,8 @@ def train(job: Job, log: Report, saver: Any = None, on_step: Callable[[int], Non
             job.schedule.observe(job.last_eval)
             record.update(job.last_eval)
         if record:
-            log({"step": c.step, "epoch": job.data.train.epoch, "samples": c.samples, "time": time.time(), **record})
+            log({"step": c.step, "epoch": job.data.train.epoch, "samples": c.samples, "time": time.time(),
+                 "elapsed_s": time.perf_counter() - started, **record})
         if saver is not None and (saver.step_due(c.step) or save_due or stop or (last and cfg.checkpoint.at_end)):
             saver.save(collect_state(job), c.step, job.last_eval, c.skipped_steps)
     pulse.drain()

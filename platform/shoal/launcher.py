@@ -310,6 +310,8 @@ def run(cfg: JobConfig, *, resume: bool = False, progress_stream: Any = None) ->
     cluster = connect(cfg.scaling)
     restarts = 0
     try:
+        if cfg.strategy == "async_ps":
+            return _run_async_ps(cfg, path, resume, out)
         check_resources(cfg.scaling)
         cfg = rundir.prepare(path, cfg, resume)
         print(f"[shoal] run directory: {path}", file=out, flush=True)
@@ -334,6 +336,30 @@ def run(cfg: JobConfig, *, resume: bool = False, progress_stream: Any = None) ->
         return result
     finally:
         cluster.close()
+
+
+def _run_async_ps(cfg: JobConfig, path: Path, resume: bool, out: Any) -> dict[str, Any]:
+    """strategy: async_ps, with the same restart budget as AllReduce mode."""
+    from shoal.ps import check_resources_ps, run_async_ps
+
+    check_resources_ps(cfg)
+    cfg = rundir.prepare(path, cfg, resume)
+    print(f"[shoal] run directory: {path} (strategy async_ps)", file=out, flush=True)
+    restarts = 0
+    while True:
+        try:
+            result = run_async_ps(cfg, path, resume or restarts > 0, out)
+            break
+        except WorkerFailed as e:
+            if restarts >= cfg.scaling.max_failures:
+                _fail(RankFailure(0, str(e)), path, restarts, cfg.scaling.max_failures)
+            restarts += 1
+            print(f"[shoal] {e}; restarting from the latest checkpoint (restart {restarts} of scaling.max_failures={cfg.scaling.max_failures})", file=out, flush=True)
+    if restarts:
+        result["restarts"] = restarts
+        summary = rundir.read_summary(path) or {}
+        rundir.write_summary(path, {**summary, "restarts": restarts})
+    return result
 
 
 def _fail(f: RankFailure, path: Path, restarts: int, budget: int) -> None:

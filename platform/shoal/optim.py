@@ -30,7 +30,17 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     """The optimizer the config names, over the model's trainable parameters."""
-    groups = param_groups(model, cfg)
+    return make_optimizer(param_groups(model, cfg), cfg)
+
+
+def decay_flags(model: nn.Module, cfg: OptimConfig) -> dict[str, bool]:
+    """Trainable parameter name -> whether it is in the decayed group (for parameter servers)."""
+    decayed = {id(p) for p in param_groups(model, cfg)[0]["params"]}
+    return {n: id(p) in decayed for n, p in model.named_parameters() if p.requires_grad}
+
+
+def make_optimizer(groups: list[dict[str, Any]], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """The optimizer the config names, over given parameter groups."""
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     if cfg.name == "adam":

@@ -43,6 +43,8 @@ def run_worker(
     from shoal.checkpoint import Checkpointer
     from shoal.engine import build_job, train
 
+    if cfg.strategy != "allreduce":
+        raise ConfigError("async_ps runs its parameter servers through the Ray launcher: use `shoal train`, not torchrun", key="strategy")
     world = WorldInfo.from_env()
     device = dist.select_device(world, cfg.scaling.device)
     if cfg.train.precision == "fp16" and device.type != "cuda":
@@ -80,7 +82,7 @@ def run_worker(
                     report(record)
 
         summary = train(job, on_record, Checkpointer(cfg, path, world), on_step)
-        summary.update(run_dir=str(path), name=cfg.name, precision=cfg.train.precision, device=str(device))
+        summary.update(run_dir=str(path), name=cfg.name, strategy=cfg.strategy, precision=cfg.train.precision, device=str(device))
         if resumed_from is not None:
             summary["resumed_from"] = str(resumed_from)
         if world.is_main:

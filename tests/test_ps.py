@@ -1,0 +1,104 @@
+"""Asynchronous parameter-server mode on real Ray, and `shoal compare`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import REPO, shoal_cli, tiny_overrides
+from shoal import launcher
+from shoal.checkpoint import find_latest
+from shoal.config import load_config
+from shoal.errors import ConfigError
+from shoal.ps.sharding import TensorSpec, balance, flatten, unflatten
+
+QUICKSTART = REPO / "configs" / "quickstart.yaml"
+
+
+def test_shards_are_balanced_by_bytes():
+    sizes = [100, 10, 60, 40, 30, 5]
+    shards = balance(sizes, 2)
+    assert sorted(i for s in shards for i in s) == list(range(6))
+    loads = sorted(sum(sizes[i] for i in s) for s in shards)
+    assert loads == [115, 130]  # the best split of these sizes
+    assert balance([4, 4, 4, 4], 4) == [[0], [1], [2], [3]]
+    with pytest.raises(ConfigError, match="ps.num_shards: must be between 1 and the number of trainable parameter tensors \\(6\\)"):
+        balance(sizes, 7)
+
+
+def test_flat_buffers_round_trip():
+    import numpy as np
+
+    specs = [TensorSpec("a", (2, 3), True), TensorSpec("b", (4,), False), TensorSpec("c", (), True)]
+    arrays = [np.arange(6).reshape(2, 3), np.ones(4), np.array(7.0)]
+    flat = flatten(arrays)
+    assert flat.dtype == np.float32 and flat.shape == (11,)
+    for a, b in zip(unflatten(flat, specs), arrays):
+        assert np.array_equal(a, b)
+
+
+def test_zero_shards_is_a_config_error():
+    with pytest.raises(ConfigError, match="ps.num_shards: must be >= 1"):
+        load_config(QUICKSTART, ["ps.num_shards=0"])
+
+
+def test_async_ps_quickstart_reaches_93_percent_with_bounded_staleness(ray_cluster, tmp_path):
+    cfg = load_config(QUICKSTART, tiny_overrides(tmp_path / "run", **{
+        "strategy": "async_ps", "train.max_steps": 600, "ps.max_staleness": 1, "ps.num_shards": 2, "log.tensorboard": "true"}))
+    summary = launcher.run(cfg)
+    assert summary["status"] == "completed" and summary["strategy"] == "async_ps"
+    assert summary["val_accuracy"] >= 0.93
+    assert summary["staleness_max"] <= 1
+    assert all(int(k) <= 1 for k in summary["staleness_histogram"])
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    for key in ("updates_per_s", "staleness_mean", "staleness_p50", "staleness_p99", "samples_per_s", "val_accuracy"):
+        assert key in saved, key
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss" in r for r in records) and any("val_accuracy" in r for r in records)
+    assert list((tmp_path / "run").glob("events.out.tfevents.*"))
+    assert find_latest(tmp_path / "run").name == "step-000600"
+
+
+def test_one_async_worker_matches_single_process_training(ray_cluster, tmp_path):
+    common = {"train.max_steps": 40, "scaling.num_workers": 1, "optim.name": "sgd", "optim.lr": 0.05, "optim.momentum": 0.9,
+              "optim.weight_decay": 0.01, "train.clip_grad_norm": 1.0, "train.eval_every": 0}
+    ps = load_config(QUICKSTART, tiny_overrides(tmp_path / "ps", **{"strategy": "async_ps", **common}))
+    summary = launcher.run(ps)
+    assert summary["staleness_max"] == 0 and summary["staleness_histogram"] == {"0": 40}
+    proc = shoal_cli("worker", str(QUICKSTART), *tiny_overrides(tmp_path / "ar", **common))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    a = torch.load(find_latest(tmp_path / "ps") / "model.pt", weights_only=True)
+    b = torch.load(find_latest(tmp_path / "ar") / "model.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=0), f"{k}: {(a[k] - b[k]).abs().max()}"
+
+
+def test_async_ps_resumes_from_its_checkpoint(ray_cluster, tmp_path):
+    cfg = load_config(QUICKSTART, tiny_overrides(tmp_path / "run", **{"strategy": "async_ps", "train.max_steps": 60, "train.eval_every": 0}))
+    launcher.run(cfg)
+    summary = launcher.run(cfg.replace({"train.max_steps": 100}), resume=True)
+    assert summary["steps"] == 100 and summary["resumed_from"].endswith("step-000060")
+
+
+def test_compare_writes_all_three_reports_with_both_strategies(ray_cluster, tmp_path):
+    proc = shoal_cli("compare", str(QUICKSTART), *tiny_overrides(tmp_path / "run", **{"scaling.address": ray_cluster, "train.eval_every": 50}),
+                     "--budget", "60", timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    out = tmp_path / "run" / "compare"
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["strategies"]) == {"allreduce", "async_ps"}
+    assert report["strategies"]["allreduce"]["steps"] == 60 and report["strategies"]["async_ps"]["steps"] == 120
+    assert report["strategies"]["allreduce"]["samples"] == report["strategies"]["async_ps"]["samples"]
+    md = (out / "report.md").read_text()
+    assert "| allreduce |" in md and "| async_ps |" in md
+    png = (out / "report.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert "| allreduce |" in proc.stdout
+
+
+def test_async_ps_is_not_for_torchrun(tmp_path):
+    proc = shoal_cli("worker", str(QUICKSTART), *tiny_overrides(tmp_path / "run", strategy="async_ps"))
+    assert proc.returncode == 2 and "strategy: async_ps runs its parameter servers through the Ray launcher" in proc.stderr
