@@ -119,6 +119,21 @@ def find_latest(run_dir: Path) -> Path | None:
     return None
 
 
+def find_at_or_before(run_dir: Path, step: int) -> Path | None:
+    """The newest complete checkpoint taken at or before `step` (health rollbacks)."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return None
+    for path in sorted((p for p in root.glob("step-*") if p.is_dir()), key=lambda p: p.name, reverse=True):
+        if int(path.name.split("-")[1]) <= step:
+            try:
+                verify(path)
+                return path
+            except CheckpointError:
+                continue
+    return None
+
+
 def load(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(meta, {file: contents}) of a verified checkpoint, loaded without running pickled code."""
     meta = verify(path)
@@ -160,6 +175,11 @@ def _sha256(path: Path) -> str:
 # ---------------------------------------------------------------- saving
 
 
+def snapshot(obj: Any) -> Any:
+    """A deep CPU copy of a state (an in-memory checkpoint)."""
+    return _stage(obj, None)
+
+
 def _stage(obj: Any, staged: Any) -> Any:
     """A deep copy of `obj` with every tensor on the CPU, reusing the buffers of the previous copy.
 
@@ -184,6 +204,7 @@ class Checkpointer:
     def __init__(self, cfg: JobConfig, run_dir: Path, world: dist.WorldInfo):
         self.cfg = cfg.checkpoint
         self.job_cfg = cfg
+        self.run_dir = run_dir
         self.root = checkpoints_dir(run_dir)
         self.world = world
         self.last_save = time.monotonic()

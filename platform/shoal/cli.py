@@ -53,6 +53,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--target-loss", type=float, default=None, help="loss for time-to-target (default: the worse final loss)")
     c.set_defaults(func=_cmd_compare)
 
+    d = sub.add_parser("doctor", help="report on a run (finished, failed or running): alerts, suggestions, plots")
+    d.add_argument("run_dir", metavar="RUN_DIR")
+    d.set_defaults(func=_cmd_doctor)
+
+    lf = sub.add_parser("lr-find", help="learning-rate range test on all the job's workers; plot and suggestion")
+    _config_args(lf, optional=False)
+    lf.add_argument("--min-lr", type=float, default=1e-6)
+    lf.add_argument("--max-lr", type=float, default=1.0)
+    lf.add_argument("--steps", type=int, default=100)
+    lf.set_defaults(func=_cmd_lr_find)
+
+    sw = sub.add_parser("sweep", help="run a grid of config values x seeds; table and plot")
+    _config_args(sw, optional=False)
+    sw.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="values to try (repeatable: the product is run)")
+    sw.add_argument("--seeds", type=int, default=1, help="runs per grid point with seeds seed, seed+1, ...")
+    sw.add_argument("--parallel", type=int, default=None, help="runs side by side (default: as many as the cluster holds)")
+    sw.set_defaults(func=_cmd_sweep)
+
     e = sub.add_parser("export", help="write a checkpoint's model weights as a plain state dict for inference")
     e.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint directory (RUN_DIR/checkpoints/step-000100) or a run directory (its latest)")
     e.add_argument("out", metavar="OUT", help="output file: .pt (torch.save) or .safetensors")
@@ -152,6 +170,37 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from shoal import rundir
 
     print(f"[shoal] report: {rundir.resolve(cfg) / 'compare' / 'report.md'}")
+    return 0
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from shoal.health.doctor import diagnose
+
+    report = diagnose(Path(args.run_dir))
+    sys.stdout.write(report.read_text())
+    print(f"\n[shoal] report: {report}")
+    return 0
+
+
+def _cmd_lr_find(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from shoal.lrfind import run
+
+    result = run(cfg, args.min_lr, args.max_lr, args.steps)
+    print(f"[shoal] suggested optim.lr={result['suggested_lr']:.3g} (loss lowest at {result['min_loss_lr']:.3g}); plot: {result['plot']}")
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    if args.seeds < 1:
+        raise ShoalError(f"--seeds: must be >= 1 (got {args.seeds})")
+    from shoal.sweep import markdown, run
+
+    report = run(cfg, args.grid, args.seeds, args.parallel)
+    print(markdown(report["table"]))
     return 0
 
 

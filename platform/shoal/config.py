@@ -154,8 +154,8 @@ class OptimConfig(Section):
 
 
 class ScheduleConfig(Section):
-    name: Literal["constant", "step", "multistep", "cosine", "plateau"] = "constant"
-    """Learning-rate schedule after warmup."""
+    name: Literal["constant", "step", "multistep", "cosine", "plateau", "range_test"] = "constant"
+    """Learning-rate schedule after warmup (range_test: exponential from optim.lr x range_start_ratio to optim.lr, as `shoal lr-find` uses)."""
     warmup_steps: int = Field(0, ge=0)
     """Linear warmup from 0 to optim.lr over this many steps (any schedule)."""
     step_size: int = Field(100, ge=1)
@@ -166,6 +166,8 @@ class ScheduleConfig(Section):
     """multistep: steps at which to multiply by gamma (ascending)."""
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     """cosine: final learning rate as a fraction of optim.lr."""
+    range_start_ratio: float = Field(1e-5, gt=0, le=1)
+    """range_test: first learning rate as a fraction of optim.lr."""
     metric: str = "val_loss"
     """plateau: evaluation metric watched."""
     mode: Literal["min", "max"] = "min"
@@ -189,6 +191,19 @@ class ScheduleConfig(Section):
         return self
 
 
+class EarlyStopping(Section):
+    metric: str = "val_loss"
+    """Evaluation metric watched."""
+    mode: Literal["min", "max"] = "min"
+    """Whether the metric should go down or up."""
+    patience: int = Field(3, ge=1)
+    """Evaluations without improvement before training stops."""
+    min_delta: float = Field(0.0, ge=0)
+    """Smallest change that counts as an improvement."""
+    restore_best: bool = True
+    """End with the weights of the best evaluation (and save them as the final checkpoint)."""
+
+
 class TrainConfig(Section):
     max_steps: int = Field(1000, ge=1)
     """Optimizer steps to run."""
@@ -210,6 +225,8 @@ class TrainConfig(Section):
     """Evaluate on the validation split every this many steps (and at the end); 0 = only at the end."""
     eval_batches: int | None = Field(None, ge=1)
     """Limit each evaluation to this many batches per rank; None = the whole validation split."""
+    early_stopping: EarlyStopping | None = None
+    """Stop when the metric stops improving, e.g. {metric: val_loss, mode: min, patience: 3, min_delta: 0, restore_best: true}."""
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -278,6 +295,38 @@ class PSConfig(Section):
     """CPUs reserved per parameter server in the Ray cluster."""
 
 
+class HealthConfig(Section):
+    every: int = Field(10, ge=1)
+    """Measure per-layer gradient and weight norms and update ratios every this many steps (rank 0)."""
+    activations: bool = False
+    """Also record activation mean/std and the dead-ReLU fraction through forward hooks (costs a little)."""
+    warmup_steps: int = Field(20, ge=0)
+    """Steps before the gradient detectors start judging (early steps are noisy)."""
+    vanishing_ratio: float = Field(1e-3, gt=0, lt=1)
+    """Vanishing: the first layers' gradient norm below this fraction of the last layers'."""
+    vanishing_floor: float = Field(1e-7, ge=0)
+    """Vanishing: any layer's gradient norm below this."""
+    explode_norm: float = Field(1e3, gt=0)
+    """Exploding: global gradient norm above this."""
+    spike_factor: float = Field(10.0, gt=1)
+    """Exploding: global gradient norm this many times its running median."""
+    divergence_factor: float = Field(5.0, gt=1)
+    """Divergence: training loss this many times its starting value (or chance level for classification)."""
+    plateau_evals: int = Field(5, ge=2)
+    """Plateau: evaluations without improvement of the validation loss."""
+    overfit_evals: int = Field(3, ge=2)
+    """Overfitting: consecutive evaluations with validation loss rising while training loss falls."""
+    input_bound_fraction: float = Field(0.5, gt=0, le=1)
+    """Input-bound: share of the step spent waiting for data."""
+    on_nonfinite: Literal["skip", "rollback", "stop"] = "skip"
+    """When the loss or gradients turn NaN/Inf, or the loss diverges: skip the step (NaN/Inf only), roll back to the
+    last checkpoint (or the start) with a lower learning rate, or stop with the diagnosis. Decided alike on every rank."""
+    rollback_lr_factor: float = Field(0.1, gt=0, lt=1)
+    """Learning-rate multiplier applied at each rollback."""
+    max_rollbacks: int = Field(5, ge=1)
+    """Stop after this many rollbacks."""
+
+
 class LogConfig(Section):
     every: int = Field(10, ge=1)
     """Write a metrics line every this many steps."""
@@ -338,6 +387,7 @@ class JobConfig(Section):
     ddp: DDPConfig = Field(default_factory=DDPConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     ps: PSConfig = Field(default_factory=PSConfig)
+    health: HealthConfig = Field(default_factory=HealthConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     run: RunConfig = Field(default_factory=RunConfig)
 

@@ -5,6 +5,7 @@ agree across ranks, clip, step, schedule.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from torch import nn
 from shoal import comm, dist
 from shoal.config import JobConfig
 from shoal.data import Loaders, build_loaders
+from shoal.health import policy
 from shoal.dist import WorldInfo
 from shoal.losses import Loss
 from shoal.models import apply_freeze, build_model
@@ -61,6 +63,7 @@ class Job:
     window: Window = field(init=False)
     last_eval: dict[str, float] = field(default_factory=dict)
     straggle_s: float = 0.0  # scaling.straggler_*: this rank sleeps so long per step
+    health: Any = None  # health.HealthMonitor, made by build_job
 
     def __post_init__(self) -> None:
         self.window = Window(self.device)
@@ -95,6 +98,9 @@ def build_job(cfg: JobConfig, world: WorldInfo, device: torch.device) -> Job:
     model = comm.wrap_ddp(model, cfg.ddp, device)
     # dropout and other training randomness differ per rank, reproducibly
     torch.manual_seed(cfg.seed * 1_000_003 + world.rank + 1)
+    from shoal.health import HealthMonitor
+
+    classes = data.spec.vocab_size if data.spec.task == "lm" else data.spec.num_classes
     return Job(
         cfg=cfg,
         world=world,
@@ -107,6 +113,7 @@ def build_job(cfg: JobConfig, world: WorldInfo, device: torch.device) -> Job:
         precision=Precision(cfg.train.precision, device),
         loss_fn=loss_fn,
         data=data,
+        health=HealthMonitor(cfg, comm.unwrap(model), world.is_main, classes=classes),
     )
 
 
@@ -124,12 +131,16 @@ class Gradients:
 
 def train_step(job: Job) -> StepResult:
     """One optimizer step over train.grad_accum_steps micro-batches, one gradient AllReduce."""
+    step = job.counters.step + 1
+    job.health.arm(step)
     g = compute_gradients(job)
+    job.health.observe_gradients(step, float(g.grad_norm))
     opt = job.optimizer
     if g.ok:
         add_l1_grad(opt)
     lr = job.schedule.apply(opt, job.counters.step)
     stepped = job.precision.step(opt, g.ok)
+    job.health.observe_update(step)
     opt.zero_grad(set_to_none=True)
     return StepResult(
         loss_sum=g.loss_sum,
@@ -280,6 +291,7 @@ def collect_state(job: Job) -> dict[str, Any]:
             "data": job.data.train.state_dict(),
             "window": job.window.state_dict(),
             "last_eval": dict(job.last_eval),
+            "health": job.health.state_dict(),
             "rng": rngs,
             "world_size": job.world.world_size,
         },
@@ -303,6 +315,8 @@ def restore_state(job: Job, path: Any, data: dict[str, Any]) -> None:
     job.data.train.load_state_dict(st["data"])
     job.window.load_state_dict(st["window"], job.world.is_main)
     job.last_eval = dict(st["last_eval"])
+    if "health" in st:
+        job.health.load_state_dict(st["health"])
     if st["world_size"] == job.world.world_size:
         set_rng_state(st["rng"][job.world.rank])
     else:  # new ranks: fresh, reproducible generators (bitwise resume needs the same world size)
@@ -315,16 +329,19 @@ def train(job: Job, log: Report, saver: Any = None, on_step: Callable[[int], Non
     `log(record)` receives every metrics record on every rank; rank 0's are written. `saver` (a
     checkpoint.Checkpointer) is asked at each step; what any rank raises (a stop request, a
     save timer) is agreed through a Pulse, so every rank saves and stops at the same step.
+    Health decisions (rollback, stop, early stopping) follow numbers every rank shares.
     """
-    cfg, c = job.cfg, job.counters
+    cfg, c, health = job.cfg, job.counters, job.health
     window = job.window
     pulse = dist.Pulse(3, job.device)
     started = time.perf_counter()
     start_step, start_samples = c.step, c.samples
+    initial = _snapshot(job) if cfg.health.on_nonfinite == "rollback" else None
+    best_weights: dict[str, torch.Tensor] | None = None
     train_loss = float("nan")
-    stop = False
-    out_of_time = False
-    while c.step < cfg.train.max_steps and not stop and not out_of_time:
+    status = "completed"
+    stop = out_of_time = finished = False
+    while c.step < cfg.train.max_steps and not (stop or out_of_time or finished):
         r = train_step(job)
         c.step += 1
         c.samples += r.samples
@@ -332,31 +349,42 @@ def train(job: Job, log: Report, saver: Any = None, on_step: Callable[[int], Non
         window.add(r)
         if on_step is not None:
             on_step(c.step)
+        action = health.after_step(c.step, r.stepped, float(r.grad_norm))
         time_up = cfg.train.max_time_s is not None and time.perf_counter() - started >= cfg.train.max_time_s
         stop, save_due, out_of_time = pulse.exchange([job.stop_requested.is_set(), saver is not None and saver.time_due(), time_up])
         # a stop is not a log or eval step: a resumed run then logs exactly what an uninterrupted one would
         last = c.step == cfg.train.max_steps or out_of_time
-        record: dict[str, Any] = {}
+        record: dict[str, Any] = health.take_measurements()
         if c.step % cfg.log.every == 0 or last:
             elapsed = time.perf_counter() - window.start
             train_loss = window.mean_loss()
-            record.update(
-                loss=train_loss,
-                lr=r.lr,
-                grad_norm=float(r.grad_norm),
-                samples_per_s=window.samples / elapsed,
-                data_wait=window.data_s / elapsed,
-                skipped_steps=c.skipped_steps,
-            )
+            data_wait = window.data_s / elapsed
+            record.update(loss=train_loss, lr=r.lr, grad_norm=float(r.grad_norm), samples_per_s=window.samples / elapsed,
+                          data_wait=data_wait, skipped_steps=c.skipped_steps)
             window.reset()
+            if action == policy.CONTINUE:
+                action = health.after_log(c.step, train_loss, data_wait)
+        if action in (policy.ROLLBACK, policy.STOP):
+            log({"step": c.step, "epoch": job.data.train.epoch, "samples": c.samples, "time": time.time(), **record})
+            if action == policy.STOP:
+                status, finished = "diverged", True
+                break
+            _rollback(job, saver, initial)
+            continue
         if (cfg.train.eval_every and c.step % cfg.train.eval_every == 0) or last:
             job.last_eval = evaluate(job)
             job.schedule.observe(job.last_eval)
             record.update(job.last_eval)
+            improved, finished = health.after_eval(c.step, train_loss, job.last_eval)
+            if improved and cfg.train.early_stopping and cfg.train.early_stopping.restore_best:
+                best_weights = {k: v.detach().to("cpu", copy=True) for k, v in job.bare_model.state_dict().items()}
         if record:
             log({"step": c.step, "epoch": job.data.train.epoch, "samples": c.samples, "time": time.time(),
                  "elapsed_s": time.perf_counter() - started, **record})
-        if saver is not None and (saver.step_due(c.step) or save_due or stop or (last and cfg.checkpoint.at_end)):
+        if finished and best_weights is not None:  # early stop: end with the best evaluation's weights
+            job.bare_model.load_state_dict(best_weights)
+            job.last_eval = evaluate(job)
+        if saver is not None and (saver.step_due(c.step) or save_due or stop or ((last or finished) and cfg.checkpoint.at_end)):
             saver.save(collect_state(job), c.step, job.last_eval, c.skipped_steps)
     pulse.drain()
     if saver is not None:
@@ -366,7 +394,7 @@ def train(job: Job, log: Report, saver: Any = None, on_step: Callable[[int], Non
     skipped = getattr(job.data.train, "skipped_samples", 0)
     skipped = int(dist.all_sum(torch.tensor([float(skipped)], dtype=torch.float64, device=job.device)).item())
     return {
-        "status": "preempted" if stop else "completed",
+        "status": "preempted" if stop else status,
         "steps": c.step,
         "samples": c.samples,
         "epochs": job.data.train.epoch,
@@ -377,5 +405,37 @@ def train(job: Job, log: Report, saver: Any = None, on_step: Callable[[int], Non
         "world_size": job.world.world_size,
         "train_loss": train_loss,
         "data_skipped_samples": skipped,
+        "early_stopped": bool(finished and status == "completed"),
+        **health.summary(),
         **job.last_eval,
     }
+
+
+def _snapshot(job: Job) -> dict[str, Any]:
+    """The current state as an in-memory checkpoint (the rollback target when no checkpoint is older)."""
+    from shoal.checkpoint import snapshot
+
+    state = snapshot(collect_state(job))
+    return {"model.pt": state["model"], "optimizer.pt": state["optimizer"], "state.pt": state["state"]}
+
+
+def _rollback(job: Job, saver: Any, initial: dict[str, Any] | None) -> None:
+    """Every rank, together: back to the newest checkpoint from before the trouble, with a lower rate."""
+    from shoal.checkpoint import find_at_or_before, load
+
+    health = job.health
+    target = None
+    if saver is not None and job.world.is_main:
+        target = find_at_or_before(saver.run_dir, health.last_good_step)
+    target = dist.broadcast_object(target)
+    data = load(target)[1] if target is not None else initial
+    kept = health.state_dict()  # the alert history and rollback count survive the rollback
+    restore_state(job, target or "the start of this run", data)
+    health.load_state_dict(kept)
+    health.rolled_back(job.cfg.health.rollback_lr_factor)
+    job.schedule.lr_scale = health.lr_scale
+    job.window.reset()
+    if job.world.is_main:
+        logging.getLogger("shoal").warning(
+            "health: rolled back to %s (step %d) with the learning rate x%g (rollback %d of %d)",
+            target or "the start of this run", job.counters.step, health.lr_scale, health.rollbacks, job.cfg.health.max_rollbacks)

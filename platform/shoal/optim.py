@@ -72,6 +72,7 @@ class Schedule:
         self.base_lr = base_lr
         self.max_steps = max_steps
         self.plateau_factor = 1.0
+        self.lr_scale = 1.0  # health rollbacks lower the whole schedule
         self.best: float | None = None
         self.bad_evals = 0
 
@@ -84,13 +85,15 @@ class Schedule:
             decay = c.gamma ** (after // c.step_size)
         elif c.name == "multistep":
             decay = c.gamma ** sum(step >= m for m in c.milestones)
+        elif c.name == "range_test":
+            decay = c.range_start_ratio ** (1.0 - min(1.0, step / max(1, self.max_steps - 1)))
         elif c.name == "cosine":
             span = max(1, self.max_steps - c.warmup_steps)
             progress = min(1.0, after / span)
             decay = c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
         else:
             decay = 1.0
-        lr = self.base_lr * warm * decay * self.plateau_factor
+        lr = self.base_lr * warm * decay * self.plateau_factor * self.lr_scale
         return max(lr, c.min_lr) if c.name == "plateau" else lr
 
     def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
@@ -116,9 +119,10 @@ class Schedule:
             self.bad_evals = 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"plateau_factor": self.plateau_factor, "best": self.best, "bad_evals": self.bad_evals}
+        return {"plateau_factor": self.plateau_factor, "best": self.best, "bad_evals": self.bad_evals, "lr_scale": self.lr_scale}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.plateau_factor = float(state["plateau_factor"])
         self.best = state["best"]
         self.bad_evals = int(state["bad_evals"])
+        self.lr_scale = float(state.get("lr_scale", 1.0))

@@ -65,6 +65,10 @@ def run_worker(
         cfg = dist.broadcast_object(cfg)  # every rank uses rank 0's resolved run.dir
         path = Path(cfg.run.dir) if run_dir is None else run_dir
         job = build_job(cfg, world, device)
+        if world.is_main:
+            from shoal.health import HEALTH_FILE
+
+            job.health.path = path / HEALTH_FILE
         if stop is not None:
             job.stop_requested = stop
         resumed_from = _resume(job, cfg, path, resume, world)

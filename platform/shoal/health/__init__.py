@@ -1,0 +1,185 @@
+"""Training health: measure (rank 0, every health.every steps), detect the usual failures, and act
+on them with every rank taking the same decision. Alerts go to the log, RUN_DIR/health.jsonl and
+summary.json, each naming what happened, where, the numbers, and the config keys that fix it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from shoal.config import JobConfig
+from shoal.health import detectors, policy
+from shoal.health.detectors import Alert
+from shoal.health.probes import ActivationProbe, UpdateRatio, grad_norms, layers, weight_norms
+
+log = logging.getLogger("shoal")
+HEALTH_FILE = "health.jsonl"
+REPEAT_AFTER = 100  # steps before the same kind of alert is raised again
+PROBATION_LOGS = 5  # log lines a rolled-back run has to improve its loss
+
+
+class HealthMonitor:
+    """One per rank. Measurements and alerts on rank 0; decisions on every rank from shared numbers."""
+
+    def __init__(self, cfg: JobConfig, model: torch.nn.Module, is_main: bool, run_dir: Path | None = None, classes: int = 0):
+        self.cfg = cfg.health
+        self.is_main = is_main
+        self.path = run_dir / HEALTH_FILE if (run_dir is not None and is_main) else None
+        self.groups = layers(model)
+        self.updates = UpdateRatio()
+        self.activations = ActivationProbe(model) if (self.cfg.activations and is_main) else None
+        self.stopper = policy.EarlyStopper(cfg.train.early_stopping)
+        self.chance_loss = math.log(classes) if classes > 1 else None
+        self.reference: float | None = None
+        self.grad_history: list[float] = []
+        self.eval_train: list[float] = []
+        self.eval_val: list[float] = []
+        self.alerts: list[Alert] = []
+        self.last_alert: dict[str, int] = {}
+        self.rollbacks = 0
+        self.lr_scale = 1.0
+        self.last_good_step = 0  # last log step with a finite, non-diverged loss (rollback target bound)
+        self.probation = 0
+        self.pending: dict[str, float] = {}  # measurements for the next metrics record
+
+    # ---------------------------------------------------------------- measurements (rank 0)
+
+    def due(self, step: int) -> bool:
+        return self.is_main and step % self.cfg.every == 0
+
+    def arm(self, step: int) -> None:
+        """Before the forward of step `step` (1-based): switch the activation hooks on if it is measured."""
+        if self.activations is not None:
+            self.activations.armed = self.due(step)
+
+    def observe_gradients(self, step: int, grad_norm: float) -> None:
+        """After backward and clipping, before the optimizer: per-layer gradient norms and detectors."""
+        if math.isfinite(grad_norm):
+            self.grad_history.append(grad_norm)
+            self.grad_history = self.grad_history[-200:]
+        if not self.due(step):
+            return
+        norms = grad_norms(self.groups)
+        self.pending.update({f"grad_norm/{k}": v for k, v in norms})
+        self.updates.arm(self.groups)
+        if step > self.cfg.warmup_steps:
+            self._raise(detectors.vanishing(step, norms, self.cfg))
+            self._raise(detectors.exploding(step, grad_norm, self.grad_history[:-1], self.cfg))
+
+    def observe_update(self, step: int) -> None:
+        """After the optimizer step: update-to-weight ratios, weight norms, activations."""
+        if not self.due(step):
+            return
+        self.pending.update({f"update_ratio/{k}": v for k, v in self.updates.read(self.groups)})
+        self.pending.update({f"weight_norm/{k}": v for k, v in weight_norms(self.groups)})
+        if self.activations is not None:
+            for name, st in self.activations.take().items():
+                self.pending.update({f"act_{k}/{name}": v for k, v in st.items()})
+
+    def take_measurements(self) -> dict[str, float]:
+        out, self.pending = self.pending, {}
+        return out
+
+    # ---------------------------------------------------------------- decisions (every rank)
+
+    def after_step(self, step: int, stepped: bool, grad_norm: float) -> str:
+        """A non-finite step: the policy's action (the same on every rank: it follows the reduced gradients)."""
+        if stepped:
+            return policy.CONTINUE
+        self._raise(detectors.nonfinite(step, float("nan"), grad_norm))
+        return policy.on_trouble(self.cfg.on_nonfinite, True, self.rollbacks, self.cfg.max_rollbacks)
+
+    def after_log(self, step: int, loss: float, data_wait: float) -> str:
+        """At a log line: divergence (global loss) and input-bound (this rank's wait, reported by rank 0)."""
+        if self.reference is None and math.isfinite(loss):
+            self.reference = min(loss, self.chance_loss) if self.chance_loss else loss
+        self._raise(detectors.input_bound(step, data_wait, self.cfg))
+        if not math.isfinite(loss):
+            return policy.CONTINUE  # the non-finite step itself was handled
+        alert = detectors.divergence(step, loss, self.reference, self.cfg) if self.reference is not None else None
+        if alert is None and self.probation:
+            alert = self._probation(step, loss)
+        if alert is not None:
+            self._raise(alert)
+            return policy.on_trouble(self.cfg.on_nonfinite, False, self.rollbacks, self.cfg.max_rollbacks)
+        self.last_good_step = step
+        return policy.CONTINUE
+
+    def _probation(self, step: int, loss: float) -> Alert | None:
+        """After a rollback the loss must get below where it started within a few log lines: a rate
+        that left the network dead (stuck at chance) fails as surely as one that diverges."""
+        assert self.reference is not None
+        if loss < 0.9 * self.reference:
+            self.probation = 0
+            return None
+        self.probation -= 1
+        if self.probation:
+            return None
+        message = (f"after rollback {self.rollbacks} the training loss ({loss:.4g}) did not improve on its starting value "
+                   f"{self.reference:.4g} within {PROBATION_LOGS} log lines")
+        return Alert("divergence", step, message, [], {"loss": loss, "reference": self.reference}, detectors.REMEDIES["divergence"])
+
+    def rolled_back(self, factor: float) -> None:
+        self.rollbacks += 1
+        self.lr_scale *= factor
+        self.probation = PROBATION_LOGS
+        self.last_alert.pop("divergence", None)  # a failure after a rollback is news
+
+    def after_eval(self, step: int, train_loss: float, metrics: dict[str, float]) -> tuple[bool, bool]:
+        """Plateau and overfitting alerts; early stopping: (improved, stop)."""
+        if "val_loss" in metrics and math.isfinite(train_loss):
+            self.eval_val.append(metrics["val_loss"])
+            self.eval_train.append(train_loss)
+            self._raise(detectors.overfitting(step, self.eval_train, self.eval_val, self.cfg))
+            self._raise(detectors.plateau(step, self.eval_val, self.cfg))
+        return self.stopper.observe(step, metrics)
+
+    # ---------------------------------------------------------------- alerts
+
+    def _raise(self, alert: Alert | None) -> None:
+        if alert is None:
+            return
+        last = self.last_alert.get(alert.kind)
+        if last is not None and alert.step - last < REPEAT_AFTER:
+            return
+        self.last_alert[alert.kind] = alert.step
+        self.alerts.append(alert)
+        if self.is_main:
+            log.warning(alert.line())
+            if self.path is not None:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(alert.as_dict()) + "\n")
+
+    def summary(self) -> dict[str, Any]:
+        counts: dict[str, int] = {}
+        for a in self.alerts:
+            counts[a.kind] = counts.get(a.kind, 0) + 1
+        return {
+            "alerts": [a.line() for a in self.alerts[:20]],
+            "alert_counts": counts,
+            "rollbacks": self.rollbacks,
+            **({"best_step": self.stopper.best_step, f"best_{self.stopper.cfg.metric}": self.stopper.best} if self.stopper.best_step is not None else {}),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "reference": self.reference, "grad_history": list(self.grad_history), "eval_train": list(self.eval_train),
+            "eval_val": list(self.eval_val), "last_alert": dict(self.last_alert), "rollbacks": self.rollbacks,
+            "lr_scale": self.lr_scale, "stopper": self.stopper.state_dict(), "last_good_step": self.last_good_step,
+            "probation": self.probation,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.reference = state["reference"]
+        self.grad_history = list(state["grad_history"])
+        self.eval_train, self.eval_val = list(state["eval_train"]), list(state["eval_val"])
+        self.last_alert = dict(state["last_alert"])
+        self.rollbacks, self.lr_scale = int(state["rollbacks"]), float(state["lr_scale"])
+        self.stopper.load_state_dict(state["stopper"])
+        self.last_good_step = int(state.get("last_good_step", 0))
+        self.probation = int(state.get("probation", 0))

@@ -1,0 +1,117 @@
+"""`shoal doctor RUN_DIR`: a report (markdown and PNG plots) of a finished, failed or running job,
+from the files it writes: metrics.jsonl, health.jsonl, summary.json."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from shoal.errors import ShoalError
+from shoal.health import HEALTH_FILE
+from shoal.health.detectors import REMEDIES
+from shoal.metrics import read_metrics
+from shoal.rundir import METRICS, read_summary
+
+
+def read_alerts(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / HEALTH_FILE
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue  # a line being written right now
+    return out
+
+
+def diagnose(run_dir: Path) -> Path:
+    """Write RUN_DIR/doctor/report.md and its plots; returns the report's path."""
+    if not (run_dir / METRICS).exists():
+        raise ShoalError(f"{run_dir}: no {METRICS} here (is it a Shoal run directory?)")
+    records = read_metrics(run_dir)
+    alerts = read_alerts(run_dir)
+    summary = read_summary(run_dir) or {"status": "running (no summary.json yet)"}
+    out = run_dir / "doctor"
+    out.mkdir(exist_ok=True)
+    plots = [p for p in (_plot_loss(records, out), _plot_lr(records, out), _plot_layers(records, out)) if p is not None]
+    (out / "report.md").write_text(_markdown(run_dir, summary, records, alerts, plots))
+    return out / "report.md"
+
+
+def _markdown(run_dir: Path, summary: dict[str, Any], records: list[dict[str, Any]], alerts: list[dict[str, Any]], plots: list[Path]) -> str:
+    lines = [f"# Shoal doctor: {run_dir.name}", "", f"Status: **{summary.get('status')}**"]
+    if summary.get("error"):
+        lines.append(f"Error: `{summary['error']}`")
+    last = next((r for r in reversed(records) if "loss" in r), {})
+    last_eval = next((r for r in reversed(records) if "val_loss" in r), {})
+    lines += ["", "| figure | value |", "|---|---|"]
+    for key, value in (("last logged step", last.get("step")), ("training loss", last.get("loss")), ("validation loss", last_eval.get("val_loss")),
+                       ("validation accuracy", last_eval.get("val_accuracy")), ("samples/s", last.get("samples_per_s")),
+                       ("data wait share", last.get("data_wait")), ("skipped steps", last.get("skipped_steps"))):
+        if value is not None:
+            lines.append(f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |")
+    lines += ["", "## Alerts", ""]
+    if not alerts:
+        lines.append("None: no vanishing or exploding gradients, NaN/Inf, divergence, plateau, overfitting or input-bound steps were seen.")
+    for kind in dict.fromkeys(a["kind"] for a in alerts):
+        of_kind = [a for a in alerts if a["kind"] == kind]
+        first = of_kind[0]
+        lines += [f"### {kind} (x{len(of_kind)}, first at step {first['step']})", "", first["message"] + ".", ""]
+        if first.get("where"):
+            lines.append("Where: " + ", ".join(f"`{w}`" for w in first["where"][:8]))
+        lines += ["Usual remedies: " + "; ".join(f"`{r}`" for r in REMEDIES.get(kind, [])), ""]
+    lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
+    return "\n".join(lines)
+
+
+def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+    return [s for s, _ in pts], [v for _, v in pts]
+
+
+def _plot_loss(records: list[dict[str, Any]], out: Path) -> Path | None:
+    from shoal.plots import figure, save
+
+    steps, loss = _series(records, "loss")
+    if not steps:
+        return None
+    fig, ax = figure(1, 1, (8, 4.5))
+    ax[0][0].plot(steps, loss, label="training loss")
+    vs, vl = _series(records, "val_loss")
+    if vs:
+        ax[0][0].plot(vs, vl, "o-", label="validation loss")
+    ax[0][0].set(xlabel="step", ylabel="loss", yscale="log", title="loss")
+    ax[0][0].legend()
+    return save(fig, out / "loss.png")
+
+
+def _plot_lr(records: list[dict[str, Any]], out: Path) -> Path | None:
+    from shoal.plots import figure, save
+
+    steps, lr = _series(records, "lr")
+    if not steps:
+        return None
+    fig, ax = figure(1, 1, (8, 3.5))
+    ax[0][0].plot(steps, lr)
+    ax[0][0].set(xlabel="step", ylabel="learning rate", title="learning rate")
+    return save(fig, out / "lr.png")
+
+
+def _plot_layers(records: list[dict[str, Any]], out: Path) -> Path | None:
+    from shoal.plots import figure, save
+
+    keys = list(dict.fromkeys(k for r in records for k in r if k.startswith("grad_norm/")))
+    if not keys:
+        return None
+    fig, ax = figure(1, 1, (9, 5))
+    for k in keys:
+        steps, v = _series(records, k)
+        ax[0][0].plot(steps, v, label=k.split("/", 1)[1])
+    ax[0][0].set(xlabel="step", ylabel="gradient norm", yscale="log", title="gradient norm per layer")
+    if len(keys) <= 12:
+        ax[0][0].legend(fontsize=7)
+    return save(fig, out / "grad_norms.png")

@@ -1,0 +1,86 @@
+"""Measurements on rank 0 every health.every steps: per-layer gradient and weight norms, update-to-weight
+ratios, and (optionally) activation statistics through forward hooks."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from torch import nn
+
+ACTIVATION_TYPES = (nn.ReLU, nn.LeakyReLU, nn.GELU, nn.Tanh, nn.Sigmoid)
+
+
+def layers(model: nn.Module) -> OrderedDict[str, list[nn.Parameter]]:
+    """Trainable parameters grouped by the module that owns them, input side first."""
+    out: OrderedDict[str, list[nn.Parameter]] = OrderedDict()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            out.setdefault(name.rsplit(".", 1)[0] if "." in name else name, []).append(p)
+    return out
+
+
+def _group_norms(groups: OrderedDict[str, list[torch.Tensor]]) -> list[tuple[str, float]]:
+    flat = [t for ts in groups.values() for t in ts]
+    if not flat:
+        return []
+    norms = torch._foreach_norm([t.detach().float() for t in flat])  # one pass over all tensors
+    out, i = [], 0
+    for name, ts in groups.items():
+        sq = sum(float(n) ** 2 for n in norms[i : i + len(ts)])
+        out.append((name, sq**0.5))
+        i += len(ts)
+    return out
+
+
+def grad_norms(groups: OrderedDict[str, list[nn.Parameter]]) -> list[tuple[str, float]]:
+    """(layer, gradient L2 norm) for layers whose parameters have gradients."""
+    with_grad = OrderedDict((k, [p.grad for p in ps if p.grad is not None]) for k, ps in groups.items())
+    return _group_norms(OrderedDict((k, v) for k, v in with_grad.items() if v))
+
+
+def weight_norms(groups: OrderedDict[str, list[nn.Parameter]]) -> list[tuple[str, float]]:
+    return _group_norms(OrderedDict((k, list(ps)) for k, ps in groups.items()))
+
+
+class UpdateRatio:
+    """||w_after - w_before|| / ||w_before|| per layer, for the step it is armed on."""
+
+    def __init__(self) -> None:
+        self.before: OrderedDict[str, list[torch.Tensor]] | None = None
+
+    def arm(self, groups: OrderedDict[str, list[nn.Parameter]]) -> None:
+        self.before = OrderedDict((k, [p.detach().clone() for p in ps]) for k, ps in groups.items())
+
+    def read(self, groups: OrderedDict[str, list[nn.Parameter]]) -> list[tuple[str, float]]:
+        if self.before is None:
+            return []
+        deltas = OrderedDict((k, [p.detach() - b for p, b in zip(ps, self.before[k])]) for k, ps in groups.items())
+        d, w = _group_norms(deltas), dict(_group_norms(self.before))
+        self.before = None
+        return [(k, v / w[k]) for k, v in d if w.get(k)]
+
+
+class ActivationProbe:
+    """Forward hooks on activation modules; they record only while armed."""
+
+    def __init__(self, model: nn.Module):
+        self.armed = False
+        self.stats: dict[str, dict[str, float]] = {}
+        self.handles = [m.register_forward_hook(self._hook(n)) for n, m in model.named_modules() if isinstance(m, ACTIVATION_TYPES)]
+
+    def _hook(self, name: str) -> Any:
+        def hook(module: nn.Module, inputs: Any, out: torch.Tensor) -> None:
+            if self.armed and module.training:
+                o = out.detach().float()
+                entry = {"mean": float(o.mean()), "std": float(o.std()) if o.numel() > 1 else 0.0}
+                if isinstance(module, nn.ReLU):
+                    entry["dead"] = float((o <= 0).all(dim=0).float().mean())  # units silent for the whole batch
+                self.stats[name] = entry
+
+        return hook
+
+    def take(self) -> dict[str, dict[str, float]]:
+        stats, self.stats = self.stats, {}
+        return stats

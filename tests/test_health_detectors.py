@@ -1,0 +1,59 @@
+"""Pure detectors and policies: numbers in, alerts and decisions out."""
+
+from __future__ import annotations
+
+from shoal.config import EarlyStopping, HealthConfig
+from shoal.health import detectors, policy
+
+CFG = HealthConfig()
+
+
+def test_vanishing_names_the_first_layers():
+    norms = [(f"layers.{i}", 10.0 ** (-12 + i * 0.6)) for i in range(20)] + [("head", 1.0)]
+    a = detectors.vanishing(50, norms, CFG)
+    assert a is not None and a.kind == "vanishing" and a.where[0] == "layers.0"
+    assert "model.activation: relu" in a.remedies and "model.init: he" in a.remedies
+    assert detectors.vanishing(50, [(f"l{i}", 1.0 + i * 0.1) for i in range(8)], CFG) is None
+
+
+def test_exploding_bound_and_spike():
+    assert detectors.exploding(5, 2e3, [1.0] * 10, CFG).numbers["grad_norm"] == 2e3
+    spike = detectors.exploding(5, 50.0, [1.0, 1.2, 0.9, 1.1, 1.0], CFG)
+    assert spike is not None and "50x its running median" in spike.message
+    assert detectors.exploding(5, 2.0, [1.0, 1.2, 0.9, 1.1, 1.0], CFG) is None
+
+
+def test_divergence_against_reference():
+    assert detectors.divergence(10, 12.0, 2.3, CFG).kind == "divergence"
+    assert detectors.divergence(10, 2.0, 2.3, CFG) is None
+
+
+def test_plateau_and_overfitting():
+    assert detectors.plateau(100, [1.0, 0.8, 0.8, 0.81, 0.8, 0.82, 0.85], CFG).kind == "plateau"
+    assert detectors.plateau(100, [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4], CFG) is None
+    over = detectors.overfitting(100, [1.0, 0.5, 0.3, 0.2], [0.9, 0.95, 1.0, 1.1], CFG)
+    assert over is not None and "model.dropout: 0.1-0.5" in over.remedies
+    assert detectors.overfitting(100, [1.0, 0.5, 0.3, 0.2], [0.9, 0.8, 1.0, 1.1], CFG) is None
+
+
+def test_input_bound():
+    assert detectors.input_bound(10, 0.7, CFG).kind == "input_bound"
+    assert detectors.input_bound(10, 0.1, CFG) is None
+
+
+def test_trouble_policy():
+    assert policy.on_trouble("skip", True, 0, 5) == policy.SKIP
+    assert policy.on_trouble("skip", False, 0, 5) == policy.CONTINUE
+    assert policy.on_trouble("rollback", True, 4, 5) == policy.ROLLBACK
+    assert policy.on_trouble("rollback", False, 5, 5) == policy.STOP
+    assert policy.on_trouble("stop", True, 0, 5) == policy.STOP
+
+
+def test_early_stopper_patience_and_state():
+    s = policy.EarlyStopper(EarlyStopping(patience=2, min_delta=0.01))
+    assert s.observe(10, {"val_loss": 1.0}) == (True, False)
+    assert s.observe(20, {"val_loss": 0.995}) == (False, False)  # within min_delta
+    assert s.observe(30, {"val_loss": 1.2}) == (False, True)
+    t = policy.EarlyStopper(EarlyStopping(patience=2))
+    t.load_state_dict(s.state_dict())
+    assert (t.best, t.best_step) == (1.0, 10)
