@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("H", "W"), help="images: resize to H x W")
     sh.set_defaults(func=_cmd_shard)
 
+    from shoal import k8s  # `shoal k8s render`; imports yaml only, no torch/ray
+
+    k8s.add_parser(sub)
+
     r = sub.add_parser("config-reference", help="print the config reference (markdown)")
     r.add_argument("--update", metavar="README", help="rewrite the reference between the markers in this file instead")
     r.set_defaults(func=_cmd_reference)
@@ -275,7 +279,7 @@ def _exit_code(summary: dict) -> int:
         return 0
     if status == "preempted":
         print(f"[shoal] preempted at step {summary.get('steps')}: checkpoint saved; continue with --resume run.dir={summary.get('run_dir')}", flush=True)
-        return int(summary.get("exit_code", 143))
+        return int(summary.get("exit_code") or 143)  # also on ranks that did not get the signal themselves
     return 1
 
 
@@ -313,8 +317,9 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     summary["exit_code"] = signals.exit_code
     if world.is_main:
         _print_result(summary)
-    code = _exit_code(summary) if world.is_main else (0 if summary.get("status") == "completed" else signals.exit_code or 1)
-    return code
+    if world.is_main:
+        return _exit_code(summary)
+    return {"completed": 0, "preempted": signals.exit_code or 143}.get(summary.get("status"), 1)
 
 
 def _print_result(summary: dict) -> None:
