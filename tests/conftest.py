@@ -102,10 +102,10 @@ def ray_head():
     import ray
 
     temp_dir = tempfile.mkdtemp(prefix="shoal-rt-")
-    gcs_port, dash_port, client_port = free_ports(3)
+    gcs_port, dash_port, client_port, agent_port = free_ports(4)
     proc = start_ray_node(temp_dir, [
         "--head", f"--port={gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
-        f"--ray-client-server-port={client_port}", "--num-cpus=2", "--include-dashboard=true", f"--temp-dir={temp_dir}",
+        f"--ray-client-server-port={client_port}", f"--dashboard-agent-listen-port={agent_port}", "--num-cpus=2", "--include-dashboard=true", f"--temp-dir={temp_dir}",
     ], "head.log")
     try:
         wait_port("127.0.0.1", dash_port, 90)

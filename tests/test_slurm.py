@@ -25,17 +25,14 @@ from conftest import DIST_ENV, REPO, free_ports, tiny_overrides
 
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
 VENV_BIN = Path(sys.executable).parent  # torchrun, ray and shoal of this environment
-INSTALL_HINT = (
-    "Slurm is not installed: install it from Debian's packages "
-    "(apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge)"
-)
+INSTALL = "install slurmctld slurmd slurm-client munge from Debian's packages (apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge)"
 
 
 def _binary(name: str) -> str:
     """Slurm and munge daemons live in /usr/sbin, which is not on every user's PATH."""
     found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin:/usr/local/sbin")
     if found is None:
-        pytest.fail(f"sbatch is installed but {name} is not: {INSTALL_HINT.split(': ', 1)[1]}")
+        pytest.fail(f"sbatch is installed but {name} is not: {INSTALL}")
     return found
 
 
@@ -127,7 +124,9 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
 def slurm():
     """A one-node Slurm cluster (munged, slurmctld, slurmd) in a fresh temporary directory."""
     if shutil.which("sbatch") is None:
-        pytest.skip(INSTALL_HINT)
+        pytest.skip(f"Slurm is not installed: {INSTALL}")
+    if os.geteuid() != 0:
+        pytest.fail("Slurm is installed, but this test starts slurmd and munged, which must run as root")
     munged, slurmctld, slurmd = _binary("munged"), _binary("slurmctld"), _binary("slurmd")
     root = Path(tempfile.mkdtemp(prefix="shoal-slurm-"))  # short: unix socket paths live under it
     root.chmod(0o755)
