@@ -71,10 +71,10 @@ def test_unreachable_cluster_fails_within_seconds(tmp_path):
 
 def test_runtime_env_that_fails_to_build_is_reported(ray_head, tmp_path):
     job = job_file(tmp_path)
-    proc = shoal_cli("submit", str(job), "--address", ray_head.dashboard, "--pip", "shoal-no-such-package-xyz==0.0.1",
-                     "--start-timeout", "120", cwd=job.parent, timeout=200)
+    proc = shoal_cli("submit", str(job), "--address", ray_head.dashboard, "--pip", "/nonexistent/shoal_missing-1.0-py3-none-any.whl",
+                     "--start-timeout", "15", cwd=job.parent, timeout=120)
     assert proc.returncode != 0
-    assert "FAILED" in proc.stdout or "did not start" in proc.stderr
+    assert "FAILED" in proc.stdout or "did not start within 15s" in proc.stderr, proc.stdout[-1500:] + proc.stderr[-1500:]
 
 
 @pytest.fixture

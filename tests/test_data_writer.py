@@ -30,10 +30,23 @@ def rows(x: np.ndarray) -> list:
     return sorted(map(tuple, x.reshape(len(x), -1).round(5).tolist()))
 
 
-def shard(*args: str):
-    proc = shoal_cli("shard", *args)
-    assert proc.returncode == 0, proc.stderr
-    return proc
+class _Out:
+    def __init__(self, stdout: str):
+        self.stdout = stdout
+
+
+def shard(*args: str) -> _Out:
+    """`shoal shard ARGS` in this process (the exit-status tests below use real subprocesses)."""
+    import contextlib
+    import io
+
+    from shoal.cli import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = main(["shard", *args])
+    assert code == 0, buf.getvalue()
+    return _Out(buf.getvalue())
 
 
 def test_npz_round_trip_with_shuffle_and_split(tmp_path):

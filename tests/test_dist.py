@@ -40,18 +40,25 @@ def test_ranks_from_node_counts_match_torchrun_numbering():
     assert [(w.rank, w.local_rank, w.local_world_size, w.node_rank) for w in worlds] == [(0, 0, 2, 0), (1, 1, 2, 0), (2, 0, 1, 1)]
 
 
-def _agree_and_sum(flags: list[bool]) -> tuple[bool, float]:
+def _collectives(cases: list[list[bool]]) -> dict:
     import torch
 
     from shoal import dist
 
     world = WorldInfo.from_env()
     dist.init_process_group(world, "gloo", 30, torch.device("cpu"))
-    agreed = dist.agree(flags[world.rank])
+    agreed = [dist.agree(flags[world.rank]) for flags in cases]
     total = dist.all_sum(torch.tensor([float(world.rank + 1)])).item()
-    return agreed, total
+    pulse = dist.Pulse(2, torch.device("cpu"))
+    pulses = [pulse.exchange([world.rank == 1 and i == 1, False]) for i in range(3)] + [pulse.drain()]
+    return {"agreed": agreed, "total": total, "pulses": pulses, "gathered": dist.all_gather_object(world.rank * 10)}
 
 
-def test_agree_is_true_everywhere_if_true_anywhere():
-    assert spawn_ranks(_agree_and_sum, 2, [False, True]) == [(True, 3.0), (True, 3.0)]
-    assert spawn_ranks(_agree_and_sum, 2, [False, False]) == [(False, 3.0), (False, 3.0)]
+def test_collectives_make_ranks_decide_together():
+    ranks = spawn_ranks(_collectives, 2, [[False, True], [False, False]])
+    assert ranks[0] == ranks[1]
+    assert ranks[0]["agreed"] == [True, False]  # true everywhere if true anywhere
+    assert ranks[0]["total"] == 3.0
+    # a flag raised on rank 1 at step 1 is seen by both ranks, at the same later step
+    assert ranks[0]["pulses"] == [[False, False], [False, False], [True, False], [False, False]]
+    assert ranks[0]["gathered"] == [0, 10]

@@ -67,7 +67,7 @@ def assert_params_close(a: dict, b: dict, atol: float) -> None:
 
 
 DDP_OPTIONS = {  # name: (options, micro-batch, accumulation)
-    "default": ({}, 4, 3),
+    "default": ({}, 3, 4),  # k = 4: still exactly one AllReduce per optimizer step
     "no_bucket_view": ({"ddp.gradient_as_bucket_view": False}, 4, 3),
     "static_graph": ({"ddp.static_graph": True}, 12, 1),  # static graph forbids accumulation (config error)
 }
@@ -93,12 +93,6 @@ def test_two_ranks_with_accumulation_equal_one_rank_with_the_whole_batch(ddp):
     assert ranks[0]["eval"] == ranks[1]["eval"]
     assert ranks[0]["eval"]["val_loss"] == pytest.approx(ref["eval"]["val_loss"], abs=1e-6)
     assert ranks[0]["eval"]["val_accuracy"] == pytest.approx(ref["eval"]["val_accuracy"], abs=1e-12)
-
-
-def test_accumulation_of_four_allreduces_once_per_step():
-    cfg = small_cfg(**{"data.batch_size": 2, "train.grad_accum_steps": 4})
-    ranks = spawn_ranks(run_steps, 2, cfg.to_dict(), 3)
-    assert [r["calls"] for r in ranks] == [[1, 1, 1], [1, 1, 1]]
 
 
 def test_frozen_parameters_stay_bit_identical_and_leave_the_optimizer():

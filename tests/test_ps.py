@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,21 +46,37 @@ def test_zero_shards_is_a_config_error():
         load_config(QUICKSTART, ["ps.num_shards=0"])
 
 
-def test_async_ps_quickstart_reaches_93_percent_with_bounded_staleness(ray_cluster, tmp_path):
-    cfg = load_config(QUICKSTART, tiny_overrides(tmp_path / "run", **{
+@pytest.fixture(scope="module")
+def async_run(ray_cluster, tmp_path_factory):
+    """One async_ps run of the quickstart, shared by the tests that read it."""
+    run_dir = tmp_path_factory.mktemp("async") / "run"
+    cfg = load_config(QUICKSTART, tiny_overrides(run_dir, **{
         "strategy": "async_ps", "train.max_steps": 600, "ps.max_staleness": 1, "ps.num_shards": 2, "log.tensorboard": "true"}))
-    summary = launcher.run(cfg)
+    return cfg, launcher.run(cfg)
+
+
+def test_async_ps_quickstart_reaches_93_percent_with_bounded_staleness(async_run):
+    cfg, summary = async_run
+    run_dir = Path(cfg.run.dir)
     assert summary["status"] == "completed" and summary["strategy"] == "async_ps"
     assert summary["val_accuracy"] >= 0.93
     assert summary["staleness_max"] <= 1
     assert all(int(k) <= 1 for k in summary["staleness_histogram"])
-    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    saved = json.loads((run_dir / "summary.json").read_text())
     for key in ("updates_per_s", "staleness_mean", "staleness_p50", "staleness_p99", "samples_per_s", "val_accuracy"):
         assert key in saved, key
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("loss" in r for r in records) and any("val_accuracy" in r for r in records)
-    assert list((tmp_path / "run").glob("events.out.tfevents.*"))
-    assert find_latest(tmp_path / "run").name == "step-000600"
+    assert list(run_dir.glob("events.out.tfevents.*"))
+    assert find_latest(run_dir).name == "step-000600"
+
+
+def test_async_ps_resumes_from_its_checkpoint(async_run, tmp_path):
+    cfg, _ = async_run
+    shutil.copytree(cfg.run.dir, tmp_path / "run")
+    summary = launcher.run(cfg.replace({"run.dir": str(tmp_path / "run"), "train.max_steps": 640}), resume=True)
+    assert summary["steps"] == 640 and summary["resumed_from"].endswith("step-000600")
+    assert find_latest(tmp_path / "run").name == "step-000640"
 
 
 def test_one_async_worker_matches_single_process_training(ray_cluster, tmp_path):
@@ -74,13 +92,6 @@ def test_one_async_worker_matches_single_process_training(ray_cluster, tmp_path)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=0), f"{k}: {(a[k] - b[k]).abs().max()}"
-
-
-def test_async_ps_resumes_from_its_checkpoint(ray_cluster, tmp_path):
-    cfg = load_config(QUICKSTART, tiny_overrides(tmp_path / "run", **{"strategy": "async_ps", "train.max_steps": 60, "train.eval_every": 0}))
-    launcher.run(cfg)
-    summary = launcher.run(cfg.replace({"train.max_steps": 100}), resume=True)
-    assert summary["steps"] == 100 and summary["resumed_from"].endswith("step-000060")
 
 
 def test_compare_writes_all_three_reports_with_both_strategies(ray_cluster, tmp_path):

@@ -48,7 +48,7 @@ class PSWorker:
         while True:
             self._load(shard_params, [r[0] for r in replies])
             versions = [r[1] for r in replies]
-            if any(r[2] for r in replies):
+            if replies[0][2]:  # shard 0 says when the job is done
                 break
             if self.rank == 0 and every and versions[0] >= next_eval:
                 self.servers[0].report_eval.remote(versions[0], evaluate(job))

@@ -86,7 +86,9 @@ class ParameterServer:
         self.samples += stats["samples"]
 
     def _done(self) -> bool:
-        return self.stopping or self.version >= self.max_steps
+        # shard 0 alone decides the end (shards may drop different stale pushes), so the job ends
+        # exactly at train.max_steps of shard 0's updates
+        return self.stopping or (self.shard == 0 and self.version >= self.max_steps)
 
     def progress(self) -> dict[str, Any]:
         """Version, totals, the window since the last call (then reset), new evaluations."""
