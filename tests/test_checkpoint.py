@@ -165,7 +165,7 @@ def test_sigkill_during_saves_always_leaves_a_complete_latest(tmp_path):
 
 
 def test_sigterm_saves_exits_preempted_and_resume_completes(tmp_path):
-    overrides = tiny_overrides(tmp_path / "run", **{"train.max_steps": 3000, "log.every": 10, "log.print_every_s": 0.2})
+    overrides = tiny_overrides(tmp_path / "run", **{"train.max_steps": 1000, "log.every": 10, "log.print_every_s": 0.2})
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
     proc = subprocess.Popen([sys.executable, "-m", "shoal", "worker", str(QUICKSTART), *overrides], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
@@ -182,7 +182,7 @@ def test_sigterm_saves_exits_preempted_and_resume_completes(tmp_path):
     done = shoal_cli("worker", str(QUICKSTART), *overrides, "--resume")
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["steps"] == 3000 and summary["steps_this_run"] == 3000 - stopped_at
+    assert summary["status"] == "completed" and summary["steps"] == 1000 and summary["steps_this_run"] == 1000 - stopped_at
 
 
 def test_keep_last_and_best_and_the_newest_clean_one_survive_pruning(tmp_path):

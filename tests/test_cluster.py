@@ -123,8 +123,8 @@ def rank_actor_pids() -> list[int]:
 
 def train_and_kill_a_worker(ray_cluster: str, tmp_path: Path, max_failures: int) -> tuple[subprocess.CompletedProcess, dict]:
     overrides = tiny_overrides(tmp_path / "run", **{
-        "scaling.address": ray_cluster, "scaling.max_failures": max_failures, "train.max_steps": 1500,
-        "checkpoint.every_steps": 50, "log.print_every_s": 0.5})
+        "scaling.address": ray_cluster, "scaling.max_failures": max_failures, "train.max_steps": 600,
+        "checkpoint.every_steps": 25, "log.print_every_s": 0.5})
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
     env["PYTHONPATH"] = str(TESTS)
     proc = subprocess.Popen([sys.executable, "-m", "shoal", "train", str(QUICKSTART), *overrides], cwd=tmp_path, env=env,
@@ -144,9 +144,9 @@ def test_killed_worker_restarts_from_the_last_checkpoint(ray_cluster, tmp_path):
     proc, summary = train_and_kill_a_worker(ray_cluster, tmp_path, max_failures=1)
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "restarting all workers from the latest checkpoint (restart 1 of scaling.max_failures=1)" in proc.stdout
-    assert summary["status"] == "completed" and summary["steps"] == 1500 and summary["restarts"] == 1
+    assert summary["status"] == "completed" and summary["steps"] == 600 and summary["restarts"] == 1
     assert summary["resumed_from"].startswith(str(tmp_path / "run" / "checkpoints" / "step-"))
-    assert summary["steps_this_run"] < 1500
+    assert summary["steps_this_run"] < 600
 
 
 def test_killed_worker_without_budget_fails_naming_the_rank(ray_cluster, tmp_path):

@@ -51,7 +51,7 @@ def async_run(ray_cluster, tmp_path_factory):
     """One async_ps run of the quickstart, shared by the tests that read it."""
     run_dir = tmp_path_factory.mktemp("async") / "run"
     cfg = load_config(QUICKSTART, tiny_overrides(run_dir, **{
-        "strategy": "async_ps", "train.max_steps": 600, "ps.max_staleness": 1, "ps.num_shards": 2, "log.tensorboard": "true"}))
+        "strategy": "async_ps", "train.max_steps": 400, "ps.max_staleness": 1, "ps.num_shards": 2, "log.tensorboard": "true"}))
     return cfg, launcher.run(cfg)
 
 
@@ -68,15 +68,15 @@ def test_async_ps_quickstart_reaches_93_percent_with_bounded_staleness(async_run
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("loss" in r for r in records) and any("val_accuracy" in r for r in records)
     assert list(run_dir.glob("events.out.tfevents.*"))
-    assert find_latest(run_dir).name == "step-000600"
+    assert find_latest(run_dir).name == "step-000400"
 
 
 def test_async_ps_resumes_from_its_checkpoint(async_run, tmp_path):
     cfg, _ = async_run
     shutil.copytree(cfg.run.dir, tmp_path / "run")
-    summary = launcher.run(cfg.replace({"run.dir": str(tmp_path / "run"), "train.max_steps": 640}), resume=True)
-    assert summary["steps"] == 640 and summary["resumed_from"].endswith("step-000600")
-    assert find_latest(tmp_path / "run").name == "step-000640"
+    summary = launcher.run(cfg.replace({"run.dir": str(tmp_path / "run"), "train.max_steps": 440}), resume=True)
+    assert summary["steps"] == 440 and summary["resumed_from"].endswith("step-000400")
+    assert find_latest(tmp_path / "run").name == "step-000440"
 
 
 def test_one_async_worker_matches_single_process_training(ray_cluster, tmp_path):
@@ -95,13 +95,13 @@ def test_one_async_worker_matches_single_process_training(ray_cluster, tmp_path)
 
 
 def test_compare_writes_all_three_reports_with_both_strategies(ray_cluster, tmp_path):
-    proc = shoal_cli("compare", str(QUICKSTART), *tiny_overrides(tmp_path / "run", **{"scaling.address": ray_cluster, "train.eval_every": 50}),
-                     "--budget", "60", timeout=300)
+    proc = shoal_cli("compare", str(QUICKSTART), *tiny_overrides(tmp_path / "run", **{"scaling.address": ray_cluster, "train.eval_every": 40}),
+                     "--budget", "40", timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     out = tmp_path / "run" / "compare"
     report = json.loads((out / "report.json").read_text())
     assert set(report["strategies"]) == {"allreduce", "async_ps"}
-    assert report["strategies"]["allreduce"]["steps"] == 60 and report["strategies"]["async_ps"]["steps"] == 120
+    assert report["strategies"]["allreduce"]["steps"] == 40 and report["strategies"]["async_ps"]["steps"] == 80
     assert report["strategies"]["allreduce"]["samples"] == report["strategies"]["async_ps"]["samples"]
     md = (out / "report.md").read_text()
     assert "| allreduce |" in md and "| async_ps |" in md
