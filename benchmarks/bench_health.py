@@ -26,8 +26,10 @@ def main() -> None:
     rows, ratios = [], []
     for r in range(args.rounds):
         with tempfile.TemporaryDirectory() as d:
-            off = spawn_ranks(shoal_rank, 2, args.steps, args.warmup, d + "/off", 1, ("health.every=1000000000",), timeout_s=600)[0]
-            on = spawn_ranks(shoal_rank, 2, args.steps, args.warmup, d + "/on", 1, (), timeout_s=600)[0]
+            runs = {"off": ("health.every=1000000000",), "on": ()}
+            order = ["off", "on"] if r % 2 == 0 else ["on", "off"]  # alternate which goes first
+            got = {k: spawn_ranks(shoal_rank, 2, args.steps, args.warmup, f"{d}/{k}", 1, runs[k], timeout_s=600)[0] for k in order}
+            off, on = got["off"], got["on"]
         ratios.append(on / off)
         rows.append([r + 1, off * 1000, on * 1000, on / off])
         print(f"round {r + 1}: without {off * 1000:.2f} ms/step, with health {on * 1000:.2f} ms/step, ratio {on / off:.3f}", flush=True)

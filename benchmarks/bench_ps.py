@@ -50,7 +50,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="shoal-bench-ps-") as tmp:
         for model, overrides in MODELS.items():
             for straggle in (0.0, args.straggle):
-                extra = [f"scaling.straggler_rank=1", f"scaling.straggler_delay_s={straggle}"] if straggle else []
+                extra = ["scaling.straggler_rank=1", f"scaling.straggler_delay_s={straggle}"] if straggle else []
                 run_dir = Path(tmp) / f"run-{len(rows)}"
                 cfg = load_config(REPO / "configs" / "quickstart.yaml", [*overrides, *extra, f"run.dir={run_dir}", "log.progress=none",
                                                                          "log.tensorboard=false", "train.eval_every=25", "train.eval_batches=10",

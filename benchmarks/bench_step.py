@@ -1,8 +1,9 @@
 """Shoal's time per optimizer step against a hand-written raw DDP loop: same model, data, batch.
 
 2 ranks on gloo, one thread each (as torchrun sets), MLP 784-1024-1024-10, SGD with momentum,
-batch 64 per rank, synthetic data held in memory. Rounds alternate raw and Shoal so both see the
-same machine load; the figure is the median of the per-round ratios.
+batch 64 per rank, synthetic data held in memory. Rounds alternate raw and Shoal (and which goes
+first) so both see the same machine load; each run's time per step is the median over 10-step
+windows, and the figure is the median of the per-round ratios.
 
     python benchmarks/bench_step.py [--rounds 3] [--steps 200] [--warmup 30]
 """
@@ -53,7 +54,15 @@ def shoal_rank(steps: int, warmup: int, run_dir: str, accum: int, overrides: tup
 
     marks: dict[int, float] = {}
     run_worker(job_config(warmup + steps + 10, run_dir, accum, overrides), report=lambda r: marks.setdefault(r["step"], time.perf_counter()))
-    return (marks[warmup + steps] - marks[warmup]) / steps if marks else float("nan")
+    if not marks:  # only rank 0 reports
+        return float("nan")
+    return median_window(marks, warmup, steps)
+
+
+def median_window(marks: dict[int, float], warmup: int, steps: int) -> float:
+    """Seconds per step: the median over 10-step windows (robust to a noisy neighbour on 2 cores)."""
+    points = sorted(s for s in marks if warmup <= s <= warmup + steps)
+    return median([(marks[b] - marks[a]) / (b - a) for a, b in zip(points, points[1:])])
 
 
 def raw_rank(steps: int, warmup: int, accum: int) -> float:
@@ -77,11 +86,11 @@ def raw_rank(steps: int, warmup: int, accum: int) -> float:
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))
     per_step = world * BATCH
-    t0 = 0.0
+    marks: dict[int, float] = {}
     pos = 0
-    for step in range(warmup + steps):
-        if step == warmup:
-            t0 = time.perf_counter()
+    for step in range(warmup + steps + 1):
+        if step >= warmup and step % 10 == 0:
+            marks[step] = time.perf_counter()
         for i in range(accum):
             if pos + per_step > len(perm):
                 pos = 0
@@ -93,9 +102,8 @@ def raw_rank(steps: int, warmup: int, accum: int) -> float:
                 loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    elapsed = time.perf_counter() - t0
     dist.destroy_process_group()
-    return elapsed / steps
+    return median_window(marks, warmup, steps)
 
 
 def main() -> None:
@@ -109,9 +117,14 @@ def main() -> None:
     rows = []
     ratios = []
     for r in range(args.rounds):
-        raw = spawn_ranks(raw_rank, 2, args.steps, args.warmup, args.accum, timeout_s=600)[0]
         with tempfile.TemporaryDirectory() as d:
-            sh = spawn_ranks(shoal_rank, 2, args.steps, args.warmup, d + "/run", args.accum, tuple(args.set), timeout_s=600)[0]
+            def shoal() -> float:
+                return spawn_ranks(shoal_rank, 2, args.steps, args.warmup, d + "/run", args.accum, tuple(args.set), timeout_s=600)[0]
+
+            if r % 2:  # alternate which goes first: no order bias
+                sh, raw = shoal(), spawn_ranks(raw_rank, 2, args.steps, args.warmup, args.accum, timeout_s=600)[0]
+            else:
+                raw, sh = spawn_ranks(raw_rank, 2, args.steps, args.warmup, args.accum, timeout_s=600)[0], shoal()
         ratios.append(sh / raw)
         rows.append([r + 1, raw * 1000, sh * 1000, sh / raw])
         print(f"round {r + 1}: raw {raw * 1000:.2f} ms/step, shoal {sh * 1000:.2f} ms/step, ratio {sh / raw:.3f}", flush=True)

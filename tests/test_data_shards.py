@@ -248,3 +248,11 @@ def test_digits_shards_quickstart_reaches_95_percent_on_ray(ray_cluster, tmp_pat
     summary = launcher.run(cfg)
     assert summary["status"] == "completed" and summary["world_size"] == 2
     assert summary["val_accuracy"] >= 0.95
+
+
+def test_pipe_urls_are_streamed_with_the_manifests_counts(tmp_path):
+    path = write_id_shards(tmp_path / "s", [10, 7, 12])
+    cfg = shard_cfg(f"pipe:cat {path}/train-{{000000..000002}}.tar", **{"data.manifest": str(path / "manifest.json")})
+    ids = [i for _, y in all_batches(cfg) for i in y.tolist()]
+    assert len(ids) == len(set(ids)) and 29 - len(ids) <= 3 - 1
+    assert set(ids) <= set(range(29))

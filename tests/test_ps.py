@@ -113,3 +113,10 @@ def test_compare_writes_all_three_reports_with_both_strategies(ray_cluster, tmp_
 def test_async_ps_is_not_for_torchrun(tmp_path):
     proc = shoal_cli("worker", str(QUICKSTART), *tiny_overrides(tmp_path / "run", strategy="async_ps"))
     assert proc.returncode == 2 and "strategy: async_ps runs its parameter servers through the Ray launcher" in proc.stderr
+
+
+def test_overlap_computes_on_the_previous_reply_so_staleness_is_one(ray_cluster, tmp_path):
+    over = {"strategy": "async_ps", "train.max_steps": 20, "scaling.num_workers": 1, "ps.overlap": True, "train.eval_every": 0}
+    summary = launcher.run(load_config(QUICKSTART, tiny_overrides(tmp_path / "ov", **over)))
+    hist = summary["staleness_histogram"]
+    assert hist.get("0") == 1 and hist.get("1", 0) >= 19 and set(hist) <= {"0", "1"}, hist

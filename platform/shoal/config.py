@@ -291,6 +291,8 @@ class PSConfig(Section):
     dropped and its worker pulls again; None = no bound."""
     staleness_lr: Literal["none", "inverse"] = "none"
     """Scale each update's learning rate by 1/staleness (inverse; staleness 0 counts as 1)."""
+    overlap: bool = False
+    """Compute the next gradient while the last push travels (hides the round trip; staleness grows by about 1)."""
     cpus_per_server: float = Field(0.0, ge=0)
     """CPUs reserved per parameter server in the Ray cluster."""
 

@@ -59,7 +59,9 @@ class Progress:
             return
         step = int(record["step"])
         if self._bar is not None:
-            info = f"loss {record['loss']:.4f}  {record.get('samples_per_s', 0):,.0f} samples/s" if "loss" in record else ""
+            elapsed = time.monotonic() - self.start
+            steps_s = step / elapsed if elapsed > 0 else 0.0
+            info = f"loss {record['loss']:.4f}  {steps_s:.1f} steps/s  {record.get('samples_per_s', 0):,.0f} samples/s" if "loss" in record else ""
             self._bar.update(self._task, completed=step, info=info)
             if "val_loss" in record:
                 self._bar.console.print(_fmt(record))

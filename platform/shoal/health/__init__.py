@@ -98,7 +98,8 @@ class HealthMonitor:
         """At a log line: divergence (global loss) and input-bound (this rank's wait, reported by rank 0)."""
         if self.reference is None and math.isfinite(loss):
             self.reference = min(loss, self.chance_loss) if self.chance_loss else loss
-        self._raise(detectors.input_bound(step, data_wait, self.cfg))
+        if step > self.cfg.warmup_steps:  # the first windows hold loader start-up
+            self._raise(detectors.input_bound(step, data_wait, self.cfg))
         if not math.isfinite(loss):
             return policy.CONTINUE  # the non-finite step itself was handled
         alert = detectors.divergence(step, loss, self.reference, self.cfg) if self.reference is not None else None

@@ -43,7 +43,6 @@ def run_async_ps(cfg: JobConfig, path: Path, resume: bool, out: Any) -> dict[str
     """Train with parameter servers on the connected Ray cluster; returns the summary."""
     import ray
 
-    from shoal import checkpoint
     from shoal.checkpoint import Checkpointer
     from shoal.dist import WorldInfo
     from shoal.metrics import MetricsWriter

@@ -12,7 +12,7 @@ import numpy as np
 
 from shoal.config import config_from_dict
 from shoal.dist import WorldInfo
-from shoal.ps.sharding import TensorSpec, flatten
+from shoal.ps.sharding import TensorSpec
 
 
 class PSWorker:
@@ -41,8 +41,17 @@ class PSWorker:
         job = build_job(self.cfg, WorldInfo(rank=self.rank, world_size=self.world_size), torch.device("cpu"))
         params = job.params
         shard_params = [[params[i] for i in idx] for idx in self.shards]
+        # gradients accumulate straight into one flat buffer per shard: pushed without a gather
+        grad_bufs = [torch.zeros(sum(p.numel() for p in ps)) for ps in shard_params]
+        for ps, buf in zip(shard_params, grad_bufs):
+            o = 0
+            for p in ps:
+                p.grad = buf[o : o + p.numel()].view_as(p)
+                o += p.numel()
         every = self.cfg.train.eval_every
         replies = ray.get([s.push_pull.remote(None, -1, None) for s in self.servers])
+        overlap = self.cfg.ps.overlap
+        pending = None  # the push in flight while the next gradient is computed (ps.overlap)
         pushes = 0
         next_eval = every
         while True:
@@ -56,12 +65,23 @@ class PSWorker:
             g = compute_gradients(job)
             if job.precision.scaler is not None:
                 job.precision.scaler.update()
-            grads = [flatten([p.grad.detach().cpu().numpy() for p in ps]) if g.ok else None for ps in shard_params]
-            job.optimizer.zero_grad(set_to_none=True)
+            grads = [buf.numpy() if g.ok else None for buf in grad_bufs]
             stats = {"loss_sum": float(g.loss_sum), "count": g.count, "samples": g.rows, "grad_norm": float(g.grad_norm), "ok": g.ok}
-            replies = ray.get([s.push_pull.remote(gr, v, stats if k == 0 else None) for k, (s, gr, v) in enumerate(zip(self.servers, grads, versions))])
+            refs = [s.push_pull.remote(gr, v, stats if k == 0 else None) for k, (s, gr, v) in enumerate(zip(self.servers, grads, versions))]
+            for buf in grad_bufs:  # the calls above already copied the gradients into the object store
+                buf.zero_()
             pushes += 1
             self.step = pushes
+            if overlap:
+                # compute the next gradient while this push travels; it starts from the previous reply
+                if pending is None:
+                    pending = refs
+                    continue
+                replies, pending = ray.get(pending), refs
+            else:
+                replies = ray.get(refs)
+        if pending is not None:
+            ray.get(pending)
         final = evaluate(job) if self.rank == 0 else {}
         if final:
             self.servers[0].report_eval.remote(versions[0], final)
@@ -69,18 +89,19 @@ class PSWorker:
 
     @staticmethod
     def _load(shard_params: list[list[Any]], flats: list[np.ndarray]) -> None:
-        import torch
-
+        """Point the parameters at the servers' buffers (zero-copy: the worker never writes them)."""
         import warnings
 
+        import torch
+
         for ps, flat in zip(shard_params, flats):
-            with warnings.catch_warnings():  # Ray hands out read-only buffers; we only read them
+            with warnings.catch_warnings():  # Ray hands out read-only shared memory; the worker only reads it
                 warnings.simplefilter("ignore", UserWarning)
                 t = torch.from_numpy(flat)
             o = 0
             for p in ps:
                 n = p.numel()
-                p.data.copy_(t[o : o + n].view_as(p))
+                p.data = t[o : o + n].view_as(p)
                 o += n
 
     def progress(self) -> int:

@@ -7,6 +7,7 @@ Parameters and gradients travel as one float32 NumPy buffer per shard through Ra
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from typing import Any
 
@@ -26,7 +27,8 @@ class ParameterServer:
         self.flat = torch.from_numpy(np.array(init, dtype=np.float32))
         self.grad = torch.zeros_like(self.flat)
         self.params = []
-        for o, s in zip(offsets(specs), specs):
+        self.offsets = offsets(specs)
+        for o, s in zip(self.offsets, specs):
             p = torch.nn.Parameter(self.flat[o : o + s.numel].view(s.shape))  # a view: steps update the flat buffer
             p.grad = self.grad[o : o + s.numel].view(s.shape)
             self.params.append(p)
@@ -63,7 +65,13 @@ class ParameterServer:
         return self.flat.numpy(), self.version, self._done()
 
     def _apply(self, grad: np.ndarray, staleness: int) -> None:
-        self.grad.copy_(torch.as_tensor(np.asarray(grad)).view_as(self.grad) if grad.flags.writeable else torch.from_numpy(grad.copy()))
+        if self.cfg.optim.l1:  # add_l1_grad writes into the gradients: they need a buffer of our own
+            self.grad.copy_(torch.from_numpy(np.array(grad, copy=True)))
+            self._point_grads(self.grad)
+        else:  # the optimizers only read gradients: use the pushed buffer where it lies
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                self._point_grads(torch.from_numpy(grad))
         lr = self.schedule.lr_at(self.version)
         if self.cfg.ps.staleness_lr == "inverse":
             lr /= max(1, staleness)
@@ -75,6 +83,10 @@ class ParameterServer:
         self.staleness[staleness] += 1
         if self.shard == 0:
             self.window["staleness_sum"] += staleness
+
+    def _point_grads(self, flat: torch.Tensor) -> None:
+        for p, o in zip(self.params, self.offsets):
+            p.grad = flat[o : o + p.numel()].view_as(p)
 
     def _record(self, stats: dict[str, Any]) -> None:
         w = self.window

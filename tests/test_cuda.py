@@ -1,0 +1,37 @@
+"""The CUDA paths: NCCL, the device from LOCAL_RANK, pinned host memory. Skipped without a GPU
+(run them on the device machine); the fp16/bf16 CUDA variants live in test_precision.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shoal.config import JobConfig
+from shoal.data import build_loaders
+from shoal.dist import WorldInfo, init_process_group, select_backend, select_device
+
+pytestmark = pytest.mark.cuda
+
+
+def test_nccl_is_chosen_on_cuda_and_a_group_forms(monkeypatch):
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29533")
+    world = WorldInfo()
+    device = select_device(world, "auto")
+    assert device.type == "cuda" and select_backend(device, "auto") == "nccl"
+    import torch.distributed as dist
+
+    dist.init_process_group("nccl", rank=0, world_size=1, device_id=device)
+    t = torch.ones(3, device=device)
+    dist.all_reduce(t)
+    assert t.tolist() == [1.0, 1.0, 1.0]
+    dist.destroy_process_group()
+    init_process_group(world, "nccl", 30, device)  # a world of one needs no group
+
+
+def test_batches_come_pinned_and_on_the_gpu():
+    cfg = JobConfig().replace({"data.batch_size": 8})
+    stream = build_loaders(cfg, WorldInfo(), torch.device("cuda", 0)).train
+    assert stream._loader is not None and stream._loader.pin_memory
+    x, y = next(stream)
+    assert x.is_cuda and y.is_cuda
