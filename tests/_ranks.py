@@ -24,9 +24,16 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: 
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
     )
+    import multiprocessing
+    import sys
+
     import torch
 
     torch.set_num_threads(1)
+    if sys.platform == "linux":
+        # a spawned child inherits "spawn" as its default; ranks under torchrun or Ray start loader
+        # workers with the platform default (fork), and so should these
+        multiprocessing.set_start_method("fork", force=True)
     try:
         result: Any = ("ok", fn(*args))
     except BaseException as e:  # reported to the parent test

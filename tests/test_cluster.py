@@ -69,12 +69,52 @@ def test_unreachable_cluster_fails_within_seconds(tmp_path):
     assert time.monotonic() - started < 20
 
 
-def test_runtime_env_that_fails_to_build_is_reported(ray_head, tmp_path):
+@pytest.fixture
+def private_head(tmp_path):
+    """A Ray head of this test's own, with one runtime-env build attempt instead of Ray's three: a failing
+    pip build (a clone of the whole virtualenv each try) would otherwise keep a core busy for minutes."""
+    import shutil
+    import tempfile
+
+    from conftest import RayHead, wait_port
+
+    temp_dir = tempfile.mkdtemp(prefix="shoal-rt-env-")
+    gcs, dash, client, agent = free_ports(4)
+    env_before = os.environ.get("RUNTIME_ENV_RETRY_TIMES")
+    os.environ["RUNTIME_ENV_RETRY_TIMES"] = "1"
+    try:
+        proc = start_ray_node(temp_dir, [
+            "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
+            f"--dashboard-agent-listen-port={agent}", "--num-cpus=1", "--include-dashboard=true", f"--temp-dir={temp_dir}"], "head.log")
+    finally:
+        if env_before is None:
+            os.environ.pop("RUNTIME_ENV_RETRY_TIMES")
+        else:
+            os.environ["RUNTIME_ENV_RETRY_TIMES"] = env_before
+    try:
+        wait_port("127.0.0.1", dash, 90)
+        yield RayHead(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}", temp_dir)
+    finally:
+        stop_ray_node(proc)
+        kill_processes_mentioning(temp_dir)  # an env build still running under the stopped agent
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def kill_processes_mentioning(text: str) -> None:
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text in cmdline.read_bytes().decode(errors="replace"):
+                os.kill(int(cmdline.parent.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
+
+
+def test_runtime_env_that_fails_to_build_is_reported(private_head, tmp_path):
     job = job_file(tmp_path)
-    proc = shoal_cli("submit", str(job), "--address", ray_head.dashboard, "--pip", "/nonexistent/shoal_missing-1.0-py3-none-any.whl",
-                     "--start-timeout", "15", cwd=job.parent, timeout=120)
+    proc = shoal_cli("submit", str(job), "--address", private_head.dashboard, "--pip", "/nonexistent/shoal_missing-1.0-py3-none-any.whl",
+                     "--start-timeout", "10", cwd=job.parent, timeout=120)
     assert proc.returncode != 0
-    assert "FAILED" in proc.stdout or "did not start within 15s" in proc.stderr, proc.stdout[-1500:] + proc.stderr[-1500:]
+    assert "FAILED" in proc.stdout or "did not start within 10s" in proc.stderr, proc.stdout[-1500:] + proc.stderr[-1500:]
 
 
 @pytest.fixture

@@ -256,3 +256,20 @@ def test_pipe_urls_are_streamed_with_the_manifests_counts(tmp_path):
     ids = [i for _, y in all_batches(cfg) for i in y.tolist()]
     assert len(ids) == len(set(ids)) and 29 - len(ids) <= 3 - 1
     assert set(ids) <= set(range(29))
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_loader_workers_stop_when_the_stream_is_closed_or_dropped(tmp_path, persistent):
+    import multiprocessing
+
+    cfg = shard_cfg(write_id_shards(tmp_path / "s", SIZES), **{"data.num_workers": 2, "data.persistent_workers": persistent})
+    before = len(multiprocessing.active_children())
+    dropped = build_loaders(cfg, WorldInfo(), torch.device("cpu")).train
+    closed = build_loaders(cfg, WorldInfo(), torch.device("cpu")).train
+    for _ in range(3):
+        next(dropped), next(closed)
+    assert len(multiprocessing.active_children()) == before + 4
+    closed.close()
+    assert len(multiprocessing.active_children()) == before + 2
+    del dropped  # by reference count, not left to the garbage collector (which waits 5 s per worker)
+    assert len(multiprocessing.active_children()) == before

@@ -121,7 +121,7 @@ def test_lr_find_suggests_a_rate_near_the_quickstarts(ray_cluster, tmp_path):
 
 
 def test_sweep_runs_the_grid_with_seeds_and_writes_table_and_plot(ray_cluster, tmp_path):
-    proc = shoal_cli("sweep", str(QUICKSTART), *tiny_overrides(tmp_path / "run", **{"scaling.address": ray_cluster, "train.max_steps": 30}),
+    proc = shoal_cli("sweep", str(QUICKSTART), *tiny_overrides(tmp_path / "run", **{"scaling.address": ray_cluster, "train.max_steps": 30, "scaling.num_workers": 1}),
                      "--grid", "optim.lr=0.001,0.01", "--seeds", "2", timeout=400)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((tmp_path / "run" / "sweep" / "results.json").read_text())

@@ -387,6 +387,7 @@ def train(job: Job, log: Report, saver: Any = None, on_step: Callable[[int], Non
         if saver is not None and (saver.step_due(c.step) or save_due or stop or ((last or finished) and cfg.checkpoint.at_end)):
             saver.save(collect_state(job), c.step, job.last_eval, c.skipped_steps)
     pulse.drain()
+    job.data.train.close()  # loader workers stop now, not when the garbage collector finds them
     if saver is not None:
         saver.wait()
     wall = time.perf_counter() - started

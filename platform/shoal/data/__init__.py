@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -44,7 +45,15 @@ class _EpochBatches(torch.utils.data.Sampler):
     """The index batches of the stream's current (epoch, position); re-read at every iter()."""
 
     def __init__(self, stream: TrainStream):
-        self.stream = stream
+        # a weak reference: a stream -> loader -> sampler -> stream cycle would leave the loader's
+        # workers to the garbage collector, whose shutdown of them waits 5 s per worker
+        self._stream = weakref.ref(stream)
+
+    @property
+    def stream(self) -> TrainStream:
+        s = self._stream()
+        assert s is not None, "the train stream is gone"
+        return s
 
     def __iter__(self) -> Iterator[np.ndarray]:
         s = self.stream
@@ -123,6 +132,11 @@ class TrainStream:
         if len(item) > 2:
             self.skipped_samples += int(item[2])
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def close(self) -> None:
+        """Stop the loader workers now; any later batch is fetched in this process."""
+        self._it = None
+        self._loader = None  # a persistent-workers loader holds its iterator: let both go
 
     def state_dict(self) -> dict[str, Any]:
         """The global position: the same on every rank, valid for any world size."""

@@ -82,6 +82,7 @@ class PSWorker:
                 replies = ray.get(refs)
         if pending is not None:
             ray.get(pending)
+        job.data.train.close()
         final = evaluate(job) if self.rank == 0 else {}
         if final:
             self.servers[0].report_eval.remote(versions[0], final)
