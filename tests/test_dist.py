@@ -51,7 +51,20 @@ def _collectives(cases: list[list[bool]]) -> dict:
     total = dist.all_sum(torch.tensor([float(world.rank + 1)])).item()
     pulse = dist.Pulse(2, torch.device("cpu"))
     pulses = [pulse.exchange([world.rank == 1 and i == 1, False]) for i in range(3)] + [pulse.drain()]
-    return {"agreed": agreed, "total": total, "pulses": pulses, "gathered": dist.all_gather_object(world.rank * 10)}
+    # after warm-up, exchanges follow the slowest rank's step time: rank 1 takes 20 ms a step
+    import time
+
+    sparse = dist.Pulse(1, torch.device("cpu"), period_s=0.1)
+    seen_at, exchanges = None, 0
+    for step in range(1, 61):
+        time.sleep(0.02 if world.rank == 1 else 0.001)
+        flag = sparse.exchange([world.rank == 1 and step >= 30])[0]  # raised and held from step 30
+        exchanges += sparse.next_at == step + sparse.interval  # this step started an exchange
+        if flag and seen_at is None:
+            seen_at = step
+    sparse.drain()
+    return {"agreed": agreed, "total": total, "pulses": pulses, "gathered": dist.all_gather_object(world.rank * 10),
+            "seen_at": seen_at, "interval": sparse.interval, "exchanges": exchanges}
 
 
 def test_collectives_make_ranks_decide_together():
@@ -62,3 +75,7 @@ def test_collectives_make_ranks_decide_together():
     # a flag raised on rank 1 at step 1 is seen by both ranks, at the same later step
     assert ranks[0]["pulses"] == [[False, False], [False, False], [True, False], [False, False]]
     assert ranks[0]["gathered"] == [0, 10]
+    # sparse exchanges: about every 0.1 s of the slow rank (5 steps), the same steps on both ranks
+    assert 3 <= ranks[0]["interval"] <= 5
+    assert 30 < ranks[0]["seen_at"] <= 30 + 2 * ranks[0]["interval"]
+    assert ranks[0]["exchanges"] < 25

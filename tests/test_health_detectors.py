@@ -57,3 +57,26 @@ def test_early_stopper_patience_and_state():
     t = policy.EarlyStopper(EarlyStopping(patience=2))
     t.load_state_dict(s.state_dict())
     assert (t.best, t.best_step) == (1.0, 10)
+
+
+def test_sampled_update_ratio_matches_the_exact_ratio():
+    import torch
+    from torch import nn
+
+    from shoal.health.probes import UpdateRatio, layers
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(300, 200), nn.ReLU(), nn.Linear(200, 3))  # 60,000 weights: sampled; 200 biases: whole
+    groups = layers(model)
+    before = {k: [p.detach().clone() for p in ps] for k, ps in groups.items()}
+    ratio = UpdateRatio()
+    ratio.arm(groups)
+    with torch.no_grad():
+        model[0].weight.mul_(1.01)  # 1% on the weight, 50% on the bias: the bias is a small share of the norm
+        model[0].bias.mul_(1.5)
+        model[2].weight.add_(0.1)
+    estimate = dict(ratio.read(groups))
+    for k, ps in groups.items():
+        exact = sum(float((p - b).pow(2).sum()) for p, b in zip(ps, before[k])) ** 0.5 / sum(float(b.pow(2).sum()) for b in before[k]) ** 0.5
+        assert abs(estimate[k] - exact) / exact < 0.05, (k, estimate[k], exact)
+    assert ratio.read(groups) == []  # one reading per arming

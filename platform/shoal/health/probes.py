@@ -45,21 +45,46 @@ def weight_norms(groups: OrderedDict[str, list[nn.Parameter]]) -> list[tuple[str
 
 
 class UpdateRatio:
-    """||w_after - w_before|| / ||w_before|| per layer, for the step it is armed on."""
+    """||w_after - w_before|| / ||w_before|| per layer, for the step it is armed on.
+
+    Estimated on a fixed random sample of up to SAMPLE elements per tensor (each tensor's squares
+    scaled by numel / sample, so a layer's large weight and small bias weigh as in the full norm):
+    copying every parameter at each measurement cost more than the rest of health monitoring.
+    """
+
+    SAMPLE = 4096
 
     def __init__(self) -> None:
         self.before: OrderedDict[str, list[torch.Tensor]] | None = None
+        self._index: dict[int, torch.Tensor | None] = {}
+
+    def _sample(self, p: torch.Tensor) -> torch.Tensor:
+        key = id(p)
+        if key not in self._index:
+            n = p.numel()
+            gen = torch.Generator().manual_seed(n)
+            self._index[key] = None if n <= self.SAMPLE else torch.randperm(n, generator=gen)[: self.SAMPLE].to(p.device)
+        idx = self._index[key]
+        flat = p.detach().reshape(-1)
+        return flat.clone() if idx is None else flat.index_select(0, idx)
 
     def arm(self, groups: OrderedDict[str, list[nn.Parameter]]) -> None:
-        self.before = OrderedDict((k, [p.detach().clone() for p in ps]) for k, ps in groups.items())
+        self.before = OrderedDict((k, [self._sample(p) for p in ps]) for k, ps in groups.items())
 
     def read(self, groups: OrderedDict[str, list[nn.Parameter]]) -> list[tuple[str, float]]:
         if self.before is None:
             return []
-        deltas = OrderedDict((k, [p.detach() - b for p, b in zip(ps, self.before[k])]) for k, ps in groups.items())
-        d, w = _group_norms(deltas), dict(_group_norms(self.before))
+        out = []
+        for k, ps in groups.items():
+            delta_sq = weight_sq = 0.0
+            for p, b in zip(ps, self.before[k]):
+                scale = p.numel() / b.numel()
+                delta_sq += scale * float((self._sample(p) - b).float().pow(2).sum())
+                weight_sq += scale * float(b.float().pow(2).sum())
+            if weight_sq > 0:
+                out.append((k, (delta_sq / weight_sq) ** 0.5))
         self.before = None
-        return [(k, v / w[k]) for k, v in d if w.get(k)]
+        return out
 
 
 class ActivationProbe:
