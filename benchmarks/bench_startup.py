@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import signal
 import socket
@@ -53,6 +54,7 @@ def start_head(temp_dir: Path) -> tuple[subprocess.Popen, str]:
         [ray_bin, "start", "--block", "--head", "--disable-usage-stats", f"--port={gcs}", "--num-cpus=2", "--include-dashboard=false",
          f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}", f"--temp-dir={temp_dir}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env={**os.environ, "RAY_AUTH_MODE": "token"},  # as launch/ray_head.sh starts one
     )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

@@ -165,7 +165,8 @@ def train_and_kill_a_worker(ray_cluster: str, tmp_path: Path, max_failures: int)
     overrides = tiny_overrides(tmp_path / "run", **{
         "scaling.address": ray_cluster, "scaling.max_failures": max_failures, "train.max_steps": 600,
         "checkpoint.every_steps": 25, "log.print_every_s": 0.5})
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    # no RAY_AUTH_MODE: `shoal train scaling.address=...` must find the token cluster's mode itself
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "RAY_AUTH_MODE")}
     env["PYTHONPATH"] = str(TESTS)
     proc = subprocess.Popen([sys.executable, "-m", "shoal", "train", str(QUICKSTART), *overrides], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

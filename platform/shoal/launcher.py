@@ -126,16 +126,17 @@ def connect(scaling: ScalingConfig) -> Cluster:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not sys.stdout.isatty():
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    address = scaling.address or os.environ.get("RAY_ADDRESS")
+    if address and "RAY_AUTH_MODE" not in os.environ and read_token(None) and "ray" not in sys.modules:
+        # clusters started with `ray start` expect the token; a token-mode client also joins open ones.
+        # Before the first `import ray`: Ray's core reads the mode when it loads.
+        os.environ["RAY_AUTH_MODE"] = "token"
     import ray
 
     if ray.is_initialized():
         return Cluster(embedded=False, owns_connection=False)
-    address = scaling.address or os.environ.get("RAY_ADDRESS")
     if address:
         _check_reachable(address)
-        if "RAY_AUTH_MODE" not in os.environ and read_token(None):
-            # clusters started with `ray start` expect the token; a token-mode client also joins open ones
-            os.environ["RAY_AUTH_MODE"] = "token"
         try:
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
         except (ConnectionError, RuntimeError, ValueError) as e:
