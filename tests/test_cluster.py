@@ -35,14 +35,14 @@ def job_file(tmp_path: Path, **updates) -> Path:
 
 
 def test_submit_follows_the_job_to_success_and_jobs_commands_see_it(ray_head, tmp_path):
-    job = job_file(tmp_path, **{"train.max_steps": 200})
+    job = job_file(tmp_path, **{"train.max_steps": 60})
     proc = shoal_cli("submit", str(job), "optim.lr=0.003", "--address", ray_head.dashboard, cwd=job.parent, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     job_id = proc.stdout.split("[shoal] submitted job ")[1].split()[0]
     assert f"[shoal] job {job_id}: SUCCEEDED" in proc.stdout
     assert "val_accuracy" in proc.stdout  # the job's own output was followed
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["world_size"] == 2 and summary["steps"] == 200
+    assert summary["status"] == "completed" and summary["world_size"] == 2 and summary["steps"] == 60
     listed = shoal_cli("jobs", "list", "--address", ray_head.dashboard)
     assert job_id in listed.stdout and "SUCCEEDED" in listed.stdout
     status = shoal_cli("jobs", "status", job_id, "--address", ray_head.dashboard)
@@ -112,9 +112,9 @@ def kill_processes_mentioning(text: str) -> None:
 def test_runtime_env_that_fails_to_build_is_reported(private_head, tmp_path):
     job = job_file(tmp_path)
     proc = shoal_cli("submit", str(job), "--address", private_head.dashboard, "--pip", "/nonexistent/shoal_missing-1.0-py3-none-any.whl",
-                     "--start-timeout", "10", cwd=job.parent, timeout=120)
+                     "--start-timeout", "6", cwd=job.parent, timeout=120)
     assert proc.returncode != 0
-    assert "FAILED" in proc.stdout or "did not start within 10s" in proc.stderr, proc.stdout[-1500:] + proc.stderr[-1500:]
+    assert "FAILED" in proc.stdout or "did not start within 6s" in proc.stderr, proc.stdout[-1500:] + proc.stderr[-1500:]
 
 
 @pytest.fixture

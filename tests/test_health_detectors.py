@@ -77,6 +77,7 @@ def test_sampled_update_ratio_matches_the_exact_ratio():
         model[2].weight.add_(0.1)
     estimate = dict(ratio.read(groups))
     for k, ps in groups.items():
+        ps = [p.detach() for p in ps]
         exact = sum(float((p - b).pow(2).sum()) for p, b in zip(ps, before[k])) ** 0.5 / sum(float(b.pow(2).sum()) for b in before[k]) ** 0.5
         assert abs(estimate[k] - exact) / exact < 0.05, (k, estimate[k], exact)
     assert ratio.read(groups) == []  # one reading per arming
