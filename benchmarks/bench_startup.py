@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +21,7 @@ import time
 from pathlib import Path
 
 from _common import machine, median, table
+from conftest import start_ray_head, stop_ray_node  # the tests' own `ray start --head` helper
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
@@ -41,33 +39,6 @@ def first_step_s(cmd: list[str], run_dir: Path) -> tuple[float, float]:
     return first["time"] - start, end - start
 
 
-def start_head(temp_dir: Path) -> tuple[subprocess.Popen, str]:
-    """A Ray head of our own (`ray start --block`, so SIGTERM to it stops exactly its processes)."""
-    ports = []
-    for _ in range(3):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            ports.append(s.getsockname()[1])
-    gcs, agent, client = ports
-    ray_bin = str(Path(sys.executable).with_name("ray"))
-    proc = subprocess.Popen(
-        [ray_bin, "start", "--block", "--head", "--disable-usage-stats", f"--port={gcs}", "--num-cpus=2", "--include-dashboard=false",
-         f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}", f"--temp-dir={temp_dir}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        env={**os.environ, "RAY_AUTH_MODE": "token"},  # as launch/ray_head.sh starts one
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", gcs), timeout=1).close()
-            time.sleep(3)  # the raylet registers after the GCS opens its port
-            return proc, f"127.0.0.1:{gcs}"
-        except OSError:
-            time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    sys.exit("ray start --head did not open its port within 60 s")
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=3)
@@ -77,7 +48,9 @@ def main() -> None:
     results: dict[str, list[tuple[float, float]]] = {
         "shoal train (embedded Ray)": [], "shoal train (running Ray cluster)": [], "torchrun -m shoal worker": []}
     tmp = Path(tempfile.mkdtemp(prefix="shoal-bench-"))
-    head, address = start_head(tmp / "ray")
+    (tmp / "ray").mkdir()
+    head, cluster = start_ray_head(str(tmp / "ray"), num_cpus=2, env={"RAY_AUTH_MODE": "token"})  # as launch/ray_head.sh starts one
+    address = cluster.gcs
     try:
         for r in range(args.rounds):
             d1, d2, d3 = tmp / f"ray-{r}", tmp / f"tr-{r}", tmp / f"joined-{r}"
@@ -90,8 +63,7 @@ def main() -> None:
             )
             print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1][0]:.1f} s" for k, v in results.items()), flush=True)
     finally:
-        head.send_signal(signal.SIGTERM)
-        head.wait(30)
+        stop_ray_node(head)
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"\nquickstart, 2 workers; {machine()}")
     rows = [[k, median([a for a, _ in v]), median([b for _, b in v])] for k, v in results.items()]

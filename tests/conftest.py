@@ -69,11 +69,12 @@ def wait_port(host: str, port: int, timeout_s: float) -> None:
     raise TimeoutError(f"{host}:{port} did not open within {timeout_s}s")
 
 
-def start_ray_node(temp_dir: str, args: list[str], log_name: str) -> subprocess.Popen:
+def start_ray_node(temp_dir: str, args: list[str], log_name: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     """`ray start --block ...` as a child we own: SIGTERM to it stops exactly the processes it started."""
     ray_bin = str(Path(sys.executable).with_name("ray"))
     log = open(Path(temp_dir) / log_name, "w")
-    return subprocess.Popen([ray_bin, "start", "--block", "--disable-usage-stats", *args], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen([ray_bin, "start", "--block", "--disable-usage-stats", *args], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True, env={**os.environ, **(env or {})})
 
 
 def stop_ray_node(proc: subprocess.Popen) -> None:
@@ -92,6 +93,22 @@ class RayHead:
         self.gcs, self.dashboard, self.temp_dir = gcs, dashboard, temp_dir
 
 
+def start_ray_head(temp_dir: str, num_cpus: int, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, RayHead]:
+    """`ray start --head` with its dashboard / Jobs API on 127.0.0.1, once the Jobs API answers."""
+    gcs_port, dash_port, client_port, agent_port = free_ports(4)
+    proc = start_ray_node(temp_dir, [
+        "--head", f"--port={gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
+        f"--ray-client-server-port={client_port}", f"--dashboard-agent-listen-port={agent_port}", f"--num-cpus={num_cpus}",
+        "--include-dashboard=true", f"--temp-dir={temp_dir}",
+    ], "head.log", env)
+    try:
+        wait_port("127.0.0.1", dash_port, 90)
+    except BaseException:
+        stop_ray_node(proc)
+        raise
+    return proc, RayHead(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}", temp_dir)
+
+
 @pytest.fixture(scope="session")
 def ray_head():
     """One real Ray cluster for the whole session: `ray start --head` with token authentication and
@@ -102,15 +119,10 @@ def ray_head():
     import ray
 
     temp_dir = tempfile.mkdtemp(prefix="shoal-rt-")
-    gcs_port, dash_port, client_port, agent_port = free_ports(4)
-    proc = start_ray_node(temp_dir, [
-        "--head", f"--port={gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
-        f"--ray-client-server-port={client_port}", f"--dashboard-agent-listen-port={agent_port}", "--num-cpus=2", "--include-dashboard=true", f"--temp-dir={temp_dir}",
-    ], "head.log")
+    proc, head = start_ray_head(temp_dir, num_cpus=2)
     try:
-        wait_port("127.0.0.1", dash_port, 90)
-        ctx = ray.init(address=f"127.0.0.1:{gcs_port}", logging_level="WARNING")
-        yield RayHead(ctx.address_info["gcs_address"], f"http://127.0.0.1:{dash_port}", temp_dir)
+        ctx = ray.init(address=head.gcs, logging_level="WARNING")
+        yield RayHead(ctx.address_info["gcs_address"], head.dashboard, temp_dir)
     finally:
         ray.shutdown()
         stop_ray_node(proc)

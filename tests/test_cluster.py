@@ -76,24 +76,12 @@ def private_head(tmp_path):
     import shutil
     import tempfile
 
-    from conftest import RayHead, wait_port
+    from conftest import start_ray_head
 
     temp_dir = tempfile.mkdtemp(prefix="shoal-rt-env-")
-    gcs, dash, client, agent = free_ports(4)
-    env_before = os.environ.get("RUNTIME_ENV_RETRY_TIMES")
-    os.environ["RUNTIME_ENV_RETRY_TIMES"] = "1"
+    proc, head = start_ray_head(temp_dir, num_cpus=1, env={"RUNTIME_ENV_RETRY_TIMES": "1"})
     try:
-        proc = start_ray_node(temp_dir, [
-            "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
-            f"--dashboard-agent-listen-port={agent}", "--num-cpus=1", "--include-dashboard=true", f"--temp-dir={temp_dir}"], "head.log")
-    finally:
-        if env_before is None:
-            os.environ.pop("RUNTIME_ENV_RETRY_TIMES")
-        else:
-            os.environ["RUNTIME_ENV_RETRY_TIMES"] = env_before
-    try:
-        wait_port("127.0.0.1", dash, 90)
-        yield RayHead(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}", temp_dir)
+        yield head
     finally:
         stop_ray_node(proc)
         kill_processes_mentioning(temp_dir)  # an env build still running under the stopped agent
