@@ -63,7 +63,7 @@ def shoal_reader(path: str, workers: int) -> float:
     import torch
 
     from shoal.config import JobConfig
-    from shoal.data import build_loaders
+    from shoal.data.loaders import build_loaders
     from shoal.dist import WorldInfo
 
     cfg = JobConfig().replace({"data.format": "shards", "data.path": path, "data.batch_size": 64, "data.num_workers": workers})
@@ -90,7 +90,7 @@ def in_memory(n: int) -> float:
 RSS_CHILD = """
 import resource, sys, torch
 from shoal.config import JobConfig
-from shoal.data import build_loaders
+from shoal.data.loaders import build_loaders
 from shoal.dist import WorldInfo
 cfg = JobConfig().replace({"data.format": "shards", "data.path": sys.argv[1], "data.batch_size": 256, "data.shuffle_buffer": 8192})
 stream = build_loaders(cfg, WorldInfo(), torch.device("cpu")).train

@@ -41,6 +41,7 @@ def main() -> None:
     args = p.parse_args()
     sys.path.insert(0, str(REPO / "platform"))
     from shoal import launcher
+    from shoal.cluster import connect
     from shoal.compare import run_both
     from shoal.config import load_config
     from shoal.metrics import read_metrics
@@ -56,7 +57,7 @@ def main() -> None:
                                                                          "log.tensorboard=false", "train.eval_every=25", "train.eval_batches=10",
                                                                          "checkpoint.at_end=false"])
                 if cluster is None:
-                    cluster = launcher.connect(cfg.scaling)
+                    cluster = connect(cfg.scaling.address)
                 report = run_both(cfg, f"{args.seconds}s")
                 curves = {s: read_metrics(run_dir / "compare" / s) for s in ("allreduce", "async_ps")}
                 finals = [min((r["val_loss"] for r in c if isinstance(r.get("val_loss"), float)), default=float("nan")) for c in curves.values()]

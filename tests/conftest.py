@@ -119,6 +119,14 @@ def ray_head():
     import ray
 
     temp_dir = tempfile.mkdtemp(prefix="shoal-rt-")
+    if not any(os.environ.get(k) for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")):
+        # a token of the session's own: a fresh machine has no ~/.ray/auth_token, and tests never write there
+        import secrets
+
+        token = Path(temp_dir) / "auth_token"
+        token.write_text(secrets.token_hex(32))
+        token.chmod(0o600)
+        os.environ["RAY_AUTH_TOKEN_PATH"] = str(token)
     proc, head = start_ray_head(temp_dir, num_cpus=2)
     try:
         ctx = ray.init(address=head.gcs, logging_level="WARNING")
@@ -147,10 +155,11 @@ def tiny_overrides(run_dir: Path, **extra: object) -> list[str]:
 
 
 def shoal_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
-    """Run `python -m shoal ARGS` in a real subprocess."""
+    """Run `python -m shoal ARGS` in a real subprocess (env values of None remove a variable)."""
     full_env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
     full_env["PYTHONPATH"] = os.pathsep.join([str(TESTS), full_env.get("PYTHONPATH", "")])
     full_env.update(env or {})
+    full_env = {k: v for k, v in full_env.items() if v is not None}
     return subprocess.run(
         [sys.executable, "-m", "shoal", *args], cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout
     )

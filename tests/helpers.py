@@ -85,3 +85,29 @@ def node_recording_mlp(out_dir: str) -> nn.Module:
     env["NODE_ID"] = ray.get_runtime_context().get_node_id()
     path.write_text(json.dumps(env))
     return model
+
+
+def narrow_mlp(outputs: int = 5) -> nn.Module:
+    """A digits model with fewer outputs than the data has classes (labels 0-9)."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, outputs))
+
+
+def raising_factory() -> nn.Module:
+    """A model factory that fails when called (in the ranks)."""
+    raise ValueError("planted: the factory cannot build this model")
+
+
+class RMSNorm(nn.Module):
+    """A normalisation layer of the user's own (not a torch class), as LLM code has them."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.gain
+
+
+def rms_mlp() -> nn.Module:
+    """A digits MLP with a user-defined norm layer."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), RMSNorm(32), nn.ReLU(), nn.Linear(32, 10))

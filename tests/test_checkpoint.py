@@ -272,3 +272,39 @@ def test_resume_on_ray_with_another_world_size(ray_cluster, tmp_path):
 def test_resume_needs_a_run_dir():
     proc = shoal_cli("worker", str(QUICKSTART), "--resume")
     assert proc.returncode == 2 and "run.dir: --resume needs the run to continue" in proc.stderr
+
+
+def test_export_does_not_write_over_an_existing_file_unless_asked(tmp_path):
+    run(cfg_for(tmp_path / "a", **{"train.max_steps": 5}))
+    out = tmp_path / "model.pt"
+    out.write_bytes(b"the user's own file")
+    proc = shoal_cli("export", str(tmp_path / "a"), str(out))
+    assert proc.returncode == 2 and "already exists; pass --overwrite" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert out.read_bytes() == b"the user's own file"
+    proc = shoal_cli("export", str(tmp_path / "a"), str(out), "--overwrite")
+    assert proc.returncode == 0, proc.stderr
+    assert "layers.0.linear.weight" in torch.load(out, weights_only=True)
+
+
+def test_export_of_a_code_running_pickle_is_refused_in_one_line(tmp_path):
+    run(cfg_for(tmp_path / "a", **{"train.max_steps": 5}))
+    ckpt = find_latest(tmp_path / "a")
+    marker = tmp_path / "pwned"
+    torch.save({"payload": Touch(str(marker))}, ckpt / "model.pt")
+    meta = json.loads((ckpt / "meta.json").read_text())
+    meta["sha256"]["model.pt"] = checkpoint._sha256(ckpt / "model.pt")
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    proc = shoal_cli("export", str(ckpt), str(tmp_path / "out.pt"))
+    assert proc.returncode == 2, proc.stderr
+    assert "cannot load model.pt safely" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in proc.stderr
+    assert not marker.exists() and not (tmp_path / "out.pt").exists()
+
+
+class Touch:
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))

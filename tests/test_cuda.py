@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from shoal.config import JobConfig
-from shoal.data import build_loaders
+from shoal.data.loaders import build_loaders
 from shoal.dist import WorldInfo, init_process_group, select_backend, select_device
 
 pytestmark = pytest.mark.cuda

@@ -14,7 +14,7 @@ import torch
 from _ranks import spawn_ranks
 from conftest import REPO, shoal_cli, tiny_overrides, write_id_shards
 from shoal.config import JobConfig, config_from_dict, load_config
-from shoal.data import build_loaders
+from shoal.data.loaders import build_loaders
 from shoal.dist import WorldInfo
 from shoal.errors import ConfigError, DataError
 
@@ -273,3 +273,64 @@ def test_loader_workers_stop_when_the_stream_is_closed_or_dropped(tmp_path, pers
     assert len(multiprocessing.active_children()) == before + 2
     del dropped  # by reference count, not left to the garbage collector (which waits 5 s per worker)
     assert len(multiprocessing.active_children()) == before
+
+
+def _set_manifest(path, **values) -> None:
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest.update(values)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _one_line_error(proc) -> str:
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    return proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("loader_workers", [0, 1])
+def test_labels_beyond_num_classes_exit_2_naming_shard_value_and_range(tmp_path, loader_workers):
+    import time
+
+    path = write_id_shards(tmp_path / "s", [24, 24])  # labels are the ids 0..47
+    _set_manifest(path, num_classes=10)
+    started = time.monotonic()
+    proc = shoal_cli("worker", str(REPO / "configs" / "quickstart.yaml"), *tiny_overrides(tmp_path / "run", **{
+        "data.format": "shards", "data.path": str(path), "data.batch_size": 4, "data.num_workers": loader_workers,
+        "data.shuffle": False, "model.width": 8}))
+    line = _one_line_error(proc)
+    assert time.monotonic() - started < 30
+    assert line.startswith("shoal: error: shard train-00000") and "is outside [0, 10) (num_classes=10 in the manifest)" in line
+    label = int(line.split(": label ")[1].split()[0])
+    assert 10 <= label < 48
+
+
+def test_labels_beyond_num_classes_on_ray_fail_within_seconds(ray_cluster, tmp_path):
+    import time
+
+    path = write_id_shards(tmp_path / "s", [24, 24])
+    _set_manifest(path, num_classes=10)
+    started = time.monotonic()
+    proc = shoal_cli("train", str(REPO / "configs" / "quickstart.yaml"), *tiny_overrides(tmp_path / "run", **{
+        "scaling.address": ray_cluster, "data.format": "shards", "data.path": str(path), "data.batch_size": 4, "model.width": 8}))
+    line = _one_line_error(proc)
+    assert time.monotonic() - started < 30
+    assert "label" in line and "is outside [0, 10)" in line and "shard train-00000" in line
+
+
+def test_token_ids_beyond_the_vocabulary_exit_2(tmp_path):
+    text = tmp_path / "corpus.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    assert shoal_cli("shard", str(text), str(tmp_path / "s"), "--seq-len", "16").returncode == 0
+    _set_manifest(tmp_path / "s", vocab_size=50)  # bytes of lower-case letters are 97..122
+    proc = shoal_cli("worker", str(REPO / "configs" / "quickstart.yaml"), *tiny_overrides(tmp_path / "run", **{
+        "data.format": "shards", "data.path": str(tmp_path / "s"), "data.batch_size": 4, "model.name": "transformer_lm",
+        "model.width": 16, "model.heads": 2, "model.depth": 1}))
+    line = _one_line_error(proc)
+    assert "token id" in line and "is outside [0, 50) (vocab_size=50 in the manifest)" in line
+
+
+def test_a_model_with_fewer_outputs_than_classes_is_a_config_error(tmp_path):
+    proc = shoal_cli("worker", str(REPO / "configs" / "quickstart.yaml"), *tiny_overrides(tmp_path / "run", **{
+        "model.target": "helpers:narrow_mlp", "train.max_steps": 5}))
+    line = _one_line_error(proc)
+    assert "model.target: the model gives 5 outputs per sample but the data has 10 classes (labels 0..9)" in line

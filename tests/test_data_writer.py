@@ -149,3 +149,12 @@ def test_shards_train_like_memory_data(tmp_path):
     dx, dy = _digits_arrays()
     assert torch.equal(torch.sort(y).values, torch.sort(torch.from_numpy(dy)).values)
     assert np.isclose(x.sum().item(), dx.sum(), rtol=1e-5)
+
+
+def test_negative_labels_are_refused_naming_the_source_and_label(tmp_path):
+    np.savez(tmp_path / "neg.npz", x=np.zeros((6, 3), np.float32), y=np.array([0, 1, 2, -1, 1, 0]))
+    proc = shoal_cli("shard", str(tmp_path / "neg.npz"), str(tmp_path / "out"))
+    assert proc.returncode == 2
+    line = proc.stderr.strip()
+    assert len(line.splitlines()) == 1 and str(tmp_path / "neg.npz") in line and "sample 3 has label -1" in line
+    assert not (tmp_path / "out" / "manifest.json").exists()

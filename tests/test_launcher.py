@@ -177,9 +177,12 @@ def test_embedded_cluster_is_private_and_cleaned_up(ray_cluster, tmp_path):
     import ray
 
     before = set(glob.glob("/tmp/shoal-ray-*"))
-    env = {"RAY_ADDRESS": ""}
+    # as a new user runs it: no address, no auth settings, a home without ~/.ray
+    env = {"RAY_ADDRESS": None, "RAY_AUTH_MODE": None, "RAY_AUTH_TOKEN_PATH": None, "RAY_AUTH_TOKEN": None, "HOME": str(tmp_path / "home")}
     proc = shoal_cli("train", *tiny_overrides(tmp_path / "run", **{"train.max_steps": 30}), cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "oken authentication" not in proc.stdout + proc.stderr  # Ray's notice stays out of the user's output
+    assert not (tmp_path / "home" / ".ray").exists()  # the cluster's token is its own, not written into the home
     assert set(glob.glob("/tmp/shoal-ray-*")) <= before  # its temp folder is gone
     # the other cluster on the machine (this session's) was neither joined nor stopped
     assert ray.get(ray.remote(lambda: 42).remote()) == 42

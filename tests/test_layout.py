@@ -27,7 +27,7 @@ def test_python_dash_m_shoal_is_the_console_script():
 
 
 def test_importing_shoal_and_the_launcher_does_not_load_torch():
-    code = "import sys, shoal.cli, shoal.config, shoal.launcher; print('torch' in sys.modules)"
+    code = "import sys, shoal.cli, shoal.config, shoal.launcher, shoal.preflight, shoal.cluster; print('torch' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.stdout.strip() == "False", proc.stderr
 

@@ -79,3 +79,64 @@ def test_plateau_drops_after_patience_and_its_state_round_trips():
     assert t.lr_at(50) == s.lr_at(50) and t.best == 0.9
     s.observe({"val_loss": math.nan})  # NaN never counts as an improvement
     assert s.best == 0.9
+
+
+LM_SPEC = DataSpec(task="lm", input_shape=(8,), vocab_size=11, seq_len=8)
+
+
+def tied_lm(tie: bool = True):
+    torch.manual_seed(0)
+    return build_model(ModelConfig(name="transformer_lm", width=16, depth=1, heads=2, tie_embeddings=tie), LM_SPEC, 11)
+
+
+def test_a_tied_parameter_is_in_the_optimizer_once_and_stepped_once_per_step():
+    import copy
+
+    model = tied_lm()
+    assert model.head.weight is model.tok.weight
+    reference = copy.deepcopy(model)
+    opt = build_optimizer(model, OptimConfig(name="adamw", lr=0.01, weight_decay=0.0))
+    listed = [p for g in opt.param_groups for p in g["params"]]
+    assert len(listed) == len({id(p) for p in listed}) == len(list(model.parameters()))
+    assert sum(p is model.tok.weight for p in listed) == 1
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=0.01, weight_decay=0.0)  # torch's own, deduplicated
+    x = torch.randint(0, 11, (4, 8))
+    for _ in range(3):
+        for m, o in ((model, opt), (reference, ref_opt)):
+            o.zero_grad()
+            m(x).float().pow(2).mean().backward()
+            o.step()
+    assert opt.state[model.tok.weight]["step"].item() == 3  # not 6: one update per optimizer step
+    before = tied_lm().tok.weight
+    assert torch.equal(model.tok.weight, reference.tok.weight)
+    assert not torch.equal(model.tok.weight, before)
+
+
+def test_every_parameter_enumeration_counts_a_tied_tensor_once():
+    from shoal.health.probes import layers
+    from shoal.models import aliases, apply_freeze, trainable
+    from shoal.optim import decay_flags
+
+    model = tied_lm()
+    names = [n for n, _ in trainable(model)]
+    assert "tok.weight" in names and "head.weight" not in names
+    assert aliases(model) == {"head.weight": "tok.weight"}
+    assert set(decay_flags(model, OptimConfig())) == set(names)
+    assert sum(len(ps) for ps in layers(model).values()) == len(names)
+    assert apply_freeze(model, ["head.*"]) == ["tok.weight"]  # frozen by either name
+    assert not model.tok.weight.requires_grad
+    untied = tied_lm(tie=False)
+    assert untied.head.weight is not untied.tok.weight and aliases(untied) == {}
+
+
+def test_user_norm_gains_and_biases_are_not_decayed_unless_asked():
+    from helpers import rms_mlp
+
+    m = rms_mlp()
+    opt = build_optimizer(m, OptimConfig(weight_decay=0.1))
+    decayed = {id(p) for p in opt.param_groups[0]["params"]}
+    gain = m[2].gain
+    assert id(gain) not in decayed and id(m[1].bias) not in decayed
+    assert id(m[1].weight) in decayed and id(m[4].weight) in decayed
+    everything = build_optimizer(m, OptimConfig(weight_decay=0.1, decay_bias_and_norm=True))
+    assert len(everything.param_groups) == 1 and id(gain) in {id(p) for p in everything.param_groups[0]["params"]}

@@ -120,3 +120,25 @@ def test_overlap_computes_on_the_previous_reply_so_staleness_is_one(ray_cluster,
     summary = launcher.run(load_config(QUICKSTART, tiny_overrides(tmp_path / "ov", **over)))
     hist = summary["staleness_histogram"]
     assert hist.get("0") == 1 and hist.get("1", 0) >= 19 and set(hist) <= {"0", "1"}, hist
+
+
+def test_tied_language_model_under_async_ps_is_one_tensor_on_the_servers_and_in_the_checkpoint(ray_cluster, tmp_path):
+    from shoal.models import build_model
+    from shoal.ps import model_specs
+
+    lm = {"strategy": "async_ps", "data.dataset": "synthetic", "data.task": "lm", "data.vocab_size": 13, "data.seq_len": 8,
+          "data.num_samples": 400, "model.name": "transformer_lm", "model.width": 16, "model.depth": 1, "model.heads": 2,
+          "train.max_steps": 20, "train.eval_every": 0, "ps.num_shards": 2}
+    cfg = load_config(QUICKSTART, tiny_overrides(tmp_path / "run", **lm))
+    specs, _, tied = model_specs(cfg)
+    assert tied == {"head.weight": "tok.weight"} and [s.name for s in specs].count("tok.weight") == 1
+    assert "head.weight" not in [s.name for s in specs]
+    summary = launcher.run(cfg)
+    assert summary["steps"] == 20
+    state = torch.load(find_latest(tmp_path / "run") / "model.pt", weights_only=True)
+    assert torch.equal(state["head.weight"], state["tok.weight"])
+    from shoal.data.spec import DataSpec
+
+    model = build_model(cfg.model, DataSpec(task="lm", input_shape=(8,), vocab_size=13, seq_len=8), 13)
+    model.load_state_dict(state)  # a complete state dict: every name the model has
+    assert model.head.weight is model.tok.weight

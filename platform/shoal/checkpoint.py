@@ -137,13 +137,16 @@ def find_at_or_before(run_dir: Path, step: int) -> Path | None:
 def load(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(meta, {file: contents}) of a verified checkpoint, loaded without running pickled code."""
     meta = verify(path)
-    data = {}
-    for name in FILES:
-        try:
-            data[name] = torch.load(path / name, map_location="cpu", weights_only=True)
-        except Exception as e:  # weights_only refuses anything but tensors and plain data
-            raise CheckpointError(f"checkpoint {path}: cannot load {name} safely ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    return meta, data
+    return meta, {name: _load_file(path, name) for name in FILES}
+
+
+def _load_file(path: Path, name: str) -> Any:
+    """One checkpoint file, loaded without running pickled code (weights_only)."""
+    try:
+        return torch.load(path / name, map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only refuses anything but tensors and plain data
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {path}: cannot load {name} safely ({type(e).__name__}: {first})") from None
 
 
 def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
@@ -337,17 +340,30 @@ def _fsync_dir(path: Path) -> None:
 # ---------------------------------------------------------------- export
 
 
-def export(checkpoint: Path, out: Path) -> Path:
-    """Write the checkpoint's model weights as a plain state dict (safetensors if OUT ends so)."""
+def export(checkpoint: Path, out: Path, overwrite: bool = False) -> Path:
+    """Write the checkpoint's model weights as a plain state dict (safetensors if OUT ends so).
+
+    The file is written beside OUT and renamed into place, so a failure never leaves half a file,
+    and an existing OUT is only replaced when asked.
+    """
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out} already exists; pass --overwrite to replace it, or choose another name")
+    if out.exists() and out.is_dir():
+        raise CheckpointError(f"{out} is a directory; give a file name such as model.pt")
     meta = verify(checkpoint)
-    state = torch.load(checkpoint / "model.pt", map_location="cpu", weights_only=True)
+    state = _load_file(checkpoint, "model.pt")
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".safetensors":
-        try:
-            from safetensors.torch import save_file
-        except ImportError:
-            raise CheckpointError("writing .safetensors needs the safetensors package (pip install safetensors), or use a .pt name") from None
-        save_file({k: v.contiguous() for k, v in state.items()}, str(out), metadata={"shoal_step": str(meta["step"])})
-    else:
-        torch.save(state, out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        if out.suffix == ".safetensors":
+            try:
+                from safetensors.torch import save_file
+            except ImportError:
+                raise CheckpointError("writing .safetensors needs the safetensors package (pip install safetensors), or use a .pt name") from None
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"shoal_step": str(meta["step"])})
+        else:
+            torch.save(state, tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return out

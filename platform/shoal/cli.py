@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="write a checkpoint's model weights as a plain state dict for inference")
     e.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint directory (RUN_DIR/checkpoints/step-000100) or a run directory (its latest)")
     e.add_argument("out", metavar="OUT", help="output file: .pt (torch.save) or .safetensors")
+    e.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     e.set_defaults(func=_cmd_export)
 
     sh = sub.add_parser("shard", help="write a data set as webdataset tar shards plus manifest.json")
@@ -129,7 +130,8 @@ def _split_config(args: argparse.Namespace) -> tuple[str | None, list[str]]:
 
 
 def _load(args: argparse.Namespace):
-    from shoal.config import check_target, load_config
+    from shoal.config import load_config
+    from shoal.imports import locate_object
 
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # model.target modules next to the job file import as with `python -m`
@@ -137,7 +139,9 @@ def _load(args: argparse.Namespace):
     if config is None and args.command != "train":
         raise ShoalError(f"shoal {args.command}: CONFIG is required")
     cfg = load_config(config, overrides)
-    check_target(cfg, config or "quickstart.yaml")
+    for key, target in (("model.target", cfg.model.target), ("data.decode", cfg.data.decode)):
+        if target:  # found without running it: the module is imported where it trains
+            locate_object(target, key)
     return cfg
 
 
@@ -220,7 +224,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         if found is None:
             raise CheckpointError(f"{path}: no complete checkpoint")
         path = found
-    out = checkpoint.export(path, Path(args.out))
+    out = checkpoint.export(path, Path(args.out), overwrite=args.overwrite)
     print(f"[shoal] wrote {out} (model weights of {path})")
     return 0
 

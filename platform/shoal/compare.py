@@ -27,7 +27,7 @@ def parse_budget(text: str) -> tuple[str, float]:
 
 def run_both(cfg: JobConfig, budget: str, target_loss: float | None = None) -> dict[str, Any]:
     """Train once per strategy under run.dir/compare/<strategy>; write and return the report."""
-    from shoal import launcher
+    from shoal import cluster, launcher
 
     kind, amount = parse_budget(budget)
     base = rundir.resolve(cfg)
@@ -35,7 +35,7 @@ def run_both(cfg: JobConfig, budget: str, target_loss: float | None = None) -> d
     if out.exists() and any(out.iterdir()) and not cfg.run.overwrite:
         raise ConfigError(f"{out} already holds a comparison; choose another run.dir or set run.overwrite=true", key="run.dir")
     out.mkdir(parents=True, exist_ok=True)
-    cluster = launcher.connect(cfg.scaling)
+    conn = cluster.connect(cfg.scaling.address, cfg.scaling.dashboard)
     runs: dict[str, dict[str, Any]] = {}
     try:
         for strategy in STRATEGIES:
@@ -50,7 +50,7 @@ def run_both(cfg: JobConfig, budget: str, target_loss: float | None = None) -> d
             summary = launcher.run(cfg.replace(updates))
             runs[strategy] = {"summary": summary, "metrics": read_metrics(out / strategy)}
     finally:
-        cluster.close()
+        conn.close()
     report = build_report(runs, target_loss, budget)
     write_report(out, report, runs)
     return report

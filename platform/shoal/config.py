@@ -8,9 +8,8 @@ the line where the YAML has one, the dotted key and what is allowed.
 from __future__ import annotations
 
 import difflib
-import importlib
-import os
 import importlib.resources
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -56,6 +55,8 @@ class ModelConfig(Section):
     """Skip connections around the mlp's hidden layers of equal width."""
     heads: int = Field(4, ge=1)
     """Attention heads (transformer_lm); must divide width."""
+    tie_embeddings: bool = True
+    """transformer_lm: the output projection shares the token embedding's weights (as GPT-2)."""
     freeze: list[str] = Field(default_factory=list)
     """Glob patterns of parameter names to freeze (no gradient, not in the optimizer), e.g. "layers.0.*"."""
 
@@ -140,7 +141,8 @@ class OptimConfig(Section):
     weight_decay: float = Field(0.0, ge=0)
     """Weight decay (decoupled for adamw, L2 in the gradient for the others)."""
     decay_bias_and_norm: bool = False
-    """Also decay biases and normalisation weights (most recipes exclude them)."""
+    """Also decay tensors of fewer than two dimensions (biases, normalisation gains, scalars); by default only
+    tensors of two or more dimensions are decayed, whatever module owns them."""
     l1: float = Field(0.0, ge=0)
     """L1 penalty on the decayed weights, added to their gradients."""
 
@@ -467,21 +469,6 @@ def parse_override(item: str) -> tuple[str, Any]:
     except yaml.YAMLError:
         value = raw
     return key, value
-
-
-def check_target(cfg: JobConfig, source: str | None = None) -> None:
-    """Fail early, as a config error, if model.target does not import (before any worker starts)."""
-    if cfg.model.target is None:
-        return
-    module_name, _, attr = cfg.model.target.partition(":")
-    try:
-        obj: Any = importlib.import_module(module_name)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except Exception as e:  # the user's module may fail in any way while importing
-        raise ConfigError(f"cannot import {cfg.model.target!r}: {type(e).__name__}: {e}", key="model.target", source=source) from None
-    if not callable(obj):
-        raise ConfigError(f"{cfg.model.target!r} is not callable", key="model.target", source=source)
 
 
 def quickstart_path() -> Path:

@@ -123,14 +123,60 @@ def init_process_group(world: WorldInfo, backend: str, timeout_s: float, device:
         return
     os.environ.setdefault("MASTER_ADDR", world.master_addr)
     os.environ.setdefault("MASTER_PORT", str(world.master_port))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = _loopback_store(world, timeout)
     dist.init_process_group(
         backend=backend,
-        init_method="env://",
+        init_method=None if store is not None else "env://",
+        store=store,
         rank=world.rank,
         world_size=world.world_size,
-        timeout=datetime.timedelta(seconds=timeout_s),
+        timeout=timeout,
         device_id=device if device.type == "cuda" else None,
     )
+
+
+def _loopback_store(world: WorldInfo, timeout: datetime.timedelta) -> object | None:
+    """For a group on one machine (MASTER_ADDR on loopback): a TCPStore whose server rank 0 binds to
+    loopback itself, and gloo/NCCL kept on the loopback interface. torch's own store listens on every
+    interface ("::") with no authentication; torchrun's agent store is left alone (it has its own)."""
+    import ipaddress
+    import socket
+
+    import torch.distributed as dist
+
+    try:
+        loopback = ipaddress.ip_address(world.master_addr).is_loopback
+    except ValueError:
+        loopback = world.master_addr == "localhost"
+    if not loopback or os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true":
+        return None
+    iface = _loopback_interface()
+    if iface:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", iface)
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", iface)
+    fd = None
+    if world.rank == 0:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", world.master_port))
+        sock.listen(512)
+        fd = sock.detach()
+    return dist.TCPStore("127.0.0.1", world.master_port, world.world_size, world.rank == 0, timeout=timeout,
+                         wait_for_workers=False, master_listen_fd=fd)
+
+
+def _loopback_interface() -> str | None:
+    """The name of the interface that holds 127.0.0.1 ("lo" on Linux, "lo0" on macOS)."""
+    try:
+        import psutil
+
+        for name, addrs in psutil.net_if_addrs().items():
+            if any(a.address == "127.0.0.1" for a in addrs):
+                return name
+    except Exception:  # no psutil, or interfaces unreadable: gloo then picks its own
+        return None
+    return None
 
 
 def destroy_process_group() -> None:

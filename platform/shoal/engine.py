@@ -17,11 +17,11 @@ from torch import nn
 
 from shoal import comm, dist
 from shoal.config import JobConfig
-from shoal.data import Loaders, build_loaders
+from shoal.data.loaders import Loaders, build_loaders
 from shoal.health import policy
 from shoal.dist import WorldInfo
 from shoal.losses import Loss
-from shoal.models import apply_freeze, build_model
+from shoal.models import apply_freeze, build_model, trainable
 from shoal.optim import Schedule, add_l1_grad, build_optimizer
 from shoal.precision import Precision
 
@@ -90,10 +90,10 @@ def build_job(cfg: JobConfig, world: WorldInfo, device: torch.device) -> Job:
     """Data, model (frozen parts, DDP), optimizer, schedule, precision and loss for this rank."""
     torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
     data = build_loaders(cfg, world, device)
-    loss_fn = Loss(cfg.train, data.spec)
+    loss_fn = Loss(cfg.train, data.spec, "model.target" if cfg.model.target else "model.name")
     model = build_model(cfg.model, data.spec, loss_fn.out_features()).to(device)
     frozen = apply_freeze(model, cfg.model.freeze)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for _, p in trainable(model)]
     optimizer = build_optimizer(model, cfg.optim)
     model = comm.wrap_ddp(model, cfg.ddp, device)
     # dropout and other training randomness differ per rank, reproducibly

@@ -10,24 +10,21 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import socket
 import sys
-import tempfile
 import threading
 import time
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shoal import rundir
+from shoal import cluster, preflight, rundir
 from shoal.config import JobConfig, ScalingConfig, config_from_dict
 from shoal.dist import ranks_env_from_counts
 from shoal.errors import ClusterError, ShoalError, WorkerFailed
 from shoal.progress import Progress
 from shoal.signals import StopOnSignal
-from shoal.submit import read_token
+from shoal.startup import Startup
 
 log = logging.getLogger("shoal")
 POLL_S = 0.25
@@ -101,73 +98,6 @@ class RankActor:
 
     def request_stop(self) -> None:
         self.stop.set()
-
-
-@dataclass
-class Cluster:
-    """A connection to Ray; `embedded` clusters are ours to shut down."""
-
-    embedded: bool
-    owns_connection: bool
-    temp_dir: str | None = None
-
-    def close(self) -> None:
-        import ray
-
-        if self.owns_connection and ray.is_initialized():
-            ray.shutdown()
-        if self.temp_dir:
-            shutil.rmtree(self.temp_dir, ignore_errors=True)
-
-
-def connect(scaling: ScalingConfig) -> Cluster:
-    """Join scaling.address / RAY_ADDRESS, reuse this process's connection, or start an embedded cluster."""
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # one line per rank, not "[repeated 2x]"
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if not sys.stdout.isatty():
-        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
-    address = scaling.address or os.environ.get("RAY_ADDRESS")
-    if address and "RAY_AUTH_MODE" not in os.environ and read_token(None) and "ray" not in sys.modules:
-        # clusters started with `ray start` expect the token; a token-mode client also joins open ones.
-        # Before the first `import ray`: Ray's core reads the mode when it loads.
-        os.environ["RAY_AUTH_MODE"] = "token"
-    import ray
-
-    if ray.is_initialized():
-        return Cluster(embedded=False, owns_connection=False)
-    if address:
-        _check_reachable(address)
-        try:
-            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
-        except (ConnectionError, RuntimeError, ValueError) as e:
-            raise ClusterError(f"scaling.address: cannot connect to Ray at {address}: {str(e).splitlines()[0]}") from None
-        return Cluster(embedded=False, owns_connection=True)
-    # A new cluster of our own, in its own temp dir: never attach by accident to another on this machine.
-    temp_dir = tempfile.mkdtemp(prefix="shoal-ray-")
-    ray.init(
-        address="local",
-        num_cpus=os.cpu_count() or 1,
-        include_dashboard=scaling.dashboard,
-        dashboard_host="127.0.0.1",
-        _temp_dir=temp_dir,
-        logging_level=logging.WARNING,
-        log_to_driver=True,
-    )
-    return Cluster(embedded=True, owns_connection=True, temp_dir=temp_dir)
-
-
-def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
-    """Fail within seconds when HOST:PORT does not answer (Ray itself retries for a minute)."""
-    if address == "auto" or "://" in address:
-        return
-    host, _, port = address.rpartition(":")
-    if not port.isdigit():
-        return
-    try:
-        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s):
-            pass
-    except OSError as e:
-        raise ClusterError(f"scaling.address: nothing answers at {address} ({e.strerror or e}); is the Ray head node up?") from None
 
 
 def check_resources(scaling: ScalingConfig) -> None:
@@ -305,10 +235,12 @@ def run(cfg: JobConfig, *, resume: bool = False, progress_stream: Any = None) ->
     restarts of the whole job (not per node, as torchrun's agents do).
     """
     out = progress_stream or sys.stdout
-    path = rundir.resolve(cfg)
-    if rundir.holds_run(path) and not (resume or cfg.run.overwrite):
-        rundir.prepare(path, cfg, resume)  # raises the run-directory error before Ray starts
-    cluster = connect(cfg.scaling)
+    startup = Startup()
+    address = cluster.requested_address(cfg.scaling.address)
+    path = preflight.check(cfg, resume=resume, local_files=cluster.on_this_machine(address))  # before Ray starts
+    startup.mark("checked")
+    conn = cluster.connect(address, cfg.scaling.dashboard)
+    startup.mark("ray_ready")
     restarts = 0
     try:
         if cfg.strategy == "async_ps":
@@ -319,7 +251,11 @@ def run(cfg: JobConfig, *, resume: bool = False, progress_stream: Any = None) ->
         while True:
             group = WorkerGroup(cfg)
             try:
+                startup.mark("actors_placed")
+                startup.note_modules(["torch", *_user_modules(cfg)])
                 group.start(cfg, path, resume or restarts > 0)
+                startup.mark("ranks_started")
+                startup.write(path)
                 result = _watch(group, cfg, path, progress_stream)
                 break
             except RankFailure as f:
@@ -336,7 +272,12 @@ def run(cfg: JobConfig, *, resume: bool = False, progress_stream: Any = None) ->
             rundir.write_summary(path, {**summary, "restarts": restarts})
         return result
     finally:
-        cluster.close()
+        conn.close()
+
+
+def _user_modules(cfg: JobConfig) -> list[str]:
+    """The modules of model.target and data.decode: loaded in the ranks, never in the driver."""
+    return [t.partition(":")[0] for t in (cfg.model.target, cfg.data.decode) if t]
 
 
 def _run_async_ps(cfg: JobConfig, path: Path, resume: bool, out: Any) -> dict[str, Any]:

@@ -13,8 +13,10 @@ from shoal.errors import ConfigError
 class Loss:
     """loss(out, y) is a mean over `count(y)` elements; `correct` counts right predictions."""
 
-    def __init__(self, cfg: TrainConfig, spec: DataSpec):
+    def __init__(self, cfg: TrainConfig, spec: DataSpec, model_key: str = "model.name"):
         self.name = cfg.loss
+        self.model_key = model_key  # the config key that sizes the model's outputs
+        self._unchecked = True
         self.smoothing = cfg.label_smoothing
         self.spec = spec
         self.classify = spec.task in ("classification", "lm")
@@ -33,6 +35,8 @@ class Loss:
         return 1 if self.binary else self.spec.num_classes
 
     def __call__(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self._unchecked:
+            self.check_output(out)
         out = out.float()  # losses in fp32 under autocast
         if self.spec.task == "lm":
             return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), label_smoothing=self.smoothing)
@@ -44,6 +48,20 @@ class Loss:
         if self.name == "mse":
             return F.mse_loss(out, target)
         return F.binary_cross_entropy_with_logits(out, target)
+
+    def check_output(self, out: torch.Tensor) -> None:
+        """The model's outputs per sample must match the classes, vocabulary or targets (checked once).
+
+        Fewer logits than classes would end a rank with `IndexError: Target 7 is out of bounds`.
+        """
+        self._unchecked = False
+        want = self.out_features()
+        got = out.shape[-1] if self.spec.task != "regression" else out[0].numel() if out.shape[0] else want
+        if got == want or out.ndim == 1 and want == 1:
+            return
+        what = {"lm": f"a vocabulary of {want} tokens (ids 0..{want - 1})", "regression": f"{want} target values per sample"}.get(
+            self.spec.task, f"{self.spec.num_classes} classes (labels 0..{self.spec.num_classes - 1})")
+        raise ConfigError(f"the model gives {got} outputs per sample but the data has {what}; size the output layer to {want}", key=self.model_key)
 
     def count(self, y: torch.Tensor) -> int:
         """Elements the mean is taken over: samples, or tokens for lm."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fnmatch
-import importlib
 import math
 from collections.abc import Callable
 
@@ -13,7 +12,8 @@ from torch import nn
 
 from shoal.config import ModelConfig
 from shoal.data.spec import DataSpec
-from shoal.errors import ConfigError
+from shoal.errors import ConfigError, ShoalError
+from shoal.imports import import_object
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,
@@ -24,13 +24,18 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 }
 # gain names torch.nn.init understands for each activation
 _GAIN = {"relu": "relu", "leaky_relu": "leaky_relu", "gelu": "relu", "tanh": "tanh", "sigmoid": "sigmoid"}
-NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
 
 
 def build_model(cfg: ModelConfig, spec: DataSpec, out_features: int) -> nn.Module:
     """The model the config names, sized for the data, with its init applied."""
     if cfg.target:
-        model = _import_factory(cfg.target)(**cfg.kwargs)
+        factory = import_object(cfg.target, "model.target")
+        try:
+            model = factory(**cfg.kwargs)
+        except ShoalError:
+            raise
+        except Exception as e:  # the user's factory: its failure is a config problem, said in one line
+            raise ConfigError(f"{cfg.target}(**model.kwargs) raised {type(e).__name__}: {e}", key="model.target") from None
         if not isinstance(model, nn.Module):
             raise ConfigError(f"{cfg.target} returned {type(model).__name__}, not a torch.nn.Module", key="model.target")
         return model
@@ -56,14 +61,6 @@ def _image_shape(spec: DataSpec, name: str) -> tuple[int, int, int]:
     return spec.input_shape  # type: ignore[return-value]
 
 
-def _import_factory(target: str) -> Callable[..., nn.Module]:
-    module_name, _, attr = target.partition(":")
-    obj: object = importlib.import_module(module_name)  # checked by config.check_target before launch
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    return obj  # type: ignore[return-value]
-
-
 def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
     """Apply model.init to every Linear and Conv weight; biases start at zero."""
     if cfg.init == "default":
@@ -82,19 +79,42 @@ def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
                 nn.init.zeros_(module.bias)
 
 
+def trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The parameters that train, each tensor once under its first name.
+
+    A tensor owned by two modules (a language model's output projection tied to its token
+    embedding) is one parameter: counted once by the optimizer, the decay rule, clipping, the
+    health probes and the parameter servers alike. Every place that enumerates parameters uses this.
+    """
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def aliases(model: nn.Module) -> dict[str, str]:
+    """Other names of shared parameters -> the name `trainable` and the optimizer know them by."""
+    first: dict[int, str] = {}
+    out: dict[str, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            out[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return out
+
+
 def apply_freeze(model: nn.Module, patterns: list[str]) -> list[str]:
-    """Turn off gradients for parameters matching any glob; returns the frozen names."""
-    names = [n for n, _ in model.named_parameters()]
+    """Turn off gradients for parameters matching any glob (by any of their names); returns the frozen names."""
+    canonical = {**{n: n for n, _ in model.named_parameters()}, **aliases(model)}
     frozen: list[str] = []
     for pattern in patterns:
-        hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        hits = [canonical[n] for n in canonical if fnmatch.fnmatchcase(n, pattern)]
         if not hits:
+            names = list(canonical)
             shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
             raise ConfigError(f"pattern {pattern!r} matches no parameter (parameters: {shown})", key="model.freeze")
         frozen.extend(h for h in hits if h not in frozen)
-    if frozen and len(frozen) == len(names):
-        raise ConfigError("every parameter is frozen: nothing would train", key="model.freeze")
     params = dict(model.named_parameters())
+    if frozen and len(frozen) == len(params):
+        raise ConfigError("every parameter is frozen: nothing would train", key="model.freeze")
     for name in frozen:
         params[name].requires_grad_(False)
     return frozen
@@ -236,7 +256,8 @@ class DecoderBlock(nn.Module):
 
 
 class TransformerLM(nn.Module):
-    """A small decoder-only language model: token and position embeddings, depth blocks, tied head."""
+    """A small decoder-only language model: token and position embeddings, depth blocks, a head tied to the
+    token embedding as GPT-2's is (model.tie_embeddings)."""
 
     def __init__(self, vocab: int, seq_len: int, cfg: ModelConfig):
         super().__init__()
@@ -245,7 +266,8 @@ class TransformerLM(nn.Module):
         self.blocks = nn.ModuleList(DecoderBlock(cfg.width, cfg.heads, cfg.dropout) for _ in range(cfg.depth))
         self.ln = nn.LayerNorm(cfg.width)
         self.head = nn.Linear(cfg.width, vocab, bias=False)
-        self.head.weight = self.tok.weight
+        if cfg.tie_embeddings:
+            self.head.weight = self.tok.weight
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         pos = torch.arange(idx.shape[1], device=idx.device)

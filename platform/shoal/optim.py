@@ -9,19 +9,23 @@ import torch
 from torch import nn
 
 from shoal.config import OptimConfig, ScheduleConfig
-from shoal.models import NORMS
+from shoal.models import trainable
+
+
+def decays(p: torch.Tensor, cfg: OptimConfig) -> bool:
+    """Weight decay (and L1) reach matrices and kernels: tensors of two or more dimensions.
+
+    Biases, normalisation gains and scalars are exempt, whatever class owns them (a model's own
+    LayerNorm or RMSNorm included), as nanoGPT and TorchTitan decide; optim.decay_bias_and_norm
+    decays them too.
+    """
+    return p.ndim >= 2 or cfg.decay_bias_and_norm
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
-    """Trainable parameters split into a decayed group and (unless asked) a no-decay group."""
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
-            if not p.requires_grad:
-                continue
-            exempt = isinstance(module, NORMS) or name.endswith("bias")
-            (no_decay if exempt and not cfg.decay_bias_and_norm else decay).append(p)
+    """Trainable parameters (a shared tensor once) split into a decayed and a no-decay group."""
+    decay = [p for _, p in trainable(model) if decays(p, cfg)]
+    no_decay = [p for _, p in trainable(model) if not decays(p, cfg)]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay, "l1": cfg.l1}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0, "l1": 0.0})
@@ -35,8 +39,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
 
 def decay_flags(model: nn.Module, cfg: OptimConfig) -> dict[str, bool]:
     """Trainable parameter name -> whether it is in the decayed group (for parameter servers)."""
-    decayed = {id(p) for p in param_groups(model, cfg)[0]["params"]}
-    return {n: id(p) in decayed for n, p in model.named_parameters() if p.requires_grad}
+    return {n: decays(p, cfg) for n, p in trainable(model)}
 
 
 def make_optimizer(groups: list[dict[str, Any]], cfg: OptimConfig) -> torch.optim.Optimizer:

@@ -45,11 +45,8 @@ def holds_run(path: Path) -> bool:
     return path.is_dir() and any((path / m).exists() for m in RUN_MARKERS)
 
 
-def prepare(path: Path, cfg: JobConfig, resume: bool = False) -> JobConfig:
-    """Create the directory and save config.yaml; refuses to write over an earlier run unless asked.
-
-    Returns the config with run.dir set to the absolute path, as saved.
-    """
+def check(path: Path, cfg: JobConfig, resume: bool = False) -> None:
+    """Refuse a run directory that is a file, or that holds an earlier run we were not asked to continue."""
     if path.exists() and not path.is_dir():
         raise RunDirError(f"run.dir: {path} exists and is not a directory")
     if holds_run(path) and not (resume or cfg.run.overwrite):
@@ -57,6 +54,14 @@ def prepare(path: Path, cfg: JobConfig, resume: bool = False) -> JobConfig:
             f"run.dir: {path} already holds a run; pass --resume to continue it, "
             "set run.overwrite=true to write over it, or choose another run.dir"
         )
+
+
+def prepare(path: Path, cfg: JobConfig, resume: bool = False) -> JobConfig:
+    """Create the directory and save config.yaml; refuses to write over an earlier run unless asked.
+
+    Returns the config with run.dir set to the absolute path, as saved.
+    """
+    check(path, cfg, resume)
     try:
         path.mkdir(parents=True, exist_ok=True)
         resolved = cfg.replace({"run.dir": str(path)})

@@ -18,37 +18,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from shoal.cluster import jobs_api_address as resolve_address
+from shoal.cluster import on_this_machine, read_token
 from shoal.config import JobConfig
 from shoal.errors import ClusterError
 
 CONFIG_ENV = "SHOAL_JOB_CONFIG"
 DEFAULT_EXCLUDES = [".git", ".venv", "runs", "__pycache__", "*.tar", "data"]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
-
-
-def resolve_address(address: str | None) -> str:
-    """The Jobs API URL: --address, else RAY_ADDRESS if it is an http(s) URL."""
-    address = address or os.environ.get("RAY_ADDRESS", "")
-    if not address:
-        raise ClusterError("no cluster: pass --address http://HEAD:8265 (the Ray dashboard / Jobs API) or set RAY_ADDRESS")
-    if "://" not in address:
-        address = f"http://{address}"
-    return address.rstrip("/")
-
-
-def read_token(token_file: str | None) -> str | None:
-    """The cluster's auth token, from the first place that has one."""
-    if token_file:
-        path = Path(token_file).expanduser()
-        if not path.exists():
-            raise ClusterError(f"--token-file: {path} not found")
-        return path.read_text().strip()
-    if os.environ.get("RAY_AUTH_TOKEN"):
-        return os.environ["RAY_AUTH_TOKEN"].strip()
-    for candidate in (os.environ.get("RAY_AUTH_TOKEN_PATH"), "~/.ray/auth_token"):
-        if candidate and Path(candidate).expanduser().exists():
-            return Path(candidate).expanduser().read_text().strip()
-    return None
 
 
 def client(address: str | None, token_file: str | None = None, timeout_s: float = 5.0) -> Any:
@@ -128,13 +105,7 @@ def _check_upload_size(workdir: Path, excludes: list[str], limit_mb: float = 100
 
 def _default_python(url: str) -> str:
     """The interpreter the entrypoint runs: this one for a cluster on this machine, else `python`."""
-    host = urlparse(url).hostname or ""
-    local = {"127.0.0.1", "localhost", socket.gethostname()}
-    try:
-        local.add(socket.gethostbyname(socket.gethostname()))
-    except OSError:
-        pass
-    return sys.executable if host in local else "python"
+    return sys.executable if on_this_machine(urlparse(url).hostname or "") else "python"
 
 
 def follow(c: Any, job_id: str, start_timeout_s: float) -> int:

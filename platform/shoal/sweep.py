@@ -45,13 +45,13 @@ def combinations(cfg: JobConfig, grid: list[tuple[str, list[Any]]], seeds: int) 
 
 
 def run(cfg: JobConfig, grid_items: list[str], seeds: int, parallel: int | None = None) -> dict[str, Any]:
-    from shoal import launcher
+    from shoal import cluster, launcher
 
     grid = parse_grid(grid_items)
     runs = combinations(cfg, grid, seeds)
     out = rundir.resolve(cfg) / "sweep"
     out.mkdir(parents=True, exist_ok=True)
-    cluster = launcher.connect(cfg.scaling)
+    conn = cluster.connect(cfg.scaling.address, cfg.scaling.dashboard)
     try:
         width = parallel or _room(cfg)
         print(f"[shoal] sweep: {len(runs)} runs, {width} at a time", flush=True)
@@ -66,7 +66,7 @@ def run(cfg: JobConfig, grid_items: list[str], seeds: int, parallel: int | None 
         with ThreadPoolExecutor(max_workers=width) as pool:
             results = list(pool.map(one, enumerate(runs)))
     finally:
-        cluster.close()
+        conn.close()
     table = aggregate(results)
     report = {"grid": {k: v for k, v in grid}, "seeds": seeds, "runs": results, "table": table}
     (out / "results.json").write_text(json.dumps(report, indent=2, default=str) + "\n")

@@ -14,8 +14,6 @@ its memory does not grow with the data set.
 
 from __future__ import annotations
 
-import importlib
-import json
 import logging
 import math
 import os
@@ -30,13 +28,13 @@ import numpy as np
 import torch
 
 from shoal.config import DataConfig
+from shoal.data.locate import MANIFEST, expand, local_present, read_manifest
+from shoal.data.locate import is_local as _is_local
 from shoal.data.spec import DataSpec
 from shoal.errors import ConfigError, DataError
+from shoal.imports import import_object
 
 log = logging.getLogger("shoal")
-
-MANIFEST = "manifest.json"
-PACKED = "shoal-packed-v1"
 
 
 @dataclass(frozen=True)
@@ -53,7 +51,7 @@ def open_shards(cfg: DataConfig) -> tuple[ShardSource, ShardSource | None]:
     """The train and validation sources data.path (and data.val_path) name."""
     assert cfg.path is not None
     path = Path(cfg.path).expanduser()
-    decode = _import_decode(cfg.decode) if cfg.decode else None
+    decode = import_object(cfg.decode, "data.decode") if cfg.decode else None
     if _is_local(cfg.path) and path.is_dir():
         manifest = read_manifest(path / MANIFEST, hint=f"data.path: {path} has no {MANIFEST}; write shards with `shoal shard` or give a pattern")
         train = ShardSource(_split_shards(manifest, "train", path), manifest, cfg, decode)
@@ -68,15 +66,10 @@ def open_shards(cfg: DataConfig) -> tuple[ShardSource, ShardSource | None]:
 
 
 def _open_pattern(pattern: str, cfg: DataConfig, decode: Callable | None, key: str) -> ShardSource:
-    import braceexpand
-
-    urls = list(braceexpand.braceexpand(pattern))
+    urls = expand(pattern)
     local = _is_local(pattern)
     if local:
-        present = [u for u in urls if Path(u).expanduser().exists()]
-        if not present:
-            raise DataError(f"{key}: pattern {pattern!r} matches no file")
-        missing = [u for u in urls if u not in present]
+        present, missing = local_present(pattern, key)
         if missing and cfg.on_error == "raise":
             raise DataError(f"shard {missing[0]}: missing ({len(missing)} of {len(urls)} shards of {key} are absent)")
         if missing:
@@ -99,23 +92,6 @@ def _open_pattern(pattern: str, cfg: DataConfig, decode: Callable | None, key: s
     return ShardSource(shards, manifest, cfg, decode)
 
 
-def _is_local(path: str) -> bool:
-    return "://" not in path and not path.startswith("pipe:")
-
-
-def read_manifest(path: Path, hint: str | None = None) -> dict[str, Any]:
-    """manifest.json of a `shoal shard` directory."""
-    if not path.exists():
-        raise DataError(hint or f"{path}: not found")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: not a readable manifest ({e})") from None
-    if manifest.get("format") != PACKED:
-        raise DataError(f"{path}: format {manifest.get('format')!r}, expected {PACKED!r}")
-    return manifest
-
-
 def _split_shards(manifest: dict[str, Any], split: str, root: Path) -> list[Shard]:
     return [Shard(str(root / s["name"]), s["name"], int(s["samples"])) for s in manifest["splits"][split]["shards"]]
 
@@ -127,17 +103,6 @@ def _manifest_counts(manifest: dict[str, Any]) -> dict[str, int]:
 def _count_samples(url: str, name: str) -> int:
     """Samples (tar keys) in a shard without a manifest: one pass over its headers."""
     return sum(1 for _ in _iter_groups(url, name, with_data=False))
-
-
-def _import_decode(target: str) -> Callable:
-    module, _, attr = target.partition(":")
-    try:
-        obj: Any = importlib.import_module(module)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except Exception as e:  # the user's module may fail in any way
-        raise ConfigError(f"cannot import {target!r}: {type(e).__name__}: {e}", key="data.decode") from None
-    return obj
 
 
 # ---------------------------------------------------------------- tar access
@@ -314,13 +279,30 @@ class ShardSource:
             self._readers[s] = reader
         key, members = reader.group(b)
         if self.manifest is None:
-            return self._decode_user(shard, key, members)
-        count = min(self.block_size, shard.samples - b * self.block_size)
-        arrays = {f: _field(shard, key, members, f, spec, count) for f, spec in self.manifest["fields"].items()}
-        if self.decode is not None:
-            x, y = self.decode(arrays)
-            return np.asarray(x), np.asarray(y)
-        return arrays["x"], arrays["y"]
+            x, y = self._decode_user(shard, key, members)
+        else:
+            count = min(self.block_size, shard.samples - b * self.block_size)
+            arrays = {f: _field(shard, key, members, f, spec, count) for f, spec in self.manifest["fields"].items()}
+            x, y = (np.asarray(v) for v in self.decode(arrays)) if self.decode is not None else (arrays["x"], arrays["y"])
+        self._check_range(shard, key, x, y)
+        return x, y
+
+    def _check_range(self, shard: Shard, key: str, x: np.ndarray, y: np.ndarray) -> None:
+        """Class labels in [0, num_classes) and token ids in [0, vocab_size): one min/max per block.
+
+        A label past the model's outputs would otherwise end a rank with an IndexError deep in the loss.
+        """
+        spec = self.spec
+
+        def where(name: str, n: int) -> str:
+            return f"{name}={n} in the manifest" if self.manifest else f"data.{name}={n}"
+
+        if spec.task == "classification" and spec.num_classes and y.size:
+            _in_range(y, spec.num_classes, f"shard {shard.name}, sample {key}: label", where("num_classes", spec.num_classes))
+        elif spec.task == "lm" and spec.vocab_size:
+            for what, arr in (("token id", x), ("target token id", y)):
+                if arr.size:
+                    _in_range(arr, spec.vocab_size, f"shard {shard.name}, sample {key}: {what}", where("vocab_size", spec.vocab_size))
 
     def _decode_user(self, shard: Shard, key: str, members: dict[str, bytes]) -> tuple[np.ndarray, np.ndarray]:
         try:
@@ -335,6 +317,13 @@ class ShardSource:
         if shard not in self._warned:
             self._warned.add(shard)
             log.warning("data.on_error=skip: skipping bad data: %s", err)
+
+
+def _in_range(values: np.ndarray, n: int, what: str, key: str) -> None:
+    low, high = values.min(), values.max()
+    if low < 0 or high >= n:
+        bad = low if low < 0 else high
+        raise DataError(f"{what} {bad} is outside [0, {n}) ({key}); fix the data or the class count")
 
 
 def _field(shard: Shard, key: str, members: dict[str, bytes], field: str, spec: dict[str, Any], count: int) -> np.ndarray:

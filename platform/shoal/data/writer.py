@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from shoal import __version__
-from shoal.data.shards import MANIFEST, PACKED
+from shoal.data.locate import MANIFEST, PACKED
 from shoal.errors import ConfigError, DataError
 
 
@@ -170,9 +170,12 @@ def load_source(source: str, *, num_samples: int = 100_000, input_shape: list[in
     return _text(path, seq_len)
 
 
-def _arrays(x: np.ndarray, y: np.ndarray, task: str, num_classes: int = 0, **kw: Any) -> Table:
+def _arrays(x: np.ndarray, y: np.ndarray, task: str, num_classes: int = 0, source: str = "", **kw: Any) -> Table:
     if len(x) != len(y):
         raise DataError(f"x has {len(x)} samples, y has {len(y)}")
+    if task == "classification" and len(y) and y.min() < 0:
+        i = int(np.argmin(y))
+        raise DataError(f"{source}: sample {i} has label {int(y[i])}; class labels must be integers 0, 1, ..., C-1 (remap them before sharding)")
     return Table(n=len(x), fetch=lambda idx: (x[idx], y[idx]), task=task, num_classes=num_classes, **kw)
 
 
@@ -195,7 +198,7 @@ def _npz(path: Path, task: str | None) -> Table:
         x, y = data["x"], data["y"]
     task, classes = _infer_task(y, task)
     x = x.astype(np.float32) if x.dtype.kind == "f" else x
-    return _arrays(x, _labels(y, task), task, classes, x_scale=1 / 255 if x.dtype == np.uint8 else None)
+    return _arrays(x, _labels(y, task), task, classes, source=str(path), x_scale=1 / 255 if x.dtype == np.uint8 else None)
 
 
 def _csv(path: Path, label_column: str | None, task: str | None) -> Table:
@@ -220,7 +223,7 @@ def _csv(path: Path, label_column: str | None, task: str | None) -> Table:
     y = table[:, col]
     x = np.delete(table, col, axis=1).astype(np.float32)
     task, classes = _infer_task(y, task)
-    return _arrays(x, _labels(y, task), task, classes)
+    return _arrays(x, _labels(y, task), task, classes, source=str(path))
 
 
 def _jsonl(path: Path, task: str | None) -> Table:
@@ -237,7 +240,7 @@ def _jsonl(path: Path, task: str | None) -> Table:
                 raise DataError(f"{path}:{i}: each line must be a JSON object with 'x' and 'y' ({e})") from None
     y = np.array(ys)
     task, classes = _infer_task(y, task)
-    return _arrays(np.array(xs, dtype=np.float32), _labels(y, task), task, classes)
+    return _arrays(np.array(xs, dtype=np.float32), _labels(y, task), task, classes, source=str(path))
 
 
 def _text(path: Path, seq_len: int) -> Table:

@@ -14,10 +14,11 @@ ACTIVATION_TYPES = (nn.ReLU, nn.LeakyReLU, nn.GELU, nn.Tanh, nn.Sigmoid)
 
 def layers(model: nn.Module) -> OrderedDict[str, list[nn.Parameter]]:
     """Trainable parameters grouped by the module that owns them, input side first."""
+    from shoal.models import trainable
+
     out: OrderedDict[str, list[nn.Parameter]] = OrderedDict()
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            out.setdefault(name.rsplit(".", 1)[0] if "." in name else name, []).append(p)
+    for name, p in trainable(model):
+        out.setdefault(name.rsplit(".", 1)[0] if "." in name else name, []).append(p)
     return out
 
 

@@ -24,19 +24,21 @@ from shoal.ps.sharding import TensorSpec, balance, flatten
 POLL_S = 0.25
 
 
-def model_specs(cfg: JobConfig) -> tuple[list[TensorSpec], list[np.ndarray]]:
-    """Every trainable tensor (name, shape, decay group) and its initial value, as the workers build it."""
+def model_specs(cfg: JobConfig) -> tuple[list[TensorSpec], list[np.ndarray], dict[str, str]]:
+    """Every trainable tensor (name, shape, decay group) and its initial value, as the workers build it,
+    and the other names of shared tensors (a tied head) for the checkpoint's full state dict."""
     import torch
 
     from shoal.engine import build_job
     from shoal.dist import WorldInfo
+    from shoal.models import aliases, trainable
     from shoal.optim import decay_flags
 
     job = build_job(cfg, WorldInfo(), torch.device("cpu"))
     flags = decay_flags(job.bare_model, cfg.optim)
-    named = [(n, p) for n, p in job.bare_model.named_parameters() if p.requires_grad]
+    named = trainable(job.bare_model)
     specs = [TensorSpec(n, tuple(p.shape), flags[n]) for n, p in named]
-    return specs, [p.detach().numpy().copy() for _, p in named]
+    return specs, [p.detach().numpy().copy() for _, p in named], aliases(job.bare_model)
 
 
 def run_async_ps(cfg: JobConfig, path: Path, resume: bool, out: Any) -> dict[str, Any]:
@@ -50,7 +52,7 @@ def run_async_ps(cfg: JobConfig, path: Path, resume: bool, out: Any) -> dict[str
     from shoal.rundir import write_summary
     from shoal.signals import StopOnSignal
 
-    specs, values = model_specs(cfg)
+    specs, values, tied = model_specs(cfg)
     shards = balance([s.numel * 4 for s in specs], cfg.ps.num_shards)
     cfg_dict = cfg.to_dict()
     server_cls = ray.remote(_server_class())
@@ -69,7 +71,7 @@ def run_async_ps(cfg: JobConfig, path: Path, resume: bool, out: Any) -> dict[str
     writer = MetricsWriter(path, cfg.log.tensorboard, truncate_after_step=_start(servers)[0] if (resume or resumed_from) else None)
     progress = Progress(cfg.train.max_steps, cfg.log.progress, cfg.log.print_every_s, out)
     saver = Checkpointer(cfg, path, WorldInfo())
-    watch = _Watch(cfg, servers, writer, progress, saver, shards, specs)
+    watch = _Watch(cfg, servers, writer, progress, saver, shards, specs, tied)
     stop = threading.Event()
     watch.start_version, watch.start_samples = _start(servers)
     try:
@@ -134,9 +136,10 @@ def _resume(cfg: JobConfig, path: Path, resume: bool, servers: list[Any]) -> Pat
 class _Watch:
     """The driver's loop: metrics from the servers, checkpoints, failures."""
 
-    def __init__(self, cfg: JobConfig, servers: list[Any], writer: Any, progress: Any, saver: Any, shards: list[list[int]], specs: list[TensorSpec]):
+    def __init__(self, cfg: JobConfig, servers: list[Any], writer: Any, progress: Any, saver: Any, shards: list[list[int]],
+                 specs: list[TensorSpec], tied: dict[str, str]):
         self.cfg, self.servers, self.writer, self.progress, self.saver = cfg, servers, writer, progress, saver
-        self.shards, self.specs = shards, specs
+        self.shards, self.specs, self.tied = shards, specs, tied
         self.version = 0
         self.last_log = time.perf_counter()
         self.window = {"loss_sum": 0.0, "count": 0, "samples": 0, "grad_norm_sum": 0.0, "pushes": 0, "staleness_sum": 0}
@@ -233,6 +236,7 @@ class _Watch:
                 spec = self.specs[i]
                 model[spec.name] = st["flat"][o : o + spec.numel].view(spec.shape).clone()
                 o += spec.numel
+        model.update({alias: model[name] for alias, name in self.tied.items()})  # one tensor, every name the model has
         version = int(states[0]["version"])
         state = {
             "model": model,

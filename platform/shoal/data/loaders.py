@@ -1,0 +1,211 @@
+"""The stream the engine sees: an endless, resumable train stream and a validation split per rank."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from shoal.config import JobConfig
+from shoal.data import partition
+from shoal.data.spec import DataSpec
+from shoal.dist import WorldInfo
+from shoal.errors import DataError, ShoalError
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class _Raised:
+    """A user-facing error met in a loader worker, carried to the training process as the batch itself:
+    re-raised there with its one-line message (DataLoader would wrap it in a worker traceback)."""
+
+    error: ShoalError
+
+
+class BatchSource(Protocol):
+    """A split that fetches whole batches by sample index."""
+
+    spec: DataSpec
+
+    def __len__(self) -> int: ...
+    def get_batch(self, idx: np.ndarray) -> Batch: ...
+
+
+class _ByIndexBatch(torch.utils.data.Dataset):
+    """Map-style view for DataLoader workers: item = one index array = one batch."""
+
+    def __init__(self, source: BatchSource):
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, idx: np.ndarray) -> Batch | _Raised:
+        try:
+            return self.source.get_batch(idx)
+        except ShoalError as e:
+            return _Raised(e)
+
+
+class _EpochBatches(torch.utils.data.Sampler):
+    """The index batches of the stream's current (epoch, position); re-read at every iter()."""
+
+    def __init__(self, stream: TrainStream):
+        # a weak reference: a stream -> loader -> sampler -> stream cycle would leave the loader's
+        # workers to the garbage collector, whose shutdown of them waits 5 s per worker
+        self._stream = weakref.ref(stream)
+
+    @property
+    def stream(self) -> TrainStream:
+        s = self._stream()
+        assert s is not None, "the train stream is gone"
+        return s
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        s = self.stream
+        return s.plan.batches(s.epoch, s.consumed, s.loader_workers)
+
+    def __len__(self) -> int:
+        return self.stream.plan.num_batches(self.stream.consumed)
+
+
+class TrainStream:
+    """This rank's endless stream of training micro-batches, epoch after epoch.
+
+    Its position (epoch, what is consumed this epoch) is the same on every rank, since every rank
+    takes the same number of batches, and stays valid when the job resumes with another world
+    size or number of loader workers. Batches come in the plan's order, also through DataLoader
+    workers (which hand out sampler items round robin), so the position is exact.
+    """
+
+    def __init__(self, source: BatchSource, plan: Any, cfg: JobConfig, world: WorldInfo, device: torch.device):
+        self.source = source
+        self.plan = plan
+        self.world = world
+        self.device = device
+        self.batch_size = cfg.data.batch_size
+        self.loader_workers = cfg.data.num_workers
+        self.epoch = 0
+        self.consumed = plan.fresh()
+        self.taken = 0  # batches taken since `consumed` was set
+        self.skipped_samples = 0  # bad samples skipped under data.on_error=skip (this rank)
+        if plan.num_batches(self.consumed) == 0:
+            global_batch = world.world_size * self.batch_size
+            raise DataError(
+                f"data: {plan.n} training samples are fewer than one global batch "
+                f"(world size {world.world_size} x data.batch_size {self.batch_size} = {global_batch}); "
+                "lower data.batch_size or scaling.num_workers"
+            )
+        self._loader = self._make_loader(cfg, device)
+        self._it: Iterator[Any] | None = None
+
+    def _make_loader(self, cfg: JobConfig, device: torch.device) -> torch.utils.data.DataLoader | None:
+        pin = device.type == "cuda" if cfg.data.pin_memory == "auto" else bool(cfg.data.pin_memory)
+        if cfg.data.num_workers == 0 and not pin:
+            return None  # plain in-process fetch: no DataLoader machinery on the hot path
+        workers = cfg.data.num_workers
+        return torch.utils.data.DataLoader(
+            _ByIndexBatch(self.source),
+            batch_size=None,
+            sampler=_EpochBatches(self),
+            num_workers=workers,
+            pin_memory=pin,
+            prefetch_factor=cfg.data.prefetch_factor if workers else None,
+            persistent_workers=cfg.data.persistent_workers and workers > 0,
+        )
+
+    def _epoch_iter(self) -> Iterator[Any]:
+        if self._loader is not None:
+            return iter(self._loader)
+        return (self.source.get_batch(ids) for ids in self.plan.batches(self.epoch, self.consumed, self.loader_workers))
+
+    def __iter__(self) -> TrainStream:
+        return self
+
+    def __next__(self) -> Batch:
+        if self._it is None:
+            self._it = self._epoch_iter()
+        try:
+            item = next(self._it)
+        except StopIteration:
+            self.epoch += 1
+            self.consumed = self.plan.fresh()
+            self.taken = 0
+            self._it = self._epoch_iter()
+            item = next(self._it)
+        if isinstance(item, _Raised):
+            raise item.error
+        self.taken += 1
+        x, y = item[0], item[1]
+        if len(item) > 2:
+            self.skipped_samples += int(item[2])
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def close(self) -> None:
+        """Stop the loader workers now; any later batch is fetched in this process."""
+        self._it = None
+        self._loader = None  # a persistent-workers loader holds its iterator: let both go
+
+    def state_dict(self) -> dict[str, Any]:
+        """The global position: the same on every rank, valid for any world size."""
+        consumed = self.plan.after(self.epoch, self.consumed, self.taken, self.loader_workers)
+        return {"epoch": self.epoch, "consumed": consumed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = int(state["epoch"])
+        consumed = state["consumed"]
+        self.consumed = [tuple(c) for c in consumed] if isinstance(consumed, list) else int(consumed)
+        self.taken = 0
+        self._it = None
+
+
+class EvalSet:
+    """This rank's share of the validation split (every sample exactly once across ranks)."""
+
+    def __init__(self, source: BatchSource, world: WorldInfo, batch_size: int, device: torch.device):
+        self.source = source
+        self.idx = partition.shard_for_eval(len(source), world.rank, world.world_size)
+        self.batch_size = batch_size
+        self.device = device
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def batches(self, limit: int | None = None) -> Iterator[Batch]:
+        for i, start in enumerate(range(0, len(self.idx), self.batch_size)):
+            if limit is not None and i >= limit:
+                return
+            item = self.source.get_batch(self.idx[start : start + self.batch_size])
+            yield item[0].to(self.device, non_blocking=True), item[1].to(self.device, non_blocking=True)
+
+
+@dataclass
+class Loaders:
+    train: TrainStream
+    val: EvalSet | None
+    spec: DataSpec
+
+
+def build_loaders(cfg: JobConfig, world: WorldInfo, device: torch.device) -> Loaders:
+    """The train stream and validation split for this rank."""
+    if cfg.data.format == "shards":
+        from shoal.data.shards import open_shards
+
+        train, val = open_shards(cfg.data)
+        plan: Any = partition.ShardPlan(
+            train.shard_counts, cfg.seed, cfg.data.shuffle, cfg.data.shuffle_buffer, world.rank, world.world_size, cfg.data.batch_size
+        )
+    else:
+        from shoal.data.memory import build_memory_data
+
+        train = build_memory_data(cfg.data, cfg.seed, "train")
+        val = build_memory_data(cfg.data, cfg.seed, "val") if cfg.data.val_fraction > 0 else None
+        plan = partition.MemoryPlan(len(train), cfg.seed, cfg.data.shuffle, world.rank, world.world_size, cfg.data.batch_size)
+    stream = TrainStream(train, plan, cfg, world, device)
+    evalset = EvalSet(val, world, cfg.data.batch_size, device) if val is not None and len(val) else None
+    return Loaders(train=stream, val=evalset, spec=train.spec)

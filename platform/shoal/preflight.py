@@ -1,0 +1,39 @@
+"""What can be checked on the driver's machine before a cluster starts, in about a second: the run
+directory, the data paths, the checkpoint to resume from, and that model.target and data.decode
+can be found (found, not imported: the user's module runs in the ranks only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from shoal import rundir
+from shoal.config import JobConfig
+from shoal.data.locate import check_paths
+from shoal.errors import CheckpointError
+from shoal.imports import locate_object
+
+
+def check(cfg: JobConfig, *, resume: bool = False, local_files: bool = True) -> Path:
+    """Raise the first problem as a one-line ShoalError; returns the resolved run directory.
+
+    local_files=False skips the data and checkpoint paths: on a cluster of other machines they are
+    the nodes' paths, not this one's (the ranks check them where they read them).
+    """
+    for key, target in (("model.target", cfg.model.target), ("data.decode", cfg.data.decode)):
+        if target:
+            locate_object(target, key)
+    path = rundir.resolve(cfg)
+    rundir.check(path, cfg, resume)
+    if local_files:
+        check_paths(cfg.data)
+        if cfg.checkpoint.resume_from and not resume:
+            check_checkpoint_dir(Path(cfg.checkpoint.resume_from).expanduser())
+    return path
+
+
+def check_checkpoint_dir(path: Path) -> None:
+    """A checkpoint directory that exists and was completed (its meta.json is written last)."""
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint.resume_from: {path}: not found (a checkpoint directory such as RUN_DIR/checkpoints/step-000100)")
+    if not (path / "meta.json").exists():
+        raise CheckpointError(f"checkpoint.resume_from: {path}: incomplete (no meta.json); use a complete checkpoint")
