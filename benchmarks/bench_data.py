@@ -37,7 +37,13 @@ def write_npy_layout(root: Path, n: int) -> str:
     for s in range(0, n, per):
         with wds.TarWriter(str(root / f"npy-{s // per:06d}.tar")) as sink:
             for i in range(s, min(n, s + per)):
-                sink.write({"__key__": f"{i:09d}", "input.npy": rng.standard_normal(DIM).astype(np.float32), "cls": int(i % 10)})
+                sink.write(
+                    {
+                        "__key__": f"{i:09d}",
+                        "input.npy": rng.standard_normal(DIM).astype(np.float32),
+                        "cls": int(i % 10),
+                    }
+                )
     return str(root / f"npy-{{000000..{(n - 1) // per:06d}}}.tar")
 
 
@@ -66,7 +72,9 @@ def shoal_reader(path: str, workers: int) -> float:
     from shoal.data.loaders import build_loaders
     from shoal.dist import WorldInfo
 
-    cfg = JobConfig().replace({"data.format": "shards", "data.path": path, "data.batch_size": 64, "data.num_workers": workers})
+    cfg = JobConfig().replace(
+        {"data.format": "shards", "data.path": path, "data.batch_size": 64, "data.num_workers": workers}
+    )
     stream = build_loaders(cfg, WorldInfo(), torch.device("cpu")).train
     batches = stream.plan.num_batches(stream.consumed)
     start = time.perf_counter()
@@ -110,11 +118,23 @@ def ddp_rank(steps: int, warmup: int, run_dir: str, data: dict) -> tuple[float, 
     from shoal.config import JobConfig
     from shoal.worker import run_worker
 
-    cfg = JobConfig().replace({
-        "model.width": 1024, "model.depth": 2, "optim.name": "sgd", "optim.lr": 0.01, "optim.momentum": 0.9,
-        "data.batch_size": 64, "train.max_steps": warmup + steps + 10, "train.eval_every": 0, "log.every": 10,
-        "log.progress": "none", "log.tensorboard": False, "run.dir": run_dir, **data,
-    })
+    cfg = JobConfig().replace(
+        {
+            "model.width": 1024,
+            "model.depth": 2,
+            "optim.name": "sgd",
+            "optim.lr": 0.01,
+            "optim.momentum": 0.9,
+            "data.batch_size": 64,
+            "train.max_steps": warmup + steps + 10,
+            "train.eval_every": 0,
+            "log.every": 10,
+            "log.progress": "none",
+            "log.tensorboard": False,
+            "run.dir": run_dir,
+            **data,
+        }
+    )
     marks: dict[int, float] = {}
     waits: list[float] = []
 
@@ -160,8 +180,12 @@ def reader_part(args: argparse.Namespace, n: int, pattern: str, packed: Path) ->
         rows.append(row)
         print(f"  round {r + 1}: " + ", ".join(f"{k} {v:,.0f}/s" for k, v in row.items()), flush=True)
     base = [r["bare webdataset .npy"] for r in rows]
-    print(table(["reader", "samples/s (median)", "x bare webdataset"], [[k, median([r[k] for r in rows]), median([r[k] / b for r, b in zip(rows, base)])] for k in rows[0]]))
-
+    print(
+        table(
+            ["reader", "samples/s (median)", "x bare webdataset"],
+            [[k, median([r[k] for r in rows]), median([r[k] / b for r, b in zip(rows, base)])] for k in rows[0]],
+        )
+    )
 
 
 def rss_part(root: Path) -> None:
@@ -172,11 +196,15 @@ def rss_part(root: Path) -> None:
     print(table(["data set", "peak RSS MiB"], [["200,000 samples", rs], ["2,000,000 samples", rl], ["ratio", rl / rs]]))
 
 
-
 def ddp_part(args: argparse.Namespace, n: int, root: Path, packed: Path) -> None:
     print(f"\n3. 2 ranks gloo, MLP {DIM}-1024-1024-10, batch 64/rank, {args.steps} steps", flush=True)
     variants = {
-        "memory": {"data.dataset": "synthetic", "data.num_samples": n, "data.input_shape": [DIM], "data.val_fraction": 0.0},
+        "memory": {
+            "data.dataset": "synthetic",
+            "data.num_samples": n,
+            "data.input_shape": [DIM],
+            "data.val_fraction": 0.0,
+        },
         "shards, 0 loader workers": {"data.format": "shards", "data.path": str(packed), "data.num_workers": 0},
         "shards, 1 loader worker": {"data.format": "shards", "data.path": str(packed), "data.num_workers": 1},
     }
@@ -187,10 +215,20 @@ def ddp_part(args: argparse.Namespace, n: int, root: Path, packed: Path) -> None
             results[name].append(spawn_ranks(ddp_rank, 2, args.steps, 30, str(run_dir), data, timeout_s=900)[0])
         print(f"  round {r + 1}: " + ", ".join(f"{k} {v[-1][0] * 1000:.1f} ms" for k, v in results.items()), flush=True)
     mem = [s for s, _ in results["memory"]]
-    print(table(
-        ["data", "ms/step (median)", "x memory", "data-wait share"],
-        [[k, median([s for s, _ in v]) * 1000, median([s / m for (s, _), m in zip(v, mem)]), median([w for _, w in v])] for k, v in results.items()],
-    ))
+    print(
+        table(
+            ["data", "ms/step (median)", "x memory", "data-wait share"],
+            [
+                [
+                    k,
+                    median([s for s, _ in v]) * 1000,
+                    median([s / m for (s, _), m in zip(v, mem)]),
+                    median([w for _, w in v]),
+                ]
+                for k, v in results.items()
+            ],
+        )
+    )
 
 
 if __name__ == "__main__":

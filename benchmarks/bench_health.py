@@ -13,8 +13,9 @@ from __future__ import annotations
 import argparse
 import tempfile
 
-from _common import machine, median, spawn_ranks, table
 from bench_step import shoal_rank
+
+from _common import machine, median, spawn_ranks, table
 
 
 def main() -> None:
@@ -28,11 +29,17 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as d:
             runs = {"off": ("health.every=1000000000",), "on": ()}
             order = ["off", "on"] if r % 2 == 0 else ["on", "off"]  # alternate which goes first
-            got = {k: spawn_ranks(shoal_rank, 2, args.steps, args.warmup, f"{d}/{k}", 1, runs[k], timeout_s=600)[0] for k in order}
+            got = {
+                k: spawn_ranks(shoal_rank, 2, args.steps, args.warmup, f"{d}/{k}", 1, runs[k], timeout_s=600)[0]
+                for k in order
+            }
             off, on = got["off"], got["on"]
         ratios.append(on / off)
         rows.append([r + 1, off * 1000, on * 1000, on / off])
-        print(f"round {r + 1}: without {off * 1000:.2f} ms/step, with health {on * 1000:.2f} ms/step, ratio {on / off:.3f}", flush=True)
+        print(
+            f"round {r + 1}: without {off * 1000:.2f} ms/step, with health {on * 1000:.2f} ms/step, ratio {on / off:.3f}",
+            flush=True,
+        )
     print(f"\n2 ranks gloo, MLP 784-1024-1024-10, batch 64/rank; {machine()}")
     print(table(["round", "measurements off ms/step", "default health ms/step", "ratio"], rows))
     print(f"\nmedian ratio with / without health measurements: {median(ratios):.3f}")

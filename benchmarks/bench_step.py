@@ -53,7 +53,10 @@ def shoal_rank(steps: int, warmup: int, run_dir: str, accum: int, overrides: tup
     from shoal.worker import run_worker
 
     marks: dict[int, float] = {}
-    run_worker(job_config(warmup + steps + 10, run_dir, accum, overrides), report=lambda r: marks.setdefault(r["step"], time.perf_counter()))
+    run_worker(
+        job_config(warmup + steps + 10, run_dir, accum, overrides),
+        report=lambda r: marks.setdefault(r["step"], time.perf_counter()),
+    )
     if not marks:  # only rank 0 reports
         return float("nan")
     return median_window(marks, warmup, steps)
@@ -79,10 +82,16 @@ def raw_rank(steps: int, warmup: int, accum: int) -> float:
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    data = SyntheticData(DataConfig(dataset="synthetic", num_samples=20000, val_fraction=0.0, input_shape=[IN], num_classes=CLASSES), "train", 0)
+    data = SyntheticData(
+        DataConfig(dataset="synthetic", num_samples=20000, val_fraction=0.0, input_shape=[IN], num_classes=CLASSES),
+        "train",
+        0,
+    )
     x_all, y_all = data.get_batch(np.arange(len(data)))
     torch.manual_seed(0)
-    model = DDP(nn.Sequential(nn.Linear(IN, WIDTH), nn.ReLU(), nn.Linear(WIDTH, WIDTH), nn.ReLU(), nn.Linear(WIDTH, CLASSES)))
+    model = DDP(
+        nn.Sequential(nn.Linear(IN, WIDTH), nn.ReLU(), nn.Linear(WIDTH, WIDTH), nn.ReLU(), nn.Linear(WIDTH, CLASSES))
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))
     per_step = world * BATCH
@@ -118,8 +127,11 @@ def main() -> None:
     ratios = []
     for r in range(args.rounds):
         with tempfile.TemporaryDirectory() as d:
+
             def shoal() -> float:
-                return spawn_ranks(shoal_rank, 2, args.steps, args.warmup, d + "/run", args.accum, tuple(args.set), timeout_s=600)[0]
+                return spawn_ranks(
+                    shoal_rank, 2, args.steps, args.warmup, d + "/run", args.accum, tuple(args.set), timeout_s=600
+                )[0]
 
             if r % 2:  # alternate which goes first: no order bias
                 sh, raw = shoal(), spawn_ranks(raw_rank, 2, args.steps, args.warmup, args.accum, timeout_s=600)[0]
@@ -127,9 +139,14 @@ def main() -> None:
                 raw, sh = spawn_ranks(raw_rank, 2, args.steps, args.warmup, args.accum, timeout_s=600)[0], shoal()
         ratios.append(sh / raw)
         rows.append([r + 1, raw * 1000, sh * 1000, sh / raw])
-        print(f"round {r + 1}: raw {raw * 1000:.2f} ms/step, shoal {sh * 1000:.2f} ms/step, ratio {sh / raw:.3f}", flush=True)
+        print(
+            f"round {r + 1}: raw {raw * 1000:.2f} ms/step, shoal {sh * 1000:.2f} ms/step, ratio {sh / raw:.3f}",
+            flush=True,
+        )
     print()
-    print(f"2 ranks gloo, MLP {IN}-{WIDTH}-{WIDTH}-{CLASSES}, batch {BATCH}/rank, accumulation {args.accum}; {machine()}")
+    print(
+        f"2 ranks gloo, MLP {IN}-{WIDTH}-{WIDTH}-{CLASSES}, batch {BATCH}/rank, accumulation {args.accum}; {machine()}"
+    )
     print(table(["round", "raw DDP ms/step", "Shoal ms/step", "Shoal / raw"], rows))
     print(f"\nmedian ratio Shoal / raw DDP: {median(ratios):.3f}")
 

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from shoal.dist import ENV_KEYS
+
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
-DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")
+DIST_ENV = ENV_KEYS  # the torchrun variables shoal.dist reads
 
 
 def pytest_collection_modifyitems(config, items):
@@ -69,12 +71,19 @@ def wait_port(host: str, port: int, timeout_s: float) -> None:
     raise TimeoutError(f"{host}:{port} did not open within {timeout_s}s")
 
 
-def start_ray_node(temp_dir: str, args: list[str], log_name: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+def start_ray_node(
+    temp_dir: str, args: list[str], log_name: str, env: dict[str, str] | None = None
+) -> subprocess.Popen:
     """`ray start --block ...` as a child we own: SIGTERM to it stops exactly the processes it started."""
     ray_bin = str(Path(sys.executable).with_name("ray"))
     log = open(Path(temp_dir) / log_name, "w")
-    return subprocess.Popen([ray_bin, "start", "--block", "--disable-usage-stats", *args], stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True, env={**os.environ, **(env or {})})
+    return subprocess.Popen(
+        [ray_bin, "start", "--block", "--disable-usage-stats", *args],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def stop_ray_node(proc: subprocess.Popen) -> None:
@@ -96,11 +105,22 @@ class RayHead:
 def start_ray_head(temp_dir: str, num_cpus: int, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, RayHead]:
     """`ray start --head` with its dashboard / Jobs API on 127.0.0.1, once the Jobs API answers."""
     gcs_port, dash_port, client_port, agent_port = free_ports(4)
-    proc = start_ray_node(temp_dir, [
-        "--head", f"--port={gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
-        f"--ray-client-server-port={client_port}", f"--dashboard-agent-listen-port={agent_port}", f"--num-cpus={num_cpus}",
-        "--include-dashboard=true", f"--temp-dir={temp_dir}",
-    ], "head.log", env)
+    proc = start_ray_node(
+        temp_dir,
+        [
+            "--head",
+            f"--port={gcs_port}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash_port}",
+            f"--ray-client-server-port={client_port}",
+            f"--dashboard-agent-listen-port={agent_port}",
+            f"--num-cpus={num_cpus}",
+            "--include-dashboard=true",
+            f"--temp-dir={temp_dir}",
+        ],
+        "head.log",
+        env,
+    )
     try:
         wait_port("127.0.0.1", dash_port, 90)
     except BaseException:
@@ -143,6 +163,20 @@ def ray_cluster(ray_head):
     return ray_head.gcs
 
 
+# a small weight-tied language model on generated token sequences (dotted config keys)
+TINY_LM = {
+    "data.dataset": "synthetic",
+    "data.task": "lm",
+    "data.vocab_size": 13,
+    "data.seq_len": 8,
+    "data.num_samples": 400,
+    "model.name": "transformer_lm",
+    "model.width": 16,
+    "model.depth": 1,
+    "model.heads": 2,
+}
+
+
 def tiny_overrides(run_dir: Path, **extra: object) -> list[str]:
     """Overrides that make any job small and quiet."""
     base = {
@@ -154,14 +188,21 @@ def tiny_overrides(run_dir: Path, **extra: object) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
-def shoal_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+def shoal_cli(
+    *args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 180
+) -> subprocess.CompletedProcess:
     """Run `python -m shoal ARGS` in a real subprocess (env values of None remove a variable)."""
     full_env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
     full_env["PYTHONPATH"] = os.pathsep.join([str(TESTS), full_env.get("PYTHONPATH", "")])
     full_env.update(env or {})
     full_env = {k: v for k, v in full_env.items() if v is not None}
     return subprocess.run(
-        [sys.executable, "-m", "shoal", *args], cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "shoal", *args],
+        cwd=cwd or REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -191,8 +232,12 @@ def write_id_shards(root: Path, sizes: list[int], block: int = 4, val: list[int]
             splits[split] = {"samples": sum(split_sizes), "shards": shards}
     total = sum(sizes) + sum(val or [])
     manifest = {
-        "format": "shoal-packed-v1", "task": "classification", "num_classes": total, "block_size": block,
-        "fields": {"x": {"dtype": "<f4", "shape": [2]}, "y": {"dtype": "<i8", "shape": []}}, "splits": splits,
+        "format": "shoal-packed-v1",
+        "task": "classification",
+        "num_classes": total,
+        "block_size": block,
+        "fields": {"x": {"dtype": "<f4", "shape": [2]}, "y": {"dtype": "<i8", "shape": []}},
+        "splits": splits,
     }
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root

@@ -15,14 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, shoal_cli, tiny_overrides
 from shoal import checkpoint
 from shoal.checkpoint import Checkpointer, find_latest, verify
 from shoal.config import JobConfig, load_config
 from shoal.dist import WorldInfo
-from shoal.engine import build_job
 from shoal.errors import CheckpointError
+from shoal.job import build_job
 from shoal.models import build_model
+
+from conftest import REPO, shoal_cli, tiny_overrides
 
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
 COMPARED = ("step", "epoch", "samples", "loss", "lr", "grad_norm", "skipped_steps", "val_loss", "val_accuracy")
@@ -30,10 +31,23 @@ COMPARED = ("step", "epoch", "samples", "loss", "lr", "grad_norm", "skipped_step
 
 def cfg_for(run_dir: Path, **updates) -> JobConfig:
     base = {
-        "data.dataset": "synthetic", "data.num_samples": 600, "data.input_shape": [10], "data.num_classes": 3,
-        "data.batch_size": 16, "model.width": 16, "model.dropout": 0.2, "optim.name": "adamw", "optim.lr": 0.01,
-        "schedule.name": "step", "schedule.step_size": 30, "schedule.gamma": 0.5, "train.max_steps": 100,
-        "train.eval_every": 20, "log.every": 5, "log.tensorboard": False, "run.dir": str(run_dir),
+        "data.dataset": "synthetic",
+        "data.num_samples": 600,
+        "data.input_shape": [10],
+        "data.num_classes": 3,
+        "data.batch_size": 16,
+        "model.width": 16,
+        "model.dropout": 0.2,
+        "optim.name": "adamw",
+        "optim.lr": 0.01,
+        "schedule.name": "step",
+        "schedule.step_size": 30,
+        "schedule.gamma": 0.5,
+        "train.max_steps": 100,
+        "train.eval_every": 20,
+        "log.every": 5,
+        "log.tensorboard": False,
+        "run.dir": str(run_dir),
     }
     base.update(updates)
     return JobConfig().replace(base)
@@ -70,7 +84,11 @@ def test_stopped_and_resumed_run_is_bitwise_the_uninterrupted_one(tmp_path):
     saved = find_latest(tmp_path / "b")
     assert saved.name == f"step-{stopped['steps']:06d}"
     resumed, resumed_log = run(cfg_for(tmp_path / "b"), resume=True)
-    assert resumed["status"] == "completed" and resumed["steps"] == 100 and resumed["steps_this_run"] == 100 - stopped["steps"]
+    assert (
+        resumed["status"] == "completed"
+        and resumed["steps"] == 100
+        and resumed["steps_this_run"] == 100 - stopped["steps"]
+    )
     a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     same_records(straight_log, resumed_log)  # metrics.jsonl continues with the same values
@@ -89,7 +107,10 @@ def test_resume_from_a_given_checkpoint_into_a_new_run_dir(tmp_path):
 def test_model_that_does_not_fit_lists_keys_and_shapes(tmp_path):
     run(cfg_for(tmp_path / "a", **{"train.max_steps": 10}))
     ckpt = find_latest(tmp_path / "a")
-    with pytest.raises(CheckpointError, match=r"does not fit the model.*shape mismatch layers\.0\.linear\.weight: checkpoint \[16, 10\] vs model \[32, 10\]"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"does not fit the model.*shape mismatch layers\.0\.linear\.weight: checkpoint \[16, 10\] vs model \[32, 10\]",
+    ):
         run(cfg_for(tmp_path / "c", **{"model.width": 32, "checkpoint.resume_from": str(ckpt)}))
 
 
@@ -112,10 +133,8 @@ def test_corrupt_latest_falls_back_and_explicit_path_fails(tmp_path, caplog):
 def test_injected_failure_mid_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, caplog):
     cfg = cfg_for(tmp_path / "a")
     job = build_job(cfg, WorldInfo(), torch.device("cpu"))
-    saver = Checkpointer(cfg, tmp_path / "a", WorldInfo())
-    from shoal.engine import collect_state
-
-    saver.save(collect_state(job), 10, {}, 0)
+    saver = Checkpointer(cfg.checkpoint, tmp_path / "a", WorldInfo())
+    saver.save(job.state.collect(), 10, {}, 0)
     real_save = torch.save
 
     def full_disk(obj, path, *a, **k):
@@ -128,7 +147,7 @@ def test_injected_failure_mid_save_keeps_the_previous_checkpoint(tmp_path, monke
 
     monkeypatch.setattr(torch, "save", full_disk)
     with caplog.at_level("ERROR", logger="shoal"):
-        saver.save(collect_state(job), 20, {}, 0)
+        saver.save(job.state.collect(), 20, {}, 0)
     assert "checkpoint at step 20 failed (No space left on device); the previous checkpoint is kept" in caplog.text
     root = tmp_path / "a" / "checkpoints"
     assert (root / "latest").read_text() == "step-000010"
@@ -150,9 +169,13 @@ run_worker(cfg)
 def test_sigkill_during_saves_always_leaves_a_complete_latest(tmp_path):
     run_dir = tmp_path / "a"
     for attempt, delay in enumerate((4.0, 1.3, 2.1)):
-        proc = subprocess.Popen([sys.executable, "-c", SAVER, str(run_dir)] if attempt == 0 else
-                                [sys.executable, "-c", SAVER.replace("run_worker(cfg)", "run_worker(cfg, resume=True)"), str(run_dir)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", SAVER, str(run_dir)]
+            if attempt == 0
+            else [sys.executable, "-c", SAVER.replace("run_worker(cfg)", "run_worker(cfg, resume=True)"), str(run_dir)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 60
         while not (run_dir / "checkpoints" / "latest").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -167,7 +190,13 @@ def test_sigkill_during_saves_always_leaves_a_complete_latest(tmp_path):
 def test_sigterm_saves_exits_preempted_and_resume_completes(tmp_path):
     overrides = tiny_overrides(tmp_path / "run", **{"train.max_steps": 1000, "log.every": 10, "log.print_every_s": 0.2})
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
-    proc = subprocess.Popen([sys.executable, "-m", "shoal", "worker", str(QUICKSTART), *overrides], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shoal", "worker", str(QUICKSTART), *overrides],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     for line in proc.stdout:
         if "[shoal] step" in line and int(line.split("step ")[1].split()[0]) >= 100:
             break
@@ -182,16 +211,18 @@ def test_sigterm_saves_exits_preempted_and_resume_completes(tmp_path):
     done = shoal_cli("worker", str(QUICKSTART), *overrides, "--resume")
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["steps"] == 1000 and summary["steps_this_run"] == 1000 - stopped_at
+    assert (
+        summary["status"] == "completed" and summary["steps"] == 1000 and summary["steps_this_run"] == 1000 - stopped_at
+    )
 
 
 def test_keep_last_and_best_and_the_newest_clean_one_survive_pruning(tmp_path):
-    cfg = cfg_for(tmp_path / "a", **{"checkpoint.keep_last": 2, "checkpoint.keep_best": {"metric": "val_loss", "mode": "min"}})
-    saver = Checkpointer(cfg, tmp_path / "a", WorldInfo())
+    cfg = cfg_for(
+        tmp_path / "a", **{"checkpoint.keep_last": 2, "checkpoint.keep_best": {"metric": "val_loss", "mode": "min"}}
+    )
+    saver = Checkpointer(cfg.checkpoint, tmp_path / "a", WorldInfo())
     job = build_job(cfg, WorldInfo(), torch.device("cpu"))
-    from shoal.engine import collect_state
-
-    state = collect_state(job)
+    state = job.state.collect()
     # (step, val_loss, non-finite steps seen so far): NaNs start after step 30
     for step, loss, bad in [(10, 0.9, 0), (20, 0.5, 0), (30, 0.7, 0), (40, 0.8, 2), (50, 0.95, 5), (60, 0.99, 5)]:
         saver.save(state, step, {"val_loss": loss}, bad)
@@ -202,10 +233,8 @@ def test_keep_last_and_best_and_the_newest_clean_one_survive_pruning(tmp_path):
 
 def test_keep_last_protects_the_last_clean_checkpoint(tmp_path):
     cfg = cfg_for(tmp_path / "a", **{"checkpoint.keep_last": 1})
-    saver = Checkpointer(cfg, tmp_path / "a", WorldInfo())
-    from shoal.engine import collect_state
-
-    state = collect_state(build_job(cfg, WorldInfo(), torch.device("cpu")))
+    saver = Checkpointer(cfg.checkpoint, tmp_path / "a", WorldInfo())
+    state = build_job(cfg, WorldInfo(), torch.device("cpu")).state.collect()
     for step, bad in [(10, 0), (20, 0), (30, 3), (40, 3)]:
         saver.save(state, step, {}, bad)
     assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").glob("step-*")) == ["step-000020", "step-000040"]
@@ -251,7 +280,9 @@ def test_export_loads_into_the_bare_model_with_the_same_outputs(tmp_path):
     job = build_job(cfg, WorldInfo(), torch.device("cpu"))
     model = build_model(cfg.model, job.data.spec, job.loss_fn.out_features())
     model.load_state_dict(weights)
-    checkpoint.load_model_state(job.bare_model, torch.load(find_latest(tmp_path / "a") / "model.pt", weights_only=True), tmp_path)
+    checkpoint.load_model_state(
+        job.bare_model, torch.load(find_latest(tmp_path / "a") / "model.pt", weights_only=True), tmp_path
+    )
     x = torch.randn(7, 10)
     model.eval(), job.bare_model.eval()
     assert torch.equal(model(x), job.bare_model(x))
@@ -260,7 +291,9 @@ def test_export_loads_into_the_bare_model_with_the_same_outputs(tmp_path):
 def test_resume_on_ray_with_another_world_size(ray_cluster, tmp_path):
     from shoal import launcher
 
-    cfg = load_config(QUICKSTART, tiny_overrides(tmp_path / "run", **{"train.max_steps": 60, "checkpoint.every_steps": 30}))
+    cfg = load_config(
+        QUICKSTART, tiny_overrides(tmp_path / "run", **{"train.max_steps": 60, "checkpoint.every_steps": 30})
+    )
     launcher.run(cfg)
     more = cfg.replace({"train.max_steps": 120, "scaling.num_workers": 1})
     summary = launcher.run(more, resume=True)

@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, TESTS, free_ports, shoal_cli, start_ray_node, stop_ray_node, tiny_overrides
 from shoal import launcher
 from shoal.config import load_config
 from shoal.errors import WorkerFailed
+
+from conftest import REPO, TESTS, free_ports, shoal_cli, start_ray_node, stop_ray_node, tiny_overrides
 
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
 
@@ -25,7 +26,12 @@ QUICKSTART = REPO / "configs" / "quickstart.yaml"
 def job_file(tmp_path: Path, **updates) -> Path:
     """The quickstart with an absolute run.dir, in a small working directory to upload."""
     cfg = yaml.safe_load(QUICKSTART.read_text())
-    for key, value in {"run.dir": str(tmp_path / "run"), "log.progress": "lines", "log.tensorboard": False, **updates}.items():
+    for key, value in {
+        "run.dir": str(tmp_path / "run"),
+        "log.progress": "lines",
+        "log.tensorboard": False,
+        **updates,
+    }.items():
         section, _, leaf = key.partition(".")
         cfg.setdefault(section, {})[leaf] = value
     work = tmp_path / "work"
@@ -64,7 +70,9 @@ def test_unreachable_cluster_fails_within_seconds(tmp_path):
     started = time.monotonic()
     proc = shoal_cli("submit", str(QUICKSTART), "--address", f"http://127.0.0.1:{port}", cwd=tmp_path)
     assert proc.returncode == 2 and "cannot reach the Ray Jobs API" in proc.stderr
-    proc = shoal_cli("train", *tiny_overrides(tmp_path / "run", **{"scaling.address": f"127.0.0.1:{port}"}), cwd=tmp_path)
+    proc = shoal_cli(
+        "train", *tiny_overrides(tmp_path / "run", **{"scaling.address": f"127.0.0.1:{port}"}), cwd=tmp_path
+    )
     assert proc.returncode == 2 and "nothing answers at" in proc.stderr
     assert time.monotonic() - started < 20
 
@@ -99,10 +107,22 @@ def kill_processes_mentioning(text: str) -> None:
 
 def test_runtime_env_that_fails_to_build_is_reported(private_head, tmp_path):
     job = job_file(tmp_path)
-    proc = shoal_cli("submit", str(job), "--address", private_head.dashboard, "--pip", "/nonexistent/shoal_missing-1.0-py3-none-any.whl",
-                     "--start-timeout", "6", cwd=job.parent, timeout=120)
+    proc = shoal_cli(
+        "submit",
+        str(job),
+        "--address",
+        private_head.dashboard,
+        "--pip",
+        "/nonexistent/shoal_missing-1.0-py3-none-any.whl",
+        "--start-timeout",
+        "6",
+        cwd=job.parent,
+        timeout=120,
+    )
     assert proc.returncode != 0
-    assert "FAILED" in proc.stdout or "did not start within 6s" in proc.stderr, proc.stdout[-1500:] + proc.stderr[-1500:]
+    assert "FAILED" in proc.stdout or "did not start within 6s" in proc.stderr, (
+        proc.stdout[-1500:] + proc.stderr[-1500:]
+    )
 
 
 @pytest.fixture
@@ -110,7 +130,9 @@ def second_node(ray_head):
     """A second raylet on this machine standing in for a second node (1 CPU)."""
     import ray
 
-    proc = start_ray_node(ray_head.temp_dir, [f"--address={ray_head.gcs}", "--num-cpus=1", '--resources={"second_node": 1}'], "node2.log")
+    proc = start_ray_node(
+        ray_head.temp_dir, [f"--address={ray_head.gcs}", "--num-cpus=1", '--resources={"second_node": 1}'], "node2.log"
+    )
     deadline = time.monotonic() + 60
     while sum(1 for n in ray.nodes() if n["Alive"]) < 2 and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -122,16 +144,30 @@ def second_node(ray_head):
         time.sleep(0.5)
 
 
-@pytest.mark.parametrize("workers, placement, expected", [
-    # (LOCAL_RANK, LOCAL_WORLD_SIZE, GROUP_RANK) per rank, as torchrun would number them
-    (3, "pack", [("0", "2", "0"), ("1", "2", "0"), ("0", "1", "1")]),
-    (2, "strict_spread", [("0", "1", "0"), ("0", "1", "1")]),
-])
+@pytest.mark.parametrize(
+    "workers, placement, expected",
+    [
+        # (LOCAL_RANK, LOCAL_WORLD_SIZE, GROUP_RANK) per rank, as torchrun would number them
+        (3, "pack", [("0", "2", "0"), ("1", "2", "0"), ("0", "1", "1")]),
+        (2, "strict_spread", [("0", "1", "0"), ("0", "1", "1")]),
+    ],
+)
 def test_two_raylets_give_torchrun_numbering(ray_cluster, second_node, tmp_path, workers, placement, expected):
     out = tmp_path / "env"
-    cfg = load_config(QUICKSTART, tiny_overrides(tmp_path / "run", **{
-        "scaling.num_workers": workers, "scaling.placement": placement, "train.max_steps": 3, "data.batch_size": 16,
-        "model.target": "helpers:node_recording_mlp", "model.kwargs": f"{{out_dir: {out}}}"}))
+    cfg = load_config(
+        QUICKSTART,
+        tiny_overrides(
+            tmp_path / "run",
+            **{
+                "scaling.num_workers": workers,
+                "scaling.placement": placement,
+                "train.max_steps": 3,
+                "data.batch_size": 16,
+                "model.target": "helpers:node_recording_mlp",
+                "model.kwargs": f"{{out_dir: {out}}}",
+            },
+        ),
+    )
     summary = launcher.run(cfg)
     assert summary["world_size"] == workers
     envs = [json.loads((out / f"env-{r}.json").read_text()) for r in range(workers)]
@@ -149,15 +185,30 @@ def rank_actor_pids() -> list[int]:
     return [p.pid for p in psutil.process_iter(["cmdline"]) if any("RankActor" in c for c in (p.info["cmdline"] or []))]
 
 
-def train_and_kill_a_worker(ray_cluster: str, tmp_path: Path, max_failures: int) -> tuple[subprocess.CompletedProcess, dict]:
-    overrides = tiny_overrides(tmp_path / "run", **{
-        "scaling.address": ray_cluster, "scaling.max_failures": max_failures, "train.max_steps": 600,
-        "checkpoint.every_steps": 25, "log.print_every_s": 0.5})
+def train_and_kill_a_worker(
+    ray_cluster: str, tmp_path: Path, max_failures: int
+) -> tuple[subprocess.CompletedProcess, dict]:
+    overrides = tiny_overrides(
+        tmp_path / "run",
+        **{
+            "scaling.address": ray_cluster,
+            "scaling.max_failures": max_failures,
+            "train.max_steps": 600,
+            "checkpoint.every_steps": 25,
+            "log.print_every_s": 0.5,
+        },
+    )
     # no RAY_AUTH_MODE: `shoal train scaling.address=...` must find the token cluster's mode itself
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "RAY_AUTH_MODE")}
     env["PYTHONPATH"] = str(TESTS)
-    proc = subprocess.Popen([sys.executable, "-m", "shoal", "train", str(QUICKSTART), *overrides], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shoal", "train", str(QUICKSTART), *overrides],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     latest = tmp_path / "run" / "checkpoints" / "latest"
     deadline = time.monotonic() + 120
     while not latest.exists() and time.monotonic() < deadline:
@@ -166,7 +217,9 @@ def train_and_kill_a_worker(ray_cluster: str, tmp_path: Path, max_failures: int)
     assert victims, "no rank processes found"
     os.kill(victims[-1], signal.SIGKILL)
     out, _ = proc.communicate(timeout=240)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, ""), json.loads((tmp_path / "run" / "summary.json").read_text())
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, ""), json.loads(
+        (tmp_path / "run" / "summary.json").read_text()
+    )
 
 
 def test_killed_worker_restarts_from_the_last_checkpoint(ray_cluster, tmp_path):
@@ -186,9 +239,19 @@ def test_killed_worker_without_budget_fails_naming_the_rank(ray_cluster, tmp_pat
 
 
 def test_a_hanging_rank_counts_as_failed(ray_cluster, tmp_path):
-    cfg = load_config(QUICKSTART, tiny_overrides(tmp_path / "run", **{
-        "scaling.address": ray_cluster, "scaling.hang_timeout_s": 3, "train.max_steps": 100000,
-        "model.target": "helpers:hanging_mlp", "model.kwargs": "{hang_rank: 1, after_calls: 20}"}))
+    cfg = load_config(
+        QUICKSTART,
+        tiny_overrides(
+            tmp_path / "run",
+            **{
+                "scaling.address": ray_cluster,
+                "scaling.hang_timeout_s": 3,
+                "train.max_steps": 100000,
+                "model.target": "helpers:hanging_mlp",
+                "model.kwargs": "{hang_rank: 1, after_calls: 20}",
+            },
+        ),
+    )
     started = time.monotonic()
     with pytest.raises(WorkerFailed, match=r"rank \d made no progress for 3s .*scaling.hang_timeout_s"):
         launcher.run(cfg)

@@ -35,3 +35,28 @@ def test_batches_come_pinned_and_on_the_gpu():
     assert stream._loader is not None and stream._loader.pin_memory
     x, y = next(stream)
     assert x.is_cuda and y.is_cuda
+
+
+def test_ps_workers_train_on_the_gpu_they_reserve(ray_cluster, tmp_path):
+    from shoal import launcher
+    from shoal.config import load_config
+
+    from conftest import REPO, tiny_overrides
+
+    cfg = load_config(
+        REPO / "configs" / "quickstart.yaml",
+        tiny_overrides(
+            tmp_path / "run",
+            **{
+                "strategy": "async_ps",
+                "scaling.address": ray_cluster,
+                "scaling.num_workers": 1,
+                "scaling.gpus_per_worker": 1,
+                "train.max_steps": 30,
+                "train.eval_every": 0,
+            },
+        ),
+    )
+    summary = launcher.run(cfg)
+    assert summary["status"] == "completed" and summary["steps"] == 30
+    assert summary["device"].startswith("cuda"), summary["device"]

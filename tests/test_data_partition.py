@@ -38,7 +38,12 @@ def test_resume_from_global_position_reads_exactly_the_unseen_samples(world_befo
     order = partition.epoch_order(n, seed=0, epoch=0)
     consumed = 5 * world_before * batch  # five global batches done
     seen = set(order[:consumed].tolist())
-    rest = [x for r in range(world_after) for b in partition.rank_batches(order, r, world_after, batch, consumed) for x in b.tolist()]
+    rest = [
+        x
+        for r in range(world_after)
+        for b in partition.rank_batches(order, r, world_after, batch, consumed)
+        for x in b.tolist()
+    ]
     assert not seen & set(rest)
     assert len(rest) == len(set(rest))
     assert n - consumed - len(rest) <= world_after * batch - 1
@@ -76,9 +81,13 @@ def test_epoch_order_is_a_permutation_that_depends_on_seed_and_epoch():
     assert np.array_equal(partition.EpochOrder([5, 17], 0, 0, 4, shuffle=False).ids(np.arange(22)), np.arange(22))
 
 
-@pytest.mark.parametrize("world_before, world_after, workers_before, workers_after", [(2, 2, 2, 2), (2, 3, 0, 1), (3, 1, 4, 0), (1, 4, 1, 3)])
+@pytest.mark.parametrize(
+    "world_before, world_after, workers_before, workers_after", [(2, 2, 2, 2), (2, 3, 0, 1), (3, 1, 4, 0), (1, 4, 1, 3)]
+)
 @pytest.mark.parametrize("taken", [1, 3, 7])
-def test_shard_plan_resume_any_layout_reads_only_unseen(world_before, world_after, workers_before, workers_after, taken):
+def test_shard_plan_resume_any_layout_reads_only_unseen(
+    world_before, world_after, workers_before, workers_after, taken
+):
     counts, batch, window = [5, 17, 3, 29, 11, 8, 40, 60], 3, 8
     before = shard_epoch(counts, world_before, batch, workers_before, window)
     seen = {i for batches in before for b in batches[:taken] for i in b.tolist()}

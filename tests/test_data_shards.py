@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from _ranks import spawn_ranks
-from conftest import REPO, shoal_cli, tiny_overrides, write_id_shards
 from shoal.config import JobConfig, config_from_dict, load_config
 from shoal.data.loaders import build_loaders
 from shoal.dist import WorldInfo
 from shoal.errors import ConfigError, DataError
+
+from _ranks import spawn_ranks
+from conftest import REPO, shoal_cli, tiny_overrides, write_id_shards
 
 SIZES = [5, 17, 3, 29, 11, 8, 40]  # 113 samples, uneven, fewer shards than 2 ranks x 4 workers would want
 
@@ -36,9 +37,13 @@ def shard_cfg(path, **updates) -> JobConfig:
     return JobConfig().replace(base)
 
 
-def read_batches(cfg_dict: dict, rank: int, world: int, state: dict | None = None, count: int | None = None) -> tuple[list[list[int]], dict]:
+def read_batches(
+    cfg_dict: dict, rank: int, world: int, state: dict | None = None, count: int | None = None
+) -> tuple[list[list[int]], dict]:
     """Ids of this rank's next `count` batches (default: the rest of the epoch) and the position after."""
-    stream = build_loaders(config_from_dict(cfg_dict), WorldInfo(rank=rank, world_size=world), torch.device("cpu")).train
+    stream = build_loaders(
+        config_from_dict(cfg_dict), WorldInfo(rank=rank, world_size=world), torch.device("cpu")
+    ).train
     if state is not None:
         stream.load_state_dict(state)
     n = stream.plan.num_batches(stream.consumed) if count is None else count
@@ -49,7 +54,8 @@ def read_batches(cfg_dict: dict, rank: int, world: int, state: dict | None = Non
 def epoch_and_train(cfg_dict: dict) -> dict:
     """On a real rank with real loader workers: one epoch of ids, then DDP training past 2 epochs."""
     from shoal import dist
-    from shoal.engine import build_job, train
+    from shoal.engine import train
+    from shoal.job import build_job
 
     world = WorldInfo.from_env()
     cfg = config_from_dict(cfg_dict)
@@ -93,8 +99,12 @@ def resume_rest(cfg_dict: dict, state: dict, world: int) -> list[int]:
     return [i for r in range(world) for batch in read_batches(cfg_dict, r, world, state)[0] for i in batch]
 
 
-@pytest.mark.parametrize("world_before, world_after, workers_before, workers_after", [(2, 2, 0, 0), (2, 3, 2, 0), (2, 1, 0, 2)])
-def test_resume_mid_epoch_reads_exactly_the_unseen_samples(tmp_path, world_before, world_after, workers_before, workers_after):
+@pytest.mark.parametrize(
+    "world_before, world_after, workers_before, workers_after", [(2, 2, 0, 0), (2, 3, 2, 0), (2, 1, 0, 2)]
+)
+def test_resume_mid_epoch_reads_exactly_the_unseen_samples(
+    tmp_path, world_before, world_after, workers_before, workers_after
+):
     path = write_id_shards(tmp_path / "s", SIZES)
     before = shard_cfg(path, **{"data.num_workers": workers_before}).to_dict()
     after = shard_cfg(path, **{"data.num_workers": workers_after}).to_dict()
@@ -152,7 +162,13 @@ def test_missing_field_names_shard_and_sample(tmp_path):
 
     path = write_id_shards(tmp_path / "s", [8, 8])
     with wds.TarWriter(str(path / "train-000001.tar")) as sink:
-        sink.write({"__key__": "000000000008", "x.bin": np.zeros((4, 2), np.float32).tobytes(), "y.bin": np.arange(8, 12).tobytes()})
+        sink.write(
+            {
+                "__key__": "000000000008",
+                "x.bin": np.zeros((4, 2), np.float32).tobytes(),
+                "y.bin": np.arange(8, 12).tobytes(),
+            }
+        )
         sink.write({"__key__": "000000000012", "x.bin": np.zeros((4, 2), np.float32).tobytes()})
     with pytest.raises(DataError, match=r"shard train-000001\.tar, sample 000000000012: field 'y' is missing"):
         all_batches(shard_cfg(path, **{"data.shuffle": False, "data.batch_size": 4}))
@@ -187,7 +203,15 @@ def test_foreign_shards_need_a_decode_function(tmp_path):
             sink.write({"__key__": f"s{i:04d}", "input.npy": np.full(2, i, np.float32), "cls": i % 3})
     with pytest.raises(ConfigError, match="data.decode"):
         all_batches(shard_cfg(str(tmp_path / "f" / "a-{0..0}.tar")))
-    cfg = shard_cfg(str(tmp_path / "f" / "a-{0..0}.tar"), **{"data.decode": "helpers:decode_npy_cls", "data.input_shape": [2], "data.num_classes": 3, "data.batch_size": 4})
+    cfg = shard_cfg(
+        str(tmp_path / "f" / "a-{0..0}.tar"),
+        **{
+            "data.decode": "helpers:decode_npy_cls",
+            "data.input_shape": [2],
+            "data.num_classes": 3,
+            "data.batch_size": 4,
+        },
+    )
     batches = all_batches(cfg)
     assert len(batches) == 3
     xs = torch.cat([x for x, _ in batches])
@@ -221,8 +245,20 @@ def _flat(d: dict, prefix: str = "") -> dict:
 def test_bad_shard_under_the_cli_exits_2_naming_the_shard(tmp_path):
     path = write_id_shards(tmp_path / "s", SIZES)
     corrupt(path / "train-000006.tar")
-    proc = shoal_cli("worker", str(REPO / "configs" / "quickstart.yaml"), *tiny_overrides(tmp_path / "run", **{
-        "data.format": "shards", "data.path": str(path), "data.batch_size": 3, "model.width": 8, "train.max_steps": 200}))
+    proc = shoal_cli(
+        "worker",
+        str(REPO / "configs" / "quickstart.yaml"),
+        *tiny_overrides(
+            tmp_path / "run",
+            **{
+                "data.format": "shards",
+                "data.path": str(path),
+                "data.batch_size": 3,
+                "model.width": 8,
+                "train.max_steps": 200,
+            },
+        ),
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "train-000006.tar" in proc.stderr.strip().splitlines()[-1]
     assert "Traceback" not in proc.stderr
@@ -242,9 +278,22 @@ def test_packed_shards_are_ordinary_webdataset_tars(tmp_path):
 def test_digits_shards_quickstart_reaches_95_percent_on_ray(ray_cluster, tmp_path):
     from shoal import launcher
 
-    proc = shoal_cli("shard", "digits", str(tmp_path / "digits"), "--val-fraction", "0.2", "--samples-per-shard", "256", "--block-size", "32")
+    proc = shoal_cli(
+        "shard",
+        "digits",
+        str(tmp_path / "digits"),
+        "--val-fraction",
+        "0.2",
+        "--samples-per-shard",
+        "256",
+        "--block-size",
+        "32",
+    )
     assert proc.returncode == 0, proc.stderr
-    cfg = load_config(REPO / "configs" / "digits-shards.yaml", tiny_overrides(tmp_path / "run", **{"data.path": str(tmp_path / "digits")}))
+    cfg = load_config(
+        REPO / "configs" / "digits-shards.yaml",
+        tiny_overrides(tmp_path / "run", **{"data.path": str(tmp_path / "digits")}),
+    )
     summary = launcher.run(cfg)
     assert summary["status"] == "completed" and summary["world_size"] == 2
     assert summary["val_accuracy"] >= 0.95
@@ -262,7 +311,9 @@ def test_pipe_urls_are_streamed_with_the_manifests_counts(tmp_path):
 def test_loader_workers_stop_when_the_stream_is_closed_or_dropped(tmp_path, persistent):
     import multiprocessing
 
-    cfg = shard_cfg(write_id_shards(tmp_path / "s", SIZES), **{"data.num_workers": 2, "data.persistent_workers": persistent})
+    cfg = shard_cfg(
+        write_id_shards(tmp_path / "s", SIZES), **{"data.num_workers": 2, "data.persistent_workers": persistent}
+    )
     before = len(multiprocessing.active_children())
     dropped = build_loaders(cfg, WorldInfo(), torch.device("cpu")).train
     closed = build_loaders(cfg, WorldInfo(), torch.device("cpu")).train
@@ -294,12 +345,27 @@ def test_labels_beyond_num_classes_exit_2_naming_shard_value_and_range(tmp_path,
     path = write_id_shards(tmp_path / "s", [24, 24])  # labels are the ids 0..47
     _set_manifest(path, num_classes=10)
     started = time.monotonic()
-    proc = shoal_cli("worker", str(REPO / "configs" / "quickstart.yaml"), *tiny_overrides(tmp_path / "run", **{
-        "data.format": "shards", "data.path": str(path), "data.batch_size": 4, "data.num_workers": loader_workers,
-        "data.shuffle": False, "model.width": 8}))
+    proc = shoal_cli(
+        "worker",
+        str(REPO / "configs" / "quickstart.yaml"),
+        *tiny_overrides(
+            tmp_path / "run",
+            **{
+                "data.format": "shards",
+                "data.path": str(path),
+                "data.batch_size": 4,
+                "data.num_workers": loader_workers,
+                "data.shuffle": False,
+                "model.width": 8,
+            },
+        ),
+    )
     line = _one_line_error(proc)
     assert time.monotonic() - started < 30
-    assert line.startswith("shoal: error: shard train-00000") and "is outside [0, 10) (num_classes=10 in the manifest)" in line
+    assert (
+        line.startswith("shoal: error: shard train-00000")
+        and "is outside [0, 10) (num_classes=10 in the manifest)" in line
+    )
     label = int(line.split(": label ")[1].split()[0])
     assert 10 <= label < 48
 
@@ -310,8 +376,20 @@ def test_labels_beyond_num_classes_on_ray_fail_within_seconds(ray_cluster, tmp_p
     path = write_id_shards(tmp_path / "s", [24, 24])
     _set_manifest(path, num_classes=10)
     started = time.monotonic()
-    proc = shoal_cli("train", str(REPO / "configs" / "quickstart.yaml"), *tiny_overrides(tmp_path / "run", **{
-        "scaling.address": ray_cluster, "data.format": "shards", "data.path": str(path), "data.batch_size": 4, "model.width": 8}))
+    proc = shoal_cli(
+        "train",
+        str(REPO / "configs" / "quickstart.yaml"),
+        *tiny_overrides(
+            tmp_path / "run",
+            **{
+                "scaling.address": ray_cluster,
+                "data.format": "shards",
+                "data.path": str(path),
+                "data.batch_size": 4,
+                "model.width": 8,
+            },
+        ),
+    )
     line = _one_line_error(proc)
     assert time.monotonic() - started < 30
     assert "label" in line and "is outside [0, 10)" in line and "shard train-00000" in line
@@ -322,15 +400,31 @@ def test_token_ids_beyond_the_vocabulary_exit_2(tmp_path):
     text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
     assert shoal_cli("shard", str(text), str(tmp_path / "s"), "--seq-len", "16").returncode == 0
     _set_manifest(tmp_path / "s", vocab_size=50)  # bytes of lower-case letters are 97..122
-    proc = shoal_cli("worker", str(REPO / "configs" / "quickstart.yaml"), *tiny_overrides(tmp_path / "run", **{
-        "data.format": "shards", "data.path": str(tmp_path / "s"), "data.batch_size": 4, "model.name": "transformer_lm",
-        "model.width": 16, "model.heads": 2, "model.depth": 1}))
+    proc = shoal_cli(
+        "worker",
+        str(REPO / "configs" / "quickstart.yaml"),
+        *tiny_overrides(
+            tmp_path / "run",
+            **{
+                "data.format": "shards",
+                "data.path": str(tmp_path / "s"),
+                "data.batch_size": 4,
+                "model.name": "transformer_lm",
+                "model.width": 16,
+                "model.heads": 2,
+                "model.depth": 1,
+            },
+        ),
+    )
     line = _one_line_error(proc)
     assert "token id" in line and "is outside [0, 50) (vocab_size=50 in the manifest)" in line
 
 
 def test_a_model_with_fewer_outputs_than_classes_is_a_config_error(tmp_path):
-    proc = shoal_cli("worker", str(REPO / "configs" / "quickstart.yaml"), *tiny_overrides(tmp_path / "run", **{
-        "model.target": "helpers:narrow_mlp", "train.max_steps": 5}))
+    proc = shoal_cli(
+        "worker",
+        str(REPO / "configs" / "quickstart.yaml"),
+        *tiny_overrides(tmp_path / "run", **{"model.target": "helpers:narrow_mlp", "train.max_steps": 5}),
+    )
     line = _one_line_error(proc)
     assert "model.target: the model gives 5 outputs per sample but the data has 10 classes (labels 0..9)" in line

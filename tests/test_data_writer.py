@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import shoal_cli
 from shoal.config import DataConfig
 from shoal.data.shards import open_shards
+
+from conftest import shoal_cli
 
 
 def read_all(out_dir) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -54,12 +55,23 @@ def test_npz_round_trip_with_shuffle_and_split(tmp_path):
     x = rng.standard_normal((250, 3, 4)).astype(np.float32)
     y = rng.integers(0, 5, 250)
     np.savez(tmp_path / "d.npz", x=x, y=y)
-    proc = shard(str(tmp_path / "d.npz"), str(tmp_path / "out"), "--samples-per-shard", "64", "--block-size", "16", "--val-fraction", "0.2")
+    proc = shard(
+        str(tmp_path / "d.npz"),
+        str(tmp_path / "out"),
+        "--samples-per-shard",
+        "64",
+        "--block-size",
+        "16",
+        "--val-fraction",
+        "0.2",
+    )
     assert "train: 200 samples in 4 shards" in proc.stdout and "val: 50 samples in 1 shards" in proc.stdout
     gx, gy, manifest = read_all(tmp_path / "out")
     assert manifest["task"] == "classification" and manifest["num_classes"] == 5
     assert manifest["fields"]["x"]["shape"] == [3, 4]
-    assert rows(np.concatenate([gx.reshape(250, -1), gy[:, None]], 1)) == rows(np.concatenate([x.reshape(250, -1), y[:, None]], 1))
+    assert rows(np.concatenate([gx.reshape(250, -1), gy[:, None]], 1)) == rows(
+        np.concatenate([x.reshape(250, -1), y[:, None]], 1)
+    )
     assert [s["samples"] for s in manifest["splits"]["train"]["shards"]] == [64, 64, 64, 8]
 
 
@@ -67,7 +79,9 @@ def test_csv_with_header_and_label_column(tmp_path):
     (tmp_path / "d.csv").write_text("a,label,b\n1,0,2\n3,1,4\n5,1,6\n7,0,8\n")
     shard(str(tmp_path / "d.csv"), str(tmp_path / "out"), "--label-column", "label", "--val-fraction", "0")
     gx, gy, m = read_all(tmp_path / "out")
-    assert rows(np.concatenate([gx, gy[:, None]], 1)) == rows(np.array([[1, 2, 0], [3, 4, 1], [5, 6, 1], [7, 8, 0]], dtype=np.float32))
+    assert rows(np.concatenate([gx, gy[:, None]], 1)) == rows(
+        np.array([[1, 2, 0], [3, 4, 1], [5, 6, 1], [7, 8, 0]], dtype=np.float32)
+    )
 
 
 def test_jsonl_regression(tmp_path):
@@ -106,7 +120,18 @@ def test_builtin_digits_and_synthetic(tmp_path):
     shard("digits", str(tmp_path / "d"), "--val-fraction", "0.2")
     gx, gy, m = read_all(tmp_path / "d")
     assert len(gx) == 1797 and m["num_classes"] == 10
-    shard("synthetic", str(tmp_path / "s"), "--num-samples", "1000", "--input-shape", "7", "--num-classes", "3", "--bytes-per-shard", "8KB")
+    shard(
+        "synthetic",
+        str(tmp_path / "s"),
+        "--num-samples",
+        "1000",
+        "--input-shape",
+        "7",
+        "--num-classes",
+        "3",
+        "--bytes-per-shard",
+        "8KB",
+    )
     gx, gy, m = read_all(tmp_path / "s")
     assert gx.shape == (1000, 7) and set(gy.tolist()) <= {0, 1, 2}
     assert len(m["splits"]["train"]["shards"]) > 1

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import torch
 
-from conftest import REPO, shoal_cli, tiny_overrides
 from shoal.checkpoint import find_latest
 from shoal.config import JobConfig, load_config
+
+from conftest import REPO, shoal_cli, tiny_overrides
 
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
 
@@ -27,12 +28,25 @@ def alerts(run_dir: Path) -> list[dict]:
 
 
 def deep_cfg(run_dir: Path, **model) -> JobConfig:
-    return JobConfig().replace({
-        "data.dataset": "synthetic", "data.num_samples": 2000, "data.input_shape": [16], "data.num_classes": 4,
-        "model.width": 32, "model.depth": 20, **{f"model.{k}": v for k, v in model.items()},
-        "optim.name": "sgd", "optim.lr": 0.05, "train.max_steps": 40, "train.eval_every": 0,
-        "health.every": 10, "health.warmup_steps": 10, "log.tensorboard": False, "run.dir": str(run_dir),
-    })
+    return JobConfig().replace(
+        {
+            "data.dataset": "synthetic",
+            "data.num_samples": 2000,
+            "data.input_shape": [16],
+            "data.num_classes": 4,
+            "model.width": 32,
+            "model.depth": 20,
+            **{f"model.{k}": v for k, v in model.items()},
+            "optim.name": "sgd",
+            "optim.lr": 0.05,
+            "train.max_steps": 40,
+            "train.eval_every": 0,
+            "health.every": 10,
+            "health.warmup_steps": 10,
+            "log.tensorboard": False,
+            "run.dir": str(run_dir),
+        }
+    )
 
 
 def test_deep_sigmoid_net_is_reported_vanishing_and_a_healthy_one_is_not(tmp_path):
@@ -54,7 +68,9 @@ def test_learning_rate_50_is_reported_and_rollback_recovers(tmp_path):
     train(bad)
     kinds = {a["kind"] for a in alerts(tmp_path / "bad")}
     assert kinds & {"exploding", "divergence"}, kinds
-    fixed = load_config(QUICKSTART, tiny_overrides(tmp_path / "fixed", **{"optim.lr": 50, "health.on_nonfinite": "rollback"}))
+    fixed = load_config(
+        QUICKSTART, tiny_overrides(tmp_path / "fixed", **{"optim.lr": 50, "health.on_nonfinite": "rollback"})
+    )
     summary = train(fixed)
     assert summary["status"] == "completed" and summary["steps"] == fixed.train.max_steps
     assert summary["rollbacks"] >= 1
@@ -71,20 +87,33 @@ def test_divergence_with_stop_policy_stops_with_the_diagnosis(tmp_path):
 
 
 def test_overfitting_is_reported_and_early_stopping_ends_at_the_best_weights(tmp_path):
-    cfg = JobConfig().replace({
-        "data.dataset": "synthetic", "data.num_samples": 864, "data.val_fraction": 0.925926, "data.input_shape": [32],
-        "data.num_classes": 4, "data.batch_size": 16, "model.width": 512, "model.depth": 3, "optim.lr": 0.003,
-        "train.max_steps": 1000, "train.eval_every": 20, "log.every": 20, "log.tensorboard": False,
-        "train.early_stopping": {"metric": "val_loss", "mode": "min", "patience": 4, "restore_best": True},
-        "run.dir": str(tmp_path / "run"),
-    })
+    cfg = JobConfig().replace(
+        {
+            "data.dataset": "synthetic",
+            "data.num_samples": 864,
+            "data.val_fraction": 0.925926,
+            "data.input_shape": [32],
+            "data.num_classes": 4,
+            "data.batch_size": 16,
+            "model.width": 512,
+            "model.depth": 3,
+            "optim.lr": 0.003,
+            "train.max_steps": 1000,
+            "train.eval_every": 20,
+            "log.every": 20,
+            "log.tensorboard": False,
+            "train.early_stopping": {"metric": "val_loss", "mode": "min", "patience": 4, "restore_best": True},
+            "run.dir": str(tmp_path / "run"),
+        }
+    )
     summary = train(cfg)
     assert summary["early_stopped"] and summary["steps"] < 1000
     assert any(a["kind"] == "overfitting" for a in alerts(tmp_path / "run"))
     assert abs(summary["val_loss"] - summary["best_val_loss"]) < 1e-6  # the run ends with the best weights
     final = torch.load(find_latest(tmp_path / "run") / "model.pt", weights_only=True)
-    from shoal.engine import build_job, evaluate
     from shoal.dist import WorldInfo
+    from shoal.engine import evaluate
+    from shoal.job import build_job
 
     job = build_job(cfg, WorldInfo(), torch.device("cpu"))
     job.bare_model.load_state_dict(final)
@@ -109,26 +138,3 @@ def test_doctor_reports_alerts_with_remedies_on_a_failed_run(tmp_path):
     report = (tmp_path / "sig" / "doctor" / "report.md").read_text()
     assert "### vanishing" in report and "`model.init: he`" in report and "running" in report
     assert shoal_cli("doctor", str(tmp_path / "nowhere")).returncode == 2
-
-
-def test_lr_find_suggests_a_rate_near_the_quickstarts(ray_cluster, tmp_path):
-    proc = shoal_cli("lr-find", str(QUICKSTART), *tiny_overrides(tmp_path / "run", **{"scaling.address": ray_cluster}), timeout=240)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads((tmp_path / "run" / "lr-find" / "result.json").read_text())
-    assert 3e-4 <= result["suggested_lr"] <= 3e-2  # the quickstart trains well at 3e-3
-    assert (tmp_path / "run" / "lr-find" / "lr_find.png").read_bytes()[:4] == b"\x89PNG"
-    assert json.loads((tmp_path / "run" / "lr-find" / "summary.json").read_text())["world_size"] == 2
-
-
-def test_sweep_runs_the_grid_with_seeds_and_writes_table_and_plot(ray_cluster, tmp_path):
-    proc = shoal_cli("sweep", str(QUICKSTART), *tiny_overrides(tmp_path / "run", **{"scaling.address": ray_cluster, "train.max_steps": 30, "scaling.num_workers": 1}),
-                     "--grid", "optim.lr=0.001,0.01", "--seeds", "2", timeout=400)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads((tmp_path / "run" / "sweep" / "results.json").read_text())
-    assert len(report["runs"]) == 4 and {r["seed"] for r in report["runs"]} == {0, 1}
-    assert [r["label"] for r in report["table"]] == ["optim.lr=0.001", "optim.lr=0.01"]
-    assert all(r["runs"] == 2 and "val_accuracy_std" in r for r in report["table"])
-    assert "| optim.lr=0.01 | 2 |" in (tmp_path / "run" / "sweep" / "results.md").read_text()
-    assert (tmp_path / "run" / "sweep" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
-    bad = shoal_cli("sweep", str(QUICKSTART), "--grid", "optim.lr=0.1,-1")
-    assert bad.returncode == 2 and "optim.lr" in bad.stderr

@@ -42,21 +42,28 @@ def test_input_bound():
 
 
 def test_trouble_policy():
-    assert policy.on_trouble("skip", True, 0, 5) == policy.SKIP
-    assert policy.on_trouble("skip", False, 0, 5) == policy.CONTINUE
-    assert policy.on_trouble("rollback", True, 4, 5) == policy.ROLLBACK
-    assert policy.on_trouble("rollback", False, 5, 5) == policy.STOP
-    assert policy.on_trouble("stop", True, 0, 5) == policy.STOP
+    assert policy.on_trouble("skip", 0, 5) == policy.CONTINUE  # the step was already skipped
+    assert policy.on_trouble("rollback", 4, 5) == policy.ROLLBACK
+    assert policy.on_trouble("rollback", 5, 5) == policy.STOP
+    assert policy.on_trouble("stop", 0, 5) == policy.STOP
 
 
-def test_early_stopper_patience_and_state():
-    s = policy.EarlyStopper(EarlyStopping(patience=2, min_delta=0.01))
-    assert s.observe(10, {"val_loss": 1.0}) == (True, False)
-    assert s.observe(20, {"val_loss": 0.995}) == (False, False)  # within min_delta
-    assert s.observe(30, {"val_loss": 1.2}) == (False, True)
+def test_early_stopper_patience_state_and_best_weights():
+    import torch
+
+    model = torch.nn.Linear(2, 1)
+    s = policy.EarlyStopper(EarlyStopping(patience=2, min_delta=0.01), model)
+    assert s.observe(10, {"val_loss": 1.0}) is False
+    best = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    assert s.observe(20, {"val_loss": 0.995}) is False  # within min_delta: not better, weights not taken
+    assert s.observe(30, {"val_loss": 1.2}) is True
+    assert s.restore_best() and torch.equal(model.weight, best)
     t = policy.EarlyStopper(EarlyStopping(patience=2))
     t.load_state_dict(s.state_dict())
     assert (t.best, t.best_step) == (1.0, 10)
+    assert policy.EarlyStopper(EarlyStopping(restore_best=False), model).restore_best() is False
 
 
 def test_sampled_update_ratio_matches_the_exact_ratio():
@@ -66,7 +73,9 @@ def test_sampled_update_ratio_matches_the_exact_ratio():
     from shoal.health.probes import UpdateRatio, layers
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(300, 200), nn.ReLU(), nn.Linear(200, 3))  # 60,000 weights: sampled; 200 biases: whole
+    model = nn.Sequential(
+        nn.Linear(300, 200), nn.ReLU(), nn.Linear(200, 3)
+    )  # 60,000 weights: sampled; 200 biases: whole
     groups = layers(model)
     before = {k: [p.detach().clone() for p in ps] for k, ps in groups.items()}
     ratio = UpdateRatio()
@@ -78,6 +87,9 @@ def test_sampled_update_ratio_matches_the_exact_ratio():
     estimate = dict(ratio.read(groups))
     for k, ps in groups.items():
         ps = [p.detach() for p in ps]
-        exact = sum(float((p - b).pow(2).sum()) for p, b in zip(ps, before[k])) ** 0.5 / sum(float(b.pow(2).sum()) for b in before[k]) ** 0.5
+        exact = (
+            sum(float((p - b).pow(2).sum()) for p, b in zip(ps, before[k])) ** 0.5
+            / sum(float(b.pow(2).sum()) for b in before[k]) ** 0.5
+        )
         assert abs(estimate[k] - exact) / exact < 0.05, (k, estimate[k], exact)
     assert ratio.read(groups) == []  # one reading per arming

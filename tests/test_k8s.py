@@ -20,11 +20,12 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from conftest import REPO
 from shoal import cli, k8s
 from shoal.config import load_config
 from shoal.errors import ConfigError
 from shoal.k8s import RenderOptions
+
+from conftest import REPO
 
 K8S_DIR = REPO / "k8s"
 CRD_DIR = REPO.parent / "shared" / "k8s-crds"
@@ -47,11 +48,20 @@ GPU = RenderOptions(gpu_resource="nvidia.com/gpu", storage_class="nfs-client", g
 VARIANTS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "quickstart": ((), {}),
     "gpus-namespace": (
-        ("name=bert-large", "scaling.num_workers=4", "scaling.cpus_per_worker=2.5", "scaling.gpus_per_worker=1",
-         "scaling.max_failures=2", "run.dir=/mnt/ckpt/exp1"),
+        (
+            "name=bert-large",
+            "scaling.num_workers=4",
+            "scaling.cpus_per_worker=2.5",
+            "scaling.gpus_per_worker=1",
+            "scaling.max_failures=2",
+            "run.dir=/mnt/ckpt/exp1",
+        ),
         {"namespace": "ml-team", "options": GPU},
     ),
-    "one-worker": (("scaling.num_workers=1", "scaling.cpus_per_worker=1.5", "run.dir=ckpt/run"), {"options": RenderOptions(memory="3Gi")}),
+    "one-worker": (
+        ("scaling.num_workers=1", "scaling.cpus_per_worker=1.5", "run.dir=ckpt/run"),
+        {"options": RenderOptions(memory="3Gi")},
+    ),
 }
 
 
@@ -154,7 +164,10 @@ def closed(schema: Any) -> Any:
 def crd_errors(obj: dict[str, Any], schema: dict[str, Any]) -> list[str]:
     import jsonschema
 
-    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in jsonschema.Draft7Validator(schema).iter_errors(obj)]
+    return [
+        f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
+        for e in jsonschema.Draft7Validator(schema).iter_errors(obj)
+    ]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -174,7 +187,9 @@ def validate_core(obj: dict[str, Any]) -> None:
         try:
             kubernetes_validate.validate(obj, version, strict=True)
         except kubernetes_validate.ValidationError as e:
-            pytest.fail(f"{obj['kind']}/{obj['metadata'].get('name')} invalid for Kubernetes {version}: {e.message} at {list(e.absolute_path)}")
+            pytest.fail(
+                f"{obj['kind']}/{obj['metadata'].get('name')} invalid for Kubernetes {version}: {e.message} at {list(e.absolute_path)}"
+            )
 
 
 def test_closed_schema_rejects_an_unknown_field():
@@ -182,15 +197,24 @@ def test_closed_schema_rejects_an_unknown_field():
     job = resources_of(shipped_files())
     pytorchjob = by_kind(job, "PyTorchJob")
     assert crd_errors(pytorchjob, schema) == []
-    typo = {**pytorchjob, "spec": {**pytorchjob["spec"], "elasticPolicy": {**pytorchjob["spec"]["elasticPolicy"], "rdzvBackEnd": "c10d"}}}
+    typo = {
+        **pytorchjob,
+        "spec": {**pytorchjob["spec"], "elasticPolicy": {**pytorchjob["spec"]["elasticPolicy"], "rdzvBackEnd": "c10d"}},
+    }
     assert any("rdzvBackEnd" in e for e in crd_errors(typo, schema))
 
 
 def test_kubernetes_validate_fails_on_unknown_kinds_and_fields_offline():
     with pytest.raises(kubernetes_validate.utils.SchemaNotFoundError):
-        kubernetes_validate.validate({"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": {"name": "x"}}, CORE_VERSIONS[-1], strict=True)
+        kubernetes_validate.validate(
+            {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": {"name": "x"}}, CORE_VERSIONS[-1], strict=True
+        )
     with pytest.raises(kubernetes_validate.ValidationError):
-        kubernetes_validate.validate({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}, "dta": {}}, CORE_VERSIONS[-1], strict=True)
+        kubernetes_validate.validate(
+            {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}, "dta": {}},
+            CORE_VERSIONS[-1],
+            strict=True,
+        )
 
 
 def is_custom(obj: dict[str, Any]) -> bool:
@@ -206,7 +230,14 @@ def test_core_objects_and_pod_templates_validate_strictly(set_id, objs):
         if not is_custom(obj):
             validate_core(obj)
         for i, template in enumerate(pod_templates(obj) if is_custom(obj) else []):
-            validate_core({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": f"{obj['metadata']['name']}-{i}"}, "template": template})
+            validate_core(
+                {
+                    "apiVersion": "v1",
+                    "kind": "PodTemplate",
+                    "metadata": {"name": f"{obj['metadata']['name']}-{i}"},
+                    "template": template,
+                }
+            )
 
 
 @pytest.mark.parametrize("set_id,objs", CR_SETS, ids=[s for s, _ in CR_SETS])
@@ -214,7 +245,12 @@ def test_custom_resources_validate_against_the_crds(set_id, objs):
     for obj in objs:
         assert crd_errors(obj, crd_schema(obj["apiVersion"], obj["kind"])) == [], set_id
         if obj["kind"] == "RayJob":  # the embedded cluster is a RayCluster spec too
-            cluster = {"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": obj["metadata"], "spec": obj["spec"]["rayClusterSpec"]}
+            cluster = {
+                "apiVersion": "ray.io/v1",
+                "kind": "RayCluster",
+                "metadata": obj["metadata"],
+                "spec": obj["spec"]["rayClusterSpec"],
+            }
             assert crd_errors(cluster, crd_schema("ray.io/v1", "RayCluster")) == [], set_id
 
 
@@ -253,14 +289,14 @@ def test_dockerfile_installs_cpu_torch_before_the_project():
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
     assert lines[0] == "FROM python:3.11-slim"
     assert "ARG TORCH_VERSION=2.13.0" in lines and "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in lines
-    torch_at = next(i for i, l in enumerate(lines) if "torch==${TORCH_VERSION}" in l and "--index-url" in l)
-    project_at = next(i for i, l in enumerate(lines) if l.startswith("RUN pip install ."))
+    torch_at = next(i for i, line in enumerate(lines) if "torch==${TORCH_VERSION}" in line and "--index-url" in line)
+    project_at = next(i for i, line in enumerate(lines) if line.startswith("RUN pip install ."))
     assert torch_at < project_at
-    copied = [w for l in lines if l.startswith("COPY") for w in l.split()[1:-1]]
+    copied = [w for line in lines if line.startswith("COPY") for w in line.split()[1:-1]]
     assert {"pyproject.toml", "README.md", "platform", "configs"} <= set(copied)
     assert all((REPO / c).exists() for c in copied)
     assert "USER 1000" in lines and f"WORKDIR {k8s.WORKDIR}" in lines  # the manifests' runAsUser and relative run.dir
-    assert any("apt-get install" in l and "wget" in l for l in lines)  # KubeRay's probes call wget
+    assert any("apt-get install" in line and "wget" in line for line in lines)  # KubeRay's probes call wget
 
 
 # ---------------------------------------------------------------- cross-object checks
@@ -377,8 +413,11 @@ def test_grace_period_covers_the_preemption_checkpoint(variant, target):
         env = {e["name"]: e["value"] for e in c.get("env", [])}
         if "RAY_JOB_STOP_WAIT_TIME_S" in env:  # Ray's job supervisor SIGKILLs the driver after this
             assert int(env["RAY_JOB_STOP_WAIT_TIME_S"]) == options.grace_period_s - k8s.SHUTDOWN_MARGIN_S
-    restarts = {"RayJob": job["spec"].get("backoffLimit"), "Job": job["spec"].get("backoffLimit"),
-                "PyTorchJob": job["spec"].get("runPolicy", {}).get("backoffLimit")}[job["kind"]]
+    restarts = {
+        "RayJob": job["spec"].get("backoffLimit"),
+        "Job": job["spec"].get("backoffLimit"),
+        "PyTorchJob": job["spec"].get("runPolicy", {}).get("backoffLimit"),
+    }[job["kind"]]
     per_pod = 1 if job["kind"] == "RayJob" else config(*VARIANTS[variant][0]).scaling.num_workers
     assert restarts == options.restarts * per_pod
 
@@ -455,7 +494,10 @@ def test_entrypoints_parse_with_shoals_cli_and_read_the_mounted_config(variant, 
 def test_run_dir_is_absolute_on_the_volume(run_dir, expected):
     overrides = [f"run.dir={run_dir}"] if run_dir else []
     files = k8s.render(config(*overrides), "job", SHIPPED_IMAGE)
-    assert f"run.dir={expected}" in by_kind(resources_of(files), "Job")["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert (
+        f"run.dir={expected}"
+        in by_kind(resources_of(files), "Job")["spec"]["template"]["spec"]["containers"][0]["command"]
+    )
     assert yaml.safe_load(by_kind(resources_of(files), "ConfigMap")["data"]["job.yaml"])["run"]["dir"] == expected
 
 
@@ -560,12 +602,27 @@ def test_render_is_deterministic():
 
 def test_render_command_writes_the_render_or_streams_it(tmp_path, capsys):
     parser = k8s_parser()
-    args = parser.parse_args(["k8s", "render", str(QUICKSTART), "scaling.num_workers=3", "--target", "job", "--image", "img:1", "-o", str(tmp_path)])
+    args = parser.parse_args(
+        [
+            "k8s",
+            "render",
+            str(QUICKSTART),
+            "scaling.num_workers=3",
+            "--target",
+            "job",
+            "--image",
+            "img:1",
+            "-o",
+            str(tmp_path),
+        ]
+    )
     assert args.func(args) == 0
     expected = k8s.render(config("scaling.num_workers=3"), "job", "img:1")
     assert {str(p.relative_to(tmp_path)): p.read_text() for p in tmp_path.rglob("*.yaml")} == expected
     capsys.readouterr()
-    args = parser.parse_args(["k8s", "render", str(QUICKSTART), "--target", "rayjob", "--image", "img:1", "--namespace", "ml"])
+    args = parser.parse_args(
+        ["k8s", "render", str(QUICKSTART), "--target", "rayjob", "--image", "img:1", "--namespace", "ml"]
+    )
     assert args.func(args) == 0
     docs = list(yaml.safe_load_all(capsys.readouterr().out))
     assert [d["kind"] for d in docs] == ["ServiceAccount", "ConfigMap", "PersistentVolumeClaim", "RayJob"]
@@ -627,7 +684,10 @@ def test_bad_namespace_or_image(namespace, image):
     [
         (["name=Quickstart"], "shoal: error: name: 'Quickstart' cannot name Kubernetes objects"),
         (["scaling.num_workers=0"], "shoal: error: "),
-        (["scaling.gpus_per_worker=2"], "shoal: error: scaling.gpus_per_worker: asks for 2 GPU(s) per worker: pass --gpu-resource"),
+        (
+            ["scaling.gpus_per_worker=2"],
+            "shoal: error: scaling.gpus_per_worker: asks for 2 GPU(s) per worker: pass --gpu-resource",
+        ),
     ],
 )
 def test_cli_prints_one_line_exits_2_and_writes_nothing(extra, message, tmp_path, capsys, monkeypatch):

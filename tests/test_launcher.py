@@ -12,19 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TESTS, shoal_cli, tiny_overrides
 from shoal import launcher
 from shoal.config import load_config
 from shoal.errors import ClusterError, WorkerFailed
-from shoal.launcher import order_by_node
+
+from conftest import REPO, TESTS, shoal_cli, tiny_overrides
 
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
-
-
-def test_ranks_fill_node_after_node_like_torchrun():
-    bundles, counts = order_by_node(["b", "a", "b", "a", "c"])
-    assert bundles == [0, 2, 1, 3, 4]  # node of bundle 0 first, then in order of appearance
-    assert counts == [2, 2, 1]
 
 
 def test_quickstart_on_ray_reaches_95_percent(ray_cluster, tmp_path):
@@ -36,7 +30,17 @@ def test_quickstart_on_ray_reaches_95_percent(ray_cluster, tmp_path):
     assert summary["val_accuracy"] >= 0.95
     run = tmp_path / "run"
     saved = json.loads((run / "summary.json").read_text())
-    for key in ("status", "steps", "samples", "wall_s", "samples_per_s", "world_size", "train_loss", "val_loss", "val_accuracy"):
+    for key in (
+        "status",
+        "steps",
+        "samples",
+        "wall_s",
+        "samples_per_s",
+        "world_size",
+        "train_loss",
+        "val_loss",
+        "val_accuracy",
+    ):
         assert key in saved, key
     assert saved["samples"] == cfg.train.max_steps * 2 * cfg.data.batch_size
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -50,7 +54,14 @@ def test_ray_ranks_get_the_torchrun_environment(ray_cluster, tmp_path):
     env_dir = tmp_path / "env"
     cfg = load_config(
         QUICKSTART,
-        tiny_overrides(tmp_path / "run", **{"model.target": "helpers:env_recording_mlp", "model.kwargs": f"{{out_dir: {env_dir}}}", "train.max_steps": 2}),
+        tiny_overrides(
+            tmp_path / "run",
+            **{
+                "model.target": "helpers:env_recording_mlp",
+                "model.kwargs": f"{{out_dir: {env_dir}}}",
+                "train.max_steps": 2,
+            },
+        ),
     )
     launcher.run(cfg)
     import ray
@@ -64,7 +75,17 @@ def test_ray_ranks_get_the_torchrun_environment(ray_cluster, tmp_path):
     assert ray_env[0]["MASTER_PORT"] == ray_env[1]["MASTER_PORT"]
     # torchrun gives the same variables for the same job
     tr_dir = tmp_path / "env-torchrun"
-    proc = torchrun(QUICKSTART, tiny_overrides(tmp_path / "run2", **{"model.target": "helpers:env_recording_mlp", "model.kwargs": f"{{out_dir: {tr_dir}}}", "train.max_steps": 2}))
+    proc = torchrun(
+        QUICKSTART,
+        tiny_overrides(
+            tmp_path / "run2",
+            **{
+                "model.target": "helpers:env_recording_mlp",
+                "model.kwargs": f"{{out_dir: {tr_dir}}}",
+                "train.max_steps": 2,
+            },
+        ),
+    )
     assert proc.returncode == 0, proc.stderr[:3000]  # the ranks speak first; torchrun's own report follows
     tr_env = [json.loads((tr_dir / f"env-{r}.json").read_text()) for r in range(2)]
     keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK")
@@ -85,7 +106,15 @@ def test_impossible_request_fails_at_once_with_requested_and_available(ray_clust
 def test_a_failing_rank_stops_the_job_within_seconds(ray_cluster, tmp_path):
     cfg = load_config(
         QUICKSTART,
-        tiny_overrides(tmp_path / "run", **{"model.target": "helpers:failing_mlp", "model.kwargs": "{fail_rank: 1, after_calls: 5}", "train.max_steps": 10000, "scaling.timeout_s": 600}),
+        tiny_overrides(
+            tmp_path / "run",
+            **{
+                "model.target": "helpers:failing_mlp",
+                "model.kwargs": "{fail_rank: 1, after_calls: 5}",
+                "train.max_steps": 10000,
+                "scaling.timeout_s": 600,
+            },
+        ),
     )
     started = time.monotonic()
     with pytest.raises(WorkerFailed) as e:
@@ -96,31 +125,26 @@ def test_a_failing_rank_stops_the_job_within_seconds(ray_cluster, tmp_path):
     assert summary["status"] == "failed" and "rank 1" in summary["error"]
 
 
-def test_cli_train_without_config_runs_the_bundled_quickstart(ray_cluster, tmp_path):
-    proc = shoal_cli("train", *tiny_overrides(tmp_path / "run", **{"scaling.address": ray_cluster}), cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"run directory: {tmp_path / 'run'}" in proc.stdout
-    acc = float(proc.stdout.split("val_accuracy ")[-1].split()[0])
-    assert acc >= 0.95
-    assert "(rank 0 pid=" in proc.stdout + proc.stderr  # rank-prefixed worker lines reach the driver
-
-
-def test_existing_run_directory_is_not_overwritten(ray_cluster, tmp_path):
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "summary.json").write_text('{"status": "completed", "mine": true}')
-    proc = shoal_cli("train", str(QUICKSTART), *tiny_overrides(run, **{"scaling.address": ray_cluster}), cwd=tmp_path)
-    assert proc.returncode == 2
-    assert "already holds a run" in proc.stderr and "--resume" in proc.stderr
-    assert json.loads((run / "summary.json").read_text()) == {"status": "completed", "mine": True}
-
-
 def test_ctrl_c_stops_every_worker_after_a_checkpoint(ray_cluster, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
     env["PYTHONPATH"] = str(TESTS)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "shoal", "train", str(QUICKSTART), *tiny_overrides(tmp_path / "run", **{"scaling.address": ray_cluster, "train.max_steps": 100000, "log.print_every_s": 0.5})],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "shoal",
+            "train",
+            str(QUICKSTART),
+            *tiny_overrides(
+                tmp_path / "run",
+                **{"scaling.address": ray_cluster, "train.max_steps": 100000, "log.print_every_s": 0.5},
+            ),
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     deadline = time.monotonic() + 90
     for line in proc.stdout:
@@ -142,7 +166,9 @@ def _rank_actor_processes_gone(timeout_s: float) -> bool:
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        alive = [p for p in psutil.process_iter(["cmdline"]) if any("RankActor" in c for c in (p.info["cmdline"] or []))]
+        alive = [
+            p for p in psutil.process_iter(["cmdline"]) if any("RankActor" in c for c in (p.info["cmdline"] or []))
+        ]
         if not alive:
             return True
         time.sleep(0.5)
@@ -152,7 +178,18 @@ def _rank_actor_processes_gone(timeout_s: float) -> bool:
 def torchrun(config: Path, overrides: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env["PYTHONPATH"] = str(TESTS)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "shoal", "worker", str(config), *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "shoal",
+        "worker",
+        str(config),
+        *overrides,
+    ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=REPO)
 
 
@@ -164,13 +201,6 @@ def test_quickstart_under_torchrun_reaches_95_percent(tmp_path):
     assert summary["val_accuracy"] >= 0.95
 
 
-def test_plain_worker_without_torchrun_is_world_size_one(tmp_path):
-    proc = shoal_cli("worker", str(QUICKSTART), *tiny_overrides(tmp_path / "run", **{"train.max_steps": 20}))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["world_size"] == 1 and summary["steps"] == 20
-
-
 def test_embedded_cluster_is_private_and_cleaned_up(ray_cluster, tmp_path):
     import glob
 
@@ -178,7 +208,13 @@ def test_embedded_cluster_is_private_and_cleaned_up(ray_cluster, tmp_path):
 
     before = set(glob.glob("/tmp/shoal-ray-*"))
     # as a new user runs it: no address, no auth settings, a home without ~/.ray
-    env = {"RAY_ADDRESS": None, "RAY_AUTH_MODE": None, "RAY_AUTH_TOKEN_PATH": None, "RAY_AUTH_TOKEN": None, "HOME": str(tmp_path / "home")}
+    env = {
+        "RAY_ADDRESS": None,
+        "RAY_AUTH_MODE": None,
+        "RAY_AUTH_TOKEN_PATH": None,
+        "RAY_AUTH_TOKEN": None,
+        "HOME": str(tmp_path / "home"),
+    }
     proc = shoal_cli("train", *tiny_overrides(tmp_path / "run", **{"train.max_steps": 30}), cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "oken authentication" not in proc.stdout + proc.stderr  # Ray's notice stays out of the user's output
@@ -187,3 +223,62 @@ def test_embedded_cluster_is_private_and_cleaned_up(ray_cluster, tmp_path):
     # the other cluster on the machine (this session's) was neither joined nor stopped
     assert ray.get(ray.remote(lambda: 42).remote()) == 42
     assert sum(1 for n in ray.nodes() if n["Alive"]) == 1
+
+
+def _listeners(root_pid: int) -> list[tuple[str, str, int]]:
+    """(process, address, port) of every listening socket of a process tree."""
+    import psutil
+
+    root = psutil.Process(root_pid)
+    out = []
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            out += [
+                (p.name(), c.laddr.ip, c.laddr.port)
+                for c in p.net_connections(kind="inet")
+                if c.status == psutil.CONN_LISTEN
+            ]
+        except psutil.Error:
+            continue  # a process that ended meanwhile
+    return out
+
+
+def _loopback(address: str) -> bool:
+    import ipaddress
+
+    ip = ipaddress.ip_address(address.split("%")[0])
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
+
+
+def test_a_running_embedded_job_listens_on_loopback_only(tmp_path):
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")
+    }
+    env["PYTHONPATH"] = str(TESTS)
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shoal", "train", str(QUICKSTART), *tiny_overrides(run, **{"train.max_steps": 100000})],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, "the job did not start training"
+            time.sleep(0.2)
+        listening = _listeners(proc.pid)
+        names = {name for name, _, _ in listening}
+        assert {"gcs_server", "raylet"} <= names  # the cluster's own servers are in the tree we read
+        assert len([1 for name, _, _ in listening if "RankActor" in name or name.startswith("ray::")]) >= 2
+        exposed = [(name, ip, port) for name, ip, port in listening if not _loopback(ip)]
+        assert not exposed, f"listening beyond loopback: {exposed}"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 143, out[-2000:]

@@ -21,11 +21,6 @@ def test_bundled_quickstart_is_the_repository_file():
     assert quickstart_path().read_text() == (REPO / "configs" / "quickstart.yaml").read_text()
 
 
-def test_python_dash_m_shoal_is_the_console_script():
-    proc = subprocess.run([sys.executable, "-m", "shoal", "--version"], capture_output=True, text=True)
-    assert proc.returncode == 0 and proc.stdout.startswith("shoal ")
-
-
 def test_importing_shoal_and_the_launcher_does_not_load_torch():
     code = "import sys, shoal.cli, shoal.config, shoal.launcher, shoal.preflight, shoal.cluster; print('torch' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -19,7 +19,15 @@ def model():
     return build_model(ModelConfig(width=8, depth=1, norm="layer"), SPEC, 3)
 
 
-@pytest.mark.parametrize("name, cls", [("sgd", torch.optim.SGD), ("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW), ("rmsprop", torch.optim.RMSprop)])
+@pytest.mark.parametrize(
+    "name, cls",
+    [
+        ("sgd", torch.optim.SGD),
+        ("adam", torch.optim.Adam),
+        ("adamw", torch.optim.AdamW),
+        ("rmsprop", torch.optim.RMSprop),
+    ],
+)
 def test_optimizer_by_name(name, cls):
     opt = build_optimizer(model(), OptimConfig(name=name, momentum=0.5 if name in ("sgd", "rmsprop") else 0.0))
     assert isinstance(opt, cls)
@@ -66,7 +74,9 @@ def test_cosine_reaches_min_ratio():
     assert v[:2] == pytest.approx([0.5, 1.0])
     assert v[2] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(v[2:], v[3:]))
-    assert Schedule(ScheduleConfig(name="cosine", warmup_steps=2, min_lr_ratio=0.1), 1.0, 12).lr_at(12) == pytest.approx(0.1)
+    assert Schedule(ScheduleConfig(name="cosine", warmup_steps=2, min_lr_ratio=0.1), 1.0, 12).lr_at(
+        12
+    ) == pytest.approx(0.1)
 
 
 def test_plateau_drops_after_patience_and_its_state_round_trips():

@@ -12,7 +12,8 @@ import torch
 
 from shoal.config import JobConfig
 from shoal.dist import WorldInfo
-from shoal.engine import build_job, train_step
+from shoal.engine import train_step
+from shoal.job import build_job
 
 DEVICES = [
     pytest.param("cpu", id="cpu"),

@@ -50,7 +50,9 @@ class SlurmCluster:
 
     def start(self, name: str, argv: list[str]) -> None:
         out = open(self.root / f"{name}.out", "w")
-        self.procs[name] = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        self.procs[name] = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+        )
         out.close()
 
     def check_alive(self) -> None:
@@ -62,7 +64,9 @@ class SlurmCluster:
         return f"--- {name}.out\n{_tail(self.root / f'{name}.out')}\n--- {name}.log\n{_tail(self.root / f'{name}.log')}"
 
     def cmd(self, *argv: str, timeout: float = 30, **kw) -> subprocess.CompletedProcess:
-        return subprocess.run(list(argv), env=kw.pop("env", self.env), capture_output=True, text=True, timeout=timeout, **kw)
+        return subprocess.run(
+            list(argv), env=kw.pop("env", self.env), capture_output=True, text=True, timeout=timeout, **kw
+        )
 
     def stop(self) -> None:
         """Cancel our jobs (their slurmstepd processes outlive slurmd), then end exactly our daemons."""
@@ -87,7 +91,9 @@ class SlurmCluster:
 
 
 def _slurm_conf(root: Path, host: str, ctld_port: int, slurmd_port: int) -> str:
-    mem_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal:"))
+    mem_kb = next(
+        int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal:")
+    )
     return f"""\
 ClusterName=shoaltest
 SlurmctldHost={host}(127.0.0.1)
@@ -144,10 +150,19 @@ def slurm():
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     cluster = SlurmCluster(root, env)
     try:
-        cluster.start("munged", [
-            munged, "--foreground", "--force", f"--key-file={key}", f"--socket={root}/munge/munge.socket",
-            f"--pid-file={root}/munge/munged.pid", f"--log-file={root}/munged.log", f"--seed-file={root}/munge/munged.seed",
-        ])
+        cluster.start(
+            "munged",
+            [
+                munged,
+                "--foreground",
+                "--force",
+                f"--key-file={key}",
+                f"--socket={root}/munge/munge.socket",
+                f"--pid-file={root}/munge/munged.pid",
+                f"--log-file={root}/munged.log",
+                f"--seed-file={root}/munge/munged.seed",
+            ],
+        )
         deadline = time.monotonic() + 20
         while not (root / "munge" / "munge.socket").exists():
             cluster.check_alive()
@@ -161,7 +176,9 @@ def slurm():
         while state != "idle":
             cluster.check_alive()
             if time.monotonic() > deadline:
-                raise TimeoutError(f"node {host} not idle in 60 s (sinfo: {state!r})\n{cluster.logs('slurmctld')}\n{cluster.logs('slurmd')}")
+                raise TimeoutError(
+                    f"node {host} not idle in 60 s (sinfo: {state!r})\n{cluster.logs('slurmctld')}\n{cluster.logs('slurmd')}"
+                )
             time.sleep(0.5)
             state = cluster.cmd("sinfo", "-h", "-N", "-o", "%T").stdout.strip()
         yield cluster
@@ -170,18 +187,31 @@ def slurm():
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _sbatch(cluster: SlurmCluster, script: str, args: list[str], env: dict[str, str], timeout: float) -> tuple[int, str, str]:
+def _sbatch(
+    cluster: SlurmCluster, script: str, args: list[str], env: dict[str, str], timeout: float
+) -> tuple[int, str, str]:
     """`sbatch --wait` a launch script from the repository root: exit status, job output, a report."""
     log = cluster.root / f"{Path(script).stem}-%j.out"
     proc = cluster.cmd(
-        "sbatch", "--wait", "--parsable", f"--chdir={REPO}", f"--output={log}", str(REPO / "launch" / script), *args,
-        env={**cluster.env, **env}, timeout=timeout,
+        "sbatch",
+        "--wait",
+        "--parsable",
+        f"--chdir={REPO}",
+        f"--output={log}",
+        str(REPO / "launch" / script),
+        *args,
+        env={**cluster.env, **env},
+        timeout=timeout,
     )
     job_id = proc.stdout.strip().split(";")[0]
     job_log = Path(str(log).replace("%j", job_id)) if job_id else None
     output = job_log.read_text(errors="replace") if job_log and job_log.exists() else ""
     tail = "\n".join(output.splitlines()[-60:])
-    return proc.returncode, output, f"sbatch exit {proc.returncode}: {proc.stdout}{proc.stderr}\njob output (tail):\n{tail}"
+    return (
+        proc.returncode,
+        output,
+        f"sbatch exit {proc.returncode}: {proc.stdout}{proc.stderr}\njob output (tail):\n{tail}",
+    )
 
 
 def _check_summary(run_dir: Path, report: str) -> None:
@@ -194,8 +224,11 @@ def _check_summary(run_dir: Path, report: str) -> None:
 
 def test_torchrun_sbatch_trains_the_quickstart(slurm, tmp_path):
     rc, output, report = _sbatch(
-        slurm, "slurm_torchrun.sbatch", [str(QUICKSTART), *tiny_overrides(tmp_path / "run")],
-        {"TORCHRUN": str(VENV_BIN / "torchrun"), "PORT": str(free_ports(1)[0])}, timeout=240,
+        slurm,
+        "slurm_torchrun.sbatch",
+        [str(QUICKSTART), *tiny_overrides(tmp_path / "run")],
+        {"TORCHRUN": str(VENV_BIN / "torchrun"), "PORT": str(free_ports(1)[0])},
+        timeout=240,
     )
     assert rc == 0, report
     _check_summary(tmp_path / "run", report)
@@ -219,10 +252,17 @@ def test_ray_sbatch_trains_the_quickstart_and_stops_its_ray(slurm, tmp_path):
     ray_tmp = Path(tempfile.mkdtemp(prefix="r", dir=slurm.root))  # Ray's sockets: keep the path short
     port, dashboard, client, agent = free_ports(4)
     rc, output, report = _sbatch(
-        slurm, "slurm_ray.sbatch", [str(QUICKSTART), *tiny_overrides(tmp_path / "run")],
+        slurm,
+        "slurm_ray.sbatch",
+        [str(QUICKSTART), *tiny_overrides(tmp_path / "run")],
         {
-            "RAY": str(VENV_BIN / "ray"), "SHOAL": str(VENV_BIN / "shoal"), "RAY_TMPDIR": str(ray_tmp),
-            "PORT": str(port), "DASHBOARD_PORT": str(dashboard), "CLIENT_PORT": str(client), "AGENT_PORT": str(agent),
+            "RAY": str(VENV_BIN / "ray"),
+            "SHOAL": str(VENV_BIN / "shoal"),
+            "RAY_TMPDIR": str(ray_tmp),
+            "PORT": str(port),
+            "DASHBOARD_PORT": str(dashboard),
+            "CLIENT_PORT": str(client),
+            "AGENT_PORT": str(agent),
         },
         timeout=280,
     )

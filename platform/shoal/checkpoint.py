@@ -21,56 +21,24 @@ import hashlib
 import json
 import logging
 import os
-import random
 import shutil
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from shoal import __version__, dist
-from shoal.config import JobConfig
+from shoal.config import CheckpointConfig
 from shoal.errors import CheckpointError
+from shoal.state import DATA, MODEL, PARTS, STATE, file_of
 
 log = logging.getLogger("shoal")
 
-FILES = ("model.pt", "optimizer.pt", "state.pt")
+FILES = tuple(file_of(part) for part in PARTS)
 META = "meta.json"
 LATEST = "latest"
-
-
-# ---------------------------------------------------------------- RNG
-
-
-def rng_state() -> dict[str, Any]:
-    """This process's generators as tensors and plain data (weights_only-loadable)."""
-    np_state = np.random.get_state()
-    return {
-        "python": _plain(random.getstate()),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]), "gauss": [int(np_state[3]), float(np_state[4])]},
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(_tuples(state["python"]))
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["gauss"][0], n["gauss"][1]))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _plain(x: Any) -> Any:
-    return [_plain(v) for v in x] if isinstance(x, (tuple, list)) else x
-
-
-def _tuples(x: Any) -> Any:
-    return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
 
 
 # ---------------------------------------------------------------- finding and verifying
@@ -105,7 +73,9 @@ def find_latest(run_dir: Path) -> Path | None:
     root = checkpoints_dir(run_dir)
     if not root.is_dir():
         return None
-    candidates = sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")), key=lambda p: p.name, reverse=True)
+    candidates = sorted(
+        (p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")), key=lambda p: p.name, reverse=True
+    )
     named = root / LATEST
     if named.exists():
         first = root / named.read_text().strip()
@@ -135,9 +105,9 @@ def find_at_or_before(run_dir: Path, step: int) -> Path | None:
 
 
 def load(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(meta, {file: contents}) of a verified checkpoint, loaded without running pickled code."""
+    """(meta, {part: contents}) of a verified checkpoint, loaded without running pickled code."""
     meta = verify(path)
-    return meta, {name: _load_file(path, name) for name in FILES}
+    return meta, {part: _load_file(path, file_of(part)) for part in PARTS}
 
 
 def _load_file(path: Path, name: str) -> Any:
@@ -154,7 +124,11 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], pat
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: checkpoint {list(state[k].shape)} vs model {list(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    shapes = [
+        f"{k}: checkpoint {list(state[k].shape)} vs model {list(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
     if missing or unexpected or shapes:
         parts = []
         if missing:
@@ -202,13 +176,18 @@ def _stage(obj: Any, staged: Any) -> Any:
 
 
 class Checkpointer:
-    """Decides when to save, writes atomically (in the background if asked), prunes, resumes."""
+    """Decides when to save, writes atomically (in the background if asked), prunes, finds.
 
-    def __init__(self, cfg: JobConfig, run_dir: Path, world: dist.WorldInfo):
-        self.cfg = cfg.checkpoint
-        self.job_cfg = cfg
+    Always present: without a run directory (a job trained in a test or a tool) it saves nothing.
+    """
+
+    def __init__(
+        self, cfg: CheckpointConfig, run_dir: Path | None, world: dist.WorldInfo, config: dict[str, Any] | None = None
+    ):
+        self.cfg = cfg
+        self.config = config or {}  # the resolved job config, recorded in meta.json
         self.run_dir = run_dir
-        self.root = checkpoints_dir(run_dir)
+        self.root = checkpoints_dir(run_dir) if run_dir is not None else None
         self.world = world
         self.last_save = time.monotonic()
         self._thread: threading.Thread | None = None
@@ -216,23 +195,42 @@ class Checkpointer:
         self.stalls: list[float] = []  # seconds each save held up the training loop
         self._staged: Any = None  # host copy of the last snapshot, reused by the next
 
+    @property
+    def enabled(self) -> bool:
+        return self.root is not None
+
     def time_due(self) -> bool:
         """This rank's clock says checkpoint.every_minutes has passed (ranks agree on it together)."""
-        return self.cfg.every_minutes is not None and time.monotonic() - self.last_save >= self.cfg.every_minutes * 60
+        return (
+            self.enabled
+            and self.cfg.every_minutes is not None
+            and time.monotonic() - self.last_save >= self.cfg.every_minutes * 60
+        )
 
-    def step_due(self, step: int) -> bool:
-        return self.cfg.every_steps is not None and step % self.cfg.every_steps == 0
+    def due(self, step: int, timer: bool, stop: bool, ending: bool) -> bool:
+        """Save now? every_steps, the agreed timer, a stop by signal, or the end of training (at_end)."""
+        every = self.cfg.every_steps is not None and step % self.cfg.every_steps == 0
+        return self.enabled and (every or timer or stop or (ending and self.cfg.at_end))
+
+    def find_at_or_before(self, step: int) -> Path | None:
+        """The newest complete checkpoint of this run taken at or before `step` (rollbacks)."""
+        return find_at_or_before(self.run_dir, step) if self.run_dir is not None else None
 
     def save(self, state: dict[str, Any], step: int, metrics: dict[str, float], nonfinite_steps: int) -> None:
         """Write a checkpoint of `state` (rank 0 only; the caller gathered what every rank holds)."""
         self.last_save = time.monotonic()
-        if not self.world.is_main:
+        if not (self.world.is_main and self.enabled):
             return
         started = time.perf_counter()
         self.wait()  # at most one save in flight
         if self.cfg.async_save:
             snapshot = self._staged = _stage(state, self._staged)  # safe: the previous write is done
-            self._thread = threading.Thread(target=self._write_guarded, args=(snapshot, step, metrics, nonfinite_steps), daemon=True, name="shoal-ckpt")
+            self._thread = threading.Thread(
+                target=self._write_guarded,
+                args=(snapshot, step, metrics, nonfinite_steps),
+                daemon=True,
+                name="shoal-ckpt",
+            )
             self._thread.start()
         else:
             self._write_guarded(state, step, metrics, nonfinite_steps)
@@ -261,18 +259,18 @@ class Checkpointer:
         tmp.mkdir()
         try:
             sums = {}
-            for fname, key in zip(FILES, ("model", "optimizer", "state")):
-                torch.save(state[key], tmp / fname)
-                sums[fname] = _sha256(tmp / fname)
+            for part in PARTS:
+                torch.save(state[part], tmp / file_of(part))
+                sums[file_of(part)] = _sha256(tmp / file_of(part))
             meta = {
                 "step": step,
-                "epoch": state["state"]["data"]["epoch"],
+                "epoch": state[STATE].get(DATA, {}).get("epoch", 0),
                 "metrics": metrics,
                 "nonfinite_steps": nonfinite_steps,
                 "world_size": self.world.world_size,
                 "shoal_version": __version__,
                 "time": time.time(),
-                "config": self.job_cfg.to_dict(),
+                "config": self.config,
                 "sha256": sums,
             }
             _write_synced(tmp / META, json.dumps(meta, indent=1))
@@ -316,7 +314,11 @@ class Checkpointer:
         kb = self.cfg.keep_best
         if kb is None:
             return None
-        scored = [(m["metrics"][kb.metric], p) for p, m in entries if isinstance(m.get("metrics", {}).get(kb.metric), (int, float))]
+        scored = [
+            (m["metrics"][kb.metric], p)
+            for p, m in entries
+            if isinstance(m.get("metrics", {}).get(kb.metric), (int, float))
+        ]
         if not scored:
             return None
         return (min if kb.mode == "min" else max)(scored, key=lambda t: t[0])[1]
@@ -351,7 +353,7 @@ def export(checkpoint: Path, out: Path, overwrite: bool = False) -> Path:
     if out.exists() and out.is_dir():
         raise CheckpointError(f"{out} is a directory; give a file name such as model.pt")
     meta = verify(checkpoint)
-    state = _load_file(checkpoint, "model.pt")
+    state = _load_file(checkpoint, file_of(MODEL))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
@@ -359,8 +361,12 @@ def export(checkpoint: Path, out: Path, overwrite: bool = False) -> Path:
             try:
                 from safetensors.torch import save_file
             except ImportError:
-                raise CheckpointError("writing .safetensors needs the safetensors package (pip install safetensors), or use a .pt name") from None
-            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"shoal_step": str(meta["step"])})
+                raise CheckpointError(
+                    "writing .safetensors needs the safetensors package (pip install safetensors), or use a .pt name"
+                ) from None
+            save_file(
+                {k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"shoal_step": str(meta["step"])}
+            )
         else:
             torch.save(state, tmp)
         os.replace(tmp, out)

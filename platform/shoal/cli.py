@@ -13,18 +13,24 @@ from shoal.errors import ShoalError
 
 def build_parser() -> argparse.ArgumentParser:
     """The full command-line grammar (tests parse launch scripts and manifests with it)."""
-    p = argparse.ArgumentParser(prog="shoal", description="Distributed data-parallel training for PyTorch from one YAML file.")
+    p = argparse.ArgumentParser(
+        prog="shoal", description="Distributed data-parallel training for PyTorch from one YAML file."
+    )
     p.add_argument("--version", action="version", version=f"shoal {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
     t = sub.add_parser("train", help="train with N DDP workers started by Ray (default: the bundled quickstart)")
     _config_args(t, optional=True)
-    t.add_argument("--resume", action="store_true", help="continue the run in run.dir from its latest complete checkpoint")
+    t.add_argument(
+        "--resume", action="store_true", help="continue the run in run.dir from its latest complete checkpoint"
+    )
 
     w = sub.add_parser("worker", help="run one rank from torchrun's environment (torchrun ... -m shoal worker CONFIG)")
     _config_args(w, optional=False)
-    w.add_argument("--resume", action="store_true", help="continue the run in run.dir from its latest complete checkpoint")
+    w.add_argument(
+        "--resume", action="store_true", help="continue the run in run.dir from its latest complete checkpoint"
+    )
 
     v = sub.add_parser("validate", help="print the resolved config, or the first error")
     _config_args(v, optional=False)
@@ -32,13 +38,35 @@ def build_parser() -> argparse.ArgumentParser:
     su = sub.add_parser("submit", help="run the job on a remote Ray cluster through its Jobs API")
     _config_args(su, optional=False)
     _cluster_args(su)
-    su.add_argument("--working-dir", default=None, help="directory uploaded with the job (your model code); default: the current one")
-    su.add_argument("--pip", action="append", default=[], metavar="REQ", help="pip requirement for the job's environment (repeatable)")
-    su.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="leave these out of the upload (repeatable)")
-    su.add_argument("--python", default=None, help="interpreter that runs `-m shoal` on the cluster (default: python, or this one for a local cluster)")
+    su.add_argument(
+        "--working-dir",
+        default=None,
+        help="directory uploaded with the job (your model code); default: the current one",
+    )
+    su.add_argument(
+        "--pip",
+        action="append",
+        default=[],
+        metavar="REQ",
+        help="pip requirement for the job's environment (repeatable)",
+    )
+    su.add_argument(
+        "--exclude", action="append", default=[], metavar="GLOB", help="leave these out of the upload (repeatable)"
+    )
+    su.add_argument(
+        "--python",
+        default=None,
+        help="interpreter that runs `-m shoal` on the cluster (default: python, or this one for a local cluster)",
+    )
     su.add_argument("--resume", action="store_true", help="continue the run in run.dir from its latest checkpoint")
     su.add_argument("--no-wait", action="store_true", help="print the job id and return instead of following the logs")
-    su.add_argument("--start-timeout", type=float, default=600.0, metavar="S", help="fail if the job has not started after S seconds (default 600)")
+    su.add_argument(
+        "--start-timeout",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="fail if the job has not started after S seconds (default 600)",
+    )
     su.set_defaults(func=_cmd_submit)
 
     j = sub.add_parser("jobs", help="list | status ID | logs ID | stop ID: jobs on a Ray cluster")
@@ -49,8 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compare", help="train the job with allreduce and with async_ps on one budget and compare")
     _config_args(c, optional=False)
-    c.add_argument("--budget", required=True, help="STEPS (e.g. 300: async gets N x as many updates for the same samples) or SECONDS (e.g. 60s)")
-    c.add_argument("--target-loss", type=float, default=None, help="loss for time-to-target (default: the worse final loss)")
+    c.add_argument(
+        "--budget",
+        required=True,
+        help="STEPS (e.g. 300: async gets N x as many updates for the same samples) or SECONDS (e.g. 60s)",
+    )
+    c.add_argument(
+        "--target-loss", type=float, default=None, help="loss for time-to-target (default: the worse final loss)"
+    )
     c.set_defaults(func=_cmd_compare)
 
     d = sub.add_parser("doctor", help="report on a run (finished, failed or running): alerts, suggestions, plots")
@@ -66,22 +100,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     sw = sub.add_parser("sweep", help="run a grid of config values x seeds; table and plot")
     _config_args(sw, optional=False)
-    sw.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="values to try (repeatable: the product is run)")
+    sw.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="values to try (repeatable: the product is run)",
+    )
     sw.add_argument("--seeds", type=int, default=1, help="runs per grid point with seeds seed, seed+1, ...")
-    sw.add_argument("--parallel", type=int, default=None, help="runs side by side (default: as many as the cluster holds)")
+    sw.add_argument(
+        "--parallel", type=int, default=None, help="runs side by side (default: as many as the cluster holds)"
+    )
     sw.set_defaults(func=_cmd_sweep)
 
     e = sub.add_parser("export", help="write a checkpoint's model weights as a plain state dict for inference")
-    e.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint directory (RUN_DIR/checkpoints/step-000100) or a run directory (its latest)")
+    e.add_argument(
+        "checkpoint",
+        metavar="CHECKPOINT",
+        help="a checkpoint directory (RUN_DIR/checkpoints/step-000100) or a run directory (its latest)",
+    )
     e.add_argument("out", metavar="OUT", help="output file: .pt (torch.save) or .safetensors")
     e.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     e.set_defaults(func=_cmd_export)
 
     sh = sub.add_parser("shard", help="write a data set as webdataset tar shards plus manifest.json")
-    sh.add_argument("source", metavar="SOURCE", help="digits | synthetic | a .npz, .csv, .jsonl or text file | a folder of class subfolders of images")
+    sh.add_argument(
+        "source",
+        metavar="SOURCE",
+        help="digits | synthetic | a .npz, .csv, .jsonl or text file | a folder of class subfolders of images",
+    )
     sh.add_argument("out_dir", metavar="OUT_DIR")
     size = sh.add_mutually_exclusive_group()
-    size.add_argument("--samples-per-shard", type=int, default=None, metavar="N", help="samples per shard (default 10000)")
+    size.add_argument(
+        "--samples-per-shard", type=int, default=None, metavar="N", help="samples per shard (default 10000)"
+    )
     size.add_argument("--bytes-per-shard", default=None, metavar="SIZE", help="shard size instead, e.g. 64MB")
     sh.add_argument("--block-size", type=int, default=64, help="samples packed per tar entry (default 64)")
     sh.add_argument("--val-fraction", type=float, default=0.1, help="share written as the val split (default 0.1)")
@@ -91,7 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--num-samples", type=int, default=100_000, help="synthetic: samples")
     sh.add_argument("--input-shape", type=int, nargs="+", default=[32], help="synthetic: sample shape")
     sh.add_argument("--num-classes", type=int, default=10, help="synthetic: classes")
-    sh.add_argument("--task", choices=["classification", "regression", "lm"], default=None, help="task (default: inferred)")
+    sh.add_argument(
+        "--task", choices=["classification", "regression", "lm"], default=None, help="task (default: inferred)"
+    )
     sh.add_argument("--seq-len", type=int, default=64, help="text and synthetic lm: tokens per sample")
     sh.add_argument("--label-column", default=None, help="CSV: label column name or index (default: the last)")
     sh.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("H", "W"), help="images: resize to H x W")
@@ -117,7 +171,11 @@ def _config_args(p: argparse.ArgumentParser, optional: bool) -> None:
 
 def _cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None, help="the cluster's Jobs API, http://HEAD:8265 (default: RAY_ADDRESS)")
-    p.add_argument("--token-file", default=None, help="the cluster's auth token (default: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)")
+    p.add_argument(
+        "--token-file",
+        default=None,
+        help="the cluster's auth token (default: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)",
+    )
 
 
 def _split_config(args: argparse.Namespace) -> tuple[str | None, list[str]]:
@@ -156,11 +214,23 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     from shoal.submit import submit
 
     if not cfg.run.dir or not os.path.isabs(cfg.run.dir):
-        print("[shoal] note: run.dir is not an absolute path: the run directory lands in the job's working "
-              "directory on the cluster; set run.dir to shared storage to keep it", file=sys.stderr)
-    return submit(cfg, address=args.address, token_file=args.token_file, working_dir=args.working_dir, pip=args.pip,
-                  python=args.python, wait=not args.no_wait, start_timeout_s=args.start_timeout, excludes=args.exclude,
-                  resume=args.resume)
+        print(
+            "[shoal] note: run.dir is not an absolute path: the run directory lands in the job's working "
+            "directory on the cluster; set run.dir to shared storage to keep it",
+            file=sys.stderr,
+        )
+    return submit(
+        cfg,
+        address=args.address,
+        token_file=args.token_file,
+        working_dir=args.working_dir,
+        pip=args.pip,
+        python=args.python,
+        wait=not args.no_wait,
+        start_timeout_s=args.start_timeout,
+        excludes=args.exclude,
+        resume=args.resume,
+    )
 
 
 def _cmd_jobs(args: argparse.Namespace) -> int:
@@ -197,7 +267,9 @@ def _cmd_lr_find(args: argparse.Namespace) -> int:
     from shoal.lrfind import run
 
     result = run(cfg, args.min_lr, args.max_lr, args.steps)
-    print(f"[shoal] suggested optim.lr={result['suggested_lr']:.3g} (loss lowest at {result['min_loss_lr']:.3g}); plot: {result['plot']}")
+    print(
+        f"[shoal] suggested optim.lr={result['suggested_lr']:.3g} (loss lowest at {result['min_loss_lr']:.3g}); plot: {result['plot']}"
+    )
     return 0
 
 
@@ -237,13 +309,24 @@ def _cmd_shard(args: argparse.Namespace) -> int:
     if not 0 <= args.val_fraction < 1:
         raise ShoalError(f"--val-fraction: must be in [0, 1) (got {args.val_fraction})")
     table = load_source(
-        args.source, num_samples=args.num_samples, input_shape=args.input_shape, num_classes=args.num_classes,
-        task=args.task, seq_len=args.seq_len, label_column=args.label_column,
-        image_size=tuple(args.image_size) if args.image_size else None, seed=args.seed,
+        args.source,
+        num_samples=args.num_samples,
+        input_shape=args.input_shape,
+        num_classes=args.num_classes,
+        task=args.task,
+        seq_len=args.seq_len,
+        label_column=args.label_column,
+        image_size=tuple(args.image_size) if args.image_size else None,
+        seed=args.seed,
     )
     opts = ShardOptions(
-        samples_per_shard=args.samples_per_shard, bytes_per_shard=parse_bytes(args.bytes_per_shard) if args.bytes_per_shard else None,
-        block_size=args.block_size, shuffle=not args.no_shuffle, seed=args.seed, val_fraction=args.val_fraction, overwrite=args.overwrite,
+        samples_per_shard=args.samples_per_shard,
+        bytes_per_shard=parse_bytes(args.bytes_per_shard) if args.bytes_per_shard else None,
+        block_size=args.block_size,
+        shuffle=not args.no_shuffle,
+        seed=args.seed,
+        val_fraction=args.val_fraction,
+        overwrite=args.overwrite,
     )
     manifest = write_shards(table, Path(args.out_dir), opts, source=args.source)
     for split, info in manifest["splits"].items():
@@ -282,7 +365,10 @@ def _exit_code(summary: dict) -> int:
     if status == "completed":
         return 0
     if status == "preempted":
-        print(f"[shoal] preempted at step {summary.get('steps')}: checkpoint saved; continue with --resume run.dir={summary.get('run_dir')}", flush=True)
+        print(
+            f"[shoal] preempted at step {summary.get('steps')}: checkpoint saved; continue with --resume run.dir={summary.get('run_dir')}",
+            flush=True,
+        )
         return int(summary.get("exit_code") or 143)  # also on ranks that did not get the signal themselves
     return 1
 
@@ -299,13 +385,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_worker(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    from shoal.dist import WorldInfo
-    from shoal.progress import Progress
-    from shoal.worker import run_worker, setup_logging
-
     import threading
 
+    from shoal.dist import WorldInfo
+    from shoal.progress import Progress
     from shoal.signals import StopOnSignal
+    from shoal.worker import run_worker, setup_logging
 
     _check_resume(args, cfg)
     world = WorldInfo.from_env()

@@ -81,7 +81,9 @@ def connect(address: str | None, dashboard: bool = False) -> Cluster:
         try:
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
         except (ConnectionError, RuntimeError, ValueError) as e:
-            raise ClusterError(f"scaling.address: cannot connect to Ray at {address}: {str(e).splitlines()[0]}") from None
+            raise ClusterError(
+                f"scaling.address: cannot connect to Ray at {address}: {str(e).splitlines()[0]}"
+            ) from None
         return Cluster(embedded=False, owns_connection=True)
     # A new cluster of our own, in its own temp dir: never attach by accident to another on this machine.
     temp_dir = tempfile.mkdtemp(prefix="shoal-ray-")
@@ -90,6 +92,9 @@ def connect(address: str | None, dashboard: bool = False) -> Cluster:
         num_cpus=os.cpu_count() or 1,
         include_dashboard=dashboard,
         dashboard_host=LOOPBACK,
+        # a port of its own: Ray's default (8265) is taken by any other cluster on the machine, and its
+        # retries cost start-up seconds
+        dashboard_port=None if dashboard else free_port(),
         _temp_dir=temp_dir,
         logging_level=logging.WARNING,
         log_to_driver=True,
@@ -113,6 +118,13 @@ def _auth_env(address: str | None) -> None:
         os.environ["RAY_AUTH_MODE"] = "token"
 
 
+def free_port() -> int:
+    """A free TCP port on loopback."""
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     """Fail within seconds when HOST:PORT does not answer (Ray itself retries for a minute)."""
     if address == "auto" or "://" in address:
@@ -124,7 +136,9 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
         with socket.create_connection((host or LOOPBACK, int(port)), timeout=timeout_s):
             pass
     except OSError as e:
-        raise ClusterError(f"scaling.address: nothing answers at {address} ({e.strerror or e}); is the Ray head node up?") from None
+        raise ClusterError(
+            f"scaling.address: nothing answers at {address} ({e.strerror or e}); is the Ray head node up?"
+        ) from None
 
 
 def read_token(token_file: str | None) -> str | None:
@@ -146,7 +160,9 @@ def jobs_api_address(address: str | None) -> str:
     """The Jobs API URL: --address, else RAY_ADDRESS (an http(s) URL or HOST:PORT)."""
     address = address or os.environ.get("RAY_ADDRESS", "")
     if not address:
-        raise ClusterError("no cluster: pass --address http://HEAD:8265 (the Ray dashboard / Jobs API) or set RAY_ADDRESS")
+        raise ClusterError(
+            "no cluster: pass --address http://HEAD:8265 (the Ray dashboard / Jobs API) or set RAY_ADDRESS"
+        )
     if "://" not in address:
         address = f"http://{address}"
     return address.rstrip("/")

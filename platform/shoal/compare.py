@@ -22,7 +22,11 @@ def parse_budget(text: str) -> tuple[str, float]:
     if not m or float(m.group(1)) <= 0:
         raise ConfigError(f"--budget: expected STEPS (e.g. 300) or SECONDS (e.g. 60s), got {text!r}")
     unit = m.group(2) or "steps"
-    return ("seconds", float(m.group(1))) if unit.startswith("s") and not unit.startswith("step") else ("steps", float(m.group(1)))
+    return (
+        ("seconds", float(m.group(1)))
+        if unit.startswith("s") and not unit.startswith("step")
+        else ("steps", float(m.group(1)))
+    )
 
 
 def run_both(cfg: JobConfig, budget: str, target_loss: float | None = None) -> dict[str, Any]:
@@ -33,7 +37,9 @@ def run_both(cfg: JobConfig, budget: str, target_loss: float | None = None) -> d
     base = rundir.resolve(cfg)
     out = base / "compare"
     if out.exists() and any(out.iterdir()) and not cfg.run.overwrite:
-        raise ConfigError(f"{out} already holds a comparison; choose another run.dir or set run.overwrite=true", key="run.dir")
+        raise ConfigError(
+            f"{out} already holds a comparison; choose another run.dir or set run.overwrite=true", key="run.dir"
+        )
     out.mkdir(parents=True, exist_ok=True)
     conn = cluster.connect(cfg.scaling.address, cfg.scaling.dashboard)
     runs: dict[str, dict[str, Any]] = {}
@@ -73,18 +79,36 @@ def build_report(runs: dict[str, dict[str, Any]], target_loss: float | None, bud
     for name, r in runs.items():
         s = r["summary"]
         rows[name] = {
-            "steps": s.get("steps"), "samples": s.get("samples"), "wall_s": s.get("wall_s"),
-            "samples_per_s": s.get("samples_per_s"), "updates_per_s": s.get("updates_per_s", (s.get("steps") or 0) / max(s.get("wall_s") or 1, 1e-9)),
-            "train_loss": s.get("train_loss"), "val_loss": s.get("val_loss"), "val_accuracy": s.get("val_accuracy"),
+            "steps": s.get("steps"),
+            "samples": s.get("samples"),
+            "wall_s": s.get("wall_s"),
+            "samples_per_s": s.get("samples_per_s"),
+            "updates_per_s": s.get("updates_per_s", (s.get("steps") or 0) / max(s.get("wall_s") or 1, 1e-9)),
+            "train_loss": s.get("train_loss"),
+            "val_loss": s.get("val_loss"),
+            "val_accuracy": s.get("val_accuracy"),
             "time_to_target_s": _time_to(r["metrics"], target_loss),
-            "staleness_mean": s.get("staleness_mean", 0.0), "staleness_p99": s.get("staleness_p99", 0.0),
+            "staleness_mean": s.get("staleness_mean", 0.0),
+            "staleness_p99": s.get("staleness_p99", 0.0),
             "staleness_histogram": s.get("staleness_histogram", {}),
         }
     return {"budget": budget, "target_loss": target_loss, "strategies": rows}
 
 
 def table(report: dict[str, Any]) -> str:
-    cols = ["strategy", "steps", "samples", "wall_s", "samples_per_s", "train_loss", "val_loss", "val_accuracy", "time_to_target_s", "staleness_mean", "staleness_p99"]
+    cols = [
+        "strategy",
+        "steps",
+        "samples",
+        "wall_s",
+        "samples_per_s",
+        "train_loss",
+        "val_loss",
+        "val_accuracy",
+        "time_to_target_s",
+        "staleness_mean",
+        "staleness_p99",
+    ]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for name, row in report["strategies"].items():
         cells = [name] + [_fmt(row.get(c)) for c in cols[1:]]
@@ -129,7 +153,9 @@ def plot(path: Path, report: dict[str, Any], runs: dict[str, dict[str, Any]]) ->
     ax[0][0].set(title="training loss vs wall time", xlabel="seconds", ylabel="loss", yscale="log")
     ax[0][1].set(title="training loss vs samples seen", xlabel="samples", ylabel="loss", yscale="log")
     names = list(report["strategies"])
-    ax[1][0].bar(names, [report["strategies"][n]["samples_per_s"] or 0 for n in names], color=["tab:blue", "tab:orange"])
+    ax[1][0].bar(
+        names, [report["strategies"][n]["samples_per_s"] or 0 for n in names], color=["tab:blue", "tab:orange"]
+    )
     ax[1][0].set(title="throughput", ylabel="samples/s")
     hist = report["strategies"].get("async_ps", {}).get("staleness_histogram", {})
     ax[1][1].bar([int(k) for k in hist], list(hist.values()), color="tab:orange")

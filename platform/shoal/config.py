@@ -25,9 +25,7 @@ QUICKSTART = "quickstart.yaml"
 class Section(BaseModel):
     """A config section: unknown keys are errors, values are frozen, docstrings document fields."""
 
-    model_config = ConfigDict(
-        extra="forbid", frozen=True, use_attribute_docstrings=True, validate_default=True
-    )
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, validate_default=True)
 
 
 class ModelConfig(Section):
@@ -117,7 +115,9 @@ class DataConfig(Section):
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
         if self.format == "shards" and not self.path:
-            raise ValueError("data.path: data.format=shards needs data.path (a `shoal shard` directory, a pattern or a URL)")
+            raise ValueError(
+                "data.path: data.format=shards needs data.path (a `shoal shard` directory, a pattern or a URL)"
+            )
         if self.decode is not None and not re.fullmatch(r"[\w.]+:[\w.]+", self.decode):
             raise ValueError(f"data.decode: must look like 'package.module:fn' (got {self.decode!r})")
         if any(d < 1 for d in self.input_shape) or not self.input_shape:
@@ -189,7 +189,9 @@ class ScheduleConfig(Section):
             if not self.milestones:
                 raise ValueError("schedule.milestones: multistep needs at least one milestone")
             if sorted(set(self.milestones)) != self.milestones or self.milestones[0] < 1:
-                raise ValueError(f"schedule.milestones: must be strictly ascending positive steps (got {self.milestones})")
+                raise ValueError(
+                    f"schedule.milestones: must be strictly ascending positive steps (got {self.milestones})"
+                )
         return self
 
 
@@ -233,7 +235,9 @@ class TrainConfig(Section):
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
         if self.clip_grad_norm is not None and self.clip_grad_value is not None:
-            raise ValueError("train.clip_grad_value: set either train.clip_grad_norm or train.clip_grad_value, not both")
+            raise ValueError(
+                "train.clip_grad_value: set either train.clip_grad_norm or train.clip_grad_value, not both"
+            )
         if self.label_smoothing and self.loss != "cross_entropy":
             raise ValueError("train.label_smoothing: only applies to train.loss=cross_entropy")
         return self
@@ -248,6 +252,13 @@ class ScalingConfig(Section):
     """GPUs reserved for each rank in the Ray cluster; 0 trains on CPU."""
     threads_per_worker: int | None = Field(None, ge=1)
     """torch intra-op threads per rank; None = cpus_per_worker under Ray, torch's choice otherwise."""
+
+    def threads(self, under_ray: bool) -> int | None:
+        """threads_per_worker resolved: the one place its default is derived."""
+        if self.threads_per_worker is not None:
+            return self.threads_per_worker
+        return max(1, int(self.cpus_per_worker)) if under_ray else None
+
     address: str | None = None
     """Ray cluster to join (e.g. "auto" or "HOST:6379"); None = RAY_ADDRESS if set, else an embedded local cluster."""
     placement: Literal["pack", "spread", "strict_spread"] = "pack"
@@ -264,10 +275,6 @@ class ScalingConfig(Section):
     """Start the Ray dashboard (and Jobs API) with the embedded cluster, on 127.0.0.1 only."""
     max_failures: int = Field(0, ge=0)
     """Restarts allowed for the whole job: a rank that dies, fails or hangs restarts every worker from the latest checkpoint."""
-    straggler_rank: int | None = Field(None, ge=0)
-    """Test and benchmark hook: this rank sleeps straggler_delay_s every step (a slow worker)."""
-    straggler_delay_s: float = Field(0.0, ge=0)
-    """Seconds the straggler sleeps per step."""
     hang_timeout_s: float | None = Field(None, gt=0)
     """A rank that finishes no step for this long counts as failed (None: never; set it above your slowest step, eval or save)."""
 
@@ -350,7 +357,9 @@ class KeepBest(Section):
 
 
 class CheckpointConfig(Section):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, validate_default=True, populate_by_name=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, use_attribute_docstrings=True, validate_default=True, populate_by_name=True
+    )
 
     every_steps: int | None = Field(None, ge=1)
     """Save every this many optimizer steps."""
@@ -405,7 +414,9 @@ class JobConfig(Section):
             )
         if self.ddp.static_graph and self.train.grad_accum_steps > 1:
             # DDP's static graph and no_sync() do not mix: an internal assert, or AllReduce silently stops
-            raise ValueError("ddp.static_graph: cannot be combined with train.grad_accum_steps > 1; turn one of them off")
+            raise ValueError(
+                "ddp.static_graph: cannot be combined with train.grad_accum_steps > 1; turn one of them off"
+            )
         if self.schedule.name == "plateau" and self.train.eval_every == 0:
             raise ValueError("schedule.name: plateau needs evaluations; set train.eval_every > 0")
         if self.data.format == "memory":  # shards say their task in the manifest: checked when opened

@@ -8,16 +8,25 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from shoal.errors import ConfigError
 
 if TYPE_CHECKING:  # torch is imported by the functions that need it: the Ray driver never loads it
     import torch
 
-ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")
+ENV_KEYS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "NODE_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
 
 
 @dataclass(frozen=True)
@@ -162,8 +171,15 @@ def _loopback_store(world: WorldInfo, timeout: datetime.timedelta) -> object | N
         sock.bind(("127.0.0.1", world.master_port))
         sock.listen(512)
         fd = sock.detach()
-    return dist.TCPStore("127.0.0.1", world.master_port, world.world_size, world.rank == 0, timeout=timeout,
-                         wait_for_workers=False, master_listen_fd=fd)
+    return dist.TCPStore(
+        "127.0.0.1",
+        world.master_port,
+        world.world_size,
+        world.rank == 0,
+        timeout=timeout,
+        wait_for_workers=False,
+        master_listen_fd=fd,
+    )
 
 
 def _loopback_interface() -> str | None:
@@ -181,9 +197,17 @@ def _loopback_interface() -> str | None:
 
 def destroy_process_group() -> None:
     """Leave the group if one was joined."""
+    import time
+
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        # A gloo worker thread frees a finished collective's tensors after the caller has its result,
+        # and needs the GIL to do it. Torch 2.13's DDP keeps the group and its threads alive past
+        # destroy_process_group, so a thread still freeing at interpreter exit aborts the process
+        # ("terminate called without an active exception"), and one freeing while a destructor holds
+        # the GIL deadlocks it. A moment without the GIL lets them finish first.
+        time.sleep(0.05)
         dist.destroy_process_group()
 
 
@@ -203,15 +227,6 @@ def all_max(values: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(values, op=dist.ReduceOp.MAX)
     return values
-
-
-def agree(flag: bool, device: torch.device | str = "cpu") -> bool:
-    """True on every rank if it is True on any rank: one collective, so all ranks decide alike."""
-    import torch
-
-    # int32 because NCCL cannot reduce bool
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
-    return bool(all_max(t).item())
 
 
 def broadcast_object(obj: object, src: int = 0) -> object:
@@ -264,22 +279,34 @@ def all_gather_object(obj: object) -> list[object]:
     return out
 
 
+@dataclass(frozen=True)
+class Flags:
+    """What any rank may raise between steps; once agreed, every rank acts on it at the same step."""
+
+    stop: bool = False  # a signal asked for a graceful stop
+    save: bool = False  # checkpoint.every_minutes has passed
+    out_of_time: bool = False  # train.max_time_s has passed
+
+    def as_list(self) -> list[bool]:
+        return [self.stop, self.save, self.out_of_time]
+
+
 class Pulse:
-    """Flags any rank may raise (stop requested, save due), agreed by all ranks at the same step.
+    """Flags any rank may raise, agreed by all ranks at the same step (their max across ranks).
 
     An exchange starts an asynchronous all_reduce (MAX) of the flags and reads the previous one, so
     its latency hides behind compute. Exchanges run every step for the first WARMUP steps, then
     about every `period_s`: the interval in steps follows the slowest rank's step time, which
     travels in the same all_reduce, so every rank picks the same steps. (A tiny collective every
-    step cost 5-10% of a 30 ms step on gloo with two ranks on two cores.) A single process
-    exchanges every step, for free. Flags must stay raised until acted on: one raised between
-    exchanges is seen at the next.
+    step cost 5-10% of a 30 ms step on gloo with two ranks on two cores.) A single process agrees
+    with itself at once. Flags must stay raised until acted on: one raised between exchanges is
+    seen at the next.
     """
 
     WARMUP = 8
+    SIZE = len(Flags().as_list())
 
-    def __init__(self, size: int, device: torch.device, period_s: float = 1.0, max_interval: int = 100):
-        self.size = size
+    def __init__(self, device: torch.device, period_s: float = 1.0, max_interval: int = 100):
         self.device = device
         self.period_s = period_s
         self.max_interval = max_interval
@@ -289,36 +316,106 @@ class Pulse:
         self._since: tuple[int, float] | None = None  # (calls, time) at the last exchange
         self._pending: tuple[object, torch.Tensor] | None = None
 
-    def exchange(self, flags: Sequence[bool]) -> list[bool]:
+    def exchange(self, flags: Flags) -> Flags:
         """Call once per step: the flags agreed at this step (all False between exchanges)."""
         import time
 
         import torch
         import torch.distributed as dist
 
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return flags  # a single process agrees with itself, at once and for free
         self.calls += 1
         if self.calls < self.next_at:
-            return [False] * self.size
+            return Flags()
         now = time.perf_counter()
         step_s = (now - self._since[1]) / (self.calls - self._since[0]) if self._since else 0.0
         self._since = (self.calls, now)
         agreed = self.drain()
-        t = torch.tensor([1.0 if f else 0.0 for f in flags] + [step_s], dtype=torch.float64, device=self.device)
-        work = dist.all_reduce(t, op=dist.ReduceOp.MAX, async_op=True) if dist.is_initialized() and dist.get_world_size() > 1 else None
-        self._pending = (work, t)
+        t = torch.tensor(
+            [1.0 if f else 0.0 for f in flags.as_list()] + [step_s], dtype=torch.float64, device=self.device
+        )
+        self._pending = (dist.all_reduce(t, op=dist.ReduceOp.MAX, async_op=True), t)
         self.next_at = self.calls + self.interval
         return agreed
 
-    def drain(self) -> list[bool]:
+    def drain(self) -> Flags:
         """Wait for the exchange in flight and return its agreed flags."""
         if self._pending is None:
-            return [False] * self.size
+            return Flags()
         work, t = self._pending
         self._pending = None
-        if work is not None:
-            work.wait()
+        work.wait()
         values = t.tolist()
-        step_s = values[self.size]
-        if work is not None and self.calls >= self.WARMUP and step_s > 0:  # the same numbers on every rank: the same interval
+        step_s = values[self.SIZE]
+        if self.calls >= self.WARMUP and step_s > 0:  # the same numbers on every rank: the same interval
             self.interval = max(1, min(self.max_interval, int(self.period_s / step_s)))
-        return [bool(v) for v in values[: self.size]]
+        return Flags(*(bool(v) for v in values[: self.SIZE]))
+
+
+# ---------------------------------------------------------------- local ranks (tests, benchmarks, tools)
+
+
+def spawn_local(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 120) -> list[Any]:
+    """Run fn(*args) on world_size gloo ranks on this machine; each rank's result, in rank order.
+
+    fn must be importable (module level). A rank that hangs past timeout_s is killed and reported,
+    never left running.
+    """
+    import multiprocessing as mp
+    import pickle
+    import socket
+    import tempfile
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as out:
+        ctx = mp.get_context("spawn")
+        procs = [ctx.Process(target=_local_rank, args=(r, world_size, port, fn, args, out)) for r in range(world_size)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout_s)
+        hung = [r for r, p in enumerate(procs) if p.is_alive()]
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        if hung:
+            raise TimeoutError(f"ranks {hung} still running after {timeout_s}s (hang)")
+        results = []
+        for r in range(world_size):
+            path = Path(out, f"rank{r}.pkl")
+            if not path.exists():
+                raise RuntimeError(f"rank {r} exited with code {procs[r].exitcode} and no result")
+            status, value = pickle.loads(path.read_bytes())
+            if status != "ok":
+                raise RuntimeError(f"rank {r} failed: {value}")
+            results.append(value)
+        return results
+
+
+def _local_rank(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple, out_dir: str) -> None:
+    import multiprocessing
+    import pickle
+    import sys
+    import traceback
+    from pathlib import Path
+
+    os.environ.update(WorldInfo(rank, world_size, rank, world_size, 0, "127.0.0.1", port).to_env())
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+    if sys.platform == "linux":
+        # a spawned child inherits "spawn" as its default; ranks under torchrun or Ray start loader
+        # workers with the platform default (fork), and so should these
+        multiprocessing.set_start_method("fork", force=True)
+    try:
+        result: Any = ("ok", fn(*args))
+    except BaseException as e:  # reported to the parent
+        result = ("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+    finally:
+        destroy_process_group()
+    Path(out_dir, f"rank{rank}.pkl").write_bytes(pickle.dumps(result))

@@ -50,7 +50,10 @@ def locate_object(target: str, key: str) -> Path | None:
     first = attr.split(".")[0]
     if first not in names and not open_ended:
         shown = ", ".join(sorted(n for n in names if not n.startswith("_"))[:10])
-        raise ConfigError(f"cannot import {target!r}: module {module_name!r} ({origin}) defines no {first!r} (it has: {shown})", key=key)
+        raise ConfigError(
+            f"cannot import {target!r}: module {module_name!r} ({origin}) defines no {first!r} (it has: {shown})",
+            key=key,
+        )
     return origin
 
 
@@ -68,7 +71,10 @@ def _find_module(module_name: str, target: str, key: str) -> Path | None:
             if i == 0 and parts[0] in sys.builtin_module_names:
                 return None
             missing = ".".join(parts[: i + 1])
-            raise ConfigError(f"cannot import {target!r}: no module named {missing!r} on the Python path (is its folder the current one?)", key=key)
+            raise ConfigError(
+                f"cannot import {target!r}: no module named {missing!r} on the Python path (is its folder the current one?)",
+                key=key,
+            )
         search = list(spec.submodule_search_locations or [])
     if spec is None or not spec.origin or spec.origin in ("built-in", "frozen", "namespace"):
         return None

@@ -114,7 +114,9 @@ class Plan:
 # ---------------------------------------------------------------- rendering
 
 
-def render(cfg: JobConfig, target: str, image: str, namespace: str | None = None, options: RenderOptions = RenderOptions()) -> dict[str, str]:
+def render(
+    cfg: JobConfig, target: str, image: str, namespace: str | None = None, options: RenderOptions = RenderOptions()
+) -> dict[str, str]:
     """{relative path: YAML text}: the base plus the target's overlay. Raises ConfigError first."""
     if target not in TARGETS:
         raise ConfigError(f"must be one of {', '.join(TARGETS)} (got {target!r})", key="--target")
@@ -182,14 +184,23 @@ def plan(cfg: JobConfig, image: str, namespace: str | None, options: RenderOptio
     gpus = gpu_count(s.gpus_per_worker, options.gpu_resource)
     _check_options(image, namespace, options)
     return Plan(
-        name=name, namespace=namespace, image=image,
-        config_yaml=embedded_config(cfg, run_dir), run_dir=run_dir,
-        workers=s.num_workers, cpu=cpu_quantity(s.cpus_per_worker), ray_cpus=math.ceil(s.cpus_per_worker),
+        name=name,
+        namespace=namespace,
+        image=image,
+        config_yaml=embedded_config(cfg, run_dir),
+        run_dir=run_dir,
+        workers=s.num_workers,
+        cpu=cpu_quantity(s.cpus_per_worker),
+        ray_cpus=math.ceil(s.cpus_per_worker),
         threads=s.threads_per_worker or max(1, int(s.cpus_per_worker)),
         memory=options.memory or f"{max(2, math.ceil(2 * s.cpus_per_worker)) + 8 * gpus}Gi",
-        gpus=gpus, gpu_resource=options.gpu_resource if gpus else None,
-        grace_s=options.grace_period_s, restarts=options.restarts, max_failures=s.max_failures,
-        storage=options.storage, storage_class=options.storage_class,
+        gpus=gpus,
+        gpu_resource=options.gpu_resource if gpus else None,
+        grace_s=options.grace_period_s,
+        restarts=options.restarts,
+        max_failures=s.max_failures,
+        storage=options.storage,
+        storage_class=options.storage_class,
     )
 
 
@@ -205,7 +216,9 @@ def job_name(name: str) -> str:
     """The job's name as Kubernetes objects carry it: a DNS-1035 label short enough for suffixes."""
     if DNS_1035.fullmatch(name) and len(name) <= MAX_NAME_LENGTH:
         return name
-    suggestion = re.sub(r"^[^a-z]+", "", re.sub(r"[^a-z0-9]+", "-", name.lower()))[:MAX_NAME_LENGTH].strip("-") or "shoal-job"
+    suggestion = (
+        re.sub(r"^[^a-z]+", "", re.sub(r"[^a-z0-9]+", "-", name.lower()))[:MAX_NAME_LENGTH].strip("-") or "shoal-job"
+    )
     raise ConfigError(
         f"{name!r} cannot name Kubernetes objects: use at most {MAX_NAME_LENGTH} lower-case letters, digits "
         f"and '-', starting with a letter and ending with a letter or digit (a DNS-1035 label, with room "
@@ -234,7 +247,9 @@ def gpu_count(gpus_per_worker: float, resource: str | None) -> int:
     if gpus_per_worker == 0:
         return 0
     if gpus_per_worker != int(gpus_per_worker):
-        raise ConfigError(f"Kubernetes gives pods whole GPUs; use 1, 2, ... (got {gpus_per_worker:g})", key="scaling.gpus_per_worker")
+        raise ConfigError(
+            f"Kubernetes gives pods whole GPUs; use 1, 2, ... (got {gpus_per_worker:g})", key="scaling.gpus_per_worker"
+        )
     if not resource:
         raise ConfigError(
             f"asks for {gpus_per_worker:g} GPU(s) per worker: pass --gpu-resource with the cluster's GPU "
@@ -248,16 +263,24 @@ def cpu_quantity(cpus: float) -> str:
     """CPUs as a Kubernetes quantity: whole cores as "2", fractions in millicores ("1500m")."""
     milli = round(cpus * 1000)
     if milli < 1 or abs(milli - cpus * 1000) > 1e-6:
-        raise ConfigError(f"Kubernetes counts CPU in millicores: use a multiple of 0.001 (got {cpus:g})", key="scaling.cpus_per_worker")
+        raise ConfigError(
+            f"Kubernetes counts CPU in millicores: use a multiple of 0.001 (got {cpus:g})",
+            key="scaling.cpus_per_worker",
+        )
     return str(milli // 1000) if milli % 1000 == 0 else f"{milli}m"
 
 
 def _check_options(image: str, namespace: str | None, o: RenderOptions) -> None:
     """The command-line options, each named in its error."""
     if not image or any(c.isspace() for c in image):
-        raise ConfigError(f"must name a container image, e.g. registry.example.com/shoal:0.1.0 (got {image!r})", key="--image")
+        raise ConfigError(
+            f"must name a container image, e.g. registry.example.com/shoal:0.1.0 (got {image!r})", key="--image"
+        )
     if namespace is not None and not (DNS_1123.fullmatch(namespace) and len(namespace) <= 63):
-        raise ConfigError(f"must be a DNS-1123 label: lower-case letters, digits and '-', at most 63 (got {namespace!r})", key="--namespace")
+        raise ConfigError(
+            f"must be a DNS-1123 label: lower-case letters, digits and '-', at most 63 (got {namespace!r})",
+            key="--namespace",
+        )
     if o.gpu_resource is not None and not RESOURCE_NAME.fullmatch(o.gpu_resource):
         raise ConfigError(f"must look like vendor.com/gpu (got {o.gpu_resource!r})", key="--gpu-resource")
     for key, value in (("--memory", o.memory), ("--storage", o.storage)):
@@ -266,7 +289,10 @@ def _check_options(image: str, namespace: str | None, o: RenderOptions) -> None:
     if o.storage_class is not None and not (DNS_SUBDOMAIN.fullmatch(o.storage_class) and len(o.storage_class) <= 253):
         raise ConfigError(f"must be a StorageClass name (got {o.storage_class!r})", key="--storage-class")
     if o.grace_period_s < MIN_GRACE_S:
-        raise ConfigError(f"must be >= {MIN_GRACE_S} s: the ranks finish a step and save a checkpoint in it (got {o.grace_period_s})", key="--grace-period")
+        raise ConfigError(
+            f"must be >= {MIN_GRACE_S} s: the ranks finish a step and save a checkpoint in it (got {o.grace_period_s})",
+            key="--grace-period",
+        )
     if o.restarts < 0:
         raise ConfigError(f"must be >= 0 (got {o.restarts})", key="--restarts")
 
@@ -297,12 +323,22 @@ def labels(p: Plan, component: str | None = None) -> dict[str, str]:
 
 def service_account(p: Plan) -> dict[str, Any]:
     """The pods' identity; they never call the Kubernetes API, so no token is mounted."""
-    return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": metadata(p, p.name), "automountServiceAccountToken": False}
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": metadata(p, p.name),
+        "automountServiceAccountToken": False,
+    }
 
 
 def config_map(p: Plan) -> dict[str, Any]:
     """The job YAML (the keys it sets), with run.dir pointing at the volume."""
-    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata(p, f"{p.name}-config"), "data": {CONFIG_FILE: p.config_yaml}}
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": metadata(p, f"{p.name}-config"),
+        "data": {CONFIG_FILE: p.config_yaml},
+    }
 
 
 def run_volume_claim(p: Plan) -> dict[str, Any]:
@@ -310,7 +346,12 @@ def run_volume_claim(p: Plan) -> dict[str, Any]:
     spec: dict[str, Any] = {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": p.storage}}}
     if p.storage_class:
         spec["storageClassName"] = p.storage_class
-    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": metadata(p, f"{p.name}-runs"), "spec": spec}
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": metadata(p, f"{p.name}-runs"),
+        "spec": spec,
+    }
 
 
 def kustomization(resources: list[str]) -> dict[str, Any]:
@@ -330,10 +371,18 @@ def shoal_args(p: Plan, command: str, *overrides: str) -> list[str]:
 def torchrun_command(p: Plan, nnodes: str, endpoint: str) -> list[str]:
     """torchrun with c10d rendezvous, one rank per pod, and time to save when stopped."""
     return [
-        "torchrun", f"--nnodes={nnodes}", "--nproc-per-node=1", "--rdzv-backend=c10d",
-        f"--rdzv-endpoint={endpoint}", f"--rdzv-id={p.name}", f"--rdzv-conf={rdzv_conf(p)}",
-        f"--max-restarts={p.max_failures}", f"--shutdown-timeout={p.stop_wait_s}",
-        "-m", "shoal", *shoal_args(p, "worker"),
+        "torchrun",
+        f"--nnodes={nnodes}",
+        "--nproc-per-node=1",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={endpoint}",
+        f"--rdzv-id={p.name}",
+        f"--rdzv-conf={rdzv_conf(p)}",
+        f"--max-restarts={p.max_failures}",
+        f"--shutdown-timeout={p.stop_wait_s}",
+        "-m",
+        "shoal",
+        *shoal_args(p, "worker"),
     ]
 
 
@@ -370,7 +419,13 @@ def volume_mounts(p: Plan, with_config: bool = True) -> list[dict[str, Any]]:
 
 def container(p: Plan, name: str, **fields: Any) -> dict[str, Any]:
     """A container of the Shoal image; `fields` (command, env, ports, resources, ...) in that order."""
-    return {"name": name, "image": p.image, "imagePullPolicy": "IfNotPresent", **fields, "securityContext": {"allowPrivilegeEscalation": False}}
+    return {
+        "name": name,
+        "image": p.image,
+        "imagePullPolicy": "IfNotPresent",
+        **fields,
+        "securityContext": {"allowPrivilegeEscalation": False},
+    }
 
 
 def pod_spec(p: Plan, containers: list[dict[str, Any]], vols: list[dict[str, Any]], **fields: Any) -> dict[str, Any]:
@@ -380,7 +435,13 @@ def pod_spec(p: Plan, containers: list[dict[str, Any]], vols: list[dict[str, Any
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,  # a Service named like MASTER would otherwise set MASTER_PORT in the pods
         "terminationGracePeriodSeconds": p.grace_s,
-        "securityContext": {"runAsNonRoot": True, "runAsUser": USER_ID, "runAsGroup": USER_ID, "fsGroup": USER_ID, "fsGroupChangePolicy": "OnRootMismatch"},
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": USER_ID,
+            "runAsGroup": USER_ID,
+            "fsGroup": USER_ID,
+            "fsGroupChangePolicy": "OnRootMismatch",
+        },
         **fields,
     }
     if p.gpus:
@@ -398,7 +459,8 @@ def pod_template(p: Plan, component: str, spec: dict[str, Any]) -> dict[str, Any
 def torchrun_worker(p: Plan, name: str, nnodes: str, endpoint: str, port_name: str) -> dict[str, Any]:
     """The container that runs one rank under torchrun."""
     return container(
-        p, name,
+        p,
+        name,
         command=torchrun_command(p, nnodes, endpoint),
         # torch would otherwise start a thread per core of the node, not of the pod
         env=[{"name": "OMP_NUM_THREADS", "value": str(p.threads)}],
@@ -431,7 +493,8 @@ def ray_job(p: Plan) -> dict[str, Any]:
 def ray_head(p: Plan) -> dict[str, Any]:
     """The head runs the driver only: zero CPUs for Ray, so every rank lands on a worker pod."""
     head = container(
-        p, "ray-head",
+        p,
+        "ray-head",
         env=[{"name": "RAY_JOB_STOP_WAIT_TIME_S", "value": str(p.stop_wait_s)}],
         resources=resources(p, HEAD_CPU, HEAD_MEMORY, 0),
         volumeMounts=volume_mounts(p),
@@ -449,7 +512,12 @@ def ray_workers(p: Plan) -> dict[str, Any]:
     params = {"num-cpus": str(p.ray_cpus)}
     if p.gpus:
         params["num-gpus"] = str(p.gpus)
-    worker = container(p, "ray-worker", resources=resources(p, p.cpu, p.memory, p.gpus), volumeMounts=volume_mounts(p, with_config=False))
+    worker = container(
+        p,
+        "ray-worker",
+        resources=resources(p, p.cpu, p.memory, p.gpus),
+        volumeMounts=volume_mounts(p, with_config=False),
+    )
     return {
         "groupName": "workers",
         "replicas": p.workers,
@@ -541,7 +609,9 @@ def indexed_job(p: Plan) -> dict[str, Any]:
     host = f"{p.name}-0.{p.name}"
     # a namespace with a ResourceQuota refuses containers, init ones included, that ask for nothing
     small = {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "128Mi"}}
-    wait = container(p, "wait-for-rendezvous", command=["python", "-c", WAIT_FOR_DNS, host, str(DNS_WAIT_S)], resources=small)
+    wait = container(
+        p, "wait-for-rendezvous", command=["python", "-c", WAIT_FOR_DNS, host, str(DNS_WAIT_S)], resources=small
+    )
     worker = torchrun_worker(p, "worker", str(p.workers), f"{host}:{RDZV_PORT}", "rdzv")
     spec = pod_spec(p, [worker], volumes(p), subdomain=p.name, restartPolicy="OnFailure", initContainers=[wait])
     return {
@@ -582,20 +652,62 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     k = subparsers.add_parser("k8s", help="Kubernetes manifests for a job (render)")
     actions = k.add_subparsers(dest="k8s_command", metavar="ACTION")
     actions.required = True
-    r = actions.add_parser("render", help="write the manifests for a job: KubeRay RayJob, Kubeflow PyTorchJob or indexed Job")
+    r = actions.add_parser(
+        "render", help="write the manifests for a job: KubeRay RayJob, Kubeflow PyTorchJob or indexed Job"
+    )
     r.add_argument("config", metavar="CONFIG", help="job YAML file")
     r.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. scaling.num_workers=4")
-    r.add_argument("--target", required=True, choices=TARGETS, help="rayjob (KubeRay), pytorchjob (Kubeflow training-operator) or job (plain indexed Job)")
+    r.add_argument(
+        "--target",
+        required=True,
+        choices=TARGETS,
+        help="rayjob (KubeRay), pytorchjob (Kubeflow training-operator) or job (plain indexed Job)",
+    )
     r.add_argument("--image", required=True, help="container image with Shoal installed (k8s/Dockerfile)")
     r.add_argument("--namespace", default=None, help="namespace of every object (default: the one kubectl uses)")
-    r.add_argument("-o", "--output", default=None, metavar="DIR", help="write base/ and overlays/TARGET/ under DIR (default: one stream on stdout)")
+    r.add_argument(
+        "-o",
+        "--output",
+        default=None,
+        metavar="DIR",
+        help="write base/ and overlays/TARGET/ under DIR (default: one stream on stdout)",
+    )
     d = RenderOptions()
-    r.add_argument("--gpu-resource", default=d.gpu_resource, metavar="NAME", help="the cluster's GPU resource, e.g. nvidia.com/gpu (needed when scaling.gpus_per_worker > 0)")
-    r.add_argument("--memory", default=d.memory, metavar="QTY", help="memory per worker pod (default: 2Gi per CPU, at least 2Gi, plus 8Gi per GPU)")
-    r.add_argument("--storage", default=d.storage, metavar="QTY", help=f"size of the run-directory volume (default {d.storage})")
-    r.add_argument("--storage-class", default=d.storage_class, metavar="NAME", help="StorageClass offering ReadWriteMany (default: the cluster's default)")
-    r.add_argument("--grace-period", type=int, default=d.grace_period_s, metavar="S", help=f"seconds a stopped pod gets to save its checkpoint (default {d.grace_period_s})")
-    r.add_argument("--restarts", type=int, default=d.restarts, metavar="N", help=f"restarts Kubernetes allows after a failed or preempted pod (default {d.restarts})")
+    r.add_argument(
+        "--gpu-resource",
+        default=d.gpu_resource,
+        metavar="NAME",
+        help="the cluster's GPU resource, e.g. nvidia.com/gpu (needed when scaling.gpus_per_worker > 0)",
+    )
+    r.add_argument(
+        "--memory",
+        default=d.memory,
+        metavar="QTY",
+        help="memory per worker pod (default: 2Gi per CPU, at least 2Gi, plus 8Gi per GPU)",
+    )
+    r.add_argument(
+        "--storage", default=d.storage, metavar="QTY", help=f"size of the run-directory volume (default {d.storage})"
+    )
+    r.add_argument(
+        "--storage-class",
+        default=d.storage_class,
+        metavar="NAME",
+        help="StorageClass offering ReadWriteMany (default: the cluster's default)",
+    )
+    r.add_argument(
+        "--grace-period",
+        type=int,
+        default=d.grace_period_s,
+        metavar="S",
+        help=f"seconds a stopped pod gets to save its checkpoint (default {d.grace_period_s})",
+    )
+    r.add_argument(
+        "--restarts",
+        type=int,
+        default=d.restarts,
+        metavar="N",
+        help=f"restarts Kubernetes allows after a failed or preempted pod (default {d.restarts})",
+    )
     r.set_defaults(func=cmd_render)
     return r
 
@@ -603,8 +715,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def options_from_args(args: argparse.Namespace) -> RenderOptions:
     """RenderOptions from the parsed command line."""
     return RenderOptions(
-        gpu_resource=args.gpu_resource, memory=args.memory, storage=args.storage, storage_class=args.storage_class,
-        grace_period_s=args.grace_period, restarts=args.restarts,
+        gpu_resource=args.gpu_resource,
+        memory=args.memory,
+        storage=args.storage,
+        storage_class=args.storage_class,
+        grace_period_s=args.grace_period,
+        restarts=args.restarts,
     )
 
 
@@ -622,5 +738,7 @@ def cmd_render(args: argparse.Namespace) -> int:
         path = out / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
-    print(f"[shoal] wrote {len(files)} files under {out}; apply with: kubectl apply -k {out / 'overlays' / args.target}")
+    print(
+        f"[shoal] wrote {len(files)} files under {out}; apply with: kubectl apply -k {out / 'overlays' / args.target}"
+    )
     return 0

@@ -59,9 +59,14 @@ class Loss:
         got = out.shape[-1] if self.spec.task != "regression" else out[0].numel() if out.shape[0] else want
         if got == want or out.ndim == 1 and want == 1:
             return
-        what = {"lm": f"a vocabulary of {want} tokens (ids 0..{want - 1})", "regression": f"{want} target values per sample"}.get(
-            self.spec.task, f"{self.spec.num_classes} classes (labels 0..{self.spec.num_classes - 1})")
-        raise ConfigError(f"the model gives {got} outputs per sample but the data has {what}; size the output layer to {want}", key=self.model_key)
+        what = {
+            "lm": f"a vocabulary of {want} tokens (ids 0..{want - 1})",
+            "regression": f"{want} target values per sample",
+        }.get(self.spec.task, f"{self.spec.num_classes} classes (labels 0..{self.spec.num_classes - 1})")
+        raise ConfigError(
+            f"the model gives {got} outputs per sample but the data has {what}; size the output layer to {want}",
+            key=self.model_key,
+        )
 
     def count(self, y: torch.Tensor) -> int:
         """Elements the mean is taken over: samples, or tokens for lm."""

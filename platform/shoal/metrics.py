@@ -1,13 +1,70 @@
-"""Rank 0's record of a run: metrics.jsonl and TensorBoard scalars."""
+"""The record of a run: the metrics window between two log lines, and rank 0's metrics.jsonl and
+TensorBoard scalars. Imports no torch until a writer with TensorBoard is made."""
 
 from __future__ import annotations
 
 import json
 import math
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from shoal.rundir import METRICS
+
+
+class Window:
+    """Sums between two log lines: loss (kept wherever it is computed: a device tensor, or a float),
+    elements it is summed over, samples, data wait, and time. Every strategy logs through one.
+
+    `reduce(loss_sum, count) -> (loss_sum, count)` makes them global (a collective for ranks that each
+    hold a part; identity where one process already holds the totals, as the PS recorder does).
+    """
+
+    def __init__(
+        self, zero: Callable[[], Any], reduce: Callable[[Any, float], tuple[float, float]], holds_totals: bool = True
+    ):
+        self.zero, self.reduce = zero, reduce
+        self.holds_totals = holds_totals  # loading a saved window: only one rank carries the global sums
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum: Any = self.zero()
+        self.count = 0.0
+        self.samples = 0
+        self.data_s = 0.0
+        self.start = time.perf_counter()
+
+    def add(self, loss_sum: Any, count: float, samples: int, data_s: float = 0.0) -> None:
+        self.loss_sum += loss_sum
+        self.count += count
+        self.samples += samples
+        self.data_s += data_s
+
+    def figures(self) -> dict[str, float]:
+        """loss (global mean), samples_per_s, data_wait (share of the window spent waiting for data); then reset."""
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        loss_sum, count = self.reduce(self.loss_sum, self.count)
+        out = {
+            "loss": loss_sum / count if count else float("nan"),
+            "samples_per_s": self.samples / elapsed,
+            "data_wait": self.data_s / elapsed,
+        }
+        self.reset()
+        return out
+
+    def state_dict(self) -> dict[str, float]:
+        """The window's global sums (a collective): a resumed run logs the same values."""
+        loss_sum, count = self.reduce(self.loss_sum, self.count)
+        return {"loss_sum": loss_sum, "count": count, "samples": self.samples}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        """Continue a saved window; the rank that holds_totals carries the global sums, the others zeros."""
+        self.reset()
+        if self.holds_totals:
+            self.loss_sum += state["loss_sum"]
+            self.count = float(state["count"])
+        self.samples = int(state["samples"])
 
 
 class MetricsWriter:
@@ -60,7 +117,9 @@ def _truncate(path: Path, after_step: int) -> None:
     """Drop records past `after_step` (a resumed run rewrites them)."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= after_step]
+    keep = [
+        line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= after_step
+    ]
     path.write_text("".join(line + "\n" for line in keep))
 
 

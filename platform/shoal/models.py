@@ -35,9 +35,13 @@ def build_model(cfg: ModelConfig, spec: DataSpec, out_features: int) -> nn.Modul
         except ShoalError:
             raise
         except Exception as e:  # the user's factory: its failure is a config problem, said in one line
-            raise ConfigError(f"{cfg.target}(**model.kwargs) raised {type(e).__name__}: {e}", key="model.target") from None
+            raise ConfigError(
+                f"{cfg.target}(**model.kwargs) raised {type(e).__name__}: {e}", key="model.target"
+            ) from None
         if not isinstance(model, nn.Module):
-            raise ConfigError(f"{cfg.target} returned {type(model).__name__}, not a torch.nn.Module", key="model.target")
+            raise ConfigError(
+                f"{cfg.target} returned {type(model).__name__}, not a torch.nn.Module", key="model.target"
+            )
         return model
     if cfg.name == "mlp":
         model = MLP(math.prod(spec.input_shape), out_features, cfg)
@@ -176,7 +180,11 @@ class CNN(nn.Module):
         c, h, _ = shape
         blocks: list[nn.Module] = []
         for _ in range(cfg.depth):
-            layers = [nn.Conv2d(c, cfg.width, 3, padding=1), _norm2d(cfg.norm, cfg.width), ACTIVATIONS[cfg.activation]()]
+            layers = [
+                nn.Conv2d(c, cfg.width, 3, padding=1),
+                _norm2d(cfg.norm, cfg.width),
+                ACTIVATIONS[cfg.activation](),
+            ]
             if h >= 4:
                 layers.append(nn.MaxPool2d(2))
                 h //= 2

@@ -122,7 +122,12 @@ class Schedule:
             self.bad_evals = 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"plateau_factor": self.plateau_factor, "best": self.best, "bad_evals": self.bad_evals, "lr_scale": self.lr_scale}
+        return {
+            "plateau_factor": self.plateau_factor,
+            "best": self.best,
+            "bad_evals": self.bad_evals,
+            "lr_scale": self.lr_scale,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.plateau_factor = float(state["plateau_factor"])

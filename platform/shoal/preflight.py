@@ -34,6 +34,8 @@ def check(cfg: JobConfig, *, resume: bool = False, local_files: bool = True) -> 
 def check_checkpoint_dir(path: Path) -> None:
     """A checkpoint directory that exists and was completed (its meta.json is written last)."""
     if not path.is_dir():
-        raise CheckpointError(f"checkpoint.resume_from: {path}: not found (a checkpoint directory such as RUN_DIR/checkpoints/step-000100)")
+        raise CheckpointError(
+            f"checkpoint.resume_from: {path}: not found (a checkpoint directory such as RUN_DIR/checkpoints/step-000100)"
+        )
     if not (path / "meta.json").exists():
         raise CheckpointError(f"checkpoint.resume_from: {path}: incomplete (no meta.json); use a complete checkpoint")

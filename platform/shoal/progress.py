@@ -39,7 +39,8 @@ class Progress:
         self._task = None
         if mode == "bar":
             from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+            from rich.progress import Progress as RichProgress
 
             self._bar = RichProgress(
                 TextColumn("[bold]train"),
@@ -61,7 +62,11 @@ class Progress:
         if self._bar is not None:
             elapsed = time.monotonic() - self.start
             steps_s = step / elapsed if elapsed > 0 else 0.0
-            info = f"loss {record['loss']:.4f}  {steps_s:.1f} steps/s  {record.get('samples_per_s', 0):,.0f} samples/s" if "loss" in record else ""
+            info = (
+                f"loss {record['loss']:.4f}  {steps_s:.1f} steps/s  {record.get('samples_per_s', 0):,.0f} samples/s"
+                if "loss" in record
+                else ""
+            )
             self._bar.update(self._task, completed=step, info=info)
             if "val_loss" in record:
                 self._bar.console.print(_fmt(record))

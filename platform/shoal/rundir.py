@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,23 @@ def write_atomic(path: Path, text: str) -> None:
 def write_summary(path: Path, summary: dict[str, Any]) -> None:
     """summary.json, atomically."""
     write_atomic(path / SUMMARY, json.dumps(summary, indent=2, sort_keys=True) + "\n")
+
+
+def write_failure(path: Path, exc: BaseException, restarts: int = 0) -> None:
+    """Best effort: say in summary.json that the run failed and why (never raises)."""
+    try:
+        if path.is_dir():
+            write_summary(
+                path,
+                {
+                    "status": "failed",
+                    "error": f"{type(exc).__name__}: {exc}",
+                    "restarts": restarts,
+                    "traceback": traceback.format_exc(limit=20),
+                },
+            )
+    except OSError:
+        pass
 
 
 def read_summary(path: Path) -> dict[str, Any] | None:

@@ -41,7 +41,10 @@ class StopOnSignal:
             raise KeyboardInterrupt
         self.signum = signum
         self.stop.set()
-        log.warning("%s received: finishing the current step and saving a checkpoint (send it again to stop at once)", signal.Signals(signum).name)
+        log.warning(
+            "%s received: finishing the current step and saving a checkpoint (send it again to stop at once)",
+            signal.Signals(signum).name,
+        )
         if self.on_first is not None:
             self.on_first()
 

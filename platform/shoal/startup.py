@@ -46,7 +46,11 @@ class Startup:
         self.ranks[rank] = {k: round(v - self.origin, 3) for k, v in marks.items()}
 
     def as_dict(self) -> dict[str, Any]:
-        return {"driver": self.marks, "driver_modules_at_rank_start": self.modules, "ranks": {str(r): m for r, m in sorted(self.ranks.items())}}
+        return {
+            "driver": self.marks,
+            "driver_modules_at_rank_start": self.modules,
+            "ranks": {str(r): m for r, m in sorted(self.ranks.items())},
+        }
 
     def write(self, run_dir: Path) -> None:
         try:

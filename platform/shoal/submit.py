@@ -37,7 +37,9 @@ def client(address: str | None, token_file: str | None = None, timeout_s: float 
         with socket.create_connection((host, port), timeout=timeout_s):
             pass
     except OSError as e:
-        raise ClusterError(f"cannot reach the Ray Jobs API at {url} ({e.strerror or e}); is the head node up with its dashboard?") from None
+        raise ClusterError(
+            f"cannot reach the Ray Jobs API at {url} ({e.strerror or e}); is the head node up with its dashboard?"
+        ) from None
     token = read_token(token_file)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     from ray.job_submission import JobSubmissionClient
@@ -47,7 +49,9 @@ def client(address: str | None, token_file: str | None = None, timeout_s: float 
     except Exception as e:  # Ray raises its own AuthenticationError, ConnectionError, RuntimeError
         text = str(e)
         if "Invalid authentication token" in text or "Forbidden" in text:
-            raise ClusterError(f"the cluster at {url} rejected the authentication token (wrong cluster or stale token)") from None
+            raise ClusterError(
+                f"the cluster at {url} rejected the authentication token (wrong cluster or stale token)"
+            ) from None
         if "Missing authentication token" in text or "Unauthorized" in text or "couldn't find" in text.lower():
             raise ClusterError(
                 f"the cluster at {url} asks for an authentication token and none was found: "
@@ -56,8 +60,19 @@ def client(address: str | None, token_file: str | None = None, timeout_s: float 
         raise ClusterError(f"cannot use the Ray Jobs API at {url}: {text.splitlines()[0]}") from None
 
 
-def submit(cfg: JobConfig, *, address: str | None, token_file: str | None, working_dir: str | None, pip: list[str],
-           python: str | None, wait: bool, start_timeout_s: float, excludes: list[str], resume: bool = False) -> int:
+def submit(
+    cfg: JobConfig,
+    *,
+    address: str | None,
+    token_file: str | None,
+    working_dir: str | None,
+    pip: list[str],
+    python: str | None,
+    wait: bool,
+    start_timeout_s: float,
+    excludes: list[str],
+    resume: bool = False,
+) -> int:
     """Submit the job; print its id; follow its logs unless told not to; return an exit status."""
     c = client(address, token_file)
     workdir = Path(working_dir or os.getcwd()).resolve()
@@ -118,7 +133,9 @@ def follow(c: Any, job_id: str, start_timeout_s: float) -> int:
         if time.monotonic() - started > start_timeout_s:
             c.stop_job(job_id)
             info = c.get_job_info(job_id)
-            raise ClusterError(f"job {job_id} did not start within {start_timeout_s:g}s (runtime environment or resources): {info.message or 'no message'}")
+            raise ClusterError(
+                f"job {job_id} did not start within {start_timeout_s:g}s (runtime environment or resources): {info.message or 'no message'}"
+            )
         time.sleep(0.5)
     if status not in TERMINAL:
         asyncio.run(_tail(c, job_id))
@@ -130,7 +147,10 @@ def follow(c: Any, job_id: str, start_timeout_s: float) -> int:
             break
         time.sleep(0.2)
     info = c.get_job_info(job_id)
-    print(f"[shoal] job {job_id}: {status}" + (f" ({info.message})" if status != "SUCCEEDED" and info.message else ""), flush=True)
+    print(
+        f"[shoal] job {job_id}: {status}" + (f" ({info.message})" if status != "SUCCEEDED" and info.message else ""),
+        flush=True,
+    )
     return 0 if status == "SUCCEEDED" else 1
 
 

@@ -23,7 +23,11 @@ def parse_grid(items: list[str]) -> list[tuple[str, list[Any]]]:
     for item in items:
         key, value = parse_override(item)
         raw = item.partition("=")[2]
-        values = [parse_override(f"{key}={v}")[1] for v in raw.split(",")] if isinstance(value, str) or "," in raw else [value]
+        values = (
+            [parse_override(f"{key}={v}")[1] for v in raw.split(",")]
+            if isinstance(value, str) or "," in raw
+            else [value]
+        )
         if not values or any(v == "" for v in values):
             raise ConfigError(f"--grid {item!r}: expected KEY=V1,V2,...")
         grid.append((key, values))
@@ -58,10 +62,21 @@ def run(cfg: JobConfig, grid_items: list[str], seeds: int, parallel: int | None 
 
         def one(i_run: tuple[int, tuple[str, dict[str, Any]]]) -> dict[str, Any]:
             i, (label, updates) = i_run
-            run_cfg = cfg.replace({**updates, "run.dir": str(out / f"run-{i:03d}"), "run.overwrite": True, "log.progress": "none"})
+            run_cfg = cfg.replace(
+                {**updates, "run.dir": str(out / f"run-{i:03d}"), "run.overwrite": True, "log.progress": "none"}
+            )
             summary = launcher.run(run_cfg, progress_stream=_Quiet())
-            print(f"[shoal] sweep {i + 1}/{len(runs)} {label} seed={updates['seed']}: " + ", ".join(f"{m} {summary[m]:.4g}" for m in METRICS if isinstance(summary.get(m), float)), flush=True)
-            return {"label": label, "seed": updates["seed"], "run_dir": str(out / f"run-{i:03d}"), **{m: summary.get(m) for m in METRICS}}
+            print(
+                f"[shoal] sweep {i + 1}/{len(runs)} {label} seed={updates['seed']}: "
+                + ", ".join(f"{m} {summary[m]:.4g}" for m in METRICS if isinstance(summary.get(m), float)),
+                flush=True,
+            )
+            return {
+                "label": label,
+                "seed": updates["seed"],
+                "run_dir": str(out / f"run-{i:03d}"),
+                **{m: summary.get(m) for m in METRICS},
+            }
 
         with ThreadPoolExecutor(max_workers=width) as pool:
             results = list(pool.map(one, enumerate(runs)))
@@ -126,7 +141,12 @@ def plot(path: Path, table: list[dict[str, Any]]) -> None:
     metric = "val_accuracy" if any("val_accuracy" in r for r in table) else "val_loss"
     fig, ax = figure(1, 1, (max(6, 1.4 * len(table)), 4.5))
     labels = [r["label"] for r in table]
-    ax[0][0].bar(range(len(table)), [r.get(metric, 0.0) for r in table], yerr=[r.get(f"{metric}_std", 0.0) for r in table], capsize=4)
+    ax[0][0].bar(
+        range(len(table)),
+        [r.get(metric, 0.0) for r in table],
+        yerr=[r.get(f"{metric}_std", 0.0) for r in table],
+        capsize=4,
+    )
     ax[0][0].set_xticks(range(len(table)), labels, rotation=20, ha="right", fontsize=8)
     ax[0][0].set(ylabel=metric, title=f"{metric} per configuration (mean +- std over seeds)")
     save(fig, path)

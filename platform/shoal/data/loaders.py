@@ -10,7 +10,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from shoal.config import JobConfig
+from shoal.config import DataConfig, JobConfig
 from shoal.data import partition
 from shoal.data.spec import DataSpec
 from shoal.dist import WorldInfo
@@ -83,13 +83,13 @@ class TrainStream:
     workers (which hand out sampler items round robin), so the position is exact.
     """
 
-    def __init__(self, source: BatchSource, plan: Any, cfg: JobConfig, world: WorldInfo, device: torch.device):
+    def __init__(self, source: BatchSource, plan: Any, cfg: DataConfig, world: WorldInfo, device: torch.device):
         self.source = source
         self.plan = plan
         self.world = world
         self.device = device
-        self.batch_size = cfg.data.batch_size
-        self.loader_workers = cfg.data.num_workers
+        self.batch_size = cfg.batch_size
+        self.loader_workers = cfg.num_workers
         self.epoch = 0
         self.consumed = plan.fresh()
         self.taken = 0  # batches taken since `consumed` was set
@@ -104,19 +104,19 @@ class TrainStream:
         self._loader = self._make_loader(cfg, device)
         self._it: Iterator[Any] | None = None
 
-    def _make_loader(self, cfg: JobConfig, device: torch.device) -> torch.utils.data.DataLoader | None:
-        pin = device.type == "cuda" if cfg.data.pin_memory == "auto" else bool(cfg.data.pin_memory)
-        if cfg.data.num_workers == 0 and not pin:
+    def _make_loader(self, cfg: DataConfig, device: torch.device) -> torch.utils.data.DataLoader | None:
+        pin = device.type == "cuda" if cfg.pin_memory == "auto" else bool(cfg.pin_memory)
+        if cfg.num_workers == 0 and not pin:
             return None  # plain in-process fetch: no DataLoader machinery on the hot path
-        workers = cfg.data.num_workers
+        workers = cfg.num_workers
         return torch.utils.data.DataLoader(
             _ByIndexBatch(self.source),
             batch_size=None,
             sampler=_EpochBatches(self),
             num_workers=workers,
             pin_memory=pin,
-            prefetch_factor=cfg.data.prefetch_factor if workers else None,
-            persistent_workers=cfg.data.persistent_workers and workers > 0,
+            prefetch_factor=cfg.prefetch_factor if workers else None,
+            persistent_workers=cfg.persistent_workers and workers > 0,
         )
 
     def _epoch_iter(self) -> Iterator[Any]:
@@ -198,14 +198,22 @@ def build_loaders(cfg: JobConfig, world: WorldInfo, device: torch.device) -> Loa
 
         train, val = open_shards(cfg.data)
         plan: Any = partition.ShardPlan(
-            train.shard_counts, cfg.seed, cfg.data.shuffle, cfg.data.shuffle_buffer, world.rank, world.world_size, cfg.data.batch_size
+            train.shard_counts,
+            cfg.seed,
+            cfg.data.shuffle,
+            cfg.data.shuffle_buffer,
+            world.rank,
+            world.world_size,
+            cfg.data.batch_size,
         )
     else:
         from shoal.data.memory import build_memory_data
 
         train = build_memory_data(cfg.data, cfg.seed, "train")
         val = build_memory_data(cfg.data, cfg.seed, "val") if cfg.data.val_fraction > 0 else None
-        plan = partition.MemoryPlan(len(train), cfg.seed, cfg.data.shuffle, world.rank, world.world_size, cfg.data.batch_size)
-    stream = TrainStream(train, plan, cfg, world, device)
+        plan = partition.MemoryPlan(
+            len(train), cfg.seed, cfg.data.shuffle, world.rank, world.world_size, cfg.data.batch_size
+        )
+    stream = TrainStream(train, plan, cfg.data, world, device)
     evalset = EvalSet(val, world, cfg.data.batch_size, device) if val is not None and len(val) else None
     return Loaders(train=stream, val=evalset, spec=train.spec)

@@ -57,10 +57,15 @@ def check_paths(cfg: DataConfig) -> None:
             continue
         path = Path(value).expanduser()
         if key == "data.path" and path.is_dir():
-            read_manifest(path / MANIFEST, hint=f"data.path: {path} has no {MANIFEST}; write shards with `shoal shard` or give a pattern")
+            read_manifest(
+                path / MANIFEST,
+                hint=f"data.path: {path} has no {MANIFEST}; write shards with `shoal shard` or give a pattern",
+            )
             continue
         _, missing = local_present(value, key)
         if missing and cfg.on_error == "raise":
-            raise DataError(f"shard {missing[0]}: missing ({len(missing)} of {len(expand(value))} shards of {key} are absent)")
+            raise DataError(
+                f"shard {missing[0]}: missing ({len(missing)} of {len(expand(value))} shards of {key} are absent)"
+            )
     if cfg.manifest and is_local(cfg.manifest):
         read_manifest(Path(cfg.manifest).expanduser(), hint=f"data.manifest: {cfg.manifest} not found")

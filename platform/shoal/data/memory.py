@@ -105,7 +105,11 @@ class SyntheticData:
         if cfg.task == "lm":
             self.spec = DataSpec(task="lm", input_shape=(cfg.seq_len,), vocab_size=cfg.vocab_size, seq_len=cfg.seq_len)
         else:
-            self.spec = DataSpec(task=cfg.task, input_shape=self.shape, num_classes=cfg.num_classes if cfg.task == "classification" else 0)
+            self.spec = DataSpec(
+                task=cfg.task,
+                input_shape=self.shape,
+                num_classes=cfg.num_classes if cfg.task == "classification" else 0,
+            )
 
         self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
         if materialize and self.n * self._bytes_per_sample() <= MATERIALIZE_BYTES:

@@ -214,7 +214,16 @@ class MemoryPlan:
 class ShardPlan:
     """Sharded data: contiguous per-rank spans of the epoch's positions (see EpochOrder, SpanLayout)."""
 
-    def __init__(self, shard_counts: list[int], seed: int, shuffle: bool, window: int, rank: int, world_size: int, batch_size: int):
+    def __init__(
+        self,
+        shard_counts: list[int],
+        seed: int,
+        shuffle: bool,
+        window: int,
+        rank: int,
+        world_size: int,
+        batch_size: int,
+    ):
         self.counts = list(shard_counts)
         self.n = sum(self.counts)
         self.seed, self.shuffle, self.window = seed, shuffle, window

@@ -53,7 +53,10 @@ def open_shards(cfg: DataConfig) -> tuple[ShardSource, ShardSource | None]:
     path = Path(cfg.path).expanduser()
     decode = import_object(cfg.decode, "data.decode") if cfg.decode else None
     if _is_local(cfg.path) and path.is_dir():
-        manifest = read_manifest(path / MANIFEST, hint=f"data.path: {path} has no {MANIFEST}; write shards with `shoal shard` or give a pattern")
+        manifest = read_manifest(
+            path / MANIFEST,
+            hint=f"data.path: {path} has no {MANIFEST}; write shards with `shoal shard` or give a pattern",
+        )
         train = ShardSource(_split_shards(manifest, "train", path), manifest, cfg, decode)
         val_shards = _split_shards(manifest, "val", path) if "val" in manifest["splits"] else []
         val = ShardSource(val_shards, manifest, cfg, decode) if val_shards else None
@@ -75,7 +78,11 @@ def _open_pattern(pattern: str, cfg: DataConfig, decode: Callable | None, key: s
         if missing:
             log.warning("data.on_error=skip: %d missing shards of %s skipped, first %s", len(missing), key, missing[0])
             urls = present
-    manifest_path = Path(cfg.manifest).expanduser() if cfg.manifest else (Path(urls[0]).expanduser().parent / MANIFEST if local else None)
+    manifest_path = (
+        Path(cfg.manifest).expanduser()
+        if cfg.manifest
+        else (Path(urls[0]).expanduser().parent / MANIFEST if local else None)
+    )
     manifest = read_manifest(manifest_path) if manifest_path is not None and manifest_path.exists() else None
     if cfg.manifest and manifest is None:
         raise DataError(f"data.manifest: {cfg.manifest} not found")
@@ -88,7 +95,10 @@ def _open_pattern(pattern: str, cfg: DataConfig, decode: Callable | None, key: s
             raise DataError(f"shard {name}: not listed in {manifest_path}")
         shards.append(Shard(url, name, samples if samples is not None else _count_samples(url, name)))
     if manifest is None and decode is None:
-        raise ConfigError("shards without Shoal's manifest need a decode function 'package.module:fn' (sample dict -> (x, y))", key="data.decode")
+        raise ConfigError(
+            "shards without Shoal's manifest need a decode function 'package.module:fn' (sample dict -> (x, y))",
+            key="data.decode",
+        )
     return ShardSource(shards, manifest, cfg, decode)
 
 
@@ -135,7 +145,9 @@ def _iter_groups(url: str, name: str, with_data: bool = True) -> Iterator[tuple[
                     f = tf.extractfile(member)
                     data = f.read() if f else b""
                     if len(data) != member.size:
-                        raise DataError(f"shard {name}, sample {k}: truncated ({len(data)} of {member.size} bytes of .{ext})")
+                        raise DataError(
+                            f"shard {name}, sample {k}: truncated ({len(data)} of {member.size} bytes of .{ext})"
+                        )
                     group[ext] = data
                 else:
                     group[ext] = (member.offset_data, member.size)
@@ -160,14 +172,18 @@ class _LocalShard:
             self.index = list(_iter_groups(self.shard.url, self.shard.name, with_data=False))
             self.file = open(Path(self.shard.url).expanduser(), "rb")
         if i >= len(self.index):
-            raise DataError(f"shard {self.shard.name}: holds {len(self.index)} entries, the manifest promises more (truncated?)")
+            raise DataError(
+                f"shard {self.shard.name}: holds {len(self.index)} entries, the manifest promises more (truncated?)"
+            )
         key, members = self.index[i]
         out = {}
         for ext, (offset, size) in members.items():
             self.file.seek(offset)
             data = self.file.read(size)
             if len(data) != size:
-                raise DataError(f"shard {self.shard.name}, sample {key}: truncated ({len(data)} of {size} bytes of .{ext})")
+                raise DataError(
+                    f"shard {self.shard.name}, sample {key}: truncated ({len(data)} of {size} bytes of .{ext})"
+                )
             out[ext] = data
         return key, out
 
@@ -188,7 +204,9 @@ class _StreamShard:
             self.next += 1
             if self.next - 1 == i:
                 return key, members
-        raise DataError(f"shard {self.shard.name}: ended after {self.next} entries, the manifest promises more (truncated?)")
+        raise DataError(
+            f"shard {self.shard.name}: ended after {self.next} entries, the manifest promises more (truncated?)"
+        )
 
 
 # ---------------------------------------------------------------- the source
@@ -283,7 +301,9 @@ class ShardSource:
         else:
             count = min(self.block_size, shard.samples - b * self.block_size)
             arrays = {f: _field(shard, key, members, f, spec, count) for f, spec in self.manifest["fields"].items()}
-            x, y = (np.asarray(v) for v in self.decode(arrays)) if self.decode is not None else (arrays["x"], arrays["y"])
+            x, y = (
+                (np.asarray(v) for v in self.decode(arrays)) if self.decode is not None else (arrays["x"], arrays["y"])
+            )
         self._check_range(shard, key, x, y)
         return x, y
 
@@ -298,11 +318,18 @@ class ShardSource:
             return f"{name}={n} in the manifest" if self.manifest else f"data.{name}={n}"
 
         if spec.task == "classification" and spec.num_classes and y.size:
-            _in_range(y, spec.num_classes, f"shard {shard.name}, sample {key}: label", where("num_classes", spec.num_classes))
+            _in_range(
+                y, spec.num_classes, f"shard {shard.name}, sample {key}: label", where("num_classes", spec.num_classes)
+            )
         elif spec.task == "lm" and spec.vocab_size:
             for what, arr in (("token id", x), ("target token id", y)):
                 if arr.size:
-                    _in_range(arr, spec.vocab_size, f"shard {shard.name}, sample {key}: {what}", where("vocab_size", spec.vocab_size))
+                    _in_range(
+                        arr,
+                        spec.vocab_size,
+                        f"shard {shard.name}, sample {key}: {what}",
+                        where("vocab_size", spec.vocab_size),
+                    )
 
     def _decode_user(self, shard: Shard, key: str, members: dict[str, bytes]) -> tuple[np.ndarray, np.ndarray]:
         try:
@@ -326,7 +353,9 @@ def _in_range(values: np.ndarray, n: int, what: str, key: str) -> None:
         raise DataError(f"{what} {bad} is outside [0, {n}) ({key}); fix the data or the class count")
 
 
-def _field(shard: Shard, key: str, members: dict[str, bytes], field: str, spec: dict[str, Any], count: int) -> np.ndarray:
+def _field(
+    shard: Shard, key: str, members: dict[str, bytes], field: str, spec: dict[str, Any], count: int
+) -> np.ndarray:
     data = members.get(f"{field}.bin")
     if data is None:
         raise DataError(f"shard {shard.name}, sample {key}: field {field!r} is missing (has {sorted(members)})")
@@ -345,11 +374,17 @@ def _spec(manifest: dict[str, Any] | None, cfg: DataConfig) -> DataSpec:
     if manifest is None:  # foreign shards: the config describes them
         if cfg.task == "lm":
             return DataSpec(task="lm", input_shape=(cfg.seq_len,), vocab_size=cfg.vocab_size, seq_len=cfg.seq_len)
-        return DataSpec(task=cfg.task, input_shape=tuple(cfg.input_shape), num_classes=cfg.num_classes if cfg.task == "classification" else 0)
+        return DataSpec(
+            task=cfg.task,
+            input_shape=tuple(cfg.input_shape),
+            num_classes=cfg.num_classes if cfg.task == "classification" else 0,
+        )
     x = manifest["fields"]["x"]
     task = manifest["task"]
     if task == "lm":
-        return DataSpec(task="lm", input_shape=tuple(x["shape"]), vocab_size=int(manifest["vocab_size"]), seq_len=int(x["shape"][0]))
+        return DataSpec(
+            task="lm", input_shape=tuple(x["shape"]), vocab_size=int(manifest["vocab_size"]), seq_len=int(x["shape"][0])
+        )
     y_shape = manifest["fields"]["y"]["shape"]
     return DataSpec(
         task=task,

@@ -58,12 +58,23 @@ def write_shards(table: Table, out_dir: Path, opts: ShardOptions, source: str, p
     if (out_dir / MANIFEST).exists() and not opts.overwrite:
         raise DataError(f"{out_dir}: already holds shards ({MANIFEST}); pass --overwrite to replace them")
     out_dir.mkdir(parents=True, exist_ok=True)
-    order = np.random.Generator(np.random.PCG64([opts.seed, 0x5A2D])).permutation(table.n) if opts.shuffle else np.arange(table.n)
+    order = (
+        np.random.Generator(np.random.PCG64([opts.seed, 0x5A2D])).permutation(table.n)
+        if opts.shuffle
+        else np.arange(table.n)
+    )
     n_val = int(round(table.n * opts.val_fraction))
-    splits = {"train": order[n_val:] if opts.shuffle else order[: table.n - n_val], "val": order[:n_val] if opts.shuffle else order[table.n - n_val :]}
+    splits = {
+        "train": order[n_val:] if opts.shuffle else order[: table.n - n_val],
+        "val": order[:n_val] if opts.shuffle else order[table.n - n_val :],
+    }
     x0, y0 = table.fetch(order[:1])
     fields = {
-        "x": {"dtype": x0.dtype.str, "shape": list(x0.shape[1:]), **({"scale": table.x_scale} if table.x_scale else {})},
+        "x": {
+            "dtype": x0.dtype.str,
+            "shape": list(x0.shape[1:]),
+            **({"scale": table.x_scale} if table.x_scale else {}),
+        },
         "y": {"dtype": y0.dtype.str, "shape": list(y0.shape[1:])},
     }
     per_sample = x0[0].nbytes + y0[0].nbytes
@@ -93,7 +104,13 @@ def write_shards(table: Table, out_dir: Path, opts: ShardOptions, source: str, p
             with wds.TarWriter(str(out_dir / name)) as sink:
                 for b in range(0, len(chunk), opts.block_size):
                     x, y = table.fetch(chunk[b : b + opts.block_size])
-                    sink.write({"__key__": f"{start + b:012d}", "x.bin": np.ascontiguousarray(x).tobytes(), "y.bin": np.ascontiguousarray(y).tobytes()})
+                    sink.write(
+                        {
+                            "__key__": f"{start + b:012d}",
+                            "x.bin": np.ascontiguousarray(x).tobytes(),
+                            "y.bin": np.ascontiguousarray(y).tobytes(),
+                        }
+                    )
                     bar.advance(len(x))
             shards.append({"name": name, "samples": int(len(chunk))})
         manifest["splits"][split] = {"samples": int(len(ids)), "shards": shards}
@@ -144,9 +161,18 @@ class _Progress:
 # ---------------------------------------------------------------- sources
 
 
-def load_source(source: str, *, num_samples: int = 100_000, input_shape: list[int] | None = None, num_classes: int = 10,
-                task: str | None = None, seq_len: int = 64, label_column: str | None = None, image_size: tuple[int, int] | None = None,
-                seed: int = 0) -> Table:
+def load_source(
+    source: str,
+    *,
+    num_samples: int = 100_000,
+    input_shape: list[int] | None = None,
+    num_classes: int = 10,
+    task: str | None = None,
+    seq_len: int = 64,
+    label_column: str | None = None,
+    image_size: tuple[int, int] | None = None,
+    seed: int = 0,
+) -> Table:
     """The table for SOURCE: digits, synthetic, or a .npz, .csv, .jsonl, text file or image folder."""
     if source == "digits":
         from shoal.data.memory import _digits_arrays
@@ -175,7 +201,9 @@ def _arrays(x: np.ndarray, y: np.ndarray, task: str, num_classes: int = 0, sourc
         raise DataError(f"x has {len(x)} samples, y has {len(y)}")
     if task == "classification" and len(y) and y.min() < 0:
         i = int(np.argmin(y))
-        raise DataError(f"{source}: sample {i} has label {int(y[i])}; class labels must be integers 0, 1, ..., C-1 (remap them before sharding)")
+        raise DataError(
+            f"{source}: sample {i} has label {int(y[i])}; class labels must be integers 0, 1, ..., C-1 (remap them before sharding)"
+        )
     return Table(n=len(x), fetch=lambda idx: (x[idx], y[idx]), task=task, num_classes=num_classes, **kw)
 
 
@@ -198,7 +226,9 @@ def _npz(path: Path, task: str | None) -> Table:
         x, y = data["x"], data["y"]
     task, classes = _infer_task(y, task)
     x = x.astype(np.float32) if x.dtype.kind == "f" else x
-    return _arrays(x, _labels(y, task), task, classes, source=str(path), x_scale=1 / 255 if x.dtype == np.uint8 else None)
+    return _arrays(
+        x, _labels(y, task), task, classes, source=str(path), x_scale=1 / 255 if x.dtype == np.uint8 else None
+    )
 
 
 def _csv(path: Path, label_column: str | None, task: str | None) -> Table:
@@ -213,7 +243,13 @@ def _csv(path: Path, label_column: str | None, task: str | None) -> Table:
         header, rows = rows[0], rows[1:]
     col = len(rows[0]) - 1
     if label_column is not None:
-        col = header.index(label_column) if header and label_column in header else int(label_column) if label_column.lstrip("-").isdigit() else -2
+        col = (
+            header.index(label_column)
+            if header and label_column in header
+            else int(label_column)
+            if label_column.lstrip("-").isdigit()
+            else -2
+        )
         if col == -2:
             raise DataError(f"{path}: no column {label_column!r} (columns: {header})")
     try:
@@ -286,21 +322,42 @@ def _images(path: Path, size: tuple[int, int] | None) -> Table:
     def fetch(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return np.stack([load(files[i][0]) for i in idx]), labels[idx]
 
-    return Table(n=len(files), fetch=fetch, task="classification", num_classes=len(classes), x_scale=1 / 255, extra={"classes": classes})
+    return Table(
+        n=len(files),
+        fetch=fetch,
+        task="classification",
+        num_classes=len(classes),
+        x_scale=1 / 255,
+        extra={"classes": classes},
+    )
 
 
 def _synthetic(n: int, shape: list[int], classes: int, task: str, seq_len: int, seed: int) -> Table:
     from shoal.config import DataConfig
     from shoal.data.memory import SyntheticData
 
-    cfg = DataConfig(dataset="synthetic", num_samples=n, input_shape=shape, num_classes=classes, task=task, seq_len=seq_len, val_fraction=0.0)
+    cfg = DataConfig(
+        dataset="synthetic",
+        num_samples=n,
+        input_shape=shape,
+        num_classes=classes,
+        task=task,
+        seq_len=seq_len,
+        val_fraction=0.0,
+    )
     data = SyntheticData(cfg, "train", seed, materialize=False)
 
     def fetch(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         x, y = data.get_batch(np.asarray(idx, dtype=np.int64))
         return x.numpy(), y.numpy()
 
-    return Table(n=n, fetch=fetch, task=task, num_classes=classes if task == "classification" else 0, vocab_size=cfg.vocab_size if task == "lm" else 0)
+    return Table(
+        n=n,
+        fetch=fetch,
+        task=task,
+        num_classes=classes if task == "classification" else 0,
+        vocab_size=cfg.vocab_size if task == "lm" else 0,
+    )
 
 
 def parse_bytes(text: str) -> int:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from shoal.config import JobConfig
+from shoal.config import EarlyStopping, HealthConfig
 from shoal.health import detectors, policy
 from shoal.health.detectors import Alert
 from shoal.health.probes import ActivationProbe, UpdateRatio, grad_norms, layers, weight_norms
@@ -26,14 +26,25 @@ PROBATION_LOGS = 5  # log lines a rolled-back run has to improve its loss
 class HealthMonitor:
     """One per rank. Measurements and alerts on rank 0; decisions on every rank from shared numbers."""
 
-    def __init__(self, cfg: JobConfig, model: torch.nn.Module, is_main: bool, run_dir: Path | None = None, classes: int = 0):
-        self.cfg = cfg.health
+    def __init__(
+        self,
+        cfg: HealthConfig,
+        early_stopping: EarlyStopping | None,
+        model: torch.nn.Module,
+        is_main: bool,
+        run_dir: Path | None = None,
+        classes: int = 0,
+    ):
+        self.cfg = cfg
         self.is_main = is_main
         self.path = run_dir / HEALTH_FILE if (run_dir is not None and is_main) else None
         self.groups = layers(model)
         self.updates = UpdateRatio()
         self.activations = ActivationProbe(model) if (self.cfg.activations and is_main) else None
-        self.stopper = policy.EarlyStopper(cfg.train.early_stopping)
+        self.stopper = policy.EarlyStopper(early_stopping, model)
+        self.rollback: policy.Rollback | None = (
+            None  # set by the job once its state exists (health.on_nonfinite=rollback)
+        )
         self.chance_loss = math.log(classes) if classes > 1 else None
         self.reference: float | None = None
         self.grad_history: list[float] = []
@@ -42,7 +53,6 @@ class HealthMonitor:
         self.alerts: list[Alert] = []
         self.last_alert: dict[str, int] = {}
         self.rollbacks = 0
-        self.lr_scale = 1.0
         self.last_good_step = 0  # last log step with a finite, non-diverged loss (rollback target bound)
         self.probation = 0
         self.pending: dict[str, float] = {}  # measurements for the next metrics record
@@ -87,18 +97,20 @@ class HealthMonitor:
 
     # ---------------------------------------------------------------- decisions (every rank)
 
-    def after_step(self, step: int, stepped: bool, grad_norm: float) -> str:
-        """A non-finite step: the policy's action (the same on every rank: it follows the reduced gradients)."""
-        if stepped:
-            return policy.CONTINUE
-        self._raise(detectors.nonfinite(step, float("nan"), grad_norm))
-        return policy.on_trouble(self.cfg.on_nonfinite, True, self.rollbacks, self.cfg.max_rollbacks)
+    def judge(self, step: int, stepped: bool, loss: float | None = None, data_wait: float | None = None) -> str:
+        """After a step (and its log line, when there is one): CONTINUE, ROLLBACK or STOP, alike on every rank.
 
-    def after_log(self, step: int, loss: float, data_wait: float) -> str:
-        """At a log line: divergence (global loss) and input-bound (this rank's wait, reported by rank 0)."""
+        A skipped (non-finite) step and a diverged loss go to health.on_nonfinite; the input-bound
+        share is this rank's wait, reported by rank 0. Everything else here is a global number.
+        """
+        if not stepped:
+            self._raise(detectors.nonfinite(step, float("nan"), float("nan")))
+            return self._on_trouble()
+        if loss is None:
+            return policy.CONTINUE
         if self.reference is None and math.isfinite(loss):
             self.reference = min(loss, self.chance_loss) if self.chance_loss else loss
-        if step > self.cfg.warmup_steps:  # the first windows hold loader start-up
+        if step > self.cfg.warmup_steps and data_wait is not None:  # the first windows hold loader start-up
             self._raise(detectors.input_bound(step, data_wait, self.cfg))
         if not math.isfinite(loss):
             return policy.CONTINUE  # the non-finite step itself was handled
@@ -107,9 +119,20 @@ class HealthMonitor:
             alert = self._probation(step, loss)
         if alert is not None:
             self._raise(alert)
-            return policy.on_trouble(self.cfg.on_nonfinite, False, self.rollbacks, self.cfg.max_rollbacks)
+            return self._on_trouble()
         self.last_good_step = step
         return policy.CONTINUE
+
+    def _on_trouble(self) -> str:
+        return policy.on_trouble(self.cfg.on_nonfinite, self.rollbacks, self.cfg.max_rollbacks)
+
+    def roll_back(self) -> None:
+        """Carry out a ROLLBACK decision (every rank together)."""
+        assert self.rollback is not None, "health.on_nonfinite=rollback builds the rollback"
+        self.rollbacks += 1
+        self.rollback(self.last_good_step, self.rollbacks)
+        self.probation = PROBATION_LOGS
+        self.last_alert.pop("divergence", None)  # a failure after a rollback is news
 
     def _probation(self, step: int, loss: float) -> Alert | None:
         """After a rollback the loss must get below where it started within a few log lines: a rate
@@ -121,24 +144,27 @@ class HealthMonitor:
         self.probation -= 1
         if self.probation:
             return None
-        message = (f"after rollback {self.rollbacks} the training loss ({loss:.4g}) did not improve on its starting value "
-                   f"{self.reference:.4g} within {PROBATION_LOGS} log lines")
-        return Alert("divergence", step, message, [], {"loss": loss, "reference": self.reference}, detectors.REMEDIES["divergence"])
+        message = (
+            f"after rollback {self.rollbacks} the training loss ({loss:.4g}) did not improve on its starting value "
+            f"{self.reference:.4g} within {PROBATION_LOGS} log lines"
+        )
+        return Alert(
+            "divergence",
+            step,
+            message,
+            [],
+            {"loss": loss, "reference": self.reference},
+            detectors.REMEDIES["divergence"],
+        )
 
-    def rolled_back(self, factor: float) -> None:
-        self.rollbacks += 1
-        self.lr_scale *= factor
-        self.probation = PROBATION_LOGS
-        self.last_alert.pop("divergence", None)  # a failure after a rollback is news
-
-    def after_eval(self, step: int, train_loss: float, metrics: dict[str, float]) -> tuple[bool, bool]:
-        """Plateau and overfitting alerts; early stopping: (improved, stop)."""
+    def after_eval(self, step: int, train_loss: float, metrics: dict[str, float]) -> str:
+        """Plateau and overfitting alerts; early stopping: CONTINUE or EARLY_STOP."""
         if "val_loss" in metrics and math.isfinite(train_loss):
             self.eval_val.append(metrics["val_loss"])
             self.eval_train.append(train_loss)
             self._raise(detectors.overfitting(step, self.eval_train, self.eval_val, self.cfg))
             self._raise(detectors.plateau(step, self.eval_val, self.cfg))
-        return self.stopper.observe(step, metrics)
+        return policy.EARLY_STOP if self.stopper.observe(step, metrics) else policy.CONTINUE
 
     # ---------------------------------------------------------------- alerts
 
@@ -164,14 +190,23 @@ class HealthMonitor:
             "alerts": [a.line() for a in self.alerts[:20]],
             "alert_counts": counts,
             "rollbacks": self.rollbacks,
-            **({"best_step": self.stopper.best_step, f"best_{self.stopper.cfg.metric}": self.stopper.best} if self.stopper.best_step is not None else {}),
+            **(
+                {"best_step": self.stopper.best_step, f"best_{self.stopper.cfg.metric}": self.stopper.best}
+                if self.stopper.best_step is not None
+                else {}
+            ),
         }
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "reference": self.reference, "grad_history": list(self.grad_history), "eval_train": list(self.eval_train),
-            "eval_val": list(self.eval_val), "last_alert": dict(self.last_alert), "rollbacks": self.rollbacks,
-            "lr_scale": self.lr_scale, "stopper": self.stopper.state_dict(), "last_good_step": self.last_good_step,
+            "reference": self.reference,
+            "grad_history": list(self.grad_history),
+            "eval_train": list(self.eval_train),
+            "eval_val": list(self.eval_val),
+            "last_alert": dict(self.last_alert),
+            "rollbacks": self.rollbacks,
+            "stopper": self.stopper.state_dict(),
+            "last_good_step": self.last_good_step,
             "probation": self.probation,
         }
 
@@ -180,7 +215,7 @@ class HealthMonitor:
         self.grad_history = list(state["grad_history"])
         self.eval_train, self.eval_val = list(state["eval_train"]), list(state["eval_val"])
         self.last_alert = dict(state["last_alert"])
-        self.rollbacks, self.lr_scale = int(state["rollbacks"]), float(state["lr_scale"])
+        self.rollbacks = int(state["rollbacks"])
         self.stopper.load_state_dict(state["stopper"])
         self.last_good_step = int(state.get("last_good_step", 0))
         self.probation = int(state.get("probation", 0))

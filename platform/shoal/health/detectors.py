@@ -13,11 +13,34 @@ from shoal.config import HealthConfig
 REMEDIES: dict[str, list[str]] = {
     "vanishing": ["model.activation: relu", "model.init: he", "model.norm: batch", "model.residual: true"],
     "exploding": ["train.clip_grad_norm: 1.0", "a lower optim.lr", "schedule.warmup_steps"],
-    "nonfinite": ["a lower optim.lr", "train.clip_grad_norm: 1.0", "health.on_nonfinite: rollback", "train.precision: bf16 (fp16 overflows)"],
-    "divergence": ["a lower optim.lr", "schedule.warmup_steps", "train.clip_grad_norm: 1.0", "health.on_nonfinite: rollback"],
-    "plateau": ["a higher optim.lr if the loss barely moves", "schedule.name: plateau or cosine", "a larger model (model.width, model.depth)"],
-    "overfitting": ["model.dropout: 0.1-0.5", "optim.weight_decay: 0.01-0.1", "train.early_stopping", "more training data"],
-    "input_bound": ["data.num_workers (on machines with spare cores)", "data.prefetch_factor", "data.format: shards (packed, fast to decode)"],
+    "nonfinite": [
+        "a lower optim.lr",
+        "train.clip_grad_norm: 1.0",
+        "health.on_nonfinite: rollback",
+        "train.precision: bf16 (fp16 overflows)",
+    ],
+    "divergence": [
+        "a lower optim.lr",
+        "schedule.warmup_steps",
+        "train.clip_grad_norm: 1.0",
+        "health.on_nonfinite: rollback",
+    ],
+    "plateau": [
+        "a higher optim.lr if the loss barely moves",
+        "schedule.name: plateau or cosine",
+        "a larger model (model.width, model.depth)",
+    ],
+    "overfitting": [
+        "model.dropout: 0.1-0.5",
+        "optim.weight_decay: 0.01-0.1",
+        "train.early_stopping",
+        "more training data",
+    ],
+    "input_bound": [
+        "data.num_workers (on machines with spare cores)",
+        "data.prefetch_factor",
+        "data.format: shards (packed, fast to decode)",
+    ],
 }
 
 
@@ -55,10 +78,14 @@ def vanishing(step: int, layer_norms: list[tuple[str, float]], cfg: HealthConfig
     if ratio < cfg.vanishing_ratio or dead:
         names = dead or [name for name, _ in first]
         return _alert(
-            "vanishing", step,
+            "vanishing",
+            step,
             f"gradients vanish towards the input: the first layers' gradient norm is {first_mean:.2e}, "
             f"{ratio:.1e} of the last layers' ({last_mean:.2e}); {', '.join(names[:4])} barely learn",
-            names, first_norm=first_mean, last_norm=last_mean, ratio=ratio,
+            names,
+            first_norm=first_mean,
+            last_norm=last_mean,
+            ratio=ratio,
         )
     return None
 
@@ -69,23 +96,40 @@ def exploding(step: int, grad_norm: float, history: list[float], cfg: HealthConf
         return None  # the non-finite detector reports it
     median = statistics.median(history[-50:]) if len(history) >= 5 else None
     if grad_norm > cfg.explode_norm:
-        return _alert("exploding", step, f"the gradient norm is {grad_norm:.3g}, above {cfg.explode_norm:g}", grad_norm=grad_norm)
+        return _alert(
+            "exploding", step, f"the gradient norm is {grad_norm:.3g}, above {cfg.explode_norm:g}", grad_norm=grad_norm
+        )
     if median and grad_norm > cfg.spike_factor * median:
-        return _alert("exploding", step, f"the gradient norm spiked to {grad_norm:.3g}, {grad_norm / median:.0f}x its running median {median:.3g}",
-                      grad_norm=grad_norm, median=median)
+        return _alert(
+            "exploding",
+            step,
+            f"the gradient norm spiked to {grad_norm:.3g}, {grad_norm / median:.0f}x its running median {median:.3g}",
+            grad_norm=grad_norm,
+            median=median,
+        )
     return None
 
 
 def nonfinite(step: int, loss: float, grad_norm: float) -> Alert:
     what = "loss" if not math.isfinite(loss) else "gradients"
-    return _alert("nonfinite", step, f"the {what} became NaN/Inf (loss {loss}, gradient norm {grad_norm})", loss=loss if math.isfinite(loss) else 0.0)
+    return _alert(
+        "nonfinite",
+        step,
+        f"the {what} became NaN/Inf (loss {loss}, gradient norm {grad_norm})",
+        loss=loss if math.isfinite(loss) else 0.0,
+    )
 
 
 def divergence(step: int, loss: float, reference: float, cfg: HealthConfig) -> Alert | None:
     """The training loss is far above where it started."""
     if math.isfinite(loss) and reference > 0 and loss > cfg.divergence_factor * reference:
-        return _alert("divergence", step, f"the training loss {loss:.4g} is {loss / reference:.0f}x its starting value {reference:.4g}",
-                      loss=loss, reference=reference)
+        return _alert(
+            "divergence",
+            step,
+            f"the training loss {loss:.4g} is {loss / reference:.0f}x its starting value {reference:.4g}",
+            loss=loss,
+            reference=reference,
+        )
     return None
 
 
@@ -97,7 +141,13 @@ def plateau(step: int, val_losses: list[float], cfg: HealthConfig) -> Alert | No
     best_before = min(val_losses[:-n])
     recent = val_losses[-n:]
     if min(recent) >= best_before - 1e-4 * abs(best_before):
-        return _alert("plateau", step, f"the validation loss has not improved on {best_before:.4g} for {n} evaluations", best=best_before, last=recent[-1])
+        return _alert(
+            "plateau",
+            step,
+            f"the validation loss has not improved on {best_before:.4g} for {n} evaluations",
+            best=best_before,
+            last=recent[-1],
+        )
     return None
 
 
@@ -106,14 +156,24 @@ def overfitting(step: int, train_losses: list[float], val_losses: list[float], c
     n = cfg.overfit_evals
     if len(val_losses) < n + 1 or len(train_losses) < n + 1:
         return None
-    v, t = val_losses[-(n + 1):], train_losses[-(n + 1):]
+    v, t = val_losses[-(n + 1) :], train_losses[-(n + 1) :]
     if all(b > a for a, b in zip(v, v[1:])) and all(b < a for a, b in zip(t, t[1:])):
-        return _alert("overfitting", step, f"for {n} evaluations the validation loss rose ({v[0]:.4g} -> {v[-1]:.4g}) "
-                      f"while the training loss fell ({t[0]:.4g} -> {t[-1]:.4g})", val_from=v[0], val_to=v[-1], train_from=t[0], train_to=t[-1])
+        return _alert(
+            "overfitting",
+            step,
+            f"for {n} evaluations the validation loss rose ({v[0]:.4g} -> {v[-1]:.4g}) "
+            f"while the training loss fell ({t[0]:.4g} -> {t[-1]:.4g})",
+            val_from=v[0],
+            val_to=v[-1],
+            train_from=t[0],
+            train_to=t[-1],
+        )
     return None
 
 
 def input_bound(step: int, data_wait: float, cfg: HealthConfig) -> Alert | None:
     if data_wait > cfg.input_bound_fraction:
-        return _alert("input_bound", step, f"the step spends {data_wait:.0%} of its time waiting for data", data_wait=data_wait)
+        return _alert(
+            "input_bound", step, f"the step spends {data_wait:.0%} of its time waiting for data", data_wait=data_wait
+        )
     return None

@@ -42,21 +42,35 @@ def diagnose(run_dir: Path) -> Path:
     return out / "report.md"
 
 
-def _markdown(run_dir: Path, summary: dict[str, Any], records: list[dict[str, Any]], alerts: list[dict[str, Any]], plots: list[Path]) -> str:
+def _markdown(
+    run_dir: Path,
+    summary: dict[str, Any],
+    records: list[dict[str, Any]],
+    alerts: list[dict[str, Any]],
+    plots: list[Path],
+) -> str:
     lines = [f"# Shoal doctor: {run_dir.name}", "", f"Status: **{summary.get('status')}**"]
     if summary.get("error"):
         lines.append(f"Error: `{summary['error']}`")
     last = next((r for r in reversed(records) if "loss" in r), {})
     last_eval = next((r for r in reversed(records) if "val_loss" in r), {})
     lines += ["", "| figure | value |", "|---|---|"]
-    for key, value in (("last logged step", last.get("step")), ("training loss", last.get("loss")), ("validation loss", last_eval.get("val_loss")),
-                       ("validation accuracy", last_eval.get("val_accuracy")), ("samples/s", last.get("samples_per_s")),
-                       ("data wait share", last.get("data_wait")), ("skipped steps", last.get("skipped_steps"))):
+    for key, value in (
+        ("last logged step", last.get("step")),
+        ("training loss", last.get("loss")),
+        ("validation loss", last_eval.get("val_loss")),
+        ("validation accuracy", last_eval.get("val_accuracy")),
+        ("samples/s", last.get("samples_per_s")),
+        ("data wait share", last.get("data_wait")),
+        ("skipped steps", last.get("skipped_steps")),
+    ):
         if value is not None:
             lines.append(f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |")
     lines += ["", "## Alerts", ""]
     if not alerts:
-        lines.append("None: no vanishing or exploding gradients, NaN/Inf, divergence, plateau, overfitting or input-bound steps were seen.")
+        lines.append(
+            "None: no vanishing or exploding gradients, NaN/Inf, divergence, plateau, overfitting or input-bound steps were seen."
+        )
     for kind in dict.fromkeys(a["kind"] for a in alerts):
         of_kind = [a for a in alerts if a["kind"] == kind]
         first = of_kind[0]

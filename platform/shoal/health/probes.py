@@ -64,7 +64,9 @@ class UpdateRatio:
         if key not in self._index:
             n = p.numel()
             gen = torch.Generator().manual_seed(n)
-            self._index[key] = None if n <= self.SAMPLE else torch.randperm(n, generator=gen)[: self.SAMPLE].to(p.device)
+            self._index[key] = (
+                None if n <= self.SAMPLE else torch.randperm(n, generator=gen)[: self.SAMPLE].to(p.device)
+            )
         idx = self._index[key]
         flat = p.detach().reshape(-1)
         return flat.clone() if idx is None else flat.index_select(0, idx)
@@ -94,7 +96,9 @@ class ActivationProbe:
     def __init__(self, model: nn.Module):
         self.armed = False
         self.stats: dict[str, dict[str, float]] = {}
-        self.handles = [m.register_forward_hook(self._hook(n)) for n, m in model.named_modules() if isinstance(m, ACTIVATION_TYPES)]
+        self.handles = [
+            m.register_forward_hook(self._hook(n)) for n, m in model.named_modules() if isinstance(m, ACTIVATION_TYPES)
+        ]
 
     def _hook(self, name: str) -> Any:
         def hook(module: nn.Module, inputs: Any, out: torch.Tensor) -> None:

@@ -3,6 +3,8 @@
 Workers call `push_pull` once per step: the server applies their gradient (unless it is too stale
 under ps.max_staleness) and answers with its current parameters, so a step costs one round trip.
 Parameters and gradients travel as one float32 NumPy buffer per shard through Ray's object store.
+The driver creates servers empty (it never loads torch); PS rank 0 fills them with `init`, from the
+model every worker builds alike, and opens them.
 """
 
 from __future__ import annotations
@@ -12,44 +14,62 @@ from collections import Counter
 from typing import Any
 
 import numpy as np
-import torch
 
 from shoal.config import config_from_dict
-from shoal.optim import Schedule, add_l1_grad, make_optimizer
 from shoal.ps.sharding import TensorSpec, offsets
+
+WINDOW_KEYS = ("loss_sum", "count", "samples", "grad_norm_sum", "pushes", "staleness_sum")
 
 
 class ParameterServer:
-    def __init__(self, shard: int, specs: list[TensorSpec], init: np.ndarray, cfg: dict[str, Any]):
-        job = config_from_dict(cfg)
+    def __init__(self, shard: int, cfg: dict[str, Any]):
         self.shard = shard
-        self.cfg = job
+        self.cfg = config_from_dict(cfg)
+        self.is_open = False
+        self.version = 0
+        self.max_steps = self.cfg.train.max_steps
+        self.stopping = False
+        self.staleness: Counter[int] = Counter()
+        self.dropped = 0
+        self.skipped = 0
+        self.samples = 0
+        self.window = dict.fromkeys(WINDOW_KEYS, 0.0)
+        self.evals: list[dict[str, Any]] = []
+
+    def init(self, specs: list[TensorSpec], init: np.ndarray) -> None:
+        """Take this shard's tensors (name, shape, decay group) and their initial values."""
+        import torch
+
+        from shoal.optim import Schedule, make_optimizer
+
+        job = self.cfg
         self.flat = torch.from_numpy(np.array(init, dtype=np.float32))
         self.grad = torch.zeros_like(self.flat)
-        self.params = []
         self.offsets = offsets(specs)
+        self.params = []
         for o, s in zip(self.offsets, specs):
             p = torch.nn.Parameter(self.flat[o : o + s.numel].view(s.shape))  # a view: steps update the flat buffer
             p.grad = self.grad[o : o + s.numel].view(s.shape)
             self.params.append(p)
         decay = [p for p, s in zip(self.params, specs) if s.decay]
         rest = [p for p, s in zip(self.params, specs) if not s.decay]
-        groups = [{"params": decay, "weight_decay": job.optim.weight_decay, "l1": job.optim.l1}]
-        if rest:
-            groups.append({"params": rest, "weight_decay": 0.0, "l1": 0.0})
+        groups = [
+            {"params": decay, "weight_decay": job.optim.weight_decay, "l1": job.optim.l1},
+            {"params": rest, "weight_decay": 0.0, "l1": 0.0},
+        ]
         self.optimizer = make_optimizer([g for g in groups if g["params"]], job.optim)
         self.schedule = Schedule(job.schedule, job.optim.lr, job.train.max_steps)
-        self.version = 0
-        self.max_steps = job.train.max_steps
-        self.stopping = False
-        self.staleness: Counter[int] = Counter()
-        self.dropped = 0
-        self.skipped = 0
-        self.window = {"loss_sum": 0.0, "count": 0, "samples": 0, "grad_norm_sum": 0.0, "pushes": 0, "staleness_sum": 0}
-        self.samples = 0
-        self.evals: list[dict[str, Any]] = []
 
-    def push_pull(self, grad: np.ndarray | None, version: int, stats: dict[str, Any] | None) -> tuple[np.ndarray, int, bool]:
+    def open(self) -> None:
+        """Start answering workers (after init, and after a resume loaded the checkpoint's state)."""
+        self.is_open = True
+
+    def ready(self) -> bool:
+        return self.is_open
+
+    def push_pull(
+        self, grad: np.ndarray | None, version: int, stats: dict[str, Any] | None
+    ) -> tuple[np.ndarray, int, bool]:
         """Apply a worker's gradient computed on `version` (None: nothing to apply); return the parameters."""
         if grad is not None and not self._done():
             staleness = self.version - version
@@ -65,6 +85,10 @@ class ParameterServer:
         return self.flat.numpy(), self.version, self._done()
 
     def _apply(self, grad: np.ndarray, staleness: int) -> None:
+        import torch
+
+        from shoal.optim import add_l1_grad
+
         if self.cfg.optim.l1:  # add_l1_grad writes into the gradients: they need a buffer of our own
             self.grad.copy_(torch.from_numpy(np.array(grad, copy=True)))
             self._point_grads(self.grad)
@@ -84,7 +108,7 @@ class ParameterServer:
         if self.shard == 0:
             self.window["staleness_sum"] += staleness
 
-    def _point_grads(self, flat: torch.Tensor) -> None:
+    def _point_grads(self, flat: Any) -> None:
         for p, o in zip(self.params, self.offsets):
             p.grad = flat[o : o + p.numel()].view_as(p)
 
@@ -103,18 +127,19 @@ class ParameterServer:
         return self.stopping or (self.shard == 0 and self.version >= self.max_steps)
 
     def progress(self) -> dict[str, Any]:
-        """Version, totals, the window since the last call (then reset), new evaluations."""
+        """Version, totals and the window since the last call (then reset)."""
         out = {
-            "version": self.version, "samples": self.samples, "dropped": self.dropped, "skipped": self.skipped,
-            "lr": self.schedule.lr_at(max(0, self.version - 1)), "window": dict(self.window), "evals": self.evals,
+            "version": self.version,
+            "samples": self.samples,
+            "dropped": self.dropped,
+            "skipped": self.skipped,
+            "lr": self.schedule.lr_at(max(0, self.version - 1)) if self.is_open else 0.0,
+            "window": dict(self.window),
             "staleness": dict(self.staleness),
+            "done": self._done(),
         }
-        self.window = {k: 0 if isinstance(v, int) else 0.0 for k, v in self.window.items()}
-        self.evals = []
+        self.window = dict.fromkeys(WINDOW_KEYS, 0.0)
         return out
-
-    def report_eval(self, version: int, metrics: dict[str, float]) -> None:
-        self.evals.append({"version": version, **metrics})
 
     def stop(self) -> None:
         """Finish: every worker's next push_pull answers done."""
@@ -123,8 +148,12 @@ class ParameterServer:
     def state(self) -> dict[str, Any]:
         """What a checkpoint holds for this shard."""
         return {
-            "flat": self.flat.clone(), "optimizer": self.optimizer.state_dict(), "version": self.version,
-            "schedule": self.schedule.state_dict(), "staleness": dict(self.staleness), "samples": self.samples,
+            "flat": self.flat.clone(),
+            "optimizer": self.optimizer.state_dict(),
+            "version": self.version,
+            "schedule": self.schedule.state_dict(),
+            "staleness": dict(self.staleness),
+            "samples": self.samples,
         }
 
     def load(self, state: dict[str, Any]) -> None:

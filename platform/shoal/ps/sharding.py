@@ -23,7 +23,10 @@ class TensorSpec:
 def balance(sizes: list[int], num_shards: int) -> list[list[int]]:
     """Tensor indices per shard: largest first onto the lightest shard (each shard's list sorted)."""
     if num_shards < 1 or num_shards > len(sizes):
-        raise ConfigError(f"must be between 1 and the number of trainable parameter tensors ({len(sizes)}); got {num_shards}", key="ps.num_shards")
+        raise ConfigError(
+            f"must be between 1 and the number of trainable parameter tensors ({len(sizes)}); got {num_shards}",
+            key="ps.num_shards",
+        )
     loads = [0] * num_shards
     shards: list[list[int]] = [[] for _ in range(num_shards)]
     for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
@@ -40,7 +43,9 @@ def offsets(specs: list[TensorSpec]) -> list[int]:
 
 def flatten(arrays: list[np.ndarray]) -> np.ndarray:
     """One contiguous float32 buffer."""
-    return np.concatenate([np.asarray(a, dtype=np.float32).ravel() for a in arrays]) if arrays else np.zeros(0, np.float32)
+    return (
+        np.concatenate([np.asarray(a, dtype=np.float32).ravel() for a in arrays]) if arrays else np.zeros(0, np.float32)
+    )
 
 
 def unflatten(flat: np.ndarray, specs: list[TensorSpec]) -> list[np.ndarray]:

@@ -1,0 +1,98 @@
+"""Pure decisions about failures: which rank's error is the root cause, whether a rank hangs, and
+whether to restart or give up. Plain values in, decisions out: unit-tested without Ray."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+RESTART, RAISE = "restart", "raise"
+COLLECTIVE_WORDS = ("gloo", "NCCL", "Connection reset", "Connection closed", "timed out")
+
+
+@dataclass(frozen=True)
+class RankStatus:
+    """One rank's answer to a poll."""
+
+    state: str  # running | done | failed
+    step: int = -1  # last finished step
+    records: list[dict[str, Any]] = field(default_factory=list)  # metrics records since the last poll (rank 0)
+    result: dict[str, Any] | None = None  # the rank's summary once done
+    error: dict[str, Any] | None = None  # type, message, user_error, exit_code once failed
+    marks: dict[str, float] = field(default_factory=dict)  # start-up stages, wall clock
+    unanswered: bool = False  # the poll timed out (node lost?)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """The reason a group stopped: the rank and its one-line message."""
+
+    rank: int
+    message: str
+    user_error: bool = False  # a ShoalError: bad data or config; a restart cannot help
+    exit_code: int = 1
+
+
+class GroupFailed(Exception):
+    def __init__(self, failure: Failure):
+        super().__init__(failure.message)
+        self.failure = failure
+
+
+def decide(failure: Failure, restarts: int, max_failures: int) -> str:
+    """RESTART every rank from the latest checkpoint, or RAISE: a user error never restarts, and
+    the budget counts restarts of the whole job (not per node, as torchrun's agents do)."""
+    if failure.user_error or restarts >= max_failures:
+        return RAISE
+    return RESTART
+
+
+def root_cause(failed: Sequence[tuple[int, RankStatus]]) -> Failure:
+    """The failure to report: a user error (bad data, config), then a dead process, then an error of
+    the rank's own, and only last a peer's failed collective (the victim of another rank's death)."""
+
+    def rank_of(item: tuple[int, RankStatus]) -> tuple[int, int]:
+        rank, status = item
+        err = status.error or {}
+        if err.get("user_error"):
+            return (0, rank)
+        if err.get("type") == "WorkerDied":
+            return (1, rank)
+        collective = any(w in err.get("message", "") for w in COLLECTIVE_WORDS)
+        return (3 if collective else 2, rank)
+
+    rank, status = min(failed, key=rank_of)
+    err = status.error or {}
+    if err.get("user_error"):
+        return Failure(rank, err["message"], user_error=True, exit_code=int(err.get("exit_code", 2)))
+    return Failure(rank, f"rank {rank} failed: {err.get('type', 'Error')}: {err.get('message', '')}")
+
+
+class HangWatch:
+    """A rank that finishes no step for hang_timeout_s, or does not answer for timeout_s, has failed."""
+
+    def __init__(self, ranks: int, hang_timeout_s: float | None, timeout_s: float, now: float):
+        self.hang_timeout_s, self.timeout_s = hang_timeout_s, timeout_s
+        self.steps = [-1] * ranks
+        self.moved = [now] * ranks
+        self.answered = [now] * ranks
+
+    def check(self, statuses: Sequence[RankStatus], now: float) -> Failure | None:
+        for rank, s in enumerate(statuses):
+            if s.unanswered:
+                if now - self.answered[rank] > self.timeout_s:
+                    return Failure(
+                        rank, f"rank {rank} did not answer for {self.timeout_s:g}s (node lost?; scaling.timeout_s)"
+                    )
+                continue
+            self.answered[rank] = now
+            if s.step != self.steps[rank] or s.state != "running":
+                self.steps[rank], self.moved[rank] = s.step, now
+            elif self.hang_timeout_s and now - self.moved[rank] > self.hang_timeout_s:
+                return Failure(
+                    rank,
+                    f"rank {rank} made no progress for {self.hang_timeout_s:g}s at step {self.steps[rank]} "
+                    "(hang; scaling.hang_timeout_s)",
+                )
+        return None

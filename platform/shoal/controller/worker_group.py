@@ -1,0 +1,257 @@
+"""Rank actors in a placement group: start them with the environment torchrun would give, poll them,
+stop them, kill them. The driver side never imports torch."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+import time
+import traceback
+from typing import Any
+
+from shoal.config import JobConfig, config_from_dict
+from shoal.controller.failure import RankStatus
+from shoal.dist import ranks_env_from_counts
+from shoal.errors import ClusterError, ShoalError
+from shoal.imports import import_object
+
+PASSTHROUGH_ENV = (
+    "GLOO_SOCKET_IFNAME",
+    "NCCL_SOCKET_IFNAME",
+    "NCCL_DEBUG",
+    "NCCL_IB_DISABLE",
+    "TORCH_DISTRIBUTED_DEBUG",
+    "PYTHONHASHSEED",
+)
+
+
+class RankActor:
+    """One rank in its own process; training runs in a thread so `poll` answers meanwhile."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+        self.records: list[dict[str, Any]] = []
+        self.state = "idle"
+        self.result: dict[str, Any] | None = None
+        self.error: dict[str, Any] | None = None
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.step = -1  # last finished step: the controller's hang watch
+        self.marks = {"actor_ready": time.time()}
+        # torch and the engine load while the driver finishes placing the group and picking a port
+        threading.Thread(target=_warm_imports, daemon=True, name="shoal-imports").start()
+
+    def __repr__(self) -> str:  # Ray prefixes forwarded log lines with this
+        return f"rank {self.rank}"
+
+    def free_port(self, host: str) -> int:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            return s.getsockname()[1]
+
+    def start(
+        self,
+        env: dict[str, str],
+        cfg: dict[str, Any],
+        resume: bool,
+        cwd: str,
+        sys_path: list[str],
+        entry: str,
+        extra: dict[str, Any],
+    ) -> None:
+        """Set the torchrun environment and start `entry` (a run_worker-like function) in a thread."""
+        os.environ.update(env)
+        if os.path.isdir(cwd):
+            os.chdir(cwd)  # relative paths in the config mean the same as on the driver
+        sys.path[:0] = [p for p in sys_path if p not in sys.path]
+        self.state = "running"
+        args = (config_from_dict(cfg), resume, entry, extra)
+        threading.Thread(target=self._train, args=args, daemon=True, name="shoal-train").start()
+
+    def _train(self, cfg: JobConfig, resume: bool, entry: str, extra: dict[str, Any]) -> None:
+        from shoal.worker import setup_logging
+
+        setup_logging(None)
+        try:
+            run = import_object(entry, "entry")
+            result = run(
+                cfg,
+                resume=resume,
+                report=self._report,
+                stop=self.stop,
+                on_step=self._step,
+                mark=self._mark,
+                controlled=True,
+                **extra,
+            )
+            with self.lock:
+                self.result, self.state = result, "done"
+        except BaseException as exc:  # reported to the driver, which stops the group
+            tb = traceback.format_exc()
+            if not isinstance(exc, ShoalError):
+                print(tb, file=sys.stderr, flush=True)
+            with self.lock:
+                self.error = {
+                    "type": type(exc).__name__,
+                    "message": str(exc),
+                    "user_error": isinstance(exc, ShoalError),
+                    "exit_code": getattr(exc, "exit_code", 1),
+                }
+                self.state = "failed"
+
+    def _step(self, step: int) -> None:
+        self.step = step
+
+    def _mark(self, name: str) -> None:
+        self.marks[name] = time.time()
+
+    def _report(self, record: dict[str, Any]) -> None:
+        with self.lock:
+            self.records.append(record)
+
+    def poll(self) -> RankStatus:
+        """State, new records since the last poll, and the result or error once there is one."""
+        with self.lock:
+            records, self.records = self.records, []
+            return RankStatus(self.state, self.step, records, self.result, self.error, dict(self.marks))
+
+    def request_stop(self) -> None:
+        self.stop.set()
+
+
+def _warm_imports() -> None:
+    try:
+        import torch._dynamo  # noqa: F401  (the optimizers' first call imports it: about a second)
+
+        import shoal.engine  # noqa: F401  (torch, the optimizers, the data path)
+    except Exception:  # the real import in the training thread reports any problem
+        pass
+
+
+class WorkerGroup:
+    """N rank actors in a placement group, numbered node after node as torchrun numbers ranks."""
+
+    def __init__(self, cfg: JobConfig, entry: str = "shoal.worker:run_worker"):
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        self.cfg, self.entry = cfg, entry
+        s = cfg.scaling
+        self.size = s.num_workers
+        bundle = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.gpus_per_worker else {})}
+        strategy = {"pack": "PACK", "spread": "SPREAD", "strict_spread": "STRICT_SPREAD"}[s.placement]
+        self.pg = placement_group([dict(bundle) for _ in range(s.num_workers)], strategy=strategy)
+        try:
+            ray.get(self.pg.ready(), timeout=s.placement_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            ray.util.remove_placement_group(self.pg)
+            raise ClusterError(
+                f"scaling: waited {s.placement_timeout_s:g}s for {s.num_workers} x {bundle} ({s.placement}); available now: "
+                f"{ray.available_resources()}. Free resources, lower scaling.num_workers, or raise scaling.placement_timeout_s"
+            ) from None
+        # Ranks fill node after node; known before the actors exist, so each is created with its rank
+        # (Ray prefixes its log lines with it).
+        bundle_nodes = ray.util.placement_group_table(self.pg)["bundles_to_node_id"]
+        node_ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+        bundles, self.node_counts = order_by_node([bundle_nodes[i] for i in range(s.num_workers)])
+        self.master_addr = node_ips[bundle_nodes[bundles[0]]]
+        remote = ray.remote(RankActor)
+        self.actors = [
+            remote.options(
+                num_cpus=s.cpus_per_worker,
+                num_gpus=s.gpus_per_worker,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=b),
+                max_concurrency=4,
+            ).remote(rank)
+            for rank, b in enumerate(bundles)
+        ]
+
+    def start(self, resume: bool, extra: dict[str, Any] | None = None) -> None:
+        """Give every rank its torchrun environment and start training."""
+        import ray
+
+        port = ray.get(self.actors[0].free_port.remote(self.master_addr))
+        worlds = ranks_env_from_counts(self.node_counts, self.master_addr, port)
+        env = {k: os.environ[k] for k in PASSTHROUGH_ENV if k in os.environ}
+        cfg = self.cfg.to_dict()
+        ray.get(
+            [
+                a.start.remote({**env, **w.to_env()}, cfg, resume, os.getcwd(), list(sys.path), self.entry, extra or {})
+                for a, w in zip(self.actors, worlds)
+            ]
+        )
+
+    def poll(self) -> list[RankStatus]:
+        """Every rank's status; a dead actor is 'failed' naming its rank, a silent one 'unanswered'."""
+        import ray
+
+        refs = [a.poll.remote() for a in self.actors]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=10)
+        out: list[RankStatus] = []
+        for ref in refs:
+            if ref not in ready:
+                out.append(RankStatus("running", unanswered=True))
+                continue
+            try:
+                out.append(ray.get(ref))
+            except ray.exceptions.RayActorError as e:
+                reason = str(e).strip().splitlines()[0] if str(e).strip() else "the process died"
+                out.append(
+                    RankStatus(
+                        "failed",
+                        error={
+                            "type": "WorkerDied",
+                            "message": f"process died ({reason})",
+                            "user_error": False,
+                            "exit_code": 1,
+                        },
+                    )
+                )
+        return out
+
+    def request_stop(self) -> None:
+        for a in self.actors:
+            a.request_stop.remote()
+
+    def kill(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a, no_restart=True)
+        ray.util.remove_placement_group(self.pg)
+
+
+def order_by_node(bundle_nodes: list[str]) -> tuple[list[int], list[int]]:
+    """Bundle indices in rank order (node of bundle 0 first, node after node) and ranks per node."""
+    order = list(dict.fromkeys(bundle_nodes))
+    ranked = sorted(range(len(bundle_nodes)), key=lambda i: (order.index(bundle_nodes[i]), i))
+    counts = [bundle_nodes.count(node) for node in order]
+    return ranked, counts
+
+
+def check_resources(cfg: JobConfig, extra_cpus: float = 0.0, extra_what: str = "") -> None:
+    """Fail at once, with requested vs available, if the cluster can never hold the workers (and servers)."""
+    import ray
+
+    s = cfg.scaling
+    total = ray.cluster_resources()
+    for key, per in (("CPU", s.cpus_per_worker), ("GPU", s.gpus_per_worker)):
+        extra = extra_cpus if key == "CPU" else 0.0
+        need = s.num_workers * per + extra
+        have = total.get(key, 0.0)
+        if need > have + 1e-9:
+            knob = "scaling.cpus_per_worker" if key == "CPU" else "scaling.gpus_per_worker"
+            asked = f"{s.num_workers} workers x {per:g} {key}" + (f" + {extra_what}" if extra else "")
+            raise ClusterError(
+                f"scaling: {asked} = {need:g} {key} requested, but the cluster has {have:g} {key}; "
+                f"lower scaling.num_workers or {knob}"
+            )
+    if s.placement == "strict_spread":
+        nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+        if nodes < s.num_workers:
+            raise ClusterError(
+                f"scaling.placement: strict_spread puts one rank per node: {s.num_workers} workers, {nodes} nodes alive"
+            )

@@ -1,0 +1,132 @@
+"""Everything one rank trains with, assembled once: data, model behind its strategy, optimizer,
+schedule, precision, loss, health, checkpointer and the named train state."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from shoal import dist
+from shoal.checkpoint import Checkpointer
+from shoal.config import JobConfig
+from shoal.data.loaders import Loaders, build_loaders
+from shoal.dist import WorldInfo
+from shoal.health import HealthMonitor
+from shoal.health.policy import Rollback
+from shoal.losses import Loss
+from shoal.metrics import Window
+from shoal.models import apply_freeze, build_model, trainable
+from shoal.optim import Schedule, build_optimizer
+from shoal.precision import Precision
+from shoal.state import COUNTERS, DATA, EVAL, HEALTH, PRECISION, SCHEDULE, WINDOW, Counters, LastEval, TrainState
+from shoal.strategies import build_strategy
+from shoal.strategies.base import Strategy
+
+
+@dataclass
+class Job:
+    """One rank's run. The engine reads it; build_job makes it."""
+
+    cfg: JobConfig
+    world: WorldInfo
+    device: torch.device
+    strategy: Strategy
+    params: list[nn.Parameter]  # trainable, each tensor once
+    frozen: list[str]
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    precision: Precision
+    loss_fn: Loss
+    data: Loaders
+    health: HealthMonitor
+    checkpointer: Checkpointer
+    window: Window
+    counters: Counters = field(default_factory=Counters)
+    last_eval: LastEval = field(default_factory=LastEval)
+    stop_requested: threading.Event = field(default_factory=threading.Event)
+    pulse: dist.Pulse = field(init=False)
+    state: TrainState = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.pulse = dist.Pulse(self.device)
+        parts = {
+            COUNTERS: self.counters,
+            SCHEDULE: self.schedule,
+            PRECISION: self.precision,
+            DATA: self.data.train,
+            WINDOW: self.window,
+            EVAL: self.last_eval,
+            HEALTH: self.health,
+        }
+        self.state = TrainState(self.strategy, self.optimizer, parts, self.world, self.cfg.seed)
+
+    @property
+    def model(self) -> nn.Module:
+        """The module forward runs through (wrapped by the strategy)."""
+        assert self.strategy.module is not None
+        return self.strategy.module
+
+    @property
+    def bare_model(self) -> nn.Module:
+        return self.strategy.bare_model
+
+
+def build_job(cfg: JobConfig, world: WorldInfo, device: torch.device, run_dir: Path | None = None) -> Job:
+    """This rank's job. run_dir=None: nothing is written (no checkpoints, no health file)."""
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    data = build_loaders(cfg, world, device)
+    loss_fn = Loss(cfg.train, data.spec, "model.target" if cfg.model.target else "model.name")
+    model = build_model(cfg.model, data.spec, loss_fn.out_features()).to(device)
+    frozen = apply_freeze(model, cfg.model.freeze)
+    strategy = build_strategy(cfg, world, device)
+    strategy.wrap(model).train()  # training mode from here on; evaluation switches back itself
+    optimizer = build_optimizer(strategy.bare_model, cfg.optim)  # after wrapping: sharding replaces parameters
+    # dropout and other training randomness differ per rank, reproducibly
+    torch.manual_seed(cfg.seed * 1_000_003 + world.rank + 1)
+    classes = data.spec.vocab_size if data.spec.task == "lm" else data.spec.num_classes
+    health = HealthMonitor(
+        cfg.health,
+        cfg.train.early_stopping,
+        strategy.bare_model,
+        world.is_main,
+        run_dir if world.is_main else None,
+        classes=classes,
+    )
+    checkpointer = Checkpointer(cfg.checkpoint, run_dir, world, cfg.to_dict())
+    window = Window(
+        lambda: torch.zeros((), dtype=torch.float64, device=device), _global_sums(device), holds_totals=world.is_main
+    )
+    job = Job(
+        cfg=cfg,
+        world=world,
+        device=device,
+        strategy=strategy,
+        params=[p for _, p in trainable(strategy.bare_model)],
+        frozen=frozen,
+        optimizer=optimizer,
+        schedule=Schedule(cfg.schedule, cfg.optim.lr, cfg.train.max_steps),
+        precision=Precision(cfg.train.precision, device),
+        loss_fn=loss_fn,
+        data=data,
+        health=health,
+        checkpointer=checkpointer,
+        window=window,
+    )
+    if cfg.health.on_nonfinite == "rollback":
+        health.rollback = Rollback(cfg.health, job.state, checkpointer)
+    return job
+
+
+def _global_sums(device: torch.device):
+    """The window's loss sum and count summed over ranks: one small collective per log line."""
+
+    def reduce(loss_sum: torch.Tensor, count: float) -> tuple[float, float]:
+        both = torch.stack([loss_sum, torch.tensor(float(count), dtype=torch.float64, device=device)])
+        total, n = dist.all_sum(both).tolist()
+        return total, n
+
+    return reduce

@@ -1,0 +1,153 @@
+"""One train state: every stateful part of a rank's run by name, and the checkpoint's keys.
+
+A checkpoint holds three parts, each its own file (`<part>.pt`): MODEL and OPTIMIZER (through the
+strategy: full on rank 0, or sharded on every rank) and STATE, a dict of the named Stateful parts
+below. Saving, resuming, rollback and the parameter servers all go through these names.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from shoal import dist
+
+MODEL, OPTIMIZER, STATE = "model", "optimizer", "state"
+PARTS = (MODEL, OPTIMIZER, STATE)
+# names inside STATE
+COUNTERS, SCHEDULE, PRECISION, DATA, WINDOW, EVAL, HEALTH, RNG, WORLD_SIZE = (
+    "counters",
+    "schedule",
+    "precision",
+    "data",
+    "window",
+    "last_eval",
+    "health",
+    "rng",
+    "world_size",
+)
+
+
+def file_of(part: str) -> str:
+    """The file a checkpoint part is written to."""
+    return f"{part}.pt"
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class Counters:
+    """Where training stands: optimizer steps, samples, skipped steps (one owner: train_step)."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.samples = 0
+        self.skipped_steps = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step, "samples": self.samples, "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.step, self.samples, self.skipped_steps = (
+            int(state["step"]),
+            int(state["samples"]),
+            int(state["skipped_steps"]),
+        )
+
+
+class LastEval:
+    """The latest evaluation's metrics (saved: a resumed run reports them until the next one)."""
+
+    def __init__(self) -> None:
+        self.metrics: dict[str, float] = {}
+
+    def state_dict(self) -> dict[str, float]:
+        return dict(self.metrics)
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.metrics = dict(state)
+
+
+class TrainState:
+    """The model and optimizer (through the strategy) and the named Stateful parts of one rank."""
+
+    def __init__(
+        self,
+        strategy: Any,
+        optimizer: torch.optim.Optimizer,
+        parts: dict[str, Stateful],
+        world: dist.WorldInfo,
+        seed: int,
+    ):
+        self.strategy, self.optimizer, self.parts, self.world, self.seed = strategy, optimizer, parts, world, seed
+
+    def collect(self) -> dict[str, Any]:
+        """Everything needed to continue exactly (a collective: every rank calls it at the same step)."""
+        state = {name: part.state_dict() for name, part in self.parts.items()}
+        state[RNG] = dist.all_gather_object(rng_state())
+        state[WORLD_SIZE] = self.world.world_size
+        return {
+            MODEL: self.strategy.model_state(),
+            OPTIMIZER: self.strategy.optimizer_state(self.optimizer),
+            STATE: state,
+        }
+
+    def restore(self, data: dict[str, Any], source: Path | str, keep: tuple[str, ...] = ()) -> None:
+        """Load a checkpoint's parts (as `collect` gave them) into this rank; parts named in keep stay as they are."""
+        from shoal.errors import CheckpointError
+
+        self.strategy.load_model_state(data[MODEL], source)
+        try:
+            self.strategy.load_optimizer_state(self.optimizer, data[OPTIMIZER])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f"checkpoint {source}: optimizer state does not fit this config ({e})") from None
+        state = data[STATE]
+        for name, part in self.parts.items():
+            if name in state and name not in keep:
+                part.load_state_dict(state[name])
+        if state[WORLD_SIZE] == self.world.world_size:
+            set_rng_state(state[RNG][self.world.rank])
+        else:  # new ranks: fresh, reproducible generators (bitwise resume needs the same world size)
+            step = self.parts[COUNTERS].state_dict()["step"]
+            torch.manual_seed(self.seed * 1_000_003 + self.world.rank + 1 + 7919 * step)
+
+
+# ---------------------------------------------------------------- RNG
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's generators as tensors and plain data (weights_only-loadable)."""
+    np_state = np.random.get_state()
+    return {
+        "python": _plain(random.getstate()),
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "gauss": [int(np_state[3]), float(np_state[4])],
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_tuples(state["python"]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["gauss"][0], n["gauss"][1]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _plain(x: Any) -> Any:
+    return [_plain(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _tuples(x: Any) -> Any:
+    return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
