@@ -60,3 +60,20 @@ def test_ps_workers_train_on_the_gpu_they_reserve(ray_cluster, tmp_path):
     summary = launcher.run(cfg)
     assert summary["status"] == "completed" and summary["steps"] == 30
     assert summary["device"].startswith("cuda"), summary["device"]
+
+
+@pytest.mark.parametrize(
+    "extra", [{}, {"fsdp.param_dtype": "bf16", "fsdp.reduce_dtype": "fp32"}, {"fsdp.cpu_offload": True}]
+)
+def test_fsdp_trains_on_the_gpu(tmp_path, extra):
+    from shoal.config import load_config
+    from shoal.worker import run_worker
+
+    from conftest import REPO, tiny_overrides
+
+    overrides = tiny_overrides(
+        tmp_path / "run", **{"strategy": "fsdp", "scaling.device": "cuda", "train.max_steps": 30, **extra}
+    )
+    summary = run_worker(load_config(REPO / "configs" / "quickstart.yaml", overrides))
+    assert summary["status"] == "completed" and summary["device"].startswith("cuda")
+    assert summary["val_accuracy"] > 0.5 and summary["memory"]["peak_mb"][0] > 0

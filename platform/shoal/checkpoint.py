@@ -1,6 +1,6 @@
 """Checkpoints you can trust: complete, atomic, exact to resume from, optionally written in the background.
 
-Layout (rank 0 saves the replicated state; DDP replicas are identical):
+Layout (strategy allreduce: rank 0 saves the replicated state; DDP replicas are identical):
 
     RUN_DIR/checkpoints/step-000100/
         model.pt       the bare model's state dict (no DDP `module.` prefix)
@@ -8,6 +8,9 @@ Layout (rank 0 saves the replicated state; DDP replicas are identical):
         state.pt       counters, schedule, precision, data position, every rank's RNG, log window
         meta.json      written last: step, metrics, config, Shoal version, sha256 of every file
     RUN_DIR/checkpoints/latest   the name of the newest complete checkpoint, replaced atomically
+
+Sharded strategies (fsdp) write `model/` and `optimizer/` instead: torch.distributed.checkpoint
+directories in which every rank writes its own shards (dcp.py); state.pt and meta.json as above.
 
 A save goes to a temporary directory that is renamed into place only when every file and
 meta.json are written and synced, so a crash at any moment leaves the previous checkpoint whole.
@@ -31,8 +34,9 @@ import torch
 
 from shoal import __version__, dist
 from shoal.config import CheckpointConfig
+from shoal.dcp import Sharded
 from shoal.errors import CheckpointError
-from shoal.state import DATA, MODEL, PARTS, STATE, file_of
+from shoal.state import DATA, MODEL, OPTIMIZER, PARTS, STATE, file_of
 
 log = logging.getLogger("shoal")
 
@@ -105,9 +109,23 @@ def find_at_or_before(run_dir: Path, step: int) -> Path | None:
 
 
 def load(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(meta, {part: contents}) of a verified checkpoint, loaded without running pickled code."""
+    """(meta, {part: contents}) of a verified checkpoint, loaded without running pickled code.
+
+    The model and optimizer of a sharded checkpoint come as `Sharded` directories: the strategy
+    that loads them reads its own shards (every rank, together).
+    """
     meta = verify(path)
+    if is_sharded(path):
+        return meta, {
+            MODEL: Sharded(path / MODEL),
+            OPTIMIZER: Sharded(path / OPTIMIZER),
+            STATE: _load_file(path, file_of(STATE)),
+        }
     return meta, {part: _load_file(path, file_of(part)) for part in PARTS}
+
+
+def is_sharded(path: Path) -> bool:
+    return (path / MODEL).is_dir()
 
 
 def _load_file(path: Path, name: str) -> Any:
@@ -119,15 +137,33 @@ def _load_file(path: Path, name: str) -> Any:
         raise CheckpointError(f"checkpoint {path}: cannot load {name} safely ({type(e).__name__}: {first})") from None
 
 
-def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
-    """Load weights, or fail listing every missing, unexpected and mis-shaped key."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
+def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor] | Sharded, path: Path | str) -> None:
+    """Load weights (a state dict, or a sharded checkpoint's model read whole), or fail listing every
+    missing, unexpected and mis-shaped key."""
+    if isinstance(state, Sharded):
+        from shoal.dcp import read_into
+
+        own = model.state_dict()
+        check_keys(own, state.shapes(), path)
+        read_into(own, state.path)
+        model.load_state_dict(own)
+        return
+    check_keys(model.state_dict(), shapes_of(state), path)
+    model.load_state_dict(state)
+
+
+def shapes_of(state: dict[str, Any]) -> dict[str, tuple[int, ...] | None]:
+    return {k: tuple(v.shape) if hasattr(v, "shape") else None for k, v in state.items()}
+
+
+def check_keys(own: dict[str, Any], shapes: dict[str, tuple[int, ...] | None], path: Path | str) -> None:
+    """The checkpoint's keys and shapes must match the model's (listing every missing, unexpected and mis-shaped key)."""
+    missing = sorted(set(own) - set(shapes))
+    unexpected = sorted(set(shapes) - set(own))
     shapes = [
-        f"{k}: checkpoint {list(state[k].shape)} vs model {list(own[k].shape)}"
+        f"{k}: checkpoint {list(shapes[k])} vs model {list(own[k].shape)}"
         for k in own
-        if k in state and state[k].shape != own[k].shape
+        if shapes.get(k) is not None and tuple(shapes[k]) != tuple(own[k].shape)
     ]
     if missing or unexpected or shapes:
         parts = []
@@ -138,7 +174,6 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], pat
         if shapes:
             parts.append("shape mismatch " + "; ".join(shapes[:6]))
         raise CheckpointError(f"checkpoint {path} does not fit the model in the config: " + ", ".join(parts))
-    model.load_state_dict(state)
 
 
 def _sha256(path: Path) -> str:
@@ -182,9 +217,15 @@ class Checkpointer:
     """
 
     def __init__(
-        self, cfg: CheckpointConfig, run_dir: Path | None, world: dist.WorldInfo, config: dict[str, Any] | None = None
+        self,
+        cfg: CheckpointConfig,
+        run_dir: Path | None,
+        world: dist.WorldInfo,
+        config: dict[str, Any] | None = None,
+        sharded: bool = False,
     ):
         self.cfg = cfg
+        self.sharded = sharded  # every rank writes its own shards of the model and optimizer
         self.config = config or {}  # the resolved job config, recorded in meta.json
         self.run_dir = run_dir
         self.root = checkpoints_dir(run_dir) if run_dir is not None else None
@@ -194,6 +235,11 @@ class Checkpointer:
         self.saved: list[Path] = []
         self.stalls: list[float] = []  # seconds each save held up the training loop
         self._staged: Any = None  # host copy of the last snapshot, reused by the next
+        self._group: Any = None  # sharded background saves talk on a group of their own (a shared one deadlocks)
+        if sharded and cfg.async_save and world.distributed and run_dir is not None:
+            import torch.distributed
+
+            self._group = torch.distributed.new_group(backend="gloo")
 
     @property
     def enabled(self) -> bool:
@@ -217,13 +263,16 @@ class Checkpointer:
         return find_at_or_before(self.run_dir, step) if self.run_dir is not None else None
 
     def save(self, state: dict[str, Any], step: int, metrics: dict[str, float], nonfinite_steps: int) -> None:
-        """Write a checkpoint of `state` (rank 0 only; the caller gathered what every rank holds)."""
+        """Write a checkpoint of `state`: rank 0 alone (the caller gathered what every rank holds), or, sharded,
+        every rank its own part (a collective)."""
         self.last_save = time.monotonic()
-        if not (self.world.is_main and self.enabled):
+        if not self.enabled or not (self.world.is_main or self.sharded):
             return
         started = time.perf_counter()
         self.wait()  # at most one save in flight
-        if self.cfg.async_save:
+        if self.sharded:
+            self._save_sharded(state, step, metrics, nonfinite_steps)
+        elif self.cfg.async_save:
             snapshot = self._staged = _stage(state, self._staged)  # safe: the previous write is done
             self._thread = threading.Thread(
                 target=self._write_guarded,
@@ -251,41 +300,92 @@ class Checkpointer:
             log.error("checkpoint at step %d failed (%s); the previous checkpoint is kept", step, e.strerror or e)
 
     def _write(self, state: dict[str, Any], step: int, metrics: dict[str, float], nonfinite_steps: int) -> Path:
-        name = f"step-{step:06d}"
-        final = self.root / name
-        tmp = self.root / f".tmp-{name}-{os.getpid()}"
-        self.root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        tmp = self._fresh_tmp(step, f"-{os.getpid()}")
         try:
-            sums = {}
             for part in PARTS:
                 torch.save(state[part], tmp / file_of(part))
-                sums[file_of(part)] = _sha256(tmp / file_of(part))
-            meta = {
-                "step": step,
-                "epoch": state[STATE].get(DATA, {}).get("epoch", 0),
-                "metrics": metrics,
-                "nonfinite_steps": nonfinite_steps,
-                "world_size": self.world.world_size,
-                "shoal_version": __version__,
-                "time": time.time(),
-                "config": self.config,
-                "sha256": sums,
-            }
-            _write_synced(tmp / META, json.dumps(meta, indent=1))
-            _fsync_dir(tmp)
-            if final.exists():  # a checkpoint of the same step from an earlier attempt
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(self.root)
-            _write_synced(self.root / f".{LATEST}.tmp", name)
-            os.replace(self.root / f".{LATEST}.tmp", self.root / LATEST)
+            return self._commit(tmp, step, state[STATE], metrics, nonfinite_steps)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+    def _fresh_tmp(self, step: int, suffix: str = "") -> Path:
+        tmp = self.root / f".tmp-step-{step:06d}{suffix}"
+        self.root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        return tmp
+
+    def _commit(
+        self, tmp: Path, step: int, extra: dict[str, Any], metrics: dict[str, float], nonfinite_steps: int
+    ) -> Path:
+        """Checksum every file, write meta.json last, rename into place, point `latest` at it (rank 0)."""
+        name = f"step-{step:06d}"
+        final = self.root / name
+        meta = {
+            "step": step,
+            "epoch": extra.get(DATA, {}).get("epoch", 0),
+            "metrics": metrics,
+            "nonfinite_steps": nonfinite_steps,
+            "world_size": self.world.world_size,
+            "format": "sharded" if self.sharded else "full",
+            "shoal_version": __version__,
+            "time": time.time(),
+            "config": self.config,
+            "sha256": {str(f.relative_to(tmp)): _sha256(f) for f in sorted(tmp.rglob("*")) if f.is_file()},
+        }
+        _write_synced(tmp / META, json.dumps(meta, indent=1))
+        for d in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
+            _fsync_dir(d)
+        if final.exists():  # a checkpoint of the same step from an earlier attempt
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(self.root)
+        _write_synced(self.root / f".{LATEST}.tmp", name)
+        os.replace(self.root / f".{LATEST}.tmp", self.root / LATEST)
         self.saved.append(final)
         return final
+
+    def _save_sharded(self, state: dict[str, Any], step: int, metrics: dict[str, float], nonfinite_steps: int) -> None:
+        """Every rank writes its shards of the model and optimizer into the same temporary directory (in the
+        background with checkpoint.async); rank 0 adds state.pt and commits once all of them are written."""
+        from shoal import dcp
+
+        tmp = self.root / f".tmp-step-{step:06d}"
+        if self.world.is_main:
+            self._fresh_tmp(step)
+        dist.barrier()  # the fresh directory exists before anyone writes into it
+        background = self._group is not None
+        extra = snapshot(state[STATE]) if background else state[STATE]
+        try:
+            futures = [dcp.write(state[part], tmp / part, self._group, background) for part in (MODEL, OPTIMIZER)]
+        except Exception as e:  # noqa: BLE001 - DCP raises its own exception types for a rank's I/O failure
+            return self._failed(step, e, tmp)
+
+        def finish() -> None:
+            try:
+                for f in futures:
+                    if f is not None:
+                        f.result()  # on rank 0: complete only once every rank wrote (DCP gathers their results)
+                if self.world.is_main:
+                    torch.save(extra, tmp / file_of(STATE))
+                    path = self._commit(tmp, step, extra, metrics, nonfinite_steps)
+                    self._prune()
+                    log.info("checkpoint saved: %s", path)
+            except Exception as e:  # noqa: BLE001
+                self._failed(step, e, tmp)
+
+        if background:
+            self._thread = threading.Thread(target=finish, daemon=True, name="shoal-ckpt")
+            self._thread.start()
+        else:
+            finish()
+
+    def _failed(self, step: int, e: BaseException, tmp: Path) -> None:
+        if self.world.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            reason = getattr(e, "strerror", None) or str(e).strip().splitlines()[0][:200]
+            log.error("checkpoint at step %d failed (%s); the previous checkpoint is kept", step, reason)
 
     def _prune(self) -> None:
         """keep_last newest, plus the newest from before a non-finite step and the best by keep_best."""
@@ -353,7 +453,12 @@ def export(checkpoint: Path, out: Path, overwrite: bool = False) -> Path:
     if out.exists() and out.is_dir():
         raise CheckpointError(f"{out} is a directory; give a file name such as model.pt")
     meta = verify(checkpoint)
-    state = _load_file(checkpoint, file_of(MODEL))
+    if is_sharded(checkpoint):
+        from shoal.dcp import gather
+
+        state = gather(checkpoint / MODEL)
+    else:
+        state = _load_file(checkpoint, file_of(MODEL))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:

@@ -231,6 +231,12 @@ class TrainConfig(Section):
     """Limit each evaluation to this many batches per rank; None = the whole validation split."""
     early_stopping: EarlyStopping | None = None
     """Stop when the metric stops improving, e.g. {metric: val_loss, mode: min, patience: 3, min_delta: 0, restore_best: true}."""
+    activation_checkpointing: Literal["none", "full", "every_n"] = "none"
+    """Recompute blocks' activations in the backward pass instead of keeping them (less memory, more compute): every
+    block (full) or every activation_checkpointing_every-th one; blocks are the built-in models' layers/blocks, or the
+    modules fsdp.units names for your own model."""
+    activation_checkpointing_every: int = Field(2, ge=1)
+    """every_n: checkpoint blocks 0, n, 2n, ..."""
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -277,6 +283,26 @@ class ScalingConfig(Section):
     """Restarts allowed for the whole job: a rank that dies, fails or hangs restarts every worker from the latest checkpoint."""
     hang_timeout_s: float | None = Field(None, gt=0)
     """A rank that finishes no step for this long counts as failed (None: never; set it above your slowest step, eval or save)."""
+
+
+class FSDPConfig(Section):
+    units: list[str] = Field(default_factory=list)
+    """strategy=fsdp: modules that become their own shard unit, by class name (e.g. DecoderBlock) or name glob
+    (e.g. "blocks.*"); also the blocks train.activation_checkpointing acts on. Empty: the built-in models' layers
+    and blocks, or the direct children that hold parameters of a model.target."""
+    reshard_after_forward: bool | int = True
+    """Free the gathered parameters after forward (true: least memory), keep them for backward (false: no second
+    all-gather), or keep them sharded over groups of this many ranks in between (an integer dividing the ranks per shard group)."""
+    param_dtype: Literal["fp32", "bf16"] | None = None
+    """Mixed precision through FSDP's policy: the dtype parameters are gathered and computed in (bf16 halves the
+    all-gather); None = fp32 (train.precision's autocast still applies)."""
+    reduce_dtype: Literal["fp32", "bf16"] | None = None
+    """Dtype gradients are reduced in; None = fp32 (e.g. bf16 compute with fp32 reduction)."""
+    cpu_offload: bool = False
+    """Keep sharded parameters, gradients and optimizer state in host memory and compute on the GPU (needs CUDA)."""
+    sharding: Literal["full", "hybrid"] = "full"
+    """full: shard over every rank. hybrid: shard within each node and replicate across nodes (a 2-D device mesh:
+    nodes x ranks per node), so the all-gathers stay on a node's fast links."""
 
 
 class DDPConfig(Section):
@@ -389,8 +415,10 @@ class JobConfig(Section):
     """Job name: letters, digits, '_', '.', '-'; used for the run directory."""
     seed: int = Field(0, ge=0)
     """Seed for data order, model init and every random generator."""
-    strategy: Literal["allreduce", "async_ps"] = "allreduce"
-    """allreduce: synchronous DDP. async_ps: workers push gradients to parameter servers without waiting."""
+    strategy: Literal["allreduce", "fsdp", "async_ps"] = "allreduce"
+    """allreduce: synchronous DDP (a full replica per rank). fsdp: fully sharded data parallel (FSDP2: parameters,
+    gradients and optimizer state sharded over the ranks). async_ps: workers push gradients to parameter servers
+    without waiting."""
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
@@ -398,6 +426,7 @@ class JobConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     ddp: DDPConfig = Field(default_factory=DDPConfig)
+    fsdp: FSDPConfig = Field(default_factory=FSDPConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     ps: PSConfig = Field(default_factory=PSConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)
@@ -412,6 +441,8 @@ class JobConfig(Section):
                 "train.precision: fp16 needs CUDA; use bf16 or fp32 on CPU, or train on GPUs "
                 "(scaling.gpus_per_worker >= 1 with Ray, scaling.device=cuda with torchrun)"
             )
+        if self.strategy == "fsdp":
+            self._check_fsdp()
         if self.ddp.static_graph and self.train.grad_accum_steps > 1:
             # DDP's static graph and no_sync() do not mix: an internal assert, or AllReduce silently stops
             raise ValueError(
@@ -423,6 +454,24 @@ class JobConfig(Section):
             task = self.data.task if self.data.dataset == "synthetic" else "classification"
             check_task_fits(task, self.model, self.train)
         return self
+
+    def _check_fsdp(self) -> None:
+        s, f = self.scaling, self.fsdp
+        on_cpu = s.device == "cpu" or (s.device == "auto" and s.gpus_per_worker == 0)
+        if self.train.precision == "fp16":
+            raise ValueError(
+                "train.precision: fp16 is not offered with strategy=fsdp (its loss scaler does not shard); "
+                "use bf16, or fsdp.param_dtype: bf16 for bf16 compute with fp32 reduction"
+            )
+        if f.cpu_offload and on_cpu:
+            raise ValueError(
+                "fsdp.cpu_offload: needs CUDA (on CPU the parameters already live in host memory); "
+                "turn it off or train on GPUs (scaling.gpus_per_worker >= 1)"
+            )
+        if not isinstance(f.reshard_after_forward, bool) and f.reshard_after_forward < 1:
+            raise ValueError(
+                f"fsdp.reshard_after_forward: true, false or a group size >= 1 (got {f.reshard_after_forward})"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict of every value, defaults included (JSON/YAML safe), with YAML key names."""

@@ -145,6 +145,16 @@ def init_process_group(world: WorldInfo, backend: str, timeout_s: float, device:
     )
 
 
+def ensure_group(device: torch.device) -> None:
+    """A process group even for a world of one (a sharded strategy's device mesh needs one)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1
+        )
+
+
 def _loopback_store(world: WorldInfo, timeout: datetime.timedelta) -> object | None:
     """For a group on one machine (MASTER_ADDR on loopback): a TCPStore whose server rank 0 binds to
     loopback itself, and gloo/NCCL kept on the loopback interface. torch's own store listens on every
@@ -384,15 +394,19 @@ def spawn_local(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: 
                 p.kill()
         if hung:
             raise TimeoutError(f"ranks {hung} still running after {timeout_s}s (hang)")
-        results = []
+        results, failures = [], []
         for r in range(world_size):
             path = Path(out, f"rank{r}.pkl")
             if not path.exists():
-                raise RuntimeError(f"rank {r} exited with code {procs[r].exitcode} and no result")
+                failures.append(f"rank {r} exited with code {procs[r].exitcode} and no result")
+                continue
             status, value = pickle.loads(path.read_bytes())
-            if status != "ok":
-                raise RuntimeError(f"rank {r} failed: {value}")
             results.append(value)
+            if status != "ok":
+                failures.append(f"rank {r} failed: {value}")
+        if failures:  # the root cause first: a rank's own error before a peer's lost connection
+            failures.sort(key=lambda f: "Connection closed" in f or "Connection reset" in f)
+            raise RuntimeError("\n".join(failures))
         return results
 
 

@@ -18,6 +18,7 @@ from shoal.dist import Flags
 from shoal.health.policy import CONTINUE, EARLY_STOP, ROLLBACK, STOP
 from shoal.job import Job
 from shoal.optim import add_l1_grad
+from shoal.strategies.base import peak_memory_mb
 
 Report = Callable[[dict[str, Any]], None]
 
@@ -95,9 +96,11 @@ def evaluate(job: Job) -> dict[str, float]:
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=job.device)
-    for x, y in job.data.val.batches(job.cfg.train.eval_batches):
+    for x, y, counted in job.data.val.batches(job.cfg.train.eval_batches):
         with job.precision.autocast():
             out = model(x)
+        if not counted:  # an extra forward so every rank makes as many (a sharded model gathers with all)
+            continue
         n = job.loss_fn.count(y)
         sums[0] += job.loss_fn(out, y).double() * n
         sums[1] += job.loss_fn.correct(out, y).double()
@@ -135,7 +138,13 @@ def train(
         last = c.step >= cfg.train.max_steps or flags.out_of_time
         record = job.health.take_measurements()
         if c.step % cfg.log.every == 0 or last:
-            record.update(job.window.figures(), lr=r.lr, grad_norm=float(r.grad_norm), skipped_steps=c.skipped_steps)
+            record.update(
+                job.window.figures(),
+                lr=r.lr,
+                grad_norm=float(r.grad_norm),
+                skipped_steps=c.skipped_steps,
+                mem_mb=peak_memory_mb(job.device),
+            )
             train_loss = record["loss"]
         decision = job.health.judge(c.step, r.stepped, record.get("loss"), record.get("data_wait"))
         if decision == CONTINUE and ((cfg.train.eval_every and c.step % cfg.train.eval_every == 0) or last):
@@ -181,6 +190,7 @@ def finish(job: Job, clock: Clock, ending: str, train_loss: float) -> dict[str, 
     skipped = torch.tensor(
         [float(getattr(job.data.train, "skipped_samples", 0))], dtype=torch.float64, device=job.device
     )
+    memory = dist.all_gather_object(job.strategy.memory(job.optimizer))  # every rank's, in rank order
     wall = clock.elapsed()
     return {
         "status": "completed" if ending == "early_stopped" else ending,
@@ -195,6 +205,7 @@ def finish(job: Job, clock: Clock, ending: str, train_loss: float) -> dict[str, 
         "train_loss": train_loss,
         "data_skipped_samples": int(dist.all_sum(skipped).item()),
         "early_stopped": ending == "early_stopped",
+        "memory": {k: [round(m[k], 3) for m in memory] for k in memory[0]},
         **job.health.summary(),
         **job.last_eval.metrics,
     }

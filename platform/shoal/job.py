@@ -19,7 +19,7 @@ from shoal.health import HealthMonitor
 from shoal.health.policy import Rollback
 from shoal.losses import Loss
 from shoal.metrics import Window
-from shoal.models import apply_freeze, build_model, trainable
+from shoal.models import apply_freeze, build_model, checkpoint_activations, trainable
 from shoal.optim import Schedule, build_optimizer
 from shoal.precision import Precision
 from shoal.state import COUNTERS, DATA, EVAL, HEALTH, PRECISION, SCHEDULE, WINDOW, Counters, LastEval, TrainState
@@ -82,6 +82,9 @@ def build_job(cfg: JobConfig, world: WorldInfo, device: torch.device, run_dir: P
     loss_fn = Loss(cfg.train, data.spec, "model.target" if cfg.model.target else "model.name")
     model = build_model(cfg.model, data.spec, loss_fn.out_features()).to(device)
     frozen = apply_freeze(model, cfg.model.freeze)
+    checkpoint_activations(
+        model, cfg.train.activation_checkpointing, cfg.train.activation_checkpointing_every, cfg.fsdp.units or None
+    )
     strategy = build_strategy(cfg, world, device)
     strategy.wrap(model).train()  # training mode from here on; evaluation switches back itself
     optimizer = build_optimizer(strategy.bare_model, cfg.optim)  # after wrapping: sharding replaces parameters
@@ -95,8 +98,9 @@ def build_job(cfg: JobConfig, world: WorldInfo, device: torch.device, run_dir: P
         world.is_main,
         run_dir if world.is_main else None,
         classes=classes,
+        reduce=strategy.reduce_squares if strategy.sharded_state else None,
     )
-    checkpointer = Checkpointer(cfg.checkpoint, run_dir, world, cfg.to_dict())
+    checkpointer = Checkpointer(cfg.checkpoint, run_dir, world, cfg.to_dict(), sharded=strategy.sharded_state)
     window = Window(
         lambda: torch.zeros((), dtype=torch.float64, device=device), _global_sums(device), holds_totals=world.is_main
     )

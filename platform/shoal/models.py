@@ -283,3 +283,53 @@ class TransformerLM(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(self.ln(x))
+
+
+def blocks(model: nn.Module, patterns: list[str] | None = None) -> list[tuple[str, nn.Module]]:
+    """The model's repeated blocks, in order: what fsdp shards as units and activation checkpointing recomputes.
+
+    patterns (fsdp.units): class names or globs over module names. Without them: the built-in
+    models' layers and blocks, or a user model's direct children that hold parameters.
+    """
+    if patterns:
+        hits = [
+            (n, m)
+            for n, m in model.named_modules()
+            if n and any(type(m).__name__ == p or fnmatch.fnmatchcase(n, p) for p in patterns)
+        ]
+        if not hits:
+            shown = ", ".join(sorted({type(m).__name__ for _, m in model.named_modules()})[:10])
+            raise ConfigError(f"{patterns} match no module (classes here: {shown})", key="fsdp.units")
+        return hits
+    if isinstance(model, MLP):
+        return [(f"layers.{i}", m) for i, m in enumerate(model.layers)]
+    if isinstance(model, CNN):
+        return [(f"features.{i}", m) for i, m in enumerate(model.features)]
+    if isinstance(model, ResNet):
+        return [(f"stages.{i}.{j}", b) for i, stage in enumerate(model.stages) for j, b in enumerate(stage)]
+    if isinstance(model, TransformerLM):
+        return [(f"blocks.{i}", m) for i, m in enumerate(model.blocks)]
+    return [(n, m) for n, m in model.named_children() if any(True for _ in m.parameters())]
+
+
+def checkpoint_activations(model: nn.Module, mode: str, every: int, patterns: list[str] | None = None) -> list[str]:
+    """train.activation_checkpointing: blocks recompute their activations in backward; returns their names.
+
+    The block's forward is wrapped in place (no wrapper module), so parameter names, checkpoints and
+    exports are the same with and without it.
+    """
+    if mode == "none":
+        return []
+    chosen = [(n, m) for i, (n, m) in enumerate(blocks(model, patterns)) if mode == "full" or i % every == 0]
+    for _, module in chosen:
+        module.forward = _recomputed(module.forward)
+    return [n for n, _ in chosen]
+
+
+def _recomputed(forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run

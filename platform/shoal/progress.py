@@ -17,6 +17,8 @@ def _fmt(record: dict[str, Any]) -> str:
         parts.append(f"loss {record['loss']:.4f}")
     if "samples_per_s" in record:
         parts.append(f"{record['samples_per_s']:,.0f} samples/s")
+    if "mem_mb" in record:
+        parts.append(f"peak {record['mem_mb']:,.0f} MiB")
     for key in ("val_loss", "val_accuracy"):
         if key in record:
             parts.append(f"{key} {record[key]:.4f}")
@@ -64,6 +66,7 @@ class Progress:
             steps_s = step / elapsed if elapsed > 0 else 0.0
             info = (
                 f"loss {record['loss']:.4f}  {steps_s:.1f} steps/s  {record.get('samples_per_s', 0):,.0f} samples/s"
+                + (f"  peak {record['mem_mb']:,.0f} MiB" if "mem_mb" in record else "")
                 if "loss" in record
                 else ""
             )

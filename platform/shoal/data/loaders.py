@@ -172,16 +172,26 @@ class EvalSet:
         self.idx = partition.shard_for_eval(len(source), world.rank, world.world_size)
         self.batch_size = batch_size
         self.device = device
+        shares = [len(partition.shard_for_eval(len(source), r, world.world_size)) for r in range(world.world_size)]
+        self.steps = max(-(-n // batch_size) for n in shares)  # forward passes every rank makes
 
     def __len__(self) -> int:
         return len(self.source)
 
-    def batches(self, limit: int | None = None) -> Iterator[Batch]:
-        for i, start in enumerate(range(0, len(self.idx), self.batch_size)):
-            if limit is not None and i >= limit:
-                return
-            item = self.source.get_batch(self.idx[start : start + self.batch_size])
-            yield item[0].to(self.device, non_blocking=True), item[1].to(self.device, non_blocking=True)
+    def batches(self, limit: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, bool]]:
+        """(x, y, counted): this rank's batches, then repeats of a batch (counted=False) until every rank has
+        made the same number of forward passes, as a sharded model needs (each gathers parameters with all)."""
+        steps = self.steps if limit is None else min(self.steps, limit)
+        for i in range(steps):
+            start = i * self.batch_size
+            counted = start < len(self.idx)
+            ids = (
+                self.idx[start : start + self.batch_size]
+                if counted
+                else np.arange(min(self.batch_size, len(self.source)))
+            )
+            item = self.source.get_batch(ids)
+            yield item[0].to(self.device, non_blocking=True), item[1].to(self.device, non_blocking=True), counted
 
 
 @dataclass

@@ -15,7 +15,7 @@ import torch
 from shoal.config import EarlyStopping, HealthConfig
 from shoal.health import detectors, policy
 from shoal.health.detectors import Alert
-from shoal.health.probes import ActivationProbe, UpdateRatio, grad_norms, layers, weight_norms
+from shoal.health.probes import ActivationProbe, Reduce, UpdateRatio, grad_norms, layers, weight_norms
 
 log = logging.getLogger("shoal")
 HEALTH_FILE = "health.jsonl"
@@ -34,9 +34,12 @@ class HealthMonitor:
         is_main: bool,
         run_dir: Path | None = None,
         classes: int = 0,
+        reduce: Reduce | None = None,
     ):
         self.cfg = cfg
         self.is_main = is_main
+        # a sharded model is measured by every rank together (each reduces its shards); otherwise by rank 0
+        self.reduce = reduce
         self.path = run_dir / HEALTH_FILE if (run_dir is not None and is_main) else None
         self.groups = layers(model)
         self.updates = UpdateRatio()
@@ -60,7 +63,7 @@ class HealthMonitor:
     # ---------------------------------------------------------------- measurements (rank 0)
 
     def due(self, step: int) -> bool:
-        return self.is_main and step % self.cfg.every == 0
+        return (self.is_main or self.reduce is not None) and step % self.cfg.every == 0
 
     def arm(self, step: int) -> None:
         """Before the forward of step `step` (1-based): switch the activation hooks on if it is measured."""
@@ -74,7 +77,7 @@ class HealthMonitor:
             self.grad_history = self.grad_history[-200:]
         if not self.due(step):
             return
-        norms = grad_norms(self.groups)
+        norms = grad_norms(self.groups, self.reduce)
         self.pending.update({f"grad_norm/{k}": v for k, v in norms})
         self.updates.arm(self.groups)
         if step > self.cfg.warmup_steps:
@@ -85,8 +88,8 @@ class HealthMonitor:
         """After the optimizer step: update-to-weight ratios, weight norms, activations."""
         if not self.due(step):
             return
-        self.pending.update({f"update_ratio/{k}": v for k, v in self.updates.read(self.groups)})
-        self.pending.update({f"weight_norm/{k}": v for k, v in weight_norms(self.groups)})
+        self.pending.update({f"update_ratio/{k}": v for k, v in self.updates.read(self.groups, self.reduce)})
+        self.pending.update({f"weight_norm/{k}": v for k, v in weight_norms(self.groups, self.reduce)})
         if self.activations is not None:
             for name, st in self.activations.take().items():
                 self.pending.update({f"act_{k}/{name}": v for k, v in st.items()})

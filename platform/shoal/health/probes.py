@@ -1,9 +1,15 @@
-"""Measurements on rank 0 every health.every steps: per-layer gradient and weight norms, update-to-weight
-ratios, and (optionally) activation statistics through forward hooks."""
+"""Measurements every health.every steps: per-layer gradient and weight norms, update-to-weight ratios,
+and (optionally) activation statistics through forward hooks.
+
+Norms are computed from what this rank holds and made global by `reduce` (a sum of squares over
+the ranks that shard a tensor: one small all-reduce for all layers together); a sharded model's
+weights are never gathered to be measured. Whole-tensor strategies reduce nothing.
+"""
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -22,27 +28,38 @@ def layers(model: nn.Module) -> OrderedDict[str, list[nn.Parameter]]:
     return out
 
 
-def _group_norms(groups: OrderedDict[str, list[torch.Tensor]]) -> list[tuple[str, float]]:
-    flat = [t for ts in groups.values() for t in ts]
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor (its shard of a DTensor; the tensor itself otherwise)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _whole(values: torch.Tensor, reduce: Reduce | None) -> list[float]:
+    return (reduce(values) if reduce is not None else values).tolist()
+
+
+def _group_norms(groups: OrderedDict[str, list[torch.Tensor]], reduce: Reduce | None) -> list[tuple[str, float]]:
+    flat = [local(t).detach().float() for ts in groups.values() for t in ts]
     if not flat:
         return []
-    norms = torch._foreach_norm([t.detach().float() for t in flat])  # one pass over all tensors
-    out, i = [], 0
-    for name, ts in groups.items():
-        sq = sum(float(n) ** 2 for n in norms[i : i + len(ts)])
-        out.append((name, sq**0.5))
+    squares = torch.stack(torch._foreach_norm(flat)).double() ** 2  # one pass over all tensors
+    sums, i = [], 0
+    for ts in groups.values():
+        sums.append(squares[i : i + len(ts)].sum())
         i += len(ts)
-    return out
+    return [(name, sq**0.5) for name, sq in zip(groups, _whole(torch.stack(sums), reduce))]
 
 
-def grad_norms(groups: OrderedDict[str, list[nn.Parameter]]) -> list[tuple[str, float]]:
+def grad_norms(groups: OrderedDict[str, list[nn.Parameter]], reduce: Reduce | None = None) -> list[tuple[str, float]]:
     """(layer, gradient L2 norm) for layers whose parameters have gradients."""
     with_grad = OrderedDict((k, [p.grad for p in ps if p.grad is not None]) for k, ps in groups.items())
-    return _group_norms(OrderedDict((k, v) for k, v in with_grad.items() if v))
+    return _group_norms(OrderedDict((k, v) for k, v in with_grad.items() if v), reduce)
 
 
-def weight_norms(groups: OrderedDict[str, list[nn.Parameter]]) -> list[tuple[str, float]]:
-    return _group_norms(OrderedDict((k, list(ps)) for k, ps in groups.items()))
+def weight_norms(groups: OrderedDict[str, list[nn.Parameter]], reduce: Reduce | None = None) -> list[tuple[str, float]]:
+    return _group_norms(OrderedDict((k, list(ps)) for k, ps in groups.items()), reduce)
 
 
 class UpdateRatio:
@@ -59,8 +76,8 @@ class UpdateRatio:
         self.before: OrderedDict[str, list[torch.Tensor]] | None = None
         self._index: dict[int, torch.Tensor | None] = {}
 
-    def _sample(self, p: torch.Tensor) -> torch.Tensor:
-        key = id(p)
+    def _sample(self, param: torch.Tensor) -> torch.Tensor:
+        key, p = id(param), local(param)  # the parameter's identity is stable; a DTensor's local view is not
         if key not in self._index:
             n = p.numel()
             gen = torch.Generator().manual_seed(n)
@@ -74,20 +91,23 @@ class UpdateRatio:
     def arm(self, groups: OrderedDict[str, list[nn.Parameter]]) -> None:
         self.before = OrderedDict((k, [self._sample(p) for p in ps]) for k, ps in groups.items())
 
-    def read(self, groups: OrderedDict[str, list[nn.Parameter]]) -> list[tuple[str, float]]:
+    def read(
+        self, groups: OrderedDict[str, list[nn.Parameter]], reduce: Reduce | None = None
+    ) -> list[tuple[str, float]]:
+        """Per layer, from this rank's part of each tensor, made global by `reduce`."""
         if self.before is None:
             return []
-        out = []
+        sums = []
         for k, ps in groups.items():
-            delta_sq = weight_sq = 0.0
+            delta_sq = weight_sq = torch.zeros((), dtype=torch.float64)
             for p, b in zip(ps, self.before[k]):
-                scale = p.numel() / b.numel()
-                delta_sq += scale * float((self._sample(p) - b).float().pow(2).sum())
-                weight_sq += scale * float(b.float().pow(2).sum())
-            if weight_sq > 0:
-                out.append((k, (delta_sq / weight_sq) ** 0.5))
+                scale = local(p).numel() / max(1, b.numel())
+                delta_sq = delta_sq + scale * (self._sample(p) - b).double().pow(2).sum().cpu()
+                weight_sq = weight_sq + scale * b.double().pow(2).sum().cpu()
+            sums += [delta_sq, weight_sq]
         self.before = None
-        return out
+        values = _whole(torch.stack(sums), reduce)
+        return [(k, (values[2 * i] / values[2 * i + 1]) ** 0.5) for i, k in enumerate(groups) if values[2 * i + 1] > 0]
 
 
 class ActivationProbe:

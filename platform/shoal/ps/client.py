@@ -59,6 +59,10 @@ def run_ps_worker(
     shards = balance([s.numel * 4 for s in specs], len(servers))
     recorder = None
     if world.is_main:
+        from shoal.data.loaders import EvalSet
+
+        if job.data.val is not None:  # rank 0 evaluates alone: the whole split, not a rank's share
+            job.data.val = EvalSet(job.data.val.source, WorldInfo(), job.data.val.batch_size, job.device)
         _fill(servers, specs, shards, job)
         resumed_from = _resume(cfg, run_dir, resume, servers)
         ray.get([s.open.remote() for s in servers])

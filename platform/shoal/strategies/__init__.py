@@ -15,8 +15,13 @@ if TYPE_CHECKING:  # the driver never loads torch
 def build_strategy(cfg: JobConfig, world: WorldInfo, device: torch.device) -> Strategy:
     """The strategy object for this rank (async_ps workers accumulate locally: the single-process one)."""
     from shoal.strategies.base import Strategy
-    from shoal.strategies.ddp import DDPStrategy
 
     if cfg.strategy == "allreduce":
+        from shoal.strategies.ddp import DDPStrategy
+
         return DDPStrategy(cfg, world, device)
+    if cfg.strategy == "fsdp":
+        from shoal.strategies.fsdp import FSDPStrategy
+
+        return FSDPStrategy(cfg, world, device)
     return Strategy(cfg, world, device)

@@ -35,6 +35,7 @@ class Strategy:
         self.cfg, self.world, self.device = cfg, world, device
         self.module: nn.Module | None = None  # what forward runs through (wrapped)
         self._bare: nn.Module | None = None
+        self.grads_bytes = 0  # gradient bytes this rank held at a step (the memory report)
 
     # ---------------------------------------------------------------- the model
 
@@ -100,9 +101,19 @@ class Strategy:
             return torch.zeros((), device=self.device, dtype=torch.float64)
         return torch.nn.utils.get_total_norm(grads, foreach=True).double()
 
+    def reduce_squares(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-rank sums of squares (a vector) made global: here every rank holds whole tensors already."""
+        return values
+
+    def local_bytes(self, tensors: list[torch.Tensor]) -> int:
+        """Bytes of these tensors this rank holds."""
+        return sum(t.nbytes for t in tensors)
+
     def clip(self, params: list[nn.Parameter]) -> torch.Tensor:
         """Measure the global norm, then clip by train.clip_grad_norm or clip_grad_value if it is finite."""
         cfg = self.cfg.train
+        if not self.grads_bytes:
+            self.grads_bytes = self.local_bytes([p.grad for p in params if p.grad is not None])
         norm = self.grad_norm(params)
         if torch.isfinite(norm):
             if cfg.clip_grad_norm is not None:
@@ -111,13 +122,25 @@ class Strategy:
                 torch.nn.utils.clip_grad_value_(params, cfg.clip_grad_value)
         return norm
 
+    def memory(self, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+        """MiB this rank holds: parameters, gradients, optimizer state, and its peak (CUDA allocated, or process RSS)."""
+        state = [t for st in optimizer.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
+        mib = 2.0**20
+        return {
+            "peak_mb": peak_memory_mb(self.device),
+            "params_mb": self.local_bytes(list(self.bare_model.parameters())) / mib,
+            "grads_mb": self.grads_bytes / mib,
+            "optimizer_mb": self.local_bytes(state) / mib,
+        }
+
     # ---------------------------------------------------------------- state
 
     def model_state(self) -> dict[str, Any]:
         """The model's state to save: the full state dict (rank 0 writes it) unless sharded_state."""
         return self.bare_model.state_dict()
 
-    def load_model_state(self, state: dict[str, Any], source: Path | str) -> None:
+    def load_model_state(self, state: Any, source: Path | str) -> None:
+        """A full state dict, or a sharded checkpoint's model read whole (a job saved by strategy fsdp)."""
         from shoal.checkpoint import load_model_state
 
         load_model_state(self.bare_model, state, source)
@@ -125,10 +148,33 @@ class Strategy:
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         return optimizer.state_dict()
 
-    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-        optimizer.load_state_dict(state)
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: Any) -> None:
+        from shoal.dcp import Sharded
+
+        if not isinstance(state, Sharded):
+            optimizer.load_state_dict(state)
+            return
+        # saved sharded, keyed by parameter name: read it whole into this optimizer's named state
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+        from shoal.dcp import read_into
+
+        target = get_optimizer_state_dict(self.bare_model, optimizer)
+        read_into(target, state.path)
+        set_optimizer_state_dict(self.bare_model, optimizer, target)
 
 
 def spread_nonfinite(loss: torch.Tensor) -> torch.Tensor:
     """1.0 for a finite loss, NaN otherwise: multiplied into the loss, it makes every gradient NaN."""
     return 1.0 + 0.0 * loss.detach()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this rank so far: CUDA's max allocated on a GPU, the process's peak RSS on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2.0**20
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2.0**20 if sys.platform == "darwin" else peak / 1024.0  # bytes on macOS, KiB on Linux

@@ -1,0 +1,413 @@
+"""strategy: fsdp on real 2-rank gloo groups: the same numbers as allreduce, one reduce-scatter per unit
+per optimizer step, 1/N of the bytes per rank, sharded checkpoints that reshard (to 1 rank, into
+allreduce and back), activation checkpointing, the finite check, frozen layers, export, bad configs."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from shoal.config import JobConfig, config_from_dict, load_config
+
+from _ranks import spawn_ranks
+from conftest import REPO, TINY_LM, shoal_cli, tiny_overrides
+
+QUICKSTART = REPO / "configs" / "quickstart.yaml"
+MLP = {
+    "data.dataset": "synthetic",
+    "data.num_samples": 805,
+    "data.input_shape": [12],
+    "data.num_classes": 4,
+    "model.width": 16,
+    "model.depth": 2,
+}
+
+
+def cfg_of(strategy: str, model: dict, **updates) -> JobConfig:
+    base = {
+        **model,
+        "strategy": strategy,
+        "optim.name": "adamw",
+        "optim.lr": 0.01,
+        "train.eval_every": 0,
+        "train.grad_accum_steps": 3,
+        "train.clip_grad_norm": 0.05,
+        "data.batch_size": 4,
+        "log.tensorboard": False,
+    }
+    return JobConfig().replace({**base, **updates})
+
+
+def full_params(job) -> dict[str, torch.Tensor]:
+    """The whole parameters on every rank (a sharded model's gathered)."""
+    out = {}
+    for k, v in job.bare_model.state_dict().items():
+        out[k] = (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+    return out
+
+
+def steps_on_rank(cfg_dict: dict, steps: int, count: bool = False) -> dict:
+    """Train `steps` steps on this rank; the global losses, grad norms, reductions per step and final params."""
+    from shoal import dist
+    from shoal.dist import WorldInfo
+    from shoal.engine import train_step
+    from shoal.job import build_job
+
+    cfg = config_from_dict(cfg_dict)
+    world = WorldInfo.from_env()
+    dist.init_process_group(world, "gloo", 60, torch.device("cpu"))
+    job = build_job(cfg, world, torch.device("cpu"))
+    counter = ReduceScatterCounter().attach(job) if count else None
+    losses, norms, calls = [], [], []
+    for _ in range(steps):
+        before = counter.calls if counter else 0
+        r = train_step(job)
+        total, n = dist.all_sum(torch.stack([r.loss_sum, torch.tensor(float(r.count), dtype=torch.float64)])).tolist()
+        losses.append(total / n)
+        norms.append(float(r.grad_norm))
+        calls.append((counter.calls if counter else 0) - before)
+    units = len(job.strategy.units) + 1 if hasattr(job.strategy, "units") else 0
+    memory = job.strategy.memory(job.optimizer)
+    return {
+        "losses": losses,
+        "norms": norms,
+        "calls": calls,
+        "units": units,
+        "params": full_params(job),
+        "memory": memory,
+    }
+
+
+class ReduceScatterCounter:
+    """Counts gradient reduce-scatters through FSDP2's own hook for them (set_custom_reduce_scatter)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def attach(self, job) -> ReduceScatterCounter:
+        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultReduceScatter
+
+        counter = self
+
+        class Counting(DefaultReduceScatter):
+            def __call__(self, *args, **kwargs):
+                counter.calls += 1
+                return super().__call__(*args, **kwargs)
+
+        for m in job.bare_model.modules():
+            if isinstance(m, FSDPModule):
+                m.set_custom_reduce_scatter(Counting())
+        return self
+
+
+@pytest.mark.parametrize("model", ["mlp", "transformer_lm"])
+def test_fsdp_gives_the_numbers_of_allreduce_with_accumulation_and_clipping(model):
+    shape = MLP if model == "mlp" else TINY_LM
+    steps = 5
+    fsdp = spawn_ranks(steps_on_rank, 2, cfg_of("fsdp", shape).to_dict(), steps, True)
+    ddp = spawn_ranks(steps_on_rank, 2, cfg_of("allreduce", shape).to_dict(), steps)
+    assert fsdp[0]["losses"] == pytest.approx(ddp[0]["losses"], rel=1e-5, abs=1e-6)
+    assert fsdp[0]["norms"] == pytest.approx(ddp[0]["norms"], rel=1e-5)
+    assert all(n > 0.05 for n in ddp[0]["norms"])  # clipping was active at every step
+    for k, v in ddp[0]["params"].items():
+        assert torch.allclose(fsdp[0]["params"][k], v, atol=1e-5, rtol=0), (
+            f"{k}: {(fsdp[0]['params'][k] - v).abs().max():.3g}"
+        )
+    assert fsdp[0]["params"].keys() == ddp[0]["params"].keys()
+    # exactly one reduce-scatter per shard unit per optimizer step, whatever the accumulation (k=3)
+    assert fsdp[0]["calls"] == [fsdp[0]["units"]] * steps and fsdp[0]["units"] >= 2
+
+
+def test_each_rank_holds_about_half_the_parameters_and_optimizer_state():
+    wide = {**MLP, "model.width": 256, "model.depth": 3, "train.grad_accum_steps": 1}
+    fsdp = spawn_ranks(steps_on_rank, 2, cfg_of("fsdp", wide).to_dict(), 2)
+    ddp = spawn_ranks(steps_on_rank, 2, cfg_of("allreduce", wide).to_dict(), 2)
+    for key in ("params_mb", "grads_mb", "optimizer_mb"):
+        for rank in (0, 1):
+            ratio = fsdp[rank]["memory"][key] / ddp[rank]["memory"][key]
+            assert 0.45 <= ratio <= 0.55, (key, rank, ratio)
+
+
+def run_worker_on_rank(cfg_dict: dict, resume: bool = False) -> dict:
+    from shoal.worker import run_worker
+
+    return run_worker(config_from_dict(cfg_dict), resume=resume)
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from shoal.checkpoint import export, find_latest
+
+    out = run_dir.parent / f"{run_dir.name}-export.pt"
+    export(find_latest(run_dir), out, overwrite=True)
+    return torch.load(out, weights_only=True)
+
+
+def job(run_dir: Path, strategy: str = "fsdp", **updates) -> dict:
+    base = {
+        **MLP,
+        "strategy": strategy,
+        "data.batch_size": 8,
+        "model.dropout": 0.1,
+        "optim.name": "adamw",
+        "optim.lr": 0.01,
+        "train.max_steps": 40,
+        "train.eval_every": 20,
+        "log.every": 5,
+        "log.tensorboard": False,
+        "checkpoint.every_steps": 20,
+        "run.dir": str(run_dir),
+    }
+    return JobConfig().replace({**base, **updates}).to_dict()
+
+
+def test_sharded_checkpoints_resume_bitwise_and_reshard(tmp_path):
+    straight = spawn_ranks(run_worker_on_rank, 2, job(tmp_path / "a"))
+    assert straight[0]["status"] == "completed"
+    ckpt = tmp_path / "a" / "checkpoints" / "step-000040"
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert meta["format"] == "sharded" and {"model/__0_0.distcp", "model/__1_0.distcp", "model/.metadata"} <= set(
+        meta["sha256"]
+    )
+    # stopped at 20, resumed on the same 2 ranks: bitwise the uninterrupted run
+    spawn_ranks(run_worker_on_rank, 2, job(tmp_path / "b", **{"train.max_steps": 20}))
+    resumed = spawn_ranks(run_worker_on_rank, 2, job(tmp_path / "b"), True)
+    assert resumed[0]["resumed_from"].endswith("step-000020") and resumed[0]["steps"] == 40
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # saved on 2 ranks, resumed on 1 with the same global batch: the uninterrupted run within fp32 tolerance
+    # (without dropout, whose masks are drawn per rank by design)
+    spawn_ranks(run_worker_on_rank, 2, job(tmp_path / "c", **{"train.max_steps": 20, "model.dropout": 0.0}))
+    one = run_worker_on_rank(job(tmp_path / "c", **{"data.batch_size": 16, "model.dropout": 0.0}), True)
+    spawn_ranks(run_worker_on_rank, 2, job(tmp_path / "d", **{"model.dropout": 0.0}))
+    assert one["world_size"] == 1 and one["steps"] == 40 and one["resumed_from"].endswith("step-000020")
+    c, d = weights(tmp_path / "c"), weights(tmp_path / "d")
+    for k in d:
+        assert torch.allclose(c[k], d[k], atol=1e-5, rtol=0), f"{k}: {(c[k] - d[k]).abs().max():.3g}"
+
+
+def test_a_sharded_checkpoint_resumes_into_allreduce_and_back(tmp_path):
+    spawn_ranks(run_worker_on_rank, 2, job(tmp_path / "run", **{"train.max_steps": 20}))
+    into = spawn_ranks(run_worker_on_rank, 2, job(tmp_path / "run", "allreduce", **{"train.max_steps": 40}), True)
+    assert (
+        into[0]["strategy"] == "allreduce"
+        and into[0]["resumed_from"].endswith("step-000020")
+        and into[0]["steps"] == 40
+    )
+    assert not (tmp_path / "run" / "checkpoints" / "step-000040" / "model").exists()  # allreduce writes the full format
+    back = spawn_ranks(run_worker_on_rank, 2, job(tmp_path / "run", **{"train.max_steps": 60}), True)
+    assert back[0]["resumed_from"].endswith("step-000040") and back[0]["steps"] == 60
+    assert math.isfinite(back[0]["train_loss"]) and back[0]["val_accuracy"] > 0.4
+
+
+def test_a_corrupt_shard_falls_back_to_the_previous_checkpoint(tmp_path, caplog):
+    from shoal.checkpoint import find_latest
+
+    spawn_ranks(run_worker_on_rank, 2, job(tmp_path / "run"))
+    shard = tmp_path / "run" / "checkpoints" / "step-000040" / "optimizer" / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with caplog.at_level("WARNING", logger="shoal"):
+        assert find_latest(tmp_path / "run").name == "step-000020"
+    assert "optimizer/__1_0.distcp does not match its checksum" in caplog.text
+
+
+def test_sharded_metadata_that_would_run_code_is_refused(tmp_path):
+    import os
+    import pickle
+
+    from shoal.checkpoint import export, find_latest
+
+    spawn_ranks(run_worker_on_rank, 2, job(tmp_path / "run", **{"train.max_steps": 20}))
+    ckpt = find_latest(tmp_path / "run")
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (ckpt / "model" / ".metadata").write_bytes(pickle.dumps(Evil()))
+    meta = json.loads((ckpt / "meta.json").read_text())
+    from shoal.checkpoint import _sha256
+
+    meta["sha256"]["model/.metadata"] = _sha256(ckpt / "model" / ".metadata")  # even with matching checksums
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    from shoal.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="cannot read model/.metadata safely"):
+        export(ckpt, tmp_path / "out.pt")
+    assert not marker.exists()
+
+
+def test_export_of_a_sharded_checkpoint_loads_into_the_bare_model(tmp_path):
+    from shoal.data.spec import DataSpec
+    from shoal.models import build_model
+
+    spawn_ranks(run_worker_on_rank, 2, job(tmp_path / "run", **{"train.max_steps": 20}))
+    proc = shoal_cli("export", str(tmp_path / "run"), str(tmp_path / "model.pt"))
+    assert proc.returncode == 0, proc.stderr
+    state = torch.load(tmp_path / "model.pt", weights_only=True)
+    cfg = config_from_dict(job(tmp_path / "x"))
+    model = build_model(cfg.model, DataSpec(task="classification", input_shape=(12,), num_classes=4), 4)
+    model.load_state_dict(state)  # every key, whole shapes
+    assert not any(hasattr(v, "placements") for v in state.values())
+
+
+def nan_on_one_rank(cfg_dict: dict) -> dict:
+    from shoal import dist
+    from shoal.dist import WorldInfo
+    from shoal.engine import train_step
+    from shoal.job import build_job
+
+    cfg = config_from_dict(cfg_dict)
+    world = WorldInfo.from_env()
+    dist.init_process_group(world, "gloo", 60, torch.device("cpu"))
+    job_ = build_job(cfg, world, torch.device("cpu"))
+    stream = job_.data.train
+
+    def batches():
+        for i, (x, y) in enumerate(stream):
+            if i == 3 and world.rank == 1:  # the second micro-batch of step 2, on rank 1 only
+                x = x.clone()
+                x[0, 0] = math.nan
+            yield x, y
+
+    job_.data.train = batches()
+    stepped = [train_step(job_).stepped for _ in range(3)]
+    return {"stepped": stepped, "params": full_params(job_)}
+
+
+def test_nan_on_one_rank_is_skipped_on_both_without_a_hang():
+    ranks = spawn_ranks(
+        nan_on_one_rank, 2, cfg_of("fsdp", MLP, **{"train.grad_accum_steps": 2}).to_dict(), timeout_s=90
+    )
+    assert [r["stepped"] for r in ranks] == [[True, False, True]] * 2
+    assert all(torch.isfinite(v).all() for v in ranks[0]["params"].values())
+    assert all(torch.equal(ranks[0]["params"][k], ranks[1]["params"][k]) for k in ranks[0]["params"])
+
+
+def test_frozen_layers_stay_put_under_fsdp():
+    from shoal.job import build_job
+
+    cfg = cfg_of("fsdp", MLP, **{"model.freeze": ["layers.0.*"]})
+    initial = build_job(
+        cfg.replace({"strategy": "allreduce"}), __import__("shoal.dist").dist.WorldInfo(), torch.device("cpu")
+    ).bare_model.state_dict()
+    ranks = spawn_ranks(steps_on_rank, 2, cfg.to_dict(), 3)
+    after = ranks[0]["params"]
+    assert torch.equal(after["layers.0.linear.weight"], initial["layers.0.linear.weight"])
+    assert not torch.equal(after["head.weight"], initial["head.weight"])
+
+
+def saved_activation_bytes(cfg_dict: dict) -> dict:
+    """Bytes the forward saves for backward at one step, and the losses of 3 steps."""
+    from shoal import dist
+    from shoal.dist import WorldInfo
+    from shoal.engine import train_step
+    from shoal.job import build_job
+
+    cfg = config_from_dict(cfg_dict)
+    world = WorldInfo.from_env()
+    dist.init_process_group(world, "gloo", 60, torch.device("cpu"))
+    job_ = build_job(cfg, world, torch.device("cpu"))
+    saved = [0]
+
+    def pack(t):
+        saved[0] += t.numel() * t.element_size()
+        return t
+
+    losses = []
+    for i in range(3):
+        if i == 0:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                r = train_step(job_)
+        else:
+            r = train_step(job_)
+        losses.append(r.loss_sum.item() / r.count)
+    return {"saved": saved[0], "losses": losses}
+
+
+@pytest.mark.parametrize("strategy", ["allreduce", "fsdp"])
+def test_activation_checkpointing_changes_no_number_and_saves_less(strategy):
+    lm = {**TINY_LM, "model.depth": 3, "model.width": 32, "data.seq_len": 16, "train.grad_accum_steps": 1}
+    plain = spawn_ranks(saved_activation_bytes, 2, cfg_of(strategy, lm).to_dict())
+    full = spawn_ranks(
+        saved_activation_bytes, 2, cfg_of(strategy, lm, **{"train.activation_checkpointing": "full"}).to_dict()
+    )
+    every = spawn_ranks(
+        saved_activation_bytes, 2, cfg_of(strategy, lm, **{"train.activation_checkpointing": "every_n"}).to_dict()
+    )
+    for r in (0, 1):
+        assert full[r]["losses"] == pytest.approx(plain[r]["losses"], rel=1e-6)
+        assert every[r]["losses"] == pytest.approx(plain[r]["losses"], rel=1e-6)
+    assert full[0]["saved"] < every[0]["saved"] < plain[0]["saved"]
+    assert full[0]["saved"] < 0.6 * plain[0]["saved"]
+
+
+def test_quickstart_trains_under_fsdp_on_ray_and_reports_memory(ray_cluster, tmp_path):
+    from shoal import launcher
+
+    cfg = load_config(
+        QUICKSTART,
+        tiny_overrides(tmp_path / "run", **{"strategy": "fsdp", "scaling.address": ray_cluster}),
+    )
+    summary = launcher.run(cfg)
+    assert summary["status"] == "completed" and summary["world_size"] == 2 and summary["val_accuracy"] >= 0.95
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert len(saved["memory"]["params_mb"]) == 2 and all(m > 0 for m in saved["memory"]["peak_mb"])
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["mem_mb"] > 0 for r in records if "loss" in r)
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (
+            {"train.precision": "fp16", "scaling.device": "cuda"},
+            "train.precision: fp16 is not offered with strategy=fsdp",
+        ),
+        ({"fsdp.cpu_offload": True}, "fsdp.cpu_offload: needs CUDA"),
+        ({"fsdp.reshard_after_forward": 0}, "fsdp.reshard_after_forward"),
+        ({"fsdp.units": ["NoSuchBlock"]}, "fsdp.units: ['NoSuchBlock'] match no module"),
+        ({"fsdp.reshard_after_forward": 3}, "fsdp.reshard_after_forward: 3 does not divide the 1 ranks"),
+    ],
+)
+def test_what_cannot_combine_is_a_config_error(tmp_path, overrides, needle):
+    proc = shoal_cli(
+        "worker",
+        str(QUICKSTART),
+        *tiny_overrides(tmp_path / "run", **{"strategy": "fsdp", "train.max_steps": 3, **overrides}),
+    )
+    assert proc.returncode == 2, proc.stderr[-1500:]
+    assert needle in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_fsdp_under_torchrun_writes_a_sharded_checkpoint(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "shoal",
+        "worker",
+        str(QUICKSTART),
+        *tiny_overrides(tmp_path / "run", **{"strategy": "fsdp", "train.max_steps": 60}),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["strategy"] == "fsdp" and summary["world_size"] == 2 and summary["steps"] == 60
+    meta = json.loads((tmp_path / "run" / "checkpoints" / "step-000060" / "meta.json").read_text())
+    assert meta["format"] == "sharded" and meta["world_size"] == 2
