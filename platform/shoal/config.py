@@ -305,6 +305,34 @@ class FSDPConfig(Section):
     nodes x ranks per node), so the all-gathers stay on a node's fast links."""
 
 
+class ParallelConfig(Section):
+    pipeline_stages: int = Field(1, ge=1)
+    """Split the model's layers into this many pipeline stages, each on its own rank; the world is stages x
+    replicas, and the replicas are data parallel with the job's strategy (allreduce or fsdp). Ranks r*P..r*P+P-1
+    form replica r's pipeline (neighbours on one node, as torchrun numbers ranks node after node)."""
+    schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = "1f1b"
+    """Pipeline schedule: gpipe (all forwards, then all backwards), 1f1b (one forward, one backward: fewer
+    activations held), interleaved_1f1b (two stages per rank, a smaller bubble)."""
+    microbatches: int = Field(4, ge=1)
+    """Pieces each data.batch_size micro-batch is cut into for the pipeline (must divide data.batch_size); with
+    train.grad_accum_steps = k one schedule runs k x microbatches of them, with one gradient reduction."""
+    balance: Literal["params", "time"] = "params"
+    """How the built-in models' layers are balanced over the stages: by parameter count, or by their measured
+    forward and backward time on a sample batch (rank 0 measures; every rank uses its split)."""
+    split_points: list[str] = Field(default_factory=list)
+    """Module names where a new stage starts, e.g. ["layers.4", "layers.8"] (an nn.Sequential model.target, or a
+    built-in model); overrides the balancing."""
+    split_fn: str | None = None
+    """"package.module:fn" for a model whose forward is not a plain chain: fn(model) returns the names of the
+    modules whose forwards, applied in order, make the model's forward."""
+
+    @model_validator(mode="after")
+    def _check(self) -> ParallelConfig:
+        if self.split_fn is not None and not re.fullmatch(r"[\w.]+:[\w.]+", self.split_fn):
+            raise ValueError(f"parallel.split_fn: must look like 'package.module:fn' (got {self.split_fn!r})")
+        return self
+
+
 class DDPConfig(Section):
     bucket_cap_mb: float = Field(25.0, gt=0)
     """Gradient bucket size for AllReduce."""
@@ -427,6 +455,7 @@ class JobConfig(Section):
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     ddp: DDPConfig = Field(default_factory=DDPConfig)
     fsdp: FSDPConfig = Field(default_factory=FSDPConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     ps: PSConfig = Field(default_factory=PSConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)
@@ -443,6 +472,8 @@ class JobConfig(Section):
             )
         if self.strategy == "fsdp":
             self._check_fsdp()
+        if self.parallel.pipeline_stages > 1:
+            self._check_pipeline()
         if self.ddp.static_graph and self.train.grad_accum_steps > 1:
             # DDP's static graph and no_sync() do not mix: an internal assert, or AllReduce silently stops
             raise ValueError(
@@ -454,6 +485,31 @@ class JobConfig(Section):
             task = self.data.task if self.data.dataset == "synthetic" else "classification"
             check_task_fits(task, self.model, self.train)
         return self
+
+    def _check_pipeline(self) -> None:
+        p, d = self.parallel, self.data
+        if self.strategy == "async_ps":
+            raise ValueError(
+                "parallel.pipeline_stages: pipelines need synchronous training; use strategy allreduce or fsdp"
+            )
+        if d.batch_size % p.microbatches:
+            raise ValueError(
+                f"parallel.microbatches: {p.microbatches} must divide data.batch_size={d.batch_size} "
+                "(each micro-batch is cut into that many equal pieces)"
+            )
+        if d.on_error == "skip":
+            raise ValueError(
+                "data.on_error: skip leaves micro-batches short, and pipeline stages need whole ones; use raise"
+            )
+        pieces = p.microbatches * self.train.grad_accum_steps
+        if p.schedule != "gpipe" and pieces < p.pipeline_stages:
+            raise ValueError(
+                f"parallel.microbatches: {p.schedule} needs at least as many pieces per step as stages "
+                f"({p.microbatches} x train.grad_accum_steps {self.train.grad_accum_steps} < {p.pipeline_stages}); "
+                "raise it, or use parallel.schedule: gpipe"
+            )
+        if self.ddp.static_graph:
+            raise ValueError("ddp.static_graph: not with pipeline stages (the schedule runs the backward)")
 
     def _check_fsdp(self) -> None:
         s, f = self.scaling, self.fsdp

@@ -108,6 +108,19 @@ def read_into(target: dict[str, Any], path: Path) -> None:
         ) from None
 
 
+def read_optimizer_into(target: dict[str, Any], path: Path) -> None:
+    """Fill a named optimizer state dict's per-parameter state from a DCP directory, keeping its groups.
+
+    The groups' settings come from the config (the schedule sets the rate every step), and ranks that
+    hold different parameters (pipeline stages) save different groups under the same entries.
+    """
+    import copy
+
+    groups = copy.deepcopy(target["param_groups"])  # DCP's load rewrites the dicts in place
+    read_into(target, path)
+    target["param_groups"] = groups
+
+
 def write(state: dict[str, Any], path: Path, group: Any = None, background: bool = False) -> Any:
     """Write this rank's part of `state` into a DCP directory (a collective); a future when in the background."""
     import torch.distributed.checkpoint as dcp

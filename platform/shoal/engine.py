@@ -60,7 +60,7 @@ def train_step(job: Job) -> StepResult:
     job.health.observe_update(step)
     opt.zero_grad(set_to_none=True)
 
-    samples = g.rows * job.world.world_size  # equal on every rank
+    samples = g.rows * job.data.world.world_size  # every replica reads as many: equal on every rank
     c.step, c.samples, c.skipped_steps = step, c.samples + samples, c.skipped_steps + (not stepped)
     job.window.add(g.loss_sum, g.count, samples, g.data_s)
     return StepResult(g.loss_sum, g.count, samples, g.grad_norm, lr, stepped, g.data_s)
@@ -84,7 +84,7 @@ def compute_gradients(job: Job) -> Gradients:
     # rank made them NaN on every rank (forward_backward spreads it), so every rank reads the same
     # answer here and skips or steps together, with no collective of its own.
     ok = bool(torch.isfinite(grad_norm))
-    return Gradients(loss_sum, sum(counts), sum(y.shape[0] for _, y in batches), grad_norm, ok, data_s)
+    return Gradients(loss_sum, job.strategy.counted(counts), sum(y.shape[0] for _, y in batches), grad_norm, ok, data_s)
 
 
 @torch.no_grad()
@@ -98,8 +98,8 @@ def evaluate(job: Job) -> dict[str, float]:
     sums = torch.zeros(3, dtype=torch.float64, device=job.device)
     for x, y, counted in job.data.val.batches(job.cfg.train.eval_batches):
         with job.precision.autocast():
-            out = model(x)
-        if not counted:  # an extra forward so every rank makes as many (a sharded model gathers with all)
+            out = job.strategy.eval_forward(x)
+        if out is None or not counted:  # a pipeline's earlier stage, or an extra forward so every rank makes as many
             continue
         n = job.loss_fn.count(y)
         sums[0] += job.loss_fn(out, y).double() * n
@@ -144,6 +144,7 @@ def train(
                 grad_norm=float(r.grad_norm),
                 skipped_steps=c.skipped_steps,
                 mem_mb=peak_memory_mb(job.device),
+                **job.strategy.log_figures(),
             )
             train_loss = record["loss"]
         decision = job.health.judge(c.step, r.stepped, record.get("loss"), record.get("data_wait"))

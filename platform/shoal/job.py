@@ -78,14 +78,14 @@ class Job:
 def build_job(cfg: JobConfig, world: WorldInfo, device: torch.device, run_dir: Path | None = None) -> Job:
     """This rank's job. run_dir=None: nothing is written (no checkpoints, no health file)."""
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    data = build_loaders(cfg, world, device)
+    strategy = build_strategy(cfg, world, device)
+    data = build_loaders(cfg, strategy.data_world(), device)
     loss_fn = Loss(cfg.train, data.spec, "model.target" if cfg.model.target else "model.name")
     model = build_model(cfg.model, data.spec, loss_fn.out_features()).to(device)
     frozen = apply_freeze(model, cfg.model.freeze)
     checkpoint_activations(
         model, cfg.train.activation_checkpointing, cfg.train.activation_checkpointing_every, cfg.fsdp.units or None
     )
-    strategy = build_strategy(cfg, world, device)
     strategy.wrap(model).train()  # training mode from here on; evaluation switches back itself
     optimizer = build_optimizer(strategy.bare_model, cfg.optim)  # after wrapping: sharding replaces parameters
     # dropout and other training randomness differ per rank, reproducibly
@@ -99,6 +99,7 @@ def build_job(cfg: JobConfig, world: WorldInfo, device: torch.device, run_dir: P
         run_dir if world.is_main else None,
         classes=classes,
         reduce=strategy.reduce_squares if strategy.sharded_state else None,
+        layout=strategy.layout,
     )
     checkpointer = Checkpointer(cfg.checkpoint, run_dir, world, cfg.to_dict(), sharded=strategy.sharded_state)
     window = Window(

@@ -333,3 +333,74 @@ def _recomputed(forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Ten
         return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
     return run
+
+
+class Piece:
+    """One link of a model's chain, for pipeline splitting: a function of the activation, the modules it
+    uses (by the model's own names, so a stage's parameters keep their names) and their parameter count."""
+
+    def __init__(self, name: str, fn: Callable[[torch.Tensor], torch.Tensor], modules: list[str], params: int):
+        self.name, self.fn, self.modules, self.params = name, fn, modules, params
+
+    def __repr__(self) -> str:
+        return f"Piece({self.name}, {self.params} parameters)"
+
+
+def pieces(model: nn.Module) -> list[Piece]:
+    """The model as a chain of pieces whose composition is its forward: the built-in models, or an
+    nn.Sequential (nested Sequentials unrolled). Raises ConfigError for a model whose forward is not a chain."""
+
+    def count(names: list[str]) -> int:
+        return sum(p.numel() for n in names for p in model.get_submodule(n).parameters())
+
+    def piece(name: str, fn: Callable, modules: list[str]) -> Piece:
+        return Piece(name, fn, modules, count(modules))
+
+    # each function holds the submodules it calls, not the model: a stage keeps only its own layers alive
+    if isinstance(model, MLP):
+        first, head = model.layers[0], model.head
+        return (
+            [piece("layers.0", lambda x: first(x.flatten(1)), ["layers.0"])]
+            + [piece(f"layers.{i}", model.layers[i], [f"layers.{i}"]) for i in range(1, len(model.layers))]
+            + [piece("head", head, ["head"])]
+        )
+    if isinstance(model, TransformerLM):
+        if model.head.weight is model.tok.weight:
+            raise ConfigError(
+                "a tied output projection cannot be split from the token embedding across pipeline stages; "
+                "set model.tie_embeddings: false",
+                key="model.tie_embeddings",
+            )
+        tok, pos, ln, head = model.tok, model.pos, model.ln, model.head
+
+        def embed(idx: torch.Tensor) -> torch.Tensor:
+            return tok(idx) + pos(torch.arange(idx.shape[1], device=idx.device))
+
+        return (
+            [piece("embed", embed, ["tok", "pos"])]
+            + [piece(f"blocks.{i}", b, [f"blocks.{i}"]) for i, b in enumerate(model.blocks)]
+            + [piece("head", lambda x: head(ln(x)), ["ln", "head"])]
+        )
+    if isinstance(model, (CNN, ResNet)):
+        head = model.head
+        runs = [("stem", model.stem)] if isinstance(model, ResNet) else []
+        if isinstance(model, CNN):
+            runs += [(f"features.{i}", f) for i, f in enumerate(model.features)]
+        else:
+            runs += [(f"stages.{i}.{j}", b) for i, stage in enumerate(model.stages) for j, b in enumerate(stage)]
+        return [piece(n, m, [n]) for n, m in runs] + [piece("head", lambda x: head(x.mean(dim=(2, 3))), ["head"])]
+    if isinstance(model, nn.Sequential):
+        return [piece(name, m, [name]) for name, m in _sequence(model, "")]
+    raise ConfigError(
+        f"{type(model).__name__}'s forward is not known to be a chain of its children, so it cannot be split into "
+        "pipeline stages by name; make it an nn.Sequential, or give parallel.split_fn",
+        key="parallel.pipeline_stages",
+    )
+
+
+def _sequence(seq: nn.Sequential, prefix: str) -> list[tuple[str, nn.Module]]:
+    out = []
+    for name, m in seq.named_children():
+        full = f"{prefix}{name}"
+        out += _sequence(m, full + ".") if isinstance(m, nn.Sequential) else [(full, m)]
+    return out

@@ -9,7 +9,7 @@ from pathlib import Path
 from shoal import rundir
 from shoal.config import JobConfig
 from shoal.data.locate import check_paths
-from shoal.errors import CheckpointError
+from shoal.errors import CheckpointError, ConfigError
 from shoal.imports import locate_object
 
 
@@ -19,9 +19,19 @@ def check(cfg: JobConfig, *, resume: bool = False, local_files: bool = True) -> 
     local_files=False skips the data and checkpoint paths: on a cluster of other machines they are
     the nodes' paths, not this one's (the ranks check them where they read them).
     """
-    for key, target in (("model.target", cfg.model.target), ("data.decode", cfg.data.decode)):
+    for key, target in (
+        ("model.target", cfg.model.target),
+        ("data.decode", cfg.data.decode),
+        ("parallel.split_fn", cfg.parallel.split_fn),
+    ):
         if target:
             locate_object(target, key)
+    stages = cfg.parallel.pipeline_stages
+    if cfg.scaling.num_workers % stages:
+        raise ConfigError(
+            f"{stages} must divide scaling.num_workers={cfg.scaling.num_workers} (the world is stages x replicas)",
+            key="parallel.pipeline_stages",
+        )
     path = rundir.resolve(cfg)
     rundir.check(path, cfg, resume)
     if local_files:

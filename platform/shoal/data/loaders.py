@@ -199,6 +199,7 @@ class Loaders:
     train: TrainStream
     val: EvalSet | None
     spec: DataSpec
+    world: WorldInfo  # the ranks the data is split over (a pipeline's replicas, not its stages)
 
 
 def build_loaders(cfg: JobConfig, world: WorldInfo, device: torch.device) -> Loaders:
@@ -226,4 +227,4 @@ def build_loaders(cfg: JobConfig, world: WorldInfo, device: torch.device) -> Loa
         )
     stream = TrainStream(train, plan, cfg.data, world, device)
     evalset = EvalSet(val, world, cfg.data.batch_size, device) if val is not None and len(val) else None
-    return Loaders(train=stream, val=evalset, spec=train.spec)
+    return Loaders(train=stream, val=evalset, spec=train.spec, world=world)

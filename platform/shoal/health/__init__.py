@@ -35,11 +35,13 @@ class HealthMonitor:
         run_dir: Path | None = None,
         classes: int = 0,
         reduce: Reduce | None = None,
+        layout: list[str] | None = None,
     ):
         self.cfg = cfg
         self.is_main = is_main
         # a sharded model is measured by every rank together (each reduces its shards); otherwise by rank 0
         self.reduce = reduce
+        self.layout = layout  # the whole model's layers when this rank holds some (pipeline stages)
         self.path = run_dir / HEALTH_FILE if (run_dir is not None and is_main) else None
         self.groups = layers(model)
         self.updates = UpdateRatio()
@@ -77,7 +79,7 @@ class HealthMonitor:
             self.grad_history = self.grad_history[-200:]
         if not self.due(step):
             return
-        norms = grad_norms(self.groups, self.reduce)
+        norms = grad_norms(self.groups, self.reduce, self.layout)
         self.pending.update({f"grad_norm/{k}": v for k, v in norms})
         self.updates.arm(self.groups)
         if step > self.cfg.warmup_steps:
@@ -88,8 +90,10 @@ class HealthMonitor:
         """After the optimizer step: update-to-weight ratios, weight norms, activations."""
         if not self.due(step):
             return
-        self.pending.update({f"update_ratio/{k}": v for k, v in self.updates.read(self.groups, self.reduce)})
-        self.pending.update({f"weight_norm/{k}": v for k, v in weight_norms(self.groups, self.reduce)})
+        self.pending.update(
+            {f"update_ratio/{k}": v for k, v in self.updates.read(self.groups, self.reduce, self.layout)}
+        )
+        self.pending.update({f"weight_norm/{k}": v for k, v in weight_norms(self.groups, self.reduce, self.layout)})
         if self.activations is not None:
             for name, st in self.activations.take().items():
                 self.pending.update({f"act_{k}/{name}": v for k, v in st.items()})

@@ -37,7 +37,16 @@ def diagnose(run_dir: Path) -> Path:
     summary = read_summary(run_dir) or {"status": "running (no summary.json yet)"}
     out = run_dir / "doctor"
     out.mkdir(exist_ok=True)
-    plots = [p for p in (_plot_loss(records, out), _plot_lr(records, out), _plot_layers(records, out)) if p is not None]
+    plots = [
+        p
+        for p in (
+            _plot_loss(records, out),
+            _plot_lr(records, out),
+            _plot_layers(records, out),
+            _plot_stages(records, out),
+        )
+        if p is not None
+    ]
     (out / "report.md").write_text(_markdown(run_dir, summary, records, alerts, plots))
     return out / "report.md"
 
@@ -129,3 +138,27 @@ def _plot_layers(records: list[dict[str, Any]], out: Path) -> Path | None:
     if len(keys) <= 12:
         ax[0][0].legend(fontsize=7)
     return save(fig, out / "grad_norms.png")
+
+
+def _plot_stages(records: list[dict[str, Any]], out: Path) -> Path | None:
+    """Pipeline runs: each stage's compute time and measured bubble, against the theoretical bubble."""
+    from shoal.plots import figure, save
+
+    stages = sorted({int(k.split("/")[1]) for r in records for k in r if k.startswith("stage_busy_s/")})
+    if not stages:
+        return None
+    busy = [sum(r.get(f"stage_busy_s/{s}", 0.0) for r in records) for s in stages]
+    bubble = [_mean([r[f"bubble/{s}"] for r in records if f"bubble/{s}" in r]) for s in stages]
+    theory = _mean([r["bubble_theory"] for r in records if "bubble_theory" in r])
+    fig, ax = figure(1, 2, (10, 4))
+    ax[0][0].bar([f"stage {s}" for s in stages], busy, color="tab:blue")
+    ax[0][0].set(ylabel="compute seconds (logged steps)", title="time each stage computes")
+    ax[0][1].bar([f"stage {s}" for s in stages], bubble, color="tab:orange", label="measured")
+    ax[0][1].axhline(theory, color="black", linestyle="--", label=f"theory (P-1)/(M+P-1) = {theory:.2f}")
+    ax[0][1].set(ylim=(0, 1), ylabel="share of the step waiting", title="pipeline bubble")
+    ax[0][1].legend()
+    return save(fig, out / "stages.png")
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0

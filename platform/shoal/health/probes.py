@@ -40,26 +40,36 @@ def _whole(values: torch.Tensor, reduce: Reduce | None) -> list[float]:
     return (reduce(values) if reduce is not None else values).tolist()
 
 
-def _group_norms(groups: OrderedDict[str, list[torch.Tensor]], reduce: Reduce | None) -> list[tuple[str, float]]:
+def _group_norms(
+    groups: OrderedDict[str, list[torch.Tensor]], reduce: Reduce | None, layout: list[str] | None = None
+) -> list[tuple[str, float]]:
+    """Per-layer norms. With a layout (the whole model's layers, when this rank holds some of them), every rank
+    reduces the same vector: its own layers' squares in their places, zeros and a 0 "held" flag elsewhere."""
+    names = layout if layout is not None else list(groups)
     flat = [local(t).detach().float() for ts in groups.values() for t in ts]
-    if not flat:
-        return []
-    squares = torch.stack(torch._foreach_norm(flat)).double() ** 2  # one pass over all tensors
-    sums, i = [], 0
-    for ts in groups.values():
-        sums.append(squares[i : i + len(ts)].sum())
+    squares = torch.stack(torch._foreach_norm(flat)).double() ** 2 if flat else torch.zeros(0, dtype=torch.float64)
+    sums = torch.zeros(2 * len(names), dtype=torch.float64)
+    i = 0
+    for name, ts in groups.items():
+        k = names.index(name)
+        sums[k], sums[len(names) + k] = squares[i : i + len(ts)].sum().cpu(), 1.0
         i += len(ts)
-    return [(name, sq**0.5) for name, sq in zip(groups, _whole(torch.stack(sums), reduce))]
+    values = _whole(sums, reduce)
+    return [(name, values[k] ** 0.5) for k, name in enumerate(names) if values[len(names) + k] > 0]
 
 
-def grad_norms(groups: OrderedDict[str, list[nn.Parameter]], reduce: Reduce | None = None) -> list[tuple[str, float]]:
+def grad_norms(
+    groups: OrderedDict[str, list[nn.Parameter]], reduce: Reduce | None = None, layout: list[str] | None = None
+) -> list[tuple[str, float]]:
     """(layer, gradient L2 norm) for layers whose parameters have gradients."""
     with_grad = OrderedDict((k, [p.grad for p in ps if p.grad is not None]) for k, ps in groups.items())
-    return _group_norms(OrderedDict((k, v) for k, v in with_grad.items() if v), reduce)
+    return _group_norms(OrderedDict((k, v) for k, v in with_grad.items() if v), reduce, layout)
 
 
-def weight_norms(groups: OrderedDict[str, list[nn.Parameter]], reduce: Reduce | None = None) -> list[tuple[str, float]]:
-    return _group_norms(OrderedDict((k, list(ps)) for k, ps in groups.items()), reduce)
+def weight_norms(
+    groups: OrderedDict[str, list[nn.Parameter]], reduce: Reduce | None = None, layout: list[str] | None = None
+) -> list[tuple[str, float]]:
+    return _group_norms(OrderedDict((k, list(ps)) for k, ps in groups.items()), reduce, layout)
 
 
 class UpdateRatio:
@@ -92,22 +102,25 @@ class UpdateRatio:
         self.before = OrderedDict((k, [self._sample(p) for p in ps]) for k, ps in groups.items())
 
     def read(
-        self, groups: OrderedDict[str, list[nn.Parameter]], reduce: Reduce | None = None
+        self,
+        groups: OrderedDict[str, list[nn.Parameter]],
+        reduce: Reduce | None = None,
+        layout: list[str] | None = None,
     ) -> list[tuple[str, float]]:
-        """Per layer, from this rank's part of each tensor, made global by `reduce`."""
+        """Per layer, from this rank's part of each tensor, made global by `reduce` (see _group_norms for layout)."""
         if self.before is None:
             return []
-        sums = []
+        names = layout if layout is not None else list(groups)
+        sums = torch.zeros(2 * len(names), dtype=torch.float64)
         for k, ps in groups.items():
-            delta_sq = weight_sq = torch.zeros((), dtype=torch.float64)
+            i = names.index(k)
             for p, b in zip(ps, self.before[k]):
                 scale = local(p).numel() / max(1, b.numel())
-                delta_sq = delta_sq + scale * (self._sample(p) - b).double().pow(2).sum().cpu()
-                weight_sq = weight_sq + scale * b.double().pow(2).sum().cpu()
-            sums += [delta_sq, weight_sq]
+                sums[2 * i] += scale * (self._sample(p) - b).double().pow(2).sum().cpu()
+                sums[2 * i + 1] += scale * b.double().pow(2).sum().cpu()
         self.before = None
-        values = _whole(torch.stack(sums), reduce)
-        return [(k, (values[2 * i] / values[2 * i + 1]) ** 0.5) for i, k in enumerate(groups) if values[2 * i + 1] > 0]
+        values = _whole(sums, reduce)
+        return [(k, (values[2 * i] / values[2 * i + 1]) ** 0.5) for i, k in enumerate(names) if values[2 * i + 1] > 0]
 
 
 class ActivationProbe:

@@ -16,6 +16,10 @@ def build_strategy(cfg: JobConfig, world: WorldInfo, device: torch.device) -> St
     """The strategy object for this rank (async_ps workers accumulate locally: the single-process one)."""
     from shoal.strategies.base import Strategy
 
+    if cfg.parallel.pipeline_stages > 1:  # stages, with the job's strategy across the replicas
+        from shoal.strategies.pipeline import PipelineStrategy
+
+        return PipelineStrategy(cfg, world, device)
     if cfg.strategy == "allreduce":
         from shoal.strategies.ddp import DDPStrategy
 

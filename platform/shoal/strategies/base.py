@@ -36,6 +36,9 @@ class Strategy:
         self.module: nn.Module | None = None  # what forward runs through (wrapped)
         self._bare: nn.Module | None = None
         self.grads_bytes = 0  # gradient bytes this rank held at a step (the memory report)
+        self.layout: list[str] | None = (
+            None  # every layer of the whole model when this rank holds only some (pipelines)
+        )
 
     # ---------------------------------------------------------------- the model
 
@@ -53,6 +56,22 @@ class Strategy:
     def sync(self, enabled: bool) -> contextlib.AbstractContextManager:
         """Context for one micro-batch's forward AND backward: reduce its gradients only if enabled."""
         return contextlib.nullcontext()
+
+    def data_world(self) -> WorldInfo:
+        """The ranks the data is split over, and this rank's place among them (every rank reads its own share)."""
+        return self.world
+
+    def counted(self, counts: Sequence[int]) -> int:
+        """Elements this rank's summed loss covers (the window's global mean divides by their sum)."""
+        return sum(counts)
+
+    def eval_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The model's output for evaluation (None on a rank that computes none of it)."""
+        return self.bare_model(x)
+
+    def log_figures(self) -> dict[str, float]:
+        """Figures of the strategy's own for a log line (every rank calls it at the same steps)."""
+        return {}
 
     def close(self) -> None:
         """Drop the wrapper before the process group goes.
@@ -157,10 +176,10 @@ class Strategy:
         # saved sharded, keyed by parameter name: read it whole into this optimizer's named state
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-        from shoal.dcp import read_into
+        from shoal.dcp import read_optimizer_into
 
         target = get_optimizer_state_dict(self.bare_model, optimizer)
-        read_into(target, state.path)
+        read_optimizer_into(target, state.path)
         set_optimizer_state_dict(self.bare_model, optimizer, target)
 
 

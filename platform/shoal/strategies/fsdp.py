@@ -127,11 +127,11 @@ class FSDPStrategy(Strategy):
             set_optimizer_state_dict,
         )
 
-        from shoal.dcp import Sharded, read_into
+        from shoal.dcp import Sharded, read_optimizer_into
 
         if isinstance(state, Sharded):
             target = get_optimizer_state_dict(self.module, optimizer)
-            read_into(target, state.path)
+            read_optimizer_into(target, state.path)
             set_optimizer_state_dict(self.module, optimizer, target)
         elif _keyed_by_name(state):  # an in-memory snapshot of this run (a rollback)
             set_optimizer_state_dict(self.module, optimizer, state)

@@ -1,0 +1,419 @@
+"""parallel.pipeline_stages > 1: the model's layers split into P stages on P ranks, each micro-batch cut
+into pieces that flow through them on a schedule (torch.distributed.pipelining: GPipe, 1F1B,
+interleaved 1F1B), composed with data parallelism over D = world / P replicas (allreduce or fsdp).
+
+Rank r is stage r % P of replica r // P: a replica's stages are neighbouring ranks, on one node when
+nodes hold whole replicas (torchrun and Shoal's Ray launcher number ranks node after node). Each stage
+keeps its modules under the model's own names, so checkpoints (sharded: every stage writes its part),
+alerts and exports speak of the whole model's layers, whatever stage holds them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from shoal.dist import WorldInfo
+from shoal.errors import ConfigError
+from shoal.losses import Loss
+from shoal.models import Piece, pieces
+from shoal.precision import Precision
+from shoal.strategies.base import Batch, Strategy
+
+log = logging.getLogger("shoal")
+SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved_1f1b": "ScheduleInterleaved1F1B"}
+
+
+class Stage(nn.Module):
+    """A contiguous run of pieces: their modules registered under the model's own names, their functions applied in order."""
+
+    def __init__(self, model: nn.Module, run: Sequence[Piece]):
+        super().__init__()
+        for p in run:
+            for name in p.modules:
+                register(self, name, model.get_submodule(name))
+        self._fns = [p.fn for p in run]  # a plain list: the functions are not modules of their own
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for fn in self._fns:
+            x = fn(x)
+        return x
+
+
+def register(root: nn.Module, name: str, module: nn.Module) -> None:
+    """root.<a>.<b>.<c> = module, making empty containers on the way (so the state dict keeps `a.b.c.*`)."""
+    *path, leaf = name.split(".")
+    for part in path:
+        if not hasattr(root, part):
+            root.add_module(part, nn.Module())
+        root = getattr(root, part)
+    root.add_module(leaf, module)
+
+
+def balance(weights: Sequence[float], parts: int) -> list[int]:
+    """Start index of each of `parts` contiguous groups, minimising the heaviest group (exact, by binary search)."""
+    if parts > len(weights):
+        raise ConfigError(
+            f"{parts} stages for a model of {len(weights)} layers/blocks: at most one stage per layer",
+            key="parallel.pipeline_stages",
+        )
+
+    def cuts(limit: float) -> list[int] | None:
+        starts, total = [0], 0.0
+        for i, w in enumerate(weights):
+            if total + w > limit and total > 0:
+                starts.append(i)
+                total = 0.0
+            total += w
+        return starts if len(starts) <= parts else None
+
+    lo, hi = max(weights), sum(weights)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if cuts(mid) is not None else (mid, hi)
+    starts = cuts(hi)
+    assert starts is not None
+    while len(starts) < parts:  # light tails: split the longest run so every stage holds something
+        lengths = [(b - a, i) for i, (a, b) in enumerate(zip(starts, starts[1:] + [len(weights)]))]
+        n, i = max(lengths)
+        starts.insert(i + 1, starts[i] + n // 2)
+    return starts
+
+
+class PipelineStrategy(Strategy):
+    """P stages x D replicas; data parallel over replicas with DDP or FSDP2 on each stage's modules."""
+
+    name = "pipeline"
+    sharded_state = True  # every stage writes its own part of the one checkpoint
+
+    def __init__(self, cfg: Any, world: WorldInfo, device: torch.device):
+        super().__init__(cfg, world, device)
+        self.P = cfg.parallel.pipeline_stages
+        if world.world_size % self.P:
+            raise ConfigError(
+                f"{self.P} must divide the {world.world_size} ranks (the world is stages x replicas)",
+                key="parallel.pipeline_stages",
+            )
+        self.D = world.world_size // self.P
+        self.stage, self.replica = world.rank % self.P, world.rank // self.P
+        self.virtual = 2 if cfg.parallel.schedule == "interleaved_1f1b" else 1
+        self.layout: list[str] = []  # every layer of the whole model, in order (health reports name them all)
+        self.busy_s = self.step_s = 0.0
+
+    def data_world(self) -> WorldInfo:
+        """The stages of a replica read the same batches: the data is split over replicas only."""
+        return WorldInfo(rank=self.replica, world_size=self.D)
+
+    # ---------------------------------------------------------------- the model
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        from torch.distributed.pipelining import PipelineStage
+
+        from shoal.health.probes import layers
+
+        self._groups()
+        self.layout = list(layers(model))
+        chain = self._chain(model)
+        total = self.P * self.virtual
+        starts = self._split(model, chain, total)
+        runs = [chain[a:b] for a, b in zip(starts, starts[1:] + [len(chain)])]
+        mine = [self.stage + v * self.P for v in range(self.virtual)]  # interleaved: stages r and r + P
+        self.split = [(i, [p.name for p in run], sum(p.params for p in run)) for i, run in enumerate(runs)]
+        if self.world.is_main:
+            for i, names, params in self.split:
+                shown = ", ".join(names) if len(names) <= 6 else f"{names[0]} ... {names[-1]} ({len(names)} pieces)"
+                log.info(
+                    "pipeline stage %d (rank %d of each replica): %s; %s parameters",
+                    i,
+                    i % self.P,
+                    shown,
+                    f"{params:,}",
+                )
+        self.stage_modules = [Stage(model, runs[i]) for i in mine]
+        local = nn.Module()  # this rank's stages together: one state dict, one optimizer, one set of health probes
+        for i in mine:
+            for p in runs[i]:
+                for name in p.modules:
+                    register(local, name, model.get_submodule(name))
+        self._bare = local
+        self._full_order = optimizer_order(model, self.cfg)
+        self._time(self.stage_modules)
+        wrapped = [self._data_parallel(s) for s in self.stage_modules]
+        self.pp_stages = [PipelineStage(w, i, total, self.device, group=self.pp_group) for w, i in zip(wrapped, mine)]
+        self.module = wrapped[0]
+        self.microbatches = self.cfg.parallel.microbatches * self.cfg.train.grad_accum_steps
+        self.schedule = self._schedule()
+        return local
+
+    def _groups(self) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from shoal.dist import ensure_group
+
+        ensure_group(self.device)
+        self.mesh = init_device_mesh(self.device.type, (self.D, self.P), mesh_dim_names=("dp", "pp"))
+        self.pp_group, self.dp_group = self.mesh.get_group("pp"), self.mesh.get_group("dp")
+
+    def _chain(self, model: nn.Module) -> list[Piece]:
+        fn = self.cfg.parallel.split_fn
+        if fn is None:
+            return pieces(model)
+        from shoal.imports import import_object
+
+        names = import_object(fn, "parallel.split_fn")(model)
+        try:
+            return [
+                Piece(n, model.get_submodule(n), [n], sum(p.numel() for p in model.get_submodule(n).parameters()))
+                for n in names
+            ]
+        except AttributeError as e:
+            raise ConfigError(f"{fn} named a module the model does not have ({e})", key="parallel.split_fn") from None
+
+    def _split(self, model: nn.Module, chain: list[Piece], total: int) -> list[int]:
+        points = self.cfg.parallel.split_points
+        if points:
+            names = [p.name for p in chain]
+            bad = [s for s in points if s not in names]
+            if bad:
+                raise ConfigError(
+                    f"{bad} name no layer of the chain {names[:12]}{' ...' if len(names) > 12 else ''}",
+                    key="parallel.split_points",
+                )
+            starts = [0] + sorted(names.index(s) for s in points)
+            if len(starts) != total or len(set(starts)) != len(starts):
+                raise ConfigError(
+                    f"{len(points)} split points make {len(set(starts))} stages; {total} needed "
+                    f"(parallel.pipeline_stages{' x 2 for interleaved_1f1b' if self.virtual > 1 else ''})",
+                    key="parallel.split_points",
+                )
+            return starts
+        weights = [max(1, p.params) for p in chain]
+        if self.cfg.parallel.balance == "time":
+            weights = measured_times(model, chain, self.cfg, self.device)
+        return balance(weights, total)
+
+    def _data_parallel(self, stage: nn.Module) -> nn.Module:
+        """The replicas of a stage reduce their gradients over the dp group: sharded (fsdp) or replicated. The
+        composable `replicate` stands in for DDP here: the schedule drives its gradient sync, and DDP's reducer
+        cannot follow a backward split into the schedule's pieces."""
+        if self.D == 1:
+            return stage
+        if self.cfg.strategy == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+
+            return fully_shard(stage, mesh=self.mesh["dp"])
+        from torch.distributed._composable.replicate_with_fsdp import replicate
+
+        return replicate(stage, mesh=self.mesh["dp"])
+
+    def _schedule(self) -> Any:
+        import torch.distributed.pipelining as pp
+
+        cls = getattr(pp, SCHEDULES[self.cfg.parallel.schedule])
+        stages = self.pp_stages if self.virtual > 1 else self.pp_stages[0]
+        return cls(stages, self.microbatches, loss_fn=self._loss, scale_grads=False)
+
+    def _time(self, modules: list[nn.Module]) -> None:
+        """Hooks that add up the compute time of this rank's stages (the rest of a step is waiting: the bubble)."""
+        for m in modules:
+            m.register_forward_pre_hook(lambda *a: self._mark())
+            m.register_forward_hook(lambda *a: self._add())
+            m.register_full_backward_pre_hook(lambda *a: self._mark())
+            m.register_full_backward_hook(lambda *a: self._add())
+
+    def _mark(self) -> None:
+        self._t = time.perf_counter()
+
+    def _add(self) -> None:
+        self.busy_s += time.perf_counter() - self._t
+
+    # ---------------------------------------------------------------- one step
+
+    def forward_backward(
+        self, batches: Sequence[Batch], counts: Sequence[int], loss_fn: Loss, precision: Precision
+    ) -> torch.Tensor:
+        """One schedule over the step's micro-batches cut into k x parallel.microbatches pieces: one gradient
+        reduction per step. Each piece's loss enters weighted by its share of the step's elements, so the
+        gradient is the mean over all of them, as without a pipeline."""
+        x = torch.cat([b[0] for b in batches])
+        y = torch.cat([b[1] for b in batches])
+        self._total, self._criterion = sum(counts), loss_fn
+        self._pieces: list[torch.Tensor] = []
+        started = time.perf_counter()
+        with precision.autocast():  # the first stage feeds the inputs, the last one the targets
+            self.schedule.step(*((x,) if self.stage == 0 else ()), **({"target": y} if self._is_last() else {}))
+        self.step_s += time.perf_counter() - started
+        # the schedule's first step also calls the loss while it works out the shapes between stages:
+        # the step's own pieces are the last `microbatches` calls
+        real = self._pieces[-self.microbatches :] if self._pieces else []
+        return torch.stack(real).sum() if real else torch.zeros((), dtype=torch.float64, device=self.device)
+
+    def counted(self, counts: Sequence[int]) -> int:
+        """Elements this rank's loss sum covers: the last stage's count; the others add nothing to the mean."""
+        return sum(counts) if self._is_last() else 0
+
+    def _is_last(self) -> bool:
+        return self.stage + (self.virtual - 1) * self.P == self.P * self.virtual - 1
+
+    def _loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = self._criterion(out, y)
+        n = self._criterion.count(y)
+        self._pieces.append(loss.detach().double() * n)
+        from shoal.strategies.base import spread_nonfinite
+
+        # a NaN in this piece's loss reaches every stage's gradients through the backward, and every
+        # replica's through the reduction: the finite check is agreed without a collective of its own
+        return loss * (n / self._total) * spread_nonfinite(loss)
+
+    def sync(self, enabled: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # the schedule reduces once, after its last backward
+
+    def grad_norm(self, params: list[nn.Parameter]) -> torch.Tensor:
+        """The norm over every stage: this stage's sum of squares (whole, or its shards), summed over the stages."""
+        local = [(g.to_local() if hasattr(g, "to_local") else g) for p in params if (g := p.grad) is not None]
+        sq = (
+            torch.stack([n.double() ** 2 for n in torch._foreach_norm(local)]).sum()
+            if local
+            else torch.zeros((), dtype=torch.float64)
+        )
+        return self.reduce_squares(sq.reshape(1).to(self.device)).sqrt()[0]
+
+    def reduce_squares(self, values: torch.Tensor) -> torch.Tensor:
+        """Sum over the stages (they hold different layers), and over fsdp's shards within a stage's replicas."""
+        values = values.to(self.device)
+        dist.all_reduce(values, group=self.pp_group)
+        if self.cfg.strategy == "fsdp" and self.D > 1:
+            dist.all_reduce(values, group=self.dp_group)
+        return values
+
+    def log_figures(self) -> dict[str, float]:
+        """The measured bubble (share of the step each stage waits) next to the theory (P-1)/(M+P-1)."""
+        t = torch.tensor([self.busy_s, self.step_s], dtype=torch.float64)
+        gathered = [torch.zeros(2, dtype=torch.float64) for _ in range(self.P)]
+        dist.all_gather(gathered, t, group=self.pp_group)
+        self.busy_s = self.step_s = 0.0
+        m, p, v = self.microbatches, self.P, self.virtual
+        out = {"bubble_theory": (p - 1) / (v * m + p - 1)}
+        for s, (busy, step) in enumerate(x.tolist() for x in gathered):
+            out[f"stage_busy_s/{s}"] = busy
+            out[f"bubble/{s}"] = max(0.0, 1.0 - busy / step) if step > 0 else 0.0
+        out["bubble"] = sum(out[f"bubble/{s}"] for s in range(self.P)) / self.P
+        return out
+
+    @torch.no_grad()
+    def eval_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Forward through the stages by hand (any batch shape): the output on the last stage, None elsewhere."""
+        h = x
+        for v, module in enumerate(self.stage_modules):
+            index = self.stage + v * self.P
+            if index > 0:
+                h = _recv(self.pp_group, index - 1, self.P, self.device)
+            h = module(h)
+            if index < self.P * self.virtual - 1:
+                _send(h, self.pp_group, index + 1, self.P)
+        return h if self._is_last() else None
+
+    # ---------------------------------------------------------------- state
+
+    def model_state(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(self.bare_model)
+
+    def load_model_state(self, state: Any, source: Path | str) -> None:
+        """This rank's layers from any checkpoint: sharded (any layout) or full; other stages' keys are theirs."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+        from shoal.checkpoint import check_keys, shapes_of
+        from shoal.dcp import Sharded, read_into
+
+        target = get_model_state_dict(self.bare_model)
+        if isinstance(state, Sharded):
+            shapes = state.shapes()
+            check_keys(
+                target, {k: v for k, v in shapes.items() if k in target}, source
+            )  # this stage's keys, all present
+            read_into(target, state.path)
+            set_model_state_dict(self.bare_model, target)
+        else:
+            mine = {k: v for k, v in state.items() if k in target}
+            check_keys(target, shapes_of(mine), source)
+            set_model_state_dict(self.bare_model, mine)
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.bare_model, optimizer)
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: Any) -> None:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+        from shoal.dcp import Sharded, read_optimizer_into
+
+        target = get_optimizer_state_dict(self.bare_model, optimizer)
+        if isinstance(state, Sharded):
+            read_optimizer_into(target, state.path)
+        else:  # torch's format from a whole model (strategy allreduce): parameters by index in its groups' order
+            by_name = {self._full_order[i]: st for i, st in state["state"].items()}
+            target["state"] = {name: by_name[name] for name in target["state"] if name in by_name}
+        set_optimizer_state_dict(self.bare_model, optimizer, target)
+
+    def close(self) -> None:
+        self.module = self._bare
+
+
+def _send(h: torch.Tensor, group: Any, to_stage: int, P: int) -> None:
+    dst = dist.get_global_rank(group, to_stage % P)
+    shape = torch.tensor([h.dim(), *h.shape], dtype=torch.int64)
+    dist.send(torch.tensor([shape.numel()], dtype=torch.int64), dst)
+    dist.send(shape, dst)
+    dist.send(h.contiguous(), dst)
+
+
+def _recv(group: Any, from_stage: int, P: int, device: torch.device) -> torch.Tensor:
+    src = dist.get_global_rank(group, from_stage % P)
+    n = torch.zeros(1, dtype=torch.int64)
+    dist.recv(n, src)
+    shape = torch.zeros(int(n.item()), dtype=torch.int64)
+    dist.recv(shape, src)
+    h = torch.empty(shape[1:].tolist(), device=device)
+    dist.recv(h, src)
+    return h
+
+
+def optimizer_order(model: nn.Module, cfg: Any) -> list[str]:
+    """Parameter names in the order a whole model's optimizer lists them (its groups, in turn)."""
+    from shoal.optim import param_groups
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for g in param_groups(model, cfg.optim) for p in g["params"]]
+
+
+def measured_times(model: nn.Module, chain: list[Piece], cfg: Any, device: torch.device) -> list[float]:
+    """Forward and backward seconds of each piece on a sample batch, measured on rank 0 (every rank takes its numbers)."""
+    from shoal.dist import broadcast_object
+
+    times: list[float] | None = None
+    if dist.get_rank() == 0:
+        from shoal.data.loaders import build_loaders
+
+        x, _ = next(build_loaders(cfg, WorldInfo(), device).train)
+        times = []
+        h = x
+        for p in chain:
+            h = h.detach().requires_grad_(h.is_floating_point())
+            t = time.perf_counter()
+            out = p.fn(h)
+            out.float().sum().backward()
+            times.append(time.perf_counter() - t)
+            h = out
+        model.zero_grad(set_to_none=True)
+    return broadcast_object(times)  # type: ignore[return-value]
