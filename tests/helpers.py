@@ -111,3 +111,34 @@ class RMSNorm(nn.Module):
 def rms_mlp() -> nn.Module:
     """A digits MLP with a user-defined norm layer."""
     return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), RMSNorm(32), nn.ReLU(), nn.Linear(32, 10))
+
+
+class _DigitsNet(nn.Module):
+    """A small digits classifier for `shoal check`'s planted model mistakes."""
+
+    def __init__(self, mode: str):
+        super().__init__()
+        self.mode = mode
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+        if mode == "unused":
+            self.unused = nn.Linear(32, 10)  # a layer forward never calls
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        if self.mode == "detached":
+            return out.detach()
+        if self.mode == "zeroed":
+            return out * 0.0
+        return out
+
+
+def detached_mlp() -> nn.Module:
+    return _DigitsNet("detached")
+
+
+def zeroed_mlp() -> nn.Module:
+    return _DigitsNet("zeroed")
+
+
+def unused_layer_mlp() -> nn.Module:
+    return _DigitsNet("unused")

@@ -138,3 +138,48 @@ def test_doctor_reports_alerts_with_remedies_on_a_failed_run(tmp_path):
     report = (tmp_path / "sig" / "doctor" / "report.md").read_text()
     assert "### vanishing" in report and "`model.init: he`" in report and "running" in report
     assert shoal_cli("doctor", str(tmp_path / "nowhere")).returncode == 2
+
+
+def test_histograms_reach_tensorboard_and_the_doctor_draws_distributions(tmp_path):
+    run = tmp_path / "run"
+    overrides = tiny_overrides(run, **{"train.max_steps": 20, "train.eval_every": 0, "health.histograms_every": 5})
+    train(load_config(QUICKSTART, [*overrides, "log.tensorboard=true"]))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run), size_guidance={"histograms": 0})
+    events.Reload()
+    tags = set(events.Tags()["histograms"])
+    assert {"weight/layers.0.linear", "grad/head", "activation/layers.1.act"} <= tags
+    weights = events.Histograms("weight/layers.0.linear")
+    assert [h.step for h in weights] == [5, 10, 15, 20]
+    first = weights[0].histogram_value
+    assert first.num == 64 * 128 + 128 and first.min < 0 < first.max  # every weight and bias of the layer
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    q = next(r["dist_activation/layers.0.act"] for r in records if r["step"] == 5)
+    assert q[0] == 0.0 and q == sorted(q)  # ReLU outputs: quantiles from 0 upwards
+    assert all("histograms" not in r for r in records)
+    proc = shoal_cli("doctor", str(run))
+    assert proc.returncode == 0 and "distributions" in proc.stdout
+    assert (run / "doctor" / "distributions.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_an_overconfident_start_is_reported_as_initial_loss(tmp_path):
+    """Inputs scaled x1000 make the first logits huge: the first logged loss is far above ln 10."""
+    cfg = load_config(
+        QUICKSTART,
+        tiny_overrides(
+            tmp_path / "run",
+            **{
+                "train.max_steps": 10,
+                "train.eval_every": 0,
+                "log.every": 1,
+                "model.init": "normal",
+                "model.init_std": 3.0,
+            },
+        ),
+    )
+    summary = train(cfg)
+    assert summary["alert_counts"].get("initial_loss") == 1
+    alert = next(a for a in alerts(tmp_path / "run") if a["kind"] == "initial_loss")
+    assert alert["step"] == 1 and alert["numbers"]["loss"] > 1.6 * alert["numbers"]["chance"] + 0.5
+    assert any("model.init" in r for r in alert["remedies"])

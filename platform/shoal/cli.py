@@ -87,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.set_defaults(func=_cmd_compare)
 
+    ck = sub.add_parser("check", help="find data, loss, model and config mistakes before training (exit 1 if any)")
+    _config_args(ck, optional=False)
+    ck.add_argument("--out", default=None, metavar="DIR", help="where to write the report (default: RUN_DIR/check)")
+    ck.set_defaults(func=_cmd_check)
+
     d = sub.add_parser("doctor", help="report on a run (finished, failed or running): alerts, suggestions, plots")
     d.add_argument("run_dir", metavar="RUN_DIR")
     d.set_defaults(func=_cmd_doctor)
@@ -262,6 +267,18 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_check(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from pathlib import Path
+
+    from shoal import check, rundir
+
+    out = Path(args.out) if args.out else rundir.resolve(cfg) / "check"
+    result = check.run(cfg, out, say=lambda line: print(line, file=sys.stderr, flush=True))
+    print("\n".join(check.summary_lines(result)), flush=True)
+    return result.exit_code
+
+
 def _cmd_lr_find(args: argparse.Namespace) -> int:
     cfg = _load(args)
     from shoal.lrfind import run
@@ -376,7 +393,10 @@ def _exit_code(summary: dict) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     cfg = _load(args)
     _check_resume(args, cfg)
+    from shoal.check.task import before_run
     from shoal.launcher import run
+
+    before_run(cfg, lambda line: print(line, file=sys.stderr, flush=True))
 
     summary = run(cfg, resume=args.resume)
     _print_result(summary)
@@ -395,6 +415,9 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     _check_resume(args, cfg)
     world = WorldInfo.from_env()
     setup_logging(world.rank if world.distributed else None)
+    from shoal.check.task import before_run
+
+    before_run(cfg, (lambda line: print(line, file=sys.stderr, flush=True)) if world.is_main else (lambda line: None))
     progress = Progress(cfg.train.max_steps, cfg.log.progress, cfg.log.print_every_s) if world.is_main else None
     stop = threading.Event()
     try:

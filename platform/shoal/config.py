@@ -390,6 +390,25 @@ class HealthConfig(Section):
     """Learning-rate multiplier applied at each rollback."""
     max_rollbacks: int = Field(5, ge=1)
     """Stop after this many rollbacks."""
+    histograms_every: int = Field(0, ge=0)
+    """Write TensorBoard histograms of every layer's weights, gradients and activations (and quantiles to
+    metrics.jsonl, which `shoal doctor` plots over time) every this many steps, rank 0; 0 = off."""
+
+
+class CheckConfig(Section):
+    on_findings: Literal["warn", "fail", "off"] = "warn"
+    """What `shoal train` does with the findings of its quick check (config lints, loss/task fit; first-step loss
+    against chance on rank 0): print them as warnings, refuse to start (exit 2), or skip the check."""
+    sample_size: int = Field(5000, ge=16)
+    """`shoal check`: samples drawn evenly from every shard for the model probes, baselines and plots (statistics,
+    NaN, label range, duplicates and leakage are counted over every sample in one streaming pass)."""
+    max_hashes: int = Field(2_000_000, ge=1000)
+    """`shoal check`: samples per split whose content hashes are kept for exact duplicate and leakage counts
+    (16 bytes each); past it a fixed share of the hash space is tracked and the counts are scaled (marked estimated)."""
+    overfit_steps: int = Field(300, ge=10)
+    """`shoal check`: most steps of the overfit-one-batch test (it stops as soon as the batch is memorised)."""
+    overfit_batch: int = Field(32, ge=2)
+    """`shoal check`: samples in the batch the model must memorise."""
 
 
 class LogConfig(Section):
@@ -459,6 +478,7 @@ class JobConfig(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     ps: PSConfig = Field(default_factory=PSConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)
+    check: CheckConfig = Field(default_factory=CheckConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     run: RunConfig = Field(default_factory=RunConfig)
 

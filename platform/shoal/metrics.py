@@ -82,7 +82,11 @@ class MetricsWriter:
             self._tb = SummaryWriter(log_dir=str(run_dir), purge_step=truncate_after_step)
 
     def log(self, record: dict[str, Any]) -> None:
-        """Write one record (must hold 'step')."""
+        """Write one record (must hold 'step'); its 'histograms' (tag -> values) go to TensorBoard only."""
+        histograms = record.pop("histograms", None)
+        if histograms and self._tb is not None:
+            for tag, values in histograms.items():
+                self._tb.add_histogram(tag, values, int(record["step"]))
         self._file.write(json.dumps(_clean(record)) + "\n")
         if self._tb is not None:
             step = int(record["step"])

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from shoal.config import DataConfig
-from shoal.data.spec import DataSpec
+from shoal.data.spec import from_config
 
 # Synthetic splits up to this size are generated once and held (cheaper per step); larger ones are
 # computed per batch, so their memory does not grow with num_samples.
@@ -49,7 +49,7 @@ class DigitsData:
         idx = order[n_val:] if split == "train" else order[:n_val]
         self.x = torch.from_numpy(x[idx])
         self.y = torch.from_numpy(y[idx])
-        self.spec = DataSpec(task="classification", input_shape=(1, 8, 8), num_classes=10)
+        self.spec = from_config(DataConfig(dataset="digits"))
 
     def __len__(self) -> int:
         return len(self.y)
@@ -102,14 +102,7 @@ class SyntheticData:
         rng = np.random.Generator(np.random.PCG64([seed, 0x7EAC]))
         outputs = cfg.num_classes if cfg.task == "classification" else 1
         self.teacher = rng.standard_normal((self.dim, outputs)).astype(np.float32) / np.float32(math.sqrt(self.dim))
-        if cfg.task == "lm":
-            self.spec = DataSpec(task="lm", input_shape=(cfg.seq_len,), vocab_size=cfg.vocab_size, seq_len=cfg.seq_len)
-        else:
-            self.spec = DataSpec(
-                task=cfg.task,
-                input_shape=self.shape,
-                num_classes=cfg.num_classes if cfg.task == "classification" else 0,
-            )
+        self.spec = from_config(cfg)
 
         self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
         if materialize and self.n * self._bytes_per_sample() <= MATERIALIZE_BYTES:

@@ -30,7 +30,7 @@ import torch
 from shoal.config import DataConfig
 from shoal.data.locate import MANIFEST, expand, local_present, read_manifest
 from shoal.data.locate import is_local as _is_local
-from shoal.data.spec import DataSpec
+from shoal.data.spec import DataSpec, from_manifest
 from shoal.errors import ConfigError, DataError
 from shoal.imports import import_object
 
@@ -226,7 +226,7 @@ class ShardSource:
         self.block_size = int(manifest["block_size"]) if manifest else 1
         # enough decoded blocks for two shuffle windows: memory is bounded, not proportional to the data
         self.capacity = 2 * math.ceil(cfg.shuffle_buffer / self.block_size) + 4
-        self.spec = _spec(manifest, cfg)
+        self.spec = from_manifest(manifest, cfg)
         self._readers: dict[int, Any] = {}
         self._cache: OrderedDict[tuple[int, int], Any] = OrderedDict()
         self._warned: set[str] = set()
@@ -289,7 +289,22 @@ class ShardSource:
             self._cache.popitem(last=False)
         return value
 
-    def _read_block(self, s: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+    def scan(self) -> Iterator[tuple[str, int, torch.Tensor, torch.Tensor] | tuple[str, int, DataError]]:
+        """Every block in order, as (shard name, first sample's index in the shard, x, y), unchecked and
+        uncached, or (shard name, index, error) for a block that cannot be read: `shoal check` reports
+        labels out of range and bad blocks instead of stopping at the first."""
+        for s, shard in enumerate(self.shards):
+            for b in range(math.ceil(shard.samples / self.block_size)):
+                try:
+                    x, y = self._read_block(s, b, check=False)
+                except DataError as e:
+                    yield shard.name, b * self.block_size, e
+                    continue
+                x, y = (a if a.flags.writeable else a.copy() for a in (x, y))  # frombuffer views are read-only
+                yield shard.name, b * self.block_size, _to_x(x, self.manifest), _to_y(y, self.spec)
+            self._readers.pop(s, None)  # one open file at a time
+
+    def _read_block(self, s: int, b: int, check: bool = True) -> tuple[np.ndarray, np.ndarray]:
         shard = self.shards[s]
         reader = self._readers.get(s)
         if reader is None:
@@ -304,7 +319,8 @@ class ShardSource:
             x, y = (
                 (np.asarray(v) for v in self.decode(arrays)) if self.decode is not None else (arrays["x"], arrays["y"])
             )
-        self._check_range(shard, key, x, y)
+        if check:
+            self._check_range(shard, key, x, y)
         return x, y
 
     def _check_range(self, shard: Shard, key: str, x: np.ndarray, y: np.ndarray) -> None:
@@ -368,30 +384,6 @@ def _field(
             f"for {count} x {spec['dtype']}{list(shape)}"
         )
     return np.frombuffer(data, dtype=dtype).reshape(count, *shape)
-
-
-def _spec(manifest: dict[str, Any] | None, cfg: DataConfig) -> DataSpec:
-    if manifest is None:  # foreign shards: the config describes them
-        if cfg.task == "lm":
-            return DataSpec(task="lm", input_shape=(cfg.seq_len,), vocab_size=cfg.vocab_size, seq_len=cfg.seq_len)
-        return DataSpec(
-            task=cfg.task,
-            input_shape=tuple(cfg.input_shape),
-            num_classes=cfg.num_classes if cfg.task == "classification" else 0,
-        )
-    x = manifest["fields"]["x"]
-    task = manifest["task"]
-    if task == "lm":
-        return DataSpec(
-            task="lm", input_shape=tuple(x["shape"]), vocab_size=int(manifest["vocab_size"]), seq_len=int(x["shape"][0])
-        )
-    y_shape = manifest["fields"]["y"]["shape"]
-    return DataSpec(
-        task=task,
-        input_shape=tuple(x["shape"]),
-        num_classes=int(manifest.get("num_classes") or 0),
-        target_dim=int(math.prod(y_shape)) if task == "regression" else 1,
-    )
 
 
 def _to_x(x: np.ndarray, manifest: dict[str, Any] | None) -> torch.Tensor:

@@ -1,8 +1,15 @@
-"""What the model needs to know about the data: shapes, classes, task."""
+"""What the model needs to know about the data: shapes, classes, task. No torch: the driver reads it too."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shoal.config import DataConfig
+
+DIGITS_SAMPLES = 1797
 
 
 @dataclass(frozen=True)
@@ -13,3 +20,69 @@ class DataSpec:
     target_dim: int = 1  # regression
     vocab_size: int = 0  # lm
     seq_len: int = 0  # lm
+
+    @property
+    def classes(self) -> int:
+        """What the model predicts among: classes, or the vocabulary for lm (0 for regression)."""
+        return self.vocab_size if self.task == "lm" else self.num_classes
+
+
+def from_config(cfg: DataConfig) -> DataSpec:
+    """The spec the data section states (memory data, and shards without Shoal's manifest)."""
+    if cfg.format == "memory" and cfg.dataset == "digits":
+        return DataSpec(task="classification", input_shape=(1, 8, 8), num_classes=10)
+    if cfg.task == "lm":
+        return DataSpec(task="lm", input_shape=(cfg.seq_len,), vocab_size=cfg.vocab_size, seq_len=cfg.seq_len)
+    return DataSpec(
+        task=cfg.task,
+        input_shape=tuple(cfg.input_shape),
+        num_classes=cfg.num_classes if cfg.task == "classification" else 0,
+    )
+
+
+def from_manifest(manifest: dict[str, Any] | None, cfg: DataConfig) -> DataSpec:
+    """The spec of shards: their manifest's, else the config's."""
+    if manifest is None:
+        return from_config(cfg)
+    x = manifest["fields"]["x"]
+    task = manifest["task"]
+    if task == "lm":
+        return DataSpec(
+            task="lm", input_shape=tuple(x["shape"]), vocab_size=int(manifest["vocab_size"]), seq_len=int(x["shape"][0])
+        )
+    y_shape = manifest["fields"]["y"]["shape"]
+    return DataSpec(
+        task=task,
+        input_shape=tuple(x["shape"]),
+        num_classes=int(manifest.get("num_classes") or 0),
+        target_dim=int(math.prod(y_shape)) if task == "regression" else 1,
+    )
+
+
+def local_manifest(cfg: DataConfig) -> dict[str, Any] | None:
+    """The manifest of local shards, when there is one to read here (None for memory data and URLs)."""
+    from shoal.data.locate import MANIFEST, expand, is_local, read_manifest
+
+    if cfg.format != "shards" or cfg.path is None:
+        return None
+    if cfg.manifest:
+        path = Path(cfg.manifest).expanduser() if is_local(cfg.manifest) else None
+    elif is_local(cfg.path):
+        root = Path(cfg.path).expanduser()
+        path = root / MANIFEST if root.is_dir() else Path(expand(cfg.path)[0]).expanduser().parent / MANIFEST
+    else:
+        path = None
+    return read_manifest(path) if path is not None and path.exists() else None
+
+
+def describe(cfg: DataConfig) -> tuple[DataSpec, int | None]:
+    """(spec, training samples) as far as they are known without reading samples (the driver's view)."""
+    manifest = local_manifest(cfg)
+    if manifest is not None:
+        split = manifest["splits"].get("train", {})
+        samples = split.get("samples") or sum(int(s["samples"]) for s in split.get("shards", []))
+        return from_manifest(manifest, cfg), int(samples) if cfg.path and Path(cfg.path).expanduser().is_dir() else None
+    if cfg.format == "memory":
+        total = DIGITS_SAMPLES if cfg.dataset == "digits" else cfg.num_samples
+        return from_config(cfg), total - int(round(total * cfg.val_fraction))
+    return from_config(cfg), None

@@ -15,7 +15,7 @@ import torch
 from shoal.config import EarlyStopping, HealthConfig
 from shoal.health import detectors, policy
 from shoal.health.detectors import Alert
-from shoal.health.probes import ActivationProbe, Reduce, UpdateRatio, grad_norms, layers, weight_norms
+from shoal.health.probes import ActivationProbe, Histograms, Reduce, UpdateRatio, grad_norms, layers, weight_norms
 
 log = logging.getLogger("shoal")
 HEALTH_FILE = "health.jsonl"
@@ -46,6 +46,7 @@ class HealthMonitor:
         self.groups = layers(model)
         self.updates = UpdateRatio()
         self.activations = ActivationProbe(model) if (self.cfg.activations and is_main) else None
+        self.histograms = Histograms(model) if (self.cfg.histograms_every and is_main) else None
         self.stopper = policy.EarlyStopper(early_stopping, model)
         self.rollback: policy.Rollback | None = (
             None  # set by the job once its state exists (health.on_nonfinite=rollback)
@@ -71,12 +72,19 @@ class HealthMonitor:
         """Before the forward of step `step` (1-based): switch the activation hooks on if it is measured."""
         if self.activations is not None:
             self.activations.armed = self.due(step)
+        if self.histograms is not None:
+            self.histograms.armed = self._histogram_due(step)
+
+    def _histogram_due(self, step: int) -> bool:
+        return self.histograms is not None and step % self.cfg.histograms_every == 0
 
     def observe_gradients(self, step: int, grad_norm: float) -> None:
         """After backward and clipping, before the optimizer: per-layer gradient norms and detectors."""
         if math.isfinite(grad_norm):
             self.grad_history.append(grad_norm)
             self.grad_history = self.grad_history[-200:]
+        if self._histogram_due(step):
+            self.histograms.capture("grad", self.groups, grads=True)  # type: ignore[union-attr]
         if not self.due(step):
             return
         norms = grad_norms(self.groups, self.reduce, self.layout)
@@ -88,6 +96,12 @@ class HealthMonitor:
 
     def observe_update(self, step: int) -> None:
         """After the optimizer step: update-to-weight ratios, weight norms, activations."""
+        if self._histogram_due(step):
+            assert self.histograms is not None
+            self.histograms.armed = False
+            self.histograms.capture("weight", self.groups)
+            hist, quantiles = self.histograms.take()
+            self.pending.update(quantiles, histograms=hist)
         if not self.due(step):
             return
         self.pending.update(
@@ -117,6 +131,7 @@ class HealthMonitor:
             return policy.CONTINUE
         if self.reference is None and math.isfinite(loss):
             self.reference = min(loss, self.chance_loss) if self.chance_loss else loss
+            self._raise(detectors.initial_loss(step, loss, self.chance_loss))
         if step > self.cfg.warmup_steps and data_wait is not None:  # the first windows hold loader start-up
             self._raise(detectors.input_bound(step, data_wait, self.cfg))
         if not math.isfinite(loss):

@@ -36,6 +36,11 @@ REMEDIES: dict[str, list[str]] = {
         "train.early_stopping",
         "more training data",
     ],
+    "initial_loss": [
+        "model.init: xavier (or a smaller model.init_std)",
+        "normalised inputs (`shoal check` shows their statistics)",
+        "train.clip_grad_norm: 1.0",
+    ],
     "input_bound": [
         "data.num_workers (on machines with spare cores)",
         "data.prefetch_factor",
@@ -63,6 +68,23 @@ class Alert:
 
 def _alert(kind: str, step: int, message: str, where: list[str] | None = None, **numbers: float) -> Alert:
     return Alert(kind, step, message, where or [], {k: float(v) for k, v in numbers.items()}, REMEDIES[kind])
+
+
+INITIAL_LOSS_FACTOR = 1.6
+
+
+def initial_loss(step: int, loss: float, chance: float | None) -> Alert | None:
+    """The first logged loss far above ln C: the model starts confidently wrong (a last layer too large, raw inputs)."""
+    if chance is None or loss <= INITIAL_LOSS_FACTOR * chance + 0.5:
+        return None
+    return _alert(
+        "initial_loss",
+        step,
+        f"the first logged training loss {loss:.4g} is far above ln(classes) = {chance:.4g}, where a freshly "
+        "initialised model that guesses uniformly starts",
+        loss=loss,
+        chance=chance,
+    )
 
 
 def vanishing(step: int, layer_norms: list[tuple[str, float]], cfg: HealthConfig) -> Alert | None:

@@ -44,6 +44,7 @@ def diagnose(run_dir: Path) -> Path:
             _plot_lr(records, out),
             _plot_layers(records, out),
             _plot_stages(records, out),
+            _plot_distributions(records, out),
         )
         if p is not None
     ]
@@ -158,6 +159,38 @@ def _plot_stages(records: list[dict[str, Any]], out: Path) -> Path | None:
     ax[0][1].set(ylim=(0, 1), ylabel="share of the step waiting", title="pipeline bubble")
     ax[0][1].legend()
     return save(fig, out / "stages.png")
+
+
+def _plot_distributions(records: list[dict[str, Any]], out: Path) -> Path | None:
+    """health.histograms_every: each layer's weight and activation distribution over time (median, the 25-75%
+    and 5-95% bands), from the quantiles in metrics.jsonl."""
+    from shoal.plots import figure, save
+
+    kinds = [
+        k for k in ("weight", "activation", "grad") if any(key.startswith(f"dist_{k}/") for r in records for key in r)
+    ]
+    if not kinds:
+        return None
+    layers = {
+        k: list(dict.fromkeys(key for r in records for key in r if key.startswith(f"dist_{k}/")))[:6] for k in kinds
+    }
+    cols = max(len(v) for v in layers.values())
+    fig, ax = figure(len(kinds), cols, (3.2 * cols, 2.8 * len(kinds)))
+    for i, kind in enumerate(kinds):
+        for j, key in enumerate(layers[kind]):
+            pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), list) and len(r[key]) == 7]
+            a = ax[i][j]
+            steps = [s for s, _ in pts]
+            q = list(zip(*[v for _, v in pts]))
+            a.fill_between(steps, q[1], q[5], alpha=0.2, color="tab:blue", label="5-95%")
+            a.fill_between(steps, q[2], q[4], alpha=0.4, color="tab:blue", label="25-75%")
+            a.plot(steps, q[3], color="tab:blue", lw=1, label="median")
+            a.set_title(key.removeprefix("dist_"), fontsize=8)
+            a.tick_params(labelsize=7)
+        for j in range(len(layers[kind]), cols):
+            ax[i][j].axis("off")
+    ax[0][0].legend(fontsize=6)
+    return save(fig, out / "distributions.png")
 
 
 def _mean(values: list[float]) -> float:

@@ -123,6 +123,52 @@ class UpdateRatio:
         return [(k, (values[2 * i] / values[2 * i + 1]) ** 0.5) for i, k in enumerate(names) if values[2 * i + 1] > 0]
 
 
+QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
+HIST_SAMPLE = 1 << 16  # values per tensor a histogram is drawn from (a fixed random subset past this)
+
+
+def _values(t: torch.Tensor) -> torch.Tensor:
+    flat = local(t).detach().reshape(-1).float()
+    if flat.numel() > HIST_SAMPLE:
+        gen = torch.Generator(device=flat.device).manual_seed(flat.numel())
+        flat = flat[torch.randint(flat.numel(), (HIST_SAMPLE,), generator=gen, device=flat.device)]
+    return flat.cpu()
+
+
+class Histograms:
+    """Per-layer value distributions of weights, gradients and activations for the armed step (rank 0; a sharded
+    tensor contributes rank 0's shard). Each becomes a TensorBoard histogram and its quantiles a metrics entry."""
+
+    def __init__(self, model: nn.Module):
+        self.armed = False
+        self.values: dict[str, torch.Tensor] = {}
+        self.handles = [
+            m.register_forward_hook(self._hook(n)) for n, m in model.named_modules() if isinstance(m, ACTIVATION_TYPES)
+        ]
+
+    def _hook(self, name: str) -> Any:
+        def hook(module: nn.Module, inputs: Any, out: torch.Tensor) -> None:
+            if self.armed and module.training:
+                self.values[f"activation/{name}"] = _values(out)
+
+        return hook
+
+    def capture(self, kind: str, groups: OrderedDict[str, list[nn.Parameter]], grads: bool = False) -> None:
+        for layer, ps in groups.items():
+            ts = [p.grad if grads else p for p in ps]
+            ts = [t for t in ts if t is not None]
+            if ts:
+                self.values[f"{kind}/{layer}"] = torch.cat([_values(t) for t in ts])
+
+    def take(self) -> tuple[dict[str, Any], dict[str, list[float]]]:
+        """(histograms by tag as numpy arrays, quantiles by metrics key) of what was captured."""
+        values, self.values = self.values, {}
+        q = torch.tensor(QUANTILES)
+        hist = {tag: v.numpy() for tag, v in values.items() if v.numel()}
+        quant = {f"dist_{tag}": torch.quantile(v, q).tolist() for tag, v in values.items() if v.numel()}
+        return hist, quant
+
+
 class ActivationProbe:
     """Forward hooks on activation modules; they record only while armed."""
 
