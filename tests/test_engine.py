@@ -12,7 +12,6 @@ from shoal.config import JobConfig, config_from_dict
 from shoal.dist import WorldInfo
 from shoal.engine import evaluate, train, train_step
 from shoal.job import build_job
-from shoal.strategies.ddp import AllReduceCounter
 
 from _ranks import spawn_ranks
 from conftest import TINY_LM
@@ -44,7 +43,7 @@ def run_steps(cfg_dict: dict, steps: int) -> dict:
 
     dist.init_process_group(world, "gloo", 60, torch.device("cpu"))
     job = build_job(cfg, world, torch.device("cpu"))
-    counter = AllReduceCounter().attach(job.model) if world.distributed else None
+    counter = job.strategy.hook  # counts DDP's bucket all-reduces (None on one rank)
     calls = []
     losses = []
     for _ in range(steps):

@@ -150,3 +150,25 @@ def test_user_norm_gains_and_biases_are_not_decayed_unless_asked():
     assert id(m[1].weight) in decayed and id(m[4].weight) in decayed
     everything = build_optimizer(m, OptimConfig(weight_decay=0.1, decay_bias_and_norm=True))
     assert len(everything.param_groups) == 1 and id(gain) in {id(p) for p in everything.param_groups[0]["params"]}
+
+
+def _noisy_cfg(eta: float | None, seed: int = 0) -> dict:
+    from test_batch import cfg_with
+
+    noise = {"optim.grad_noise": {"eta": eta, "gamma": 0.55}} if eta else {}
+    return cfg_with(**{"train.max_steps": 5, "seed": seed, **noise}).to_dict()
+
+
+def test_gradient_noise_keeps_replicas_identical_and_changes_the_trajectory():
+    from test_batch import steps_on_rank
+
+    from _ranks import spawn_ranks
+
+    noisy = spawn_ranks(steps_on_rank, 2, _noisy_cfg(0.01), None)
+    again = spawn_ranks(steps_on_rank, 2, _noisy_cfg(0.01), None)
+    clean = spawn_ranks(steps_on_rank, 2, _noisy_cfg(None), None)
+    for k, v in noisy[0]["params"].items():
+        assert torch.equal(v, noisy[1]["params"][k]), k  # the same noise on every replica
+        assert torch.equal(v, again[0]["params"][k]), k  # same seed, same trajectory
+    moved = max((noisy[0]["params"][k] - clean[0]["params"][k]).abs().max().item() for k in clean[0]["params"])
+    assert moved > 1e-3

@@ -92,6 +92,18 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--out", default=None, metavar="DIR", help="where to write the report (default: RUN_DIR/check)")
     ck.set_defaults(func=_cmd_check)
 
+    bf = sub.add_parser("batch-find", help="largest micro-batch that fits, throughput per size, suggested batch keys")
+    _config_args(bf, optional=False)
+    bf.add_argument("--max-memory", default=None, metavar="SIZE", help="memory the process may use, e.g. 8GB (CPU)")
+    bf.add_argument("--max-batch", type=int, default=4096, help="largest micro-batch to try (default 4096)")
+    bf.add_argument(
+        "--target-batch", type=int, default=None, help="global batch to suggest keys for (default: the job's)"
+    )
+    bf.add_argument(
+        "--out", default=None, metavar="DIR", help="where to write the report (default: RUN_DIR/batch-find)"
+    )
+    bf.set_defaults(func=_cmd_batch_find)
+
     d = sub.add_parser("doctor", help="report on a run (finished, failed or running): alerts, suggestions, plots")
     d.add_argument("run_dir", metavar="RUN_DIR")
     d.set_defaults(func=_cmd_doctor)
@@ -277,6 +289,31 @@ def _cmd_check(args: argparse.Namespace) -> int:
     result = check.run(cfg, out, say=lambda line: print(line, file=sys.stderr, flush=True))
     print("\n".join(check.summary_lines(result)), flush=True)
     return result.exit_code
+
+
+def _cmd_batch_find(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from pathlib import Path
+
+    from shoal import rundir
+    from shoal.batchfind import find
+    from shoal.data.writer import parse_bytes
+
+    limit = parse_bytes(args.max_memory, "--max-memory") / 2**20 if args.max_memory else None
+    if args.max_batch < 1:
+        raise ShoalError(f"--max-batch: must be >= 1 (got {args.max_batch})")
+    out = Path(args.out) if args.out else rundir.resolve(cfg) / "batch-find"
+    r = find(
+        cfg, out, limit, args.max_batch, args.target_batch, say=lambda line: print(line, file=sys.stderr, flush=True)
+    )
+    if not r["largest_batch"]:
+        raise ShoalError("shoal batch-find: not even a micro-batch of 1 fits; raise --max-memory or shrink the model")
+    print(
+        f"[shoal] largest micro-batch {r['largest_batch']}; for a global batch of {r['target_batch']}: "
+        f"data.batch_size={r['data.batch_size']} train.grad_accum_steps={r['train.grad_accum_steps']}"
+    )
+    print(f"[shoal] report: {out / 'report.json'}; plot: {r['plot']}")
+    return 0
 
 
 def _cmd_lr_find(args: argparse.Namespace) -> int:

@@ -125,6 +125,40 @@ class DataConfig(Section):
         return self
 
 
+class GradNoise(Section):
+    eta: float = Field(..., gt=0)
+    """Noise variance at step 0 (Neelakantan et al. 2015 use 0.01-1.0)."""
+    gamma: float = Field(0.55, ge=0)
+    """Annealing: the variance at step t is eta / (1 + t)^gamma."""
+
+
+class BatchRamp(Section):
+    start: int | None = Field(None, ge=1)
+    """Global batch (samples per optimizer step, all ranks) at step 0; default: data.batch_size x data-parallel ranks.
+    A multiple of that product: the ramp raises the accumulation count, never the micro-batch."""
+    end: int | None = Field(None, ge=1)
+    """Global batch at the end of the ramp (auto: the most it may grow to; default 8 x start)."""
+    steps: int = Field(0, ge=0)
+    """Optimizer steps over which the batch grows linearly from start to end (not with auto)."""
+    auto: bool = False
+    """Grow the batch towards the measured gradient noise scale (gns) instead, at log steps, never shrinking."""
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"
+    """Scale optim.lr with the batch: lr x (batch / start) or its square root (optim.lr is the start batch's rate)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _auto(cls, value: Any) -> Any:
+        return {"auto": True} if value == "auto" else value
+
+    @model_validator(mode="after")
+    def _check(self) -> BatchRamp:
+        if not self.auto and (self.end is None or self.steps < 1):
+            raise ValueError("train.batch_ramp: give end and steps (or auto: true, or the string auto)")
+        if self.start is not None and self.end is not None and self.end < self.start:
+            raise ValueError(f"train.batch_ramp: end {self.end} is below start {self.start}")
+        return self
+
+
 class OptimConfig(Section):
     name: Literal["sgd", "adam", "adamw", "rmsprop"] = "adamw"
     """Optimizer."""
@@ -145,6 +179,8 @@ class OptimConfig(Section):
     tensors of two or more dimensions are decayed, whatever module owns them."""
     l1: float = Field(0.0, ge=0)
     """L1 penalty on the decayed weights, added to their gradients."""
+    grad_noise: GradNoise | None = None
+    """Annealed Gaussian noise added to the gradients after clipping, e.g. {eta: 0.01, gamma: 0.55}."""
 
     @model_validator(mode="after")
     def _check(self) -> OptimConfig:
@@ -237,6 +273,12 @@ class TrainConfig(Section):
     modules fsdp.units names for your own model."""
     activation_checkpointing_every: int = Field(2, ge=1)
     """every_n: checkpoint blocks 0, n, 2n, ..."""
+    batch_ramp: BatchRamp | None = None
+    """Grow the global batch during training: {start, end, steps, lr_scaling} or auto (see Batch size); leave
+    train.grad_accum_steps at 1, the ramp sets the accumulation count."""
+    gns_every: int = Field(10, ge=0)
+    """Measure the gradient noise scale (gns, McCandlish et al. 2018) on every n-th step from each rank's gradient
+    before the AllReduce and the reduced one (strategy allreduce, 2+ ranks); 0 = off."""
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -499,12 +541,34 @@ class JobConfig(Section):
             raise ValueError(
                 "ddp.static_graph: cannot be combined with train.grad_accum_steps > 1; turn one of them off"
             )
+        if self.train.batch_ramp is not None:
+            self._check_ramp(self.train.batch_ramp)
         if self.schedule.name == "plateau" and self.train.eval_every == 0:
             raise ValueError("schedule.name: plateau needs evaluations; set train.eval_every > 0")
         if self.data.format == "memory":  # shards say their task in the manifest: checked when opened
             task = self.data.task if self.data.dataset == "synthetic" else "classification"
             check_task_fits(task, self.model, self.train)
         return self
+
+    def _check_ramp(self, r: BatchRamp) -> None:
+        if self.train.grad_accum_steps != 1:
+            raise ValueError("train.batch_ramp: sets the accumulation count itself; leave train.grad_accum_steps at 1")
+        if self.strategy == "async_ps" or self.parallel.pipeline_stages > 1:
+            raise ValueError("train.batch_ramp: needs strategy allreduce or fsdp without pipeline stages")
+        if self.ddp.static_graph:
+            raise ValueError("train.batch_ramp: accumulates micro-batches, which ddp.static_graph forbids")
+        if r.auto and (self.strategy != "allreduce" or self.train.gns_every == 0):
+            raise ValueError(
+                "train.batch_ramp: auto follows the gradient noise scale, measured with strategy allreduce and "
+                "train.gns_every > 0"
+            )
+        unit = self.data.batch_size * self.scaling.num_workers
+        for name, value in (("start", r.start), ("end", r.end)):
+            if value is not None and value % unit:
+                raise ValueError(
+                    f"train.batch_ramp: {name}={value} is not a multiple of data.batch_size x scaling.num_workers = {unit} "
+                    "(the ramp adds whole micro-batches on every rank)"
+                )
 
     def _check_pipeline(self) -> None:
         p, d = self.parallel, self.data

@@ -17,7 +17,7 @@ from shoal import dist
 from shoal.dist import Flags
 from shoal.health.policy import CONTINUE, EARLY_STOP, ROLLBACK, STOP
 from shoal.job import Job
-from shoal.optim import add_l1_grad
+from shoal.optim import add_grad_noise, add_l1_grad
 from shoal.strategies.base import peak_memory_mb
 
 Report = Callable[[dict[str, Any]], None]
@@ -51,11 +51,14 @@ def train_step(job: Job) -> StepResult:
     c, opt = job.counters, job.optimizer
     step = c.step + 1  # 1-based: health, the records and the checkpoints all count this way
     job.health.arm(step)
+    job.strategy.arm_noise_probe(job.gns.due(step))
     g = compute_gradients(job)
+    job.gns.observe(step, job.strategy.local_grad_sq(), g.grad_norm, g.rows, job.precision.scale)
     job.health.observe_gradients(step, float(g.grad_norm))
     if g.ok:
         add_l1_grad(opt)
-    lr = job.schedule.apply(opt, c.step)
+        add_grad_noise(job.params, job.cfg.optim.grad_noise, job.cfg.seed, step)
+    lr = job.schedule.apply(opt, c.step, job.batch.lr_factor(c.step))
     stepped = job.precision.step(opt, g.ok)
     job.health.observe_update(step)
     opt.zero_grad(set_to_none=True)
@@ -67,13 +70,14 @@ def train_step(job: Job) -> StepResult:
 
 
 def compute_gradients(job: Job) -> Gradients:
-    """Fetch, forward and backward train.grad_accum_steps micro-batches, unscale, clip, check.
+    """Fetch, forward and backward the step's micro-batches (train.grad_accum_steps, or the batch ramp's count),
+    unscale, clip, check.
 
     (The parameter-server workers call this too, and push what it leaves.)
     """
     t0 = time.perf_counter()
     batches = [
-        next(job.data.train) for _ in range(job.cfg.train.grad_accum_steps)
+        next(job.data.train) for _ in range(job.batch.accum(job.counters.step))
     ]  # all first: the step's sample count is known
     data_s = time.perf_counter() - t0
     counts = [job.loss_fn.count(y) for _, y in batches]
@@ -144,8 +148,11 @@ def train(
                 grad_norm=float(r.grad_norm),
                 skipped_steps=c.skipped_steps,
                 mem_mb=peak_memory_mb(job.device),
+                batch=job.batch.global_batch(c.step - 1),
+                **job.gns.figures(),
                 **job.strategy.log_figures(),
             )
+            job.batch.adapt(record.get("gns"))  # batch_ramp auto: every rank holds the same reduced estimate
             train_loss = record["loss"]
         decision = job.health.judge(c.step, r.stepped, record.get("loss"), record.get("data_wait"))
         if decision == CONTINUE and ((cfg.train.eval_every and c.step % cfg.train.eval_every == 0) or last):

@@ -11,10 +11,12 @@ import torch
 from torch import nn
 
 from shoal import dist
+from shoal.batch import BatchSchedule
 from shoal.checkpoint import Checkpointer
 from shoal.config import JobConfig
 from shoal.data.loaders import Loaders, build_loaders
 from shoal.dist import WorldInfo
+from shoal.gns import NoiseScale
 from shoal.health import HealthMonitor
 from shoal.health.policy import Rollback
 from shoal.losses import Loss
@@ -22,7 +24,20 @@ from shoal.metrics import Window
 from shoal.models import apply_freeze, build_model, checkpoint_activations, trainable
 from shoal.optim import Schedule, build_optimizer
 from shoal.precision import Precision
-from shoal.state import COUNTERS, DATA, EVAL, HEALTH, PRECISION, SCHEDULE, WINDOW, Counters, LastEval, TrainState
+from shoal.state import (
+    BATCH,
+    COUNTERS,
+    DATA,
+    EVAL,
+    GNS,
+    HEALTH,
+    PRECISION,
+    SCHEDULE,
+    WINDOW,
+    Counters,
+    LastEval,
+    TrainState,
+)
 from shoal.strategies import build_strategy
 from shoal.strategies.base import Strategy
 
@@ -45,6 +60,8 @@ class Job:
     health: HealthMonitor
     checkpointer: Checkpointer
     window: Window
+    batch: BatchSchedule  # micro-batches per step (train.batch_ramp grows them)
+    gns: NoiseScale
     counters: Counters = field(default_factory=Counters)
     last_eval: LastEval = field(default_factory=LastEval)
     stop_requested: threading.Event = field(default_factory=threading.Event)
@@ -61,6 +78,8 @@ class Job:
             WINDOW: self.window,
             EVAL: self.last_eval,
             HEALTH: self.health,
+            BATCH: self.batch,
+            GNS: self.gns,
         }
         self.state = TrainState(self.strategy, self.optimizer, parts, self.world, self.cfg.seed)
 
@@ -120,6 +139,8 @@ def build_job(cfg: JobConfig, world: WorldInfo, device: torch.device, run_dir: P
         health=health,
         checkpointer=checkpointer,
         window=window,
+        batch=BatchSchedule(cfg, data.world.world_size),
+        gns=NoiseScale(cfg.train.gns_every if cfg.strategy == "allreduce" else 0, data.world.world_size, device),
     )
     if cfg.health.on_nonfinite == "rollback":
         health.rollback = Rollback(cfg.health, job.state, checkpointer)

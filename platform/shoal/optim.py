@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from shoal.config import OptimConfig, ScheduleConfig
+from shoal.config import GradNoise, OptimConfig, ScheduleConfig
 from shoal.models import trainable
 
 
@@ -63,6 +63,26 @@ def add_l1_grad(optimizer: torch.optim.Optimizer) -> None:
                     p.grad.add_(torch.sign(p.detach()), alpha=l1)
 
 
+def add_grad_noise(params: list[torch.nn.Parameter], noise: GradNoise | None, seed: int, step: int) -> None:
+    """Gaussian noise of variance eta / (1 + step)^gamma on every gradient (Neelakantan et al. 2015), after clipping.
+
+    Drawn from a generator seeded by (seed, step), so every replica adds the same noise and stays identical,
+    and a resumed run draws what the uninterrupted one would. A sharded tensor draws for its own shard, seeded by
+    its place in the shard dimension (replicas of the same shard, under hybrid sharding, draw alike).
+    """
+    if noise is None:
+        return
+    std = math.sqrt(noise.eta / (1 + step) ** noise.gamma)
+    for i, p in enumerate(params):
+        g = p.grad
+        if g is None:
+            continue
+        local = g.to_local() if hasattr(g, "to_local") else g
+        shard = g.device_mesh.get_coordinate()[-1] if hasattr(g, "device_mesh") else 0
+        gen = torch.Generator(device=local.device).manual_seed(hash((seed, step, i, shard)) & 0x7FFF_FFFF_FFFF_FFFF)
+        local.add_(torch.randn(local.shape, generator=gen, device=local.device, dtype=local.dtype), alpha=std)
+
+
 class Schedule:
     """Learning rate by step: linear warmup, then constant | step | multistep | cosine | plateau.
 
@@ -99,9 +119,9 @@ class Schedule:
         lr = self.base_lr * warm * decay * self.plateau_factor * self.lr_scale
         return max(lr, c.min_lr) if c.name == "plateau" else lr
 
-    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
-        """Set every group's rate for step `step`; returns it."""
-        lr = self.lr_at(step)
+    def apply(self, optimizer: torch.optim.Optimizer, step: int, factor: float = 1.0) -> float:
+        """Set every group's rate for step `step` (times `factor`: a batch ramp's lr scaling); returns it."""
+        lr = self.lr_at(step) * factor
         for group in optimizer.param_groups:
             group["lr"] = lr
         return lr

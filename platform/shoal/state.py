@@ -19,6 +19,7 @@ from shoal import dist
 MODEL, OPTIMIZER, STATE = "model", "optimizer", "state"
 PARTS = (MODEL, OPTIMIZER, STATE)
 # names inside STATE
+BATCH, GNS = "batch", "gns"
 COUNTERS, SCHEDULE, PRECISION, DATA, WINDOW, EVAL, HEALTH, RNG, WORLD_SIZE = (
     "counters",
     "schedule",

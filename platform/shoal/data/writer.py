@@ -360,12 +360,12 @@ def _synthetic(n: int, shape: list[int], classes: int, task: str, seq_len: int, 
     )
 
 
-def parse_bytes(text: str) -> int:
+def parse_bytes(text: str, option: str = "--bytes-per-shard") -> int:
     """'64MB' -> 67108864 (KB, MB, GB are powers of 1024)."""
     import re
 
     units = {"": 1, "B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30}
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMG]?B?)\s*", text.upper())
     if not m or m.group(2) not in units or float(m.group(1)) <= 0:
-        raise ConfigError(f"--bytes-per-shard: expected a size like 64MB (got {text!r})")
+        raise ConfigError(f"{option}: expected a size like 64MB (got {text!r})")
     return int(float(m.group(1)) * units[m.group(2)])

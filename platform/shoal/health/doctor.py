@@ -45,6 +45,7 @@ def diagnose(run_dir: Path) -> Path:
             _plot_layers(records, out),
             _plot_stages(records, out),
             _plot_distributions(records, out),
+            _plot_gns(records, out),
         )
         if p is not None
     ]
@@ -88,8 +89,37 @@ def _markdown(
         if first.get("where"):
             lines.append("Where: " + ", ".join(f"`{w}`" for w in first["where"][:8]))
         lines += ["Usual remedies: " + "; ".join(f"`{r}`" for r in REMEDIES.get(kind, [])), ""]
+    verdict = batch_verdict(records)
+    if verdict:
+        lines += ["## Batch size and gradient noise", "", verdict, ""]
     lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     return "\n".join(lines)
+
+
+FAR = 4.0  # a global batch this many times below or above the noise scale is far from it
+
+
+def batch_verdict(records: list[dict[str, Any]]) -> str | None:
+    """The global batch against the measured gradient noise scale (the critical batch, McCandlish et al.)."""
+    last = next((r for r in reversed(records) if isinstance(r.get("gns"), (int, float)) and "batch" in r), None)
+    if last is None:
+        return None
+    gns, batch = float(last["gns"]), int(last["batch"])
+    head = (
+        f"At step {last['step']} the gradient noise scale (gns) is {gns:,.0f} samples and the global batch {batch:,}."
+    )
+    if batch * FAR < gns:
+        return (
+            head + " The batch is far below it: steps are noisy, and a larger batch would need proportionally fewer "
+            "steps for almost the same samples (faster on more devices): raise data.batch_size or "
+            "train.grad_accum_steps towards it, or set train.batch_ramp: auto."
+        )
+    if batch > FAR * gns:
+        return (
+            head + " The batch is far above it: past the critical batch each extra sample buys little progress per "
+            "step, so samples (compute) are wasted: lower train.grad_accum_steps or data.batch_size towards it."
+        )
+    return head + " The batch is near it: a good trade of time against samples."
 
 
 def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -191,6 +221,21 @@ def _plot_distributions(records: list[dict[str, Any]], out: Path) -> Path | None
             ax[i][j].axis("off")
     ax[0][0].legend(fontsize=6)
     return save(fig, out / "distributions.png")
+
+
+def _plot_gns(records: list[dict[str, Any]], out: Path) -> Path | None:
+    from shoal.plots import figure, save
+
+    steps, gns = _series(records, "gns")
+    if not steps:
+        return None
+    fig, ax = figure(1, 1, (8, 4))
+    ax[0][0].plot(steps, gns, label="gradient noise scale (gns)")
+    bs, batch = _series(records, "batch")
+    ax[0][0].plot(bs, batch, drawstyle="steps-post", label="global batch")
+    ax[0][0].set(xlabel="step", ylabel="samples", yscale="log", title="critical batch (gns) and the batch used")
+    ax[0][0].legend()
+    return save(fig, out / "gns.png")
 
 
 def _mean(values: list[float]) -> float:

@@ -86,6 +86,13 @@ class Strategy:
 
     # ---------------------------------------------------------------- one step
 
+    def arm_noise_probe(self, enabled: bool) -> None:
+        """Measure this rank's gradient norm before the reduction in the coming step (the gradient noise scale)."""
+
+    def local_grad_sq(self) -> torch.Tensor | None:
+        """That squared norm, when this strategy can see it (None: gns is not measured)."""
+        return None
+
     def forward_backward(
         self, batches: Sequence[Batch], counts: Sequence[int], loss_fn: Loss, precision: Precision
     ) -> torch.Tensor:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 
+import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -15,6 +16,7 @@ from shoal.strategies.base import Strategy
 
 class DDPStrategy(Strategy):
     name = "allreduce"
+    hook: BucketHook | None = None  # set when DDP wraps the model (2+ ranks)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """DDP around the model when there is more than one rank; the bare model otherwise."""
@@ -29,6 +31,7 @@ class DDPStrategy(Strategy):
             if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
             else "broadcast_buffers"
         )
+        self.hook = BucketHook()
         self.module = DDP(
             model,
             device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -38,7 +41,15 @@ class DDPStrategy(Strategy):
             find_unused_parameters=cfg.find_unused_parameters,
             **{sync_key: cfg.broadcast_buffers},
         )
+        self.module.register_comm_hook(self.hook, _bucket_hook)
         return self.module
+
+    def arm_noise_probe(self, enabled: bool) -> None:
+        if self.hook is not None:
+            self.hook.armed, self.hook.local_sq = enabled, None
+
+    def local_grad_sq(self) -> torch.Tensor | None:
+        return self.hook.local_sq if self.hook is not None else None
 
     def sync(self, enabled: bool) -> contextlib.AbstractContextManager:
         """no_sync() unless this micro-batch must all-reduce.
@@ -51,20 +62,23 @@ class DDPStrategy(Strategy):
         return self.module.no_sync()
 
 
-class AllReduceCounter:
-    """A DDP communication hook that counts bucket all-reduces (then does the default all-reduce)."""
+class BucketHook:
+    """DDP's communication hook state: bucket all-reduces counted, and (when armed, on the steps the gradient
+    noise scale is measured) the squared norm of this rank's own gradients, taken from each bucket just before
+    it is reduced: the one moment a rank's small-batch gradient exists whole."""
 
     def __init__(self) -> None:
         self.calls = 0
-
-    def attach(self, model: nn.Module) -> AllReduceCounter:
-        assert isinstance(model, DDP), "count all-reduces on a DDP model"
-        model.register_comm_hook(self, _counting_allreduce_hook)
-        return self
+        self.armed = False
+        self.local_sq: torch.Tensor | None = None
 
 
-def _counting_allreduce_hook(state, bucket):  # no annotations: DDP checks them, and they are strings here
+def _bucket_hook(state, bucket):  # no annotations: DDP checks them, and they are strings here
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
     state.calls += 1
+    if state.armed:
+        buf = bucket.buffer()
+        sq = torch.dot(buf, buf) if buf.dtype == torch.float32 else buf.float().square().sum()
+        state.local_sq = sq if state.local_sq is None else state.local_sq + sq
     return allreduce_hook(None, bucket)

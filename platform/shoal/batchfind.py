@@ -1,0 +1,148 @@
+"""`shoal batch-find CONFIG`: the largest micro-batch the job's model fits in, and its throughput at each size.
+
+One process on the job's device trains the job's model on its own data at micro-batch 1, 2, 4, ... (a few
+timed optimizer steps each). On a GPU a size fits unless CUDA runs out of memory (then it backs off by
+bisection between the last size that fit and the first that did not); on the CPU, unless the process's
+peak memory passes --max-memory less HEADROOM (a training rank holds a little more than this probe: the
+loader, the health monitor, the metrics writer). The suggestion: the largest fitting micro-batch, and the
+data.batch_size and train.grad_accum_steps that give the target global batch with it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from shoal.config import JobConfig
+from shoal.losses import Loss
+from shoal.models import build_model
+from shoal.optim import build_optimizer
+from shoal.strategies.base import peak_memory_mb
+
+HEADROOM = 0.9
+TIMED_STEPS = 3
+
+
+def _device(cfg: JobConfig) -> torch.device:
+    want = cfg.scaling.device
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available() and cfg.scaling.gpus_per_worker > 0):
+        return torch.device("cuda", 0)
+    return torch.device("cpu")
+
+
+def _source(cfg: JobConfig) -> Any:
+    if cfg.data.format == "shards":
+        from shoal.data.shards import open_shards
+
+        return open_shards(cfg.data)[0]
+    from shoal.data.memory import build_memory_data
+
+    return build_memory_data(cfg.data, cfg.seed, "train")
+
+
+def find(
+    cfg: JobConfig, out: Path, max_memory_mb: float | None, max_batch: int, target: int | None, say: Any = print
+) -> dict[str, Any]:
+    device = _device(cfg)
+    if device.type == "cpu" and max_memory_mb is None:
+        from shoal.errors import ShoalError
+
+        raise ShoalError("shoal batch-find: on the CPU give --max-memory (e.g. 8GB): nothing runs out of memory here")
+    torch.manual_seed(cfg.seed)
+    source = _source(cfg)
+    loss_fn = Loss(cfg.train, source.spec, "model.target" if cfg.model.target else "model.name")
+    model = build_model(cfg.model, source.spec, loss_fn.out_features()).to(device).train()
+    optimizer = build_optimizer(model, cfg.optim)
+    limit = max_memory_mb * HEADROOM if max_memory_mb else None
+    rows: list[dict[str, Any]] = []
+    fit, failed = 0, None
+    size = 1
+    while size <= max_batch:
+        row = _try(model, optimizer, loss_fn, source, size, device, limit)
+        rows.append(row)
+        say(
+            f"[shoal] batch-find: micro-batch {size:>6}: {row['status']}, {row['samples_per_s']:,.0f} samples/s, "
+            f"peak {row['peak_mb']:,.0f} MiB"
+        )
+        if row["status"] != "fits":
+            failed = size
+            break
+        fit = size
+        size *= 2
+    if failed is not None and device.type == "cuda":  # back off: bisect between the last fit and the failure
+        lo, hi = fit, failed
+        while hi - lo > max(1, lo // 8):
+            mid = (lo + hi) // 2
+            row = _try(model, optimizer, loss_fn, source, mid, device, limit)
+            rows.append(row)
+            lo, hi = (mid, hi) if row["status"] == "fits" else (lo, mid)
+        fit = lo
+    result = _suggest(cfg, fit, target)
+    result.update(device=str(device), max_memory_mb=max_memory_mb, tried=sorted(rows, key=lambda r: r["batch"]))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(result, indent=2))
+    result["plot"] = str(_plot(result["tried"], fit, out / "batch_find.png"))
+    return result
+
+
+def _try(model, optimizer, loss_fn, source, size, device, limit_mb) -> dict[str, Any]:
+    idx = np.arange(size, dtype=np.int64) % len(source)
+    x, y = source.get_batch(idx)[:2]
+    x, y = x.to(device), y.to(device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        elapsed = 0.0
+        for i in range(TIMED_STEPS + 1):  # the first step warms up (allocations, kernels)
+            start = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(model(x), y).backward()
+            optimizer.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i:
+                elapsed += time.perf_counter() - start
+    except torch.OutOfMemoryError:
+        optimizer.zero_grad(set_to_none=True)
+        return {"batch": size, "status": "out of memory", "samples_per_s": 0.0, "peak_mb": float("nan")}
+    peak = peak_memory_mb(device)
+    status = "fits" if limit_mb is None or peak <= limit_mb else "over --max-memory"
+    return {"batch": size, "status": status, "samples_per_s": TIMED_STEPS * size / elapsed, "peak_mb": peak}
+
+
+def _suggest(cfg: JobConfig, fit: int, target: int | None) -> dict[str, Any]:
+    ranks = max(1, cfg.scaling.num_workers // cfg.parallel.pipeline_stages)
+    target = target or cfg.data.batch_size * cfg.train.grad_accum_steps * ranks
+    share = math.ceil(target / ranks)  # samples per rank per step
+    if not fit:
+        return {"largest_batch": 0, "target_batch": target, "data.batch_size": None, "train.grad_accum_steps": None}
+    accum = math.ceil(share / fit)
+    micro = math.ceil(share / accum)
+    return {
+        "largest_batch": fit,
+        "target_batch": target,
+        "data.batch_size": micro,
+        "train.grad_accum_steps": accum,
+        "global_batch": micro * accum * ranks,
+    }
+
+
+def _plot(rows: list[dict[str, Any]], fit: int, path: Path) -> Path:
+    from shoal import plots
+
+    fig, ax = plots.figure(1, 2, (11, 4))
+    good = [r for r in rows if r["status"] == "fits"]
+    ax[0][0].plot([r["batch"] for r in good], [r["samples_per_s"] for r in good], "o-")
+    ax[0][0].set(xscale="log", xlabel="micro-batch", ylabel="samples/s", title="throughput")
+    ax[0][1].plot([r["batch"] for r in rows], [r["peak_mb"] for r in rows], "o-")
+    ax[0][1].axvline(fit, color="green", linestyle="--", label=f"largest that fits: {fit}")
+    ax[0][1].set(xscale="log", xlabel="micro-batch", ylabel="peak MiB", title="memory")
+    ax[0][1].legend()
+    return plots.save(fig, path)

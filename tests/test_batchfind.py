@@ -1,0 +1,62 @@
+"""`shoal batch-find` on the CPU: the size it returns trains within the memory given; throughput rises then flattens."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import REPO, shoal_cli
+
+QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
+MODEL = ["data.dataset=synthetic", "data.input_shape=[256]", "model.width=1024"]
+
+
+def test_batch_find_size_trains_within_the_given_memory(tmp_path):
+    r = shoal_cli(
+        "batch-find", QUICKSTART, *MODEL, "--max-memory", "64GB", "--max-batch", "4096", "--out", str(tmp_path / "a")
+    )
+    assert r.returncode == 0, r.stderr
+    free = json.loads((tmp_path / "a" / "report.json").read_text())
+    rows = {row["batch"]: row for row in free["tried"]}
+    assert free["largest_batch"] == 4096 and sorted(rows) == [2**i for i in range(13)]
+    speed = [rows[b]["samples_per_s"] for b in sorted(rows)]
+    assert speed[-1] > 5 * speed[0]  # rises ...
+    assert max(speed[-3:]) < 1.6 * min(speed[-3:])  # ... then flattens
+    # a budget between what 1024 and 2048 need: 1024 is the answer, and training at it stays inside the budget
+    budget_mb = (rows[1024]["peak_mb"] + rows[2048]["peak_mb"]) / 2 / 0.9
+    r = shoal_cli(
+        "batch-find",
+        QUICKSTART,
+        *MODEL,
+        "--max-memory",
+        f"{budget_mb:.0f}MB",
+        "--target-batch",
+        "4096",
+        "--out",
+        str(tmp_path / "b"),
+    )
+    assert r.returncode == 0, r.stderr
+    found = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert found["largest_batch"] == 1024
+    assert (found["data.batch_size"], found["train.grad_accum_steps"]) == (1024, 2)  # 4096 over 2 ranks
+    assert "data.batch_size=1024 train.grad_accum_steps=2" in r.stdout
+    assert (tmp_path / "b" / "batch_find.png").stat().st_size > 10_000
+    run = tmp_path / "run"
+    r = shoal_cli(
+        "worker",
+        QUICKSTART,
+        *MODEL,
+        "data.batch_size=1024",
+        "train.max_steps=5",
+        "train.eval_every=0",
+        "log.tensorboard=false",
+        f"run.dir={run}",
+    )
+    assert r.returncode == 0, r.stderr
+    assert json.loads((run / "summary.json").read_text())["memory"]["peak_mb"][0] <= budget_mb
+
+
+def test_batch_find_usage_errors(tmp_path):
+    r = shoal_cli("batch-find", QUICKSTART, "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "--max-memory" in r.stderr and "Traceback" not in r.stderr
+    r = shoal_cli("batch-find", QUICKSTART, "--max-memory", "lots")
+    assert r.returncode == 2 and "--max-memory: expected a size" in r.stderr
