@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from shoal.config import JobConfig
+from shoal.data.loaders import open_splits
 from shoal.losses import Loss
 from shoal.models import build_model
 from shoal.optim import build_optimizer
@@ -36,16 +37,6 @@ def _device(cfg: JobConfig) -> torch.device:
     return torch.device("cpu")
 
 
-def _source(cfg: JobConfig) -> Any:
-    if cfg.data.format == "shards":
-        from shoal.data.shards import open_shards
-
-        return open_shards(cfg.data)[0]
-    from shoal.data.memory import build_memory_data
-
-    return build_memory_data(cfg.data, cfg.seed, "train")
-
-
 def find(
     cfg: JobConfig, out: Path, max_memory_mb: float | None, max_batch: int, target: int | None, say: Any = print
 ) -> dict[str, Any]:
@@ -55,7 +46,7 @@ def find(
 
         raise ShoalError("shoal batch-find: on the CPU give --max-memory (e.g. 8GB): nothing runs out of memory here")
     torch.manual_seed(cfg.seed)
-    source = _source(cfg)
+    source = open_splits(cfg)[0]
     loss_fn = Loss(cfg.train, source.spec, "model.target" if cfg.model.target else "model.name")
     model = build_model(cfg.model, source.spec, loss_fn.out_features()).to(device).train()
     optimizer = build_optimizer(model, cfg.optim)

@@ -442,7 +442,7 @@ def _fsync_dir(path: Path) -> None:
 # ---------------------------------------------------------------- export
 
 
-def export(checkpoint: Path, out: Path, overwrite: bool = False) -> Path:
+def export(checkpoint: Path, out: Path, overwrite: bool = False, safetensors: bool | None = None) -> Path:
     """Write the checkpoint's model weights as a plain state dict (safetensors if OUT ends so).
 
     The file is written beside OUT and renamed into place, so a failure never leaves half a file,
@@ -462,7 +462,7 @@ def export(checkpoint: Path, out: Path, overwrite: bool = False) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
-        if out.suffix == ".safetensors":
+        if safetensors or (safetensors is None and out.suffix == ".safetensors"):
             try:
                 from safetensors.torch import save_file
             except ImportError:

@@ -130,14 +130,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sw.set_defaults(func=_cmd_sweep)
 
-    e = sub.add_parser("export", help="write a checkpoint's model weights as a plain state dict for inference")
+    e = sub.add_parser("export", help="write a trained or compressed model for inference, checked against PyTorch")
     e.add_argument(
         "checkpoint",
-        metavar="CHECKPOINT",
-        help="a checkpoint directory (RUN_DIR/checkpoints/step-000100) or a run directory (its latest)",
+        metavar="SOURCE",
+        help="a checkpoint directory (RUN_DIR/checkpoints/step-000100), a run directory (its latest), "
+        "or a model `shoal compress` wrote (RUN_DIR/compress/<variant>)",
     )
-    e.add_argument("out", metavar="OUT", help="output file: .pt (torch.save) or .safetensors")
+    e.add_argument("out", metavar="OUT", help="output file")
+    e.add_argument(
+        "--format",
+        default=None,
+        help="state_dict | safetensors | torch_export | onnx (default: from OUT's suffix: .safetensors, .pt2, .onnx, else .pt)",
+    )
     e.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+
+    cp = sub.add_parser("compress", help="prune / quantise a trained model and measure each variant on validation data")
+    cp.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT")
+    cp.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides for the fine-tune job")
+    cp.add_argument("--sparsity", default="", help="target sparsities, e.g. 0.5 or 0.3,0.5,0.7,0.9 (a sweep)")
+    cp.add_argument("--structured", action="store_true", help="prune whole neurons/channels instead of single weights")
+    cp.add_argument("--per-layer", action="store_true", help="the sparsity in every layer, instead of over all of them")
+    cp.add_argument("--quantize", default=None, choices=["dynamic", "weight_only"], help="int8 (torchao)")
+    cp.add_argument("--finetune", type=int, default=0, metavar="STEPS", help="fine-tune each pruned model, zeros kept")
+    cp.add_argument("--out", default=None, metavar="DIR", help="default: RUN_DIR/compress")
+    cp.set_defaults(func=_cmd_compress)
     e.set_defaults(func=_cmd_export)
 
     sh = sub.add_parser("shard", help="write a data set as webdataset tar shards plus manifest.json")
@@ -341,17 +358,53 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from shoal import checkpoint
-    from shoal.errors import CheckpointError
+    from shoal.export import export
+    from shoal.trained import resolve
 
-    path = Path(args.checkpoint)
-    if (path / "checkpoints").is_dir():
-        found = checkpoint.find_latest(path)
-        if found is None:
-            raise CheckpointError(f"{path}: no complete checkpoint")
-        path = found
-    out = checkpoint.export(path, Path(args.out), overwrite=args.overwrite)
-    print(f"[shoal] wrote {out} (model weights of {path})")
+    path = resolve(Path(args.checkpoint))
+    done = export(path, Path(args.out), args.format, overwrite=args.overwrite)
+    checked = (
+        f"; outputs match PyTorch's on {done['samples']} validation samples ({done['runtime']}, max |diff| "
+        f"{done['max_abs_diff']:.2g} <= {done['tolerance']:.2g})"
+        if done.get("checked")
+        else (f"; not run: {done['runtime']}" if "runtime" in done and done["runtime"] != "weights" else "")
+    )
+    print(f"[shoal] wrote {done['path']} ({done['format']} of {path}){checked}")
+    return 0
+
+
+def _cmd_compress(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from shoal.compress import Options, run
+
+    try:
+        sparsities = [float(s) for s in args.sparsity.split(",") if s.strip()]
+    except ValueError:
+        raise ShoalError(f"--sparsity: expected numbers like 0.5 or 0.3,0.5 (got {args.sparsity!r})") from None
+    bad = [s for s in sparsities if not 0 <= s < 1]
+    if bad:
+        raise ShoalError(f"--sparsity: each value must be in [0, 1) (got {bad[0]:g})")
+    if not sparsities and not args.quantize:
+        raise ShoalError("shoal compress: give --sparsity and/or --quantize")
+    if args.finetune < 0:
+        raise ShoalError(f"--finetune: must be >= 0 (got {args.finetune})")
+    opts = Options(
+        sparsities=sparsities,
+        method="structured" if args.structured else "unstructured",
+        scope="layer" if args.per_layer else "global",
+        quantize=args.quantize,
+        finetune_steps=args.finetune,
+        overrides=list(args.overrides),
+    )
+    report = run(
+        Path(args.source),
+        Path(args.out) if args.out else None,
+        opts,
+        say=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    print((Path(report["plot"]).parent / "report.md").read_text())
+    print(f"[shoal] report: {Path(report['plot']).parent / 'report.md'}")
     return 0
 
 
@@ -485,7 +538,13 @@ def _print_result(summary: dict) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `shoal` console script and `python -m shoal`."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # KEY=VALUE overrides may also follow the options (`shoal compress RUN --sparsity 0.9 scaling.num_workers=2`)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args)
     except ShoalError as e:

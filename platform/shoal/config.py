@@ -57,6 +57,11 @@ class ModelConfig(Section):
     """transformer_lm: the output projection shares the token embedding's weights (as GPT-2)."""
     freeze: list[str] = Field(default_factory=list)
     """Glob patterns of parameter names to freeze (no gradient, not in the optimizer), e.g. "layers.0.*"."""
+    weights: str | None = None
+    """Start from these weights: a state dict file (`shoal export` or `shoal compress` output), loaded strictly."""
+    keep_sparsity: bool = False
+    """Keep the zeros of the starting weights zero (masks applied after every optimizer step): fine-tuning a pruned
+    model. strategy allreduce without pipeline stages."""
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -543,6 +548,12 @@ class JobConfig(Section):
             )
         if self.train.batch_ramp is not None:
             self._check_ramp(self.train.batch_ramp)
+        if self.model.keep_sparsity and (
+            self.model.weights is None or self.strategy != "allreduce" or self.parallel.pipeline_stages > 1
+        ):
+            raise ValueError(
+                "model.keep_sparsity: needs model.weights (the pruned weights) and strategy allreduce without pipeline stages"
+            )
         if self.schedule.name == "plateau" and self.train.eval_every == 0:
             raise ValueError("schedule.name: plateau needs evaluations; set train.eval_every > 0")
         if self.data.format == "memory":  # shards say their task in the manifest: checked when opened

@@ -60,6 +60,7 @@ def train_step(job: Job) -> StepResult:
         add_grad_noise(job.params, job.cfg.optim.grad_noise, job.cfg.seed, step)
     lr = job.schedule.apply(opt, c.step, job.batch.lr_factor(c.step))
     stepped = job.precision.step(opt, g.ok)
+    job.sparsity.apply()  # model.keep_sparsity: pruned weights stay zero
     job.health.observe_update(step)
     opt.zero_grad(set_to_none=True)
 

@@ -24,6 +24,7 @@ from shoal.metrics import Window
 from shoal.models import apply_freeze, build_model, checkpoint_activations, trainable
 from shoal.optim import Schedule, build_optimizer
 from shoal.precision import Precision
+from shoal.sparsity import SparsityMasks, load_weights
 from shoal.state import (
     BATCH,
     COUNTERS,
@@ -61,6 +62,7 @@ class Job:
     checkpointer: Checkpointer
     window: Window
     batch: BatchSchedule  # micro-batches per step (train.batch_ramp grows them)
+    sparsity: SparsityMasks  # zeros kept zero (model.keep_sparsity); empty otherwise
     gns: NoiseScale
     counters: Counters = field(default_factory=Counters)
     last_eval: LastEval = field(default_factory=LastEval)
@@ -100,7 +102,11 @@ def build_job(cfg: JobConfig, world: WorldInfo, device: torch.device, run_dir: P
     strategy = build_strategy(cfg, world, device)
     data = build_loaders(cfg, strategy.data_world(), device)
     loss_fn = Loss(cfg.train, data.spec, "model.target" if cfg.model.target else "model.name")
-    model = build_model(cfg.model, data.spec, loss_fn.out_features()).to(device)
+    model = build_model(cfg.model, data.spec, loss_fn.out_features())
+    if cfg.model.weights:
+        load_weights(model, cfg.model.weights)
+    model = model.to(device)
+    sparsity = SparsityMasks(model if cfg.model.keep_sparsity else None)  # masks on the model's device
     frozen = apply_freeze(model, cfg.model.freeze)
     checkpoint_activations(
         model, cfg.train.activation_checkpointing, cfg.train.activation_checkpointing_every, cfg.fsdp.units or None
@@ -140,6 +146,7 @@ def build_job(cfg: JobConfig, world: WorldInfo, device: torch.device, run_dir: P
         checkpointer=checkpointer,
         window=window,
         batch=BatchSchedule(cfg, data.world.world_size),
+        sparsity=sparsity,
         gns=NoiseScale(cfg.train.gns_every if cfg.strategy == "allreduce" else 0, data.world.world_size, device),
     )
     if cfg.health.on_nonfinite == "rollback":

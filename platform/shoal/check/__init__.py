@@ -31,10 +31,11 @@ def run(cfg: Any, out: Path, say: Any = print) -> Result:
     from shoal.check import data, model
     from shoal.check.lints import lint
     from shoal.check.task import task_findings
+    from shoal.data.loaders import open_splits
     from shoal.data.spec import DataSpec
 
     start = time.perf_counter()
-    train_src, val_src = _sources(cfg)
+    train_src, val_src = open_splits(cfg)
     spec: DataSpec = train_src.spec
     say(
         f"[shoal] check: scanning {len(train_src):,} training and {len(val_src) if val_src else 0:,} validation samples"
@@ -55,18 +56,6 @@ def run(cfg: Any, out: Path, say: Any = print) -> Result:
     plots = _plots(out, scanned, probed)
     report = _write(out, cfg, found, numbers, probed.layers, plots)
     return Result(found, report, numbers)
-
-
-def _sources(cfg: Any) -> tuple[Any, Any]:
-    if cfg.data.format == "shards":
-        from shoal.data.shards import open_shards
-
-        return open_shards(cfg.data)
-    from shoal.data.memory import build_memory_data
-
-    train = build_memory_data(cfg.data, cfg.seed, "train")
-    val = build_memory_data(cfg.data, cfg.seed, "val") if cfg.data.val_fraction > 0 else None
-    return train, val
 
 
 def summary_lines(result: Result) -> list[str]:

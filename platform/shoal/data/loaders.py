@@ -202,6 +202,20 @@ class Loaders:
     world: WorldInfo  # the ranks the data is split over (a pipeline's replicas, not its stages)
 
 
+def open_splits(cfg: JobConfig) -> tuple[Any, Any]:
+    """The job's whole training and validation sources, read by index (validation None when there is none):
+    what `shoal check`, `shoal compress`, `shoal export` and `shoal batch-find` read, in one process."""
+    if cfg.data.format == "shards":
+        from shoal.data.shards import open_shards
+
+        return open_shards(cfg.data)
+    from shoal.data.memory import build_memory_data
+
+    train = build_memory_data(cfg.data, cfg.seed, "train")
+    val = build_memory_data(cfg.data, cfg.seed, "val") if cfg.data.val_fraction > 0 else None
+    return train, val
+
+
 def build_loaders(cfg: JobConfig, world: WorldInfo, device: torch.device) -> Loaders:
     """The train stream and validation split for this rank."""
     if cfg.data.format == "shards":
