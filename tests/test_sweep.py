@@ -29,5 +29,9 @@ def test_sweep_runs_the_grid_with_seeds_and_writes_table_and_plot(ray_cluster, t
     assert all(r["runs"] == 2 and "val_accuracy_std" in r for r in report["table"])
     assert "| optim.lr=0.01 | 2 |" in (tmp_path / "run" / "sweep" / "results.md").read_text()
     assert (tmp_path / "run" / "sweep" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    # the comparison page: one row per configuration, the bar chart and every run's curve
+    assert shoal_cli("report", str(tmp_path / "run")).returncode == 0
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert page.count("optim.lr=0.01") >= 2 and "per configuration" in page and page.count("seed 1") == 2
     bad = shoal_cli("sweep", str(QUICKSTART), "--grid", "optim.lr=0.1,-1")
     assert bad.returncode == 2 and "optim.lr" in bad.stderr

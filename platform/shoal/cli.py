@@ -104,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bf.set_defaults(func=_cmd_batch_find)
 
+    rp = sub.add_parser("report", help="one self-contained HTML page of a run (or a sweep / comparison)")
+    rp.add_argument("run_dir", metavar="RUN_DIR")
+    rp.set_defaults(func=_cmd_report)
+
     d = sub.add_parser("doctor", help="report on a run (finished, failed or running): alerts, suggestions, plots")
     d.add_argument("run_dir", metavar="RUN_DIR")
     d.set_defaults(func=_cmd_doctor)
@@ -333,6 +337,15 @@ def _cmd_batch_find(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from shoal.report import write
+
+    print(f"[shoal] report: {write(Path(args.run_dir))}")
+    return 0
+
+
 def _cmd_lr_find(args: argparse.Namespace) -> int:
     cfg = _load(args)
     from shoal.lrfind import run
@@ -503,6 +516,9 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     from shoal.worker import run_worker, setup_logging
 
     _check_resume(args, cfg)
+    from shoal.preflight import check_trackers
+
+    check_trackers(cfg)
     world = WorldInfo.from_env()
     setup_logging(world.rank if world.distributed else None)
     from shoal.check.task import before_run

@@ -41,6 +41,9 @@ def run_both(cfg: JobConfig, budget: str, target_loss: float | None = None) -> d
             f"{out} already holds a comparison; choose another run.dir or set run.overwrite=true", key="run.dir"
         )
     out.mkdir(parents=True, exist_ok=True)
+    from shoal import tracking
+
+    cfg = tracking.group(cfg, f"compare {base.name}")  # both strategies under one parent run / group
     conn = cluster.connect(cfg.scaling.address, cfg.scaling.dashboard)
     runs: dict[str, dict[str, Any]] = {}
     try:

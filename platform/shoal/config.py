@@ -458,6 +458,37 @@ class CheckConfig(Section):
     """`shoal check`: samples in the batch the model must memorise."""
 
 
+class MLflowLog(Section):
+    tracking_uri: str | None = None
+    """MLflow tracking server (http://host:5000), or a local store (file:./mlruns, sqlite:///mlflow.db); None = MLflow's
+    own default (MLFLOW_TRACKING_URI, else ./mlruns)."""
+    experiment: str = "shoal"
+    """Experiment the run is logged under (created if missing)."""
+    run_name: str | None = None
+    """Run name; default: the job's name."""
+    log_checkpoints: bool = False
+    """Also upload the checkpoints as artifacts at the end (they can be large)."""
+    parent_run_id: str | None = None
+    """Nest the run under this MLflow run (set by `shoal sweep` and `shoal compare` to group their runs)."""
+
+
+class WandbLog(Section):
+    project: str = "shoal"
+    """W&B project."""
+    entity: str | None = None
+    """W&B team or user; default: the logged-in user's."""
+    mode: Literal["online", "offline"] = "online"
+    """offline writes the run under RUN_DIR/wandb for `wandb sync` later; no network needed."""
+    run_name: str | None = None
+    """Run name; default: the job's name."""
+    group: str | None = None
+    """Group runs together (set by `shoal sweep` and `shoal compare`)."""
+    tags: list[str] = Field(default_factory=list)
+    """Tags on the run."""
+    log_checkpoints: bool = False
+    """Also upload the checkpoints at the end."""
+
+
 class LogConfig(Section):
     every: int = Field(10, ge=1)
     """Write a metrics line every this many steps."""
@@ -467,6 +498,10 @@ class LogConfig(Section):
     """Progress display: a bar on a terminal, periodic lines otherwise (auto)."""
     print_every_s: float = Field(10.0, gt=0)
     """Seconds between progress lines when there is no bar."""
+    mlflow: MLflowLog | None = None
+    """Log to MLflow (rank 0, in the background): {tracking_uri, experiment, run_name, log_checkpoints}."""
+    wandb: WandbLog | None = None
+    """Log to Weights & Biases (rank 0, in the background): {project, mode: online | offline, ...}."""
 
 
 class KeepBest(Section):

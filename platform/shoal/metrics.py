@@ -70,7 +70,9 @@ class Window:
 class MetricsWriter:
     """Appends one JSON object per logged step and mirrors numbers to TensorBoard."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool, truncate_after_step: int | None = None):
+    def __init__(self, run_dir: Path, tensorboard: bool, truncate_after_step: int | None = None, tracker: Any = None):
+        self.run_dir = run_dir
+        self.tracker = tracker  # log.mlflow / log.wandb: fed every record, in the background
         self.path = run_dir / METRICS
         if truncate_after_step is not None:
             _truncate(self.path, truncate_after_step)
@@ -88,17 +90,22 @@ class MetricsWriter:
             for tag, values in histograms.items():
                 self._tb.add_histogram(tag, values, int(record["step"]))
         self._file.write(json.dumps(_clean(record)) + "\n")
+        if self.tracker is not None:
+            self.tracker.log(record)
         if self._tb is not None:
             step = int(record["step"])
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self._tb.add_scalar(_tb_tag(key), value, step)
 
-    def close(self) -> None:
+    def close(self, summary: dict[str, Any] | None = None) -> None:
+        """Close the files; the trackers get the summary (None: the run failed) and the reports."""
         self._file.close()
         if self._tb is not None:
             self._tb.flush()
             self._tb.close()
+        if self.tracker is not None:
+            self.tracker.finish(self.run_dir, summary)
 
 
 def _tb_tag(key: str) -> str:

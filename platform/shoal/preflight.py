@@ -26,6 +26,7 @@ def check(cfg: JobConfig, *, resume: bool = False, local_files: bool = True) -> 
     ):
         if target:
             locate_object(target, key)
+    check_trackers(cfg)
     stages = cfg.parallel.pipeline_stages
     if cfg.scaling.num_workers % stages:
         raise ConfigError(
@@ -39,6 +40,23 @@ def check(cfg: JobConfig, *, resume: bool = False, local_files: bool = True) -> 
         if cfg.checkpoint.resume_from and not resume:
             check_checkpoint_dir(Path(cfg.checkpoint.resume_from).expanduser())
     return path
+
+
+def check_trackers(cfg: JobConfig) -> None:
+    """log.mlflow / log.wandb need their package where rank 0 runs (checked on every rank alike)."""
+    for section in ("mlflow", "wandb"):
+        if getattr(cfg.log, section) is not None and not installed(section):
+            raise ConfigError(f"needs the {section} package: pip install 'shoal[{section}]'", key=f"log.{section}")
+
+
+def installed(module: str) -> bool:
+    """Importable here, found without importing it (importing mlflow costs the driver seconds)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ValueError, ImportError):  # a module set to None in sys.modules, or a broken package
+        return False
 
 
 def check_checkpoint_dir(path: Path) -> None:

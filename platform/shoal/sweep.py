@@ -49,12 +49,13 @@ def combinations(cfg: JobConfig, grid: list[tuple[str, list[Any]]], seeds: int) 
 
 
 def run(cfg: JobConfig, grid_items: list[str], seeds: int, parallel: int | None = None) -> dict[str, Any]:
-    from shoal import cluster, launcher
+    from shoal import cluster, launcher, tracking
 
     grid = parse_grid(grid_items)
     runs = combinations(cfg, grid, seeds)
     out = rundir.resolve(cfg) / "sweep"
     out.mkdir(parents=True, exist_ok=True)
+    cfg = tracking.group(cfg, f"sweep {out.parent.name}")  # one parent run (MLflow) / group (W&B) for all
     conn = cluster.connect(cfg.scaling.address, cfg.scaling.dashboard)
     try:
         width = parallel or _room(cfg)

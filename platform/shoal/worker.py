@@ -65,7 +65,7 @@ def run_worker(
     dist.init_process_group(world, backend, cfg.scaling.timeout_s, device)
     mark("process_group")
     run_dir: Path | None = Path(cfg.run.dir) if controlled else None  # set once this run owns the directory
-    writer = job = None
+    writer = job = final = None
     try:
         if not controlled:
             if world.is_main:
@@ -81,11 +81,15 @@ def run_worker(
         resumed_from = _resume(job, cfg, run_dir, resume, world)
         mark("built")
         if world.is_main:
+            # a resumed run rewrites what the interrupted one logged after its checkpoint
+            from shoal import tracking
             from shoal.metrics import MetricsWriter
 
-            # a resumed run rewrites what the interrupted one logged after its checkpoint
             writer = MetricsWriter(
-                run_dir, cfg.log.tensorboard, truncate_after_step=job.counters.step if resumed_from else None
+                run_dir,
+                cfg.log.tensorboard,
+                truncate_after_step=job.counters.step if resumed_from else None,
+                tracker=tracking.build(cfg, run_dir, world.world_size, resumed=resumed_from is not None),
             )
             log.info("run directory %s; %d rank(s) on %s, backend %s", run_dir, world.world_size, device, backend)
         first = [True]
@@ -113,6 +117,7 @@ def run_worker(
         )
         if resumed_from is not None:
             summary["resumed_from"] = str(resumed_from)
+        final = summary
         if world.is_main and not controlled:
             rundir.write_summary(run_dir, summary)
         return summary
@@ -122,7 +127,7 @@ def run_worker(
         raise
     finally:
         if writer is not None:
-            writer.close()
+            writer.close(final)
         if job is not None:
             job.strategy.close()
         dist.destroy_process_group()

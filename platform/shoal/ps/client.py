@@ -250,8 +250,13 @@ class Recorder:
         self.run_dir, self.report, self.resumed_from, self.stop = run_dir, report, resumed_from, stop
         start = ray.get(servers[0].progress.remote())
         self.start_version, self.start_samples = int(start["version"]), int(start["samples"])
+        from shoal import tracking
+
         self.writer = MetricsWriter(
-            run_dir, self.cfg.log.tensorboard, truncate_after_step=self.start_version if resumed_from else None
+            run_dir,
+            self.cfg.log.tensorboard,
+            truncate_after_step=self.start_version if resumed_from else None,
+            tracker=tracking.build(self.cfg, run_dir, job.world.world_size, resumed=resumed_from is not None),
         )
         self.window = Window(float, lambda loss_sum, count: (loss_sum, count))
         self.extra = dict.fromkeys(("grad_norm_sum", "pushes", "staleness_sum"), 0.0)
@@ -374,7 +379,6 @@ class Recorder:
         if self.cfg.checkpoint.at_end or stopped:
             self.save()
         self.job.checkpointer.wait()
-        self.writer.close()
         wall = time.perf_counter() - (self.first_update or time.perf_counter())
         hist = self.last["staleness"]
         summary = {
@@ -402,6 +406,7 @@ class Recorder:
         }
         if self.resumed_from is not None:
             summary["resumed_from"] = str(self.resumed_from)
+        self.writer.close(summary)
         return summary
 
 

@@ -1,0 +1,150 @@
+"""Experiment tracking: MLflow and Weights & Biases, fed by rank 0 with what Shoal already writes (the
+resolved config, every metrics record, tags, summary.json, the doctor and check reports, optionally the
+checkpoints). Each tracker runs behind a background Sender, so training never waits for it. The run's
+tracker ids are kept in RUN_DIR/tracking.json: a resumed run continues the same tracked run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from shoal.config import JobConfig
+
+log = logging.getLogger("shoal")
+IDS_FILE = "tracking.json"
+FLUSH_TIMEOUT_S = 30.0
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"model": {"width": 128}} -> {"model.width": 128}; lists and None kept as values."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{key}."))
+        else:
+            out[key] = v
+    return out
+
+
+def git_commit(where: Path | None = None) -> str | None:
+    try:
+        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return r.stdout.strip() if r.returncode == 0 else None
+
+
+def read_ids(run_dir: Path) -> dict[str, str]:
+    path = run_dir / IDS_FILE
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except ValueError:
+        return {}
+
+
+def save_id(run_dir: Path, key: str, value: str) -> None:
+    ids = read_ids(run_dir)
+    ids[key] = value
+    (run_dir / IDS_FILE).write_text(json.dumps(ids, indent=2))
+
+
+def tags(cfg: JobConfig, world_size: int) -> dict[str, str]:
+    from shoal import __version__
+
+    out = {
+        "shoal.version": __version__,
+        "shoal.strategy": cfg.strategy,
+        "shoal.world_size": str(world_size),
+        "shoal.job": cfg.name,
+    }
+    commit = git_commit()
+    if commit:
+        out["git.commit"] = commit
+    return out
+
+
+class Tracker:
+    """Every tracker the config asks for, behind one interface (rank 0)."""
+
+    def __init__(self, backends: list[Any]):
+        self.backends = backends
+
+    def log(self, record: dict[str, Any]) -> None:
+        step = int(record["step"])
+        numbers = {
+            k: float(v)
+            for k, v in record.items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+        for b in self.backends:
+            b.log(step, numbers)
+
+    def finish(self, run_dir: Path, summary: dict[str, Any] | None) -> None:
+        """Summary, reports and plots (and checkpoints when asked) as artifacts; the run marked ended."""
+        files = _artifacts(run_dir, summary)
+        for b in self.backends:
+            b.finish(summary, run_dir, files)
+
+
+def build(cfg: JobConfig, run_dir: Path, world_size: int, resumed: bool) -> Tracker | None:
+    """The trackers log.mlflow and log.wandb name (None when neither is set)."""
+    backends: list[Any] = []
+    if cfg.log.mlflow is not None:
+        from shoal.tracking.mlflow_backend import MLflowBackend
+
+        backends.append(MLflowBackend(cfg, run_dir, world_size, resumed))
+    if cfg.log.wandb is not None:
+        from shoal.tracking.wandb_backend import WandbBackend
+
+        backends.append(WandbBackend(cfg, run_dir, world_size, resumed))
+    return Tracker(backends) if backends else None
+
+
+def _artifacts(run_dir: Path, summary: dict[str, Any] | None) -> list[tuple[Path, str]]:
+    """(file, folder in the tracker) for what the run left: summary, config, doctor report, check report."""
+    if summary is not None:
+        from shoal import rundir
+
+        if not (run_dir / rundir.SUMMARY).exists():  # under Ray the controller writes it after this: send ours
+            (run_dir / "summary.rank0.json").write_text(json.dumps(summary, indent=2, default=str))
+    try:
+        from shoal.health.doctor import diagnose
+
+        diagnose(run_dir)
+    except Exception as e:  # a report that cannot be drawn never fails the run
+        log.warning("tracking: the doctor report could not be written (%s)", e)
+    out = [
+        (p, "")
+        for p in (
+            run_dir / "summary.json",
+            run_dir / "summary.rank0.json",
+            run_dir / "config.yaml",
+            run_dir / "health.jsonl",
+            run_dir / "metrics.jsonl",
+        )
+        if p.exists()
+    ]
+    for folder in ("doctor", "check"):
+        d = run_dir / folder
+        if d.is_dir():
+            out += [(p, folder) for p in sorted(d.iterdir()) if p.is_file()]
+    return out
+
+
+def group(cfg: JobConfig, name: str) -> JobConfig:
+    """For `shoal sweep` / `shoal compare`: a parent MLflow run (children nest under it) and a W&B group."""
+    updates: dict[str, Any] = {}
+    if cfg.log.mlflow is not None:
+        from shoal.tracking.mlflow_backend import parent_run
+
+        parent = parent_run(cfg, name)
+        if parent:
+            updates["log.mlflow.parent_run_id"] = parent
+    if cfg.log.wandb is not None:
+        updates["log.wandb.group"] = cfg.log.wandb.group or name
+    return cfg.replace(updates) if updates else cfg
