@@ -104,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bf.set_defaults(func=_cmd_batch_find)
 
+    sc = sub.add_parser(
+        "schedule", help="plot the learning rate (and one-cycle momentum) over the run, before training"
+    )
+    _config_args(sc, optional=False)
+    sc.add_argument("--out", default=None, metavar="PNG", help="default: RUN_DIR/schedule.png")
+    sc.set_defaults(func=_cmd_schedule)
+
     rp = sub.add_parser("report", help="one self-contained HTML page of a run (or a sweep / comparison)")
     rp.add_argument("run_dir", metavar="RUN_DIR")
     rp.set_defaults(func=_cmd_report)
@@ -334,6 +341,21 @@ def _cmd_batch_find(args: argparse.Namespace) -> int:
         f"data.batch_size={r['data.batch_size']} train.grad_accum_steps={r['train.grad_accum_steps']}"
     )
     print(f"[shoal] report: {out / 'report.json'}; plot: {r['plot']}")
+    return 0
+
+
+def _cmd_schedule(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from pathlib import Path
+
+    from shoal import rundir
+    from shoal.optim import plot_schedule
+
+    out = Path(args.out) if args.out else rundir.resolve(cfg) / "schedule.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lr, momentum = plot_schedule(cfg, out)
+    extra = f", momentum {min(momentum):.3g}-{max(momentum):.3g}" if momentum else ""
+    print(f"[shoal] {cfg.schedule.name}: lr {min(lr):.3g}-{max(lr):.3g} over {len(lr)} steps{extra}; plot: {out}")
     return 0
 
 

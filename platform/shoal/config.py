@@ -72,6 +72,11 @@ class ModelConfig(Section):
         return self
 
 
+class Mix(Section):
+    alpha: float = Field(..., ge=0)
+    """Beta(alpha, alpha) draws the share of the first sample (0 = no mixing; 0.2-1.0 are usual)."""
+
+
 class DataConfig(Section):
     format: Literal["memory", "shards"] = "memory"
     """Where samples come from: memory (a built-in data set in each process) or shards (webdataset tar files, streamed)."""
@@ -116,6 +121,15 @@ class DataConfig(Section):
     """Pin host memory for faster copies to the GPU; auto = on with CUDA."""
     persistent_workers: bool = True
     """Keep loader workers alive across epochs."""
+    augment: list[str | dict[str, Any]] = Field(default_factory=list)
+    """Training-batch transforms, in order (never on validation): crop, hflip, rotate, translate, color_jitter (images
+    [C, H, W]); noise, erase (any tensor input); token_mask (lm); or "package.module:fn" (fn(x, generator) -> x, batched).
+    Options as {name: {...}}, e.g. {crop: {padding: 1}}; see Augmentation."""
+    mixup: Mix | None = None
+    """Mix pairs of training samples and their targets: {alpha} (Beta(alpha, alpha) proportions; classification)."""
+    cutmix: Mix | None = None
+    """Paste a box of one image into another, targets mixed by area: {alpha} (images; classification). With mixup
+    too, each batch takes one of the two at random."""
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -197,8 +211,11 @@ class OptimConfig(Section):
 
 
 class ScheduleConfig(Section):
-    name: Literal["constant", "step", "multistep", "cosine", "plateau", "range_test"] = "constant"
-    """Learning-rate schedule after warmup (range_test: exponential from optim.lr x range_start_ratio to optim.lr, as `shoal lr-find` uses)."""
+    name: Literal[
+        "constant", "step", "multistep", "cosine", "plateau", "range_test", "cyclic", "one_cycle", "cosine_restarts"
+    ] = "constant"
+    """Learning-rate schedule after warmup (range_test: exponential from optim.lr x range_start_ratio to optim.lr, as
+    `shoal lr-find` uses; cyclic, one_cycle and cosine_restarts: see Schedules)."""
     warmup_steps: int = Field(0, ge=0)
     """Linear warmup from 0 to optim.lr over this many steps (any schedule)."""
     step_size: int = Field(100, ge=1)
@@ -223,6 +240,28 @@ class ScheduleConfig(Section):
     """plateau: relative improvement that counts."""
     min_lr: float = Field(0.0, ge=0)
     """plateau: lower bound of the rate."""
+    cycle_steps: int = Field(200, ge=2)
+    """cyclic: steps of one whole cycle (up, then down: Smith's step_size is half of it)."""
+    cyclic_mode: Literal["triangular", "triangular2", "exp_range"] = "triangular"
+    """cyclic: constant amplitude, halved every cycle, or scaled by gamma^step."""
+    base_lr_ratio: float = Field(0.1, gt=0, le=1)
+    """cyclic: the low end of the cycle as a fraction of optim.lr (the high end)."""
+    pct_start: float = Field(0.3, gt=0, lt=1)
+    """one_cycle: share of the run spent raising the rate to optim.lr."""
+    div_factor: float = Field(25.0, ge=1)
+    """one_cycle: the first rate is optim.lr / div_factor."""
+    final_div_factor: float = Field(1e4, ge=1)
+    """one_cycle: the last rate is optim.lr / (div_factor x final_div_factor)."""
+    cycle_momentum: bool = True
+    """one_cycle: move momentum (sgd/rmsprop momentum, adam's beta1) inversely to the rate, max_momentum to base."""
+    base_momentum: float = Field(0.85, ge=0, lt=1)
+    """one_cycle: momentum at the peak rate."""
+    max_momentum: float = Field(0.95, ge=0, lt=1)
+    """one_cycle: momentum at the lowest rates."""
+    restart_period: int = Field(100, ge=1)
+    """cosine_restarts: steps until the first restart (SGDR's T_0)."""
+    restart_mult: int = Field(1, ge=1)
+    """cosine_restarts: each period is this many times the previous one (T_mult); min_lr_ratio sets the floor."""
 
     @model_validator(mode="after")
     def _check(self) -> ScheduleConfig:
@@ -233,6 +272,10 @@ class ScheduleConfig(Section):
                 raise ValueError(
                     f"schedule.milestones: must be strictly ascending positive steps (got {self.milestones})"
                 )
+        if self.name == "one_cycle" and self.warmup_steps:
+            raise ValueError("schedule.warmup_steps: one_cycle warms up itself (schedule.pct_start); leave it at 0")
+        if self.max_momentum < self.base_momentum:
+            raise ValueError("schedule.max_momentum: must be at least schedule.base_momentum")
         return self
 
 
@@ -631,6 +674,8 @@ class JobConfig(Section):
             raise ValueError(
                 "data.on_error: skip leaves micro-batches short, and pipeline stages need whole ones; use raise"
             )
+        if d.mixup is not None or d.cutmix is not None:
+            raise ValueError("data.mixup: mixed targets cannot be cut into pipeline pieces; not with pipeline stages")
         pieces = p.microbatches * self.train.grad_accum_steps
         if p.schedule != "gpipe" and pieces < p.pipeline_stages:
             raise ValueError(

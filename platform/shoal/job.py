@@ -18,6 +18,7 @@ from shoal.data.loaders import Loaders, build_loaders
 from shoal.dist import WorldInfo
 from shoal.gns import NoiseScale
 from shoal.health import HealthMonitor
+from shoal.health.detectors import overfitting_remedies
 from shoal.health.policy import Rollback
 from shoal.losses import Loss
 from shoal.metrics import Window
@@ -123,6 +124,7 @@ def build_job(cfg: JobConfig, world: WorldInfo, device: torch.device, run_dir: P
         world.is_main,
         run_dir if world.is_main else None,
         classes=classes,
+        overfit_remedies=overfitting_remedies(data.spec.task, data.spec.input_shape),
         reduce=strategy.reduce_squares if strategy.sharded_state else None,
         layout=strategy.layout,
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -38,6 +40,8 @@ class Loss:
         if self._unchecked:
             self.check_output(out)
         out = out.float()  # losses in fp32 under autocast
+        if hasattr(y, "lam"):  # mixup / cutmix targets: each sample's loss against both targets, by its shares
+            return self._mixed(out, y)
         if self.spec.task == "lm":
             return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), label_smoothing=self.smoothing)
         if self.spec.task == "regression":
@@ -48,6 +52,19 @@ class Loss:
         if self.name == "mse":
             return F.mse_loss(out, target)
         return F.binary_cross_entropy_with_logits(out, target)
+
+    def _mixed(self, out: torch.Tensor, y: Any) -> torch.Tensor:
+        lam = y.lam.float()
+        if self.name == "cross_entropy":
+            a = F.cross_entropy(out, y.a, reduction="none", label_smoothing=self.smoothing)
+            b = F.cross_entropy(out, y.b, reduction="none", label_smoothing=self.smoothing)
+            return (lam * a + (1 - lam) * b).mean()
+        if self.binary:
+            target = lam * y.a.float() + (1 - lam) * y.b.float()
+            return F.binary_cross_entropy_with_logits(out.squeeze(1), target)
+        k = out.shape[1]
+        target = lam[:, None] * F.one_hot(y.a, k).float() + (1 - lam)[:, None] * F.one_hot(y.b, k).float()
+        return F.mse_loss(out, target) if self.name == "mse" else F.binary_cross_entropy_with_logits(out, target)
 
     def check_output(self, out: torch.Tensor) -> None:
         """The model's outputs per sample must match the classes, vocabulary or targets (checked once).

@@ -83,6 +83,39 @@ def add_grad_noise(params: list[torch.nn.Parameter], noise: GradNoise | None, se
         local.add_(torch.randn(local.shape, generator=gen, device=local.device, dtype=local.dtype), alpha=std)
 
 
+def _cyclic(t: int, c: ScheduleConfig) -> float:
+    """Smith (2017): a triangle between optim.lr x base_lr_ratio and optim.lr, cycle_steps long (as a fraction of optim.lr)."""
+    half = c.cycle_steps / 2
+    cycle = math.floor(1 + t / (2 * half))
+    x = abs(t / half - 2 * cycle + 1)
+    scale = {"triangular": 1.0, "triangular2": 1 / 2 ** (cycle - 1), "exp_range": c.gamma**t}[c.cyclic_mode]
+    return c.base_lr_ratio + (1 - c.base_lr_ratio) * max(0.0, 1 - x) * scale
+
+
+def _cos_between(start: float, end: float, pct: float) -> float:
+    return end + (start - end) / 2 * (math.cos(math.pi * pct) + 1)
+
+
+def _one_cycle(t: int, total: int, c: ScheduleConfig) -> tuple[float, float]:
+    """Smith and Topin (2019), cosine phases: (rate as a fraction of optim.lr, momentum) at step t."""
+    first, low = 1 / c.div_factor, 1 / (c.div_factor * c.final_div_factor)
+    peak = max(1.0, c.pct_start * total - 1)
+    if t <= peak:
+        pct = t / peak
+        return _cos_between(first, 1.0, pct), _cos_between(c.max_momentum, c.base_momentum, pct)
+    pct = min(1.0, (t - peak) / max(1.0, total - 1 - peak))
+    return _cos_between(1.0, low, pct), _cos_between(c.base_momentum, c.max_momentum, pct)
+
+
+def _restart_position(t: int, period: int, mult: int) -> tuple[float, float]:
+    """SGDR: (steps into the current period, its length) at step t."""
+    if mult == 1:
+        return t % period, period
+    n = int(math.log(t / period * (mult - 1) + 1, mult))
+    start = period * (mult**n - 1) / (mult - 1)
+    return t - start, period * mult**n
+
+
 class Schedule:
     """Learning rate by step: linear warmup, then constant | step | multistep | cosine | plateau.
 
@@ -114,16 +147,36 @@ class Schedule:
             span = max(1, self.max_steps - c.warmup_steps)
             progress = min(1.0, after / span)
             decay = c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        elif c.name == "cyclic":
+            decay = _cyclic(after, c)
+        elif c.name == "one_cycle":
+            decay = _one_cycle(step, self.max_steps, c)[0]
+        elif c.name == "cosine_restarts":
+            t_cur, t_i = _restart_position(after, c.restart_period, c.restart_mult)
+            decay = c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t_cur / t_i))
         else:
             decay = 1.0
         lr = self.base_lr * warm * decay * self.plateau_factor * self.lr_scale
         return max(lr, c.min_lr) if c.name == "plateau" else lr
 
+    def momentum_at(self, step: int) -> float | None:
+        """one_cycle with cycle_momentum: the momentum (or Adam's beta1) for step `step`; None otherwise."""
+        if self.cfg.name != "one_cycle" or not self.cfg.cycle_momentum:
+            return None
+        return _one_cycle(step, self.max_steps, self.cfg)[1]
+
     def apply(self, optimizer: torch.optim.Optimizer, step: int, factor: float = 1.0) -> float:
-        """Set every group's rate for step `step` (times `factor`: a batch ramp's lr scaling); returns it."""
+        """Set every group's rate (times `factor`: a batch ramp's lr scaling), and momentum under one_cycle, for step
+        `step`; returns the rate."""
         lr = self.lr_at(step) * factor
+        momentum = self.momentum_at(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
+            if momentum is not None:
+                if "betas" in group:
+                    group["betas"] = (momentum, group["betas"][1])
+                elif "momentum" in group:
+                    group["momentum"] = momentum
         return lr
 
     def observe(self, metrics: dict[str, float]) -> None:
@@ -154,3 +207,21 @@ class Schedule:
         self.best = state["best"]
         self.bad_evals = int(state["bad_evals"])
         self.lr_scale = float(state.get("lr_scale", 1.0))
+
+
+def plot_schedule(cfg: Any, out: Any) -> tuple[list[float], list[float]]:
+    """`shoal schedule`: the rate (and one-cycle momentum) at every step of the run, drawn to `out`."""
+    from shoal import plots
+
+    s = Schedule(cfg.schedule, cfg.optim.lr, cfg.train.max_steps)
+    steps = range(cfg.train.max_steps)
+    lr = [s.lr_at(t) for t in steps]
+    momentum = [m for m in (s.momentum_at(t) for t in steps) if m is not None]
+    fig, ax = plots.figure(1, 2 if momentum else 1, (12 if momentum else 8, 4))
+    ax[0][0].plot(list(steps), lr)
+    ax[0][0].set(xlabel="step", ylabel="learning rate", title=f"schedule.name: {cfg.schedule.name}")
+    if momentum:
+        ax[0][1].plot(list(steps), momentum, color="tab:orange")
+        ax[0][1].set(xlabel="step", ylabel="momentum (beta1)", title="one-cycle momentum")
+    plots.save(fig, out)
+    return lr, momentum

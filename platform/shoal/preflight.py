@@ -27,6 +27,16 @@ def check(cfg: JobConfig, *, resume: bool = False, local_files: bool = True) -> 
         if target:
             locate_object(target, key)
     check_trackers(cfg)
+    if cfg.data.augment or cfg.data.mixup is not None or cfg.data.cutmix is not None:
+        from shoal.data.augment_options import IMAGE_OPS, parse
+        from shoal.data.spec import describe
+
+        steps = parse(cfg.data, describe(cfg.data)[0])  # the data's shape, from the config or the shards' manifest
+        needs_kornia = cfg.data.cutmix is not None or any(n in IMAGE_OPS or n == "erase" for n, _ in steps)
+        if needs_kornia and not installed("kornia"):
+            raise ConfigError(
+                "image transforms and cutmix need kornia: pip install 'shoal[augment]'", key="data.augment"
+            )
     stages = cfg.parallel.pipeline_stages
     if cfg.scaling.num_workers % stages:
         raise ConfigError(

@@ -37,19 +37,25 @@ class BatchSource(Protocol):
 
 
 class _ByIndexBatch(torch.utils.data.Dataset):
-    """Map-style view for DataLoader workers: item = one index array = one batch."""
+    """Map-style view for DataLoader workers: item = (index array, epoch, position) = one batch, augmented here
+    (data.augment, on the worker's CPU) when the stream hands the transforms to its workers."""
 
-    def __init__(self, source: BatchSource):
+    def __init__(self, source: BatchSource, augment: Any = None):
         self.source = source
+        self.augment = augment
 
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, idx: np.ndarray) -> Batch | _Raised:
+    def __getitem__(self, item: tuple[np.ndarray, int, int]) -> Any:
+        idx, epoch, position = item
         try:
-            return self.source.get_batch(idx)
+            batch = self.source.get_batch(idx)
         except ShoalError as e:
             return _Raised(e)
+        if self.augment is None:
+            return batch
+        return (self.augment.samples(batch[0], epoch, position), *batch[1:])
 
 
 class _EpochBatches(torch.utils.data.Sampler):
@@ -66,9 +72,11 @@ class _EpochBatches(torch.utils.data.Sampler):
         assert s is not None, "the train stream is gone"
         return s
 
-    def __iter__(self) -> Iterator[np.ndarray]:
+    def __iter__(self) -> Iterator[tuple[np.ndarray, int, int]]:
         s = self.stream
-        return s.plan.batches(s.epoch, s.consumed, s.loader_workers)
+        start, step = s.position(), s.world.world_size * s.batch_size
+        for i, ids in enumerate(s.plan.batches(s.epoch, s.consumed, s.loader_workers)):
+            yield ids, s.epoch, start + i * step  # the position TrainStream.position() gives the same batch
 
     def __len__(self) -> int:
         return self.stream.plan.num_batches(self.stream.consumed)
@@ -83,8 +91,17 @@ class TrainStream:
     workers (which hand out sampler items round robin), so the position is exact.
     """
 
-    def __init__(self, source: BatchSource, plan: Any, cfg: DataConfig, world: WorldInfo, device: torch.device):
+    def __init__(
+        self,
+        source: BatchSource,
+        plan: Any,
+        cfg: DataConfig,
+        world: WorldInfo,
+        device: torch.device,
+        augment: Any = None,
+    ):
         self.source = source
+        self.augment = augment  # data.augment / mixup / cutmix (None: batches as read)
         self.plan = plan
         self.world = world
         self.device = device
@@ -109,8 +126,9 @@ class TrainStream:
         if cfg.num_workers == 0 and not pin:
             return None  # plain in-process fetch: no DataLoader machinery on the hot path
         workers = cfg.num_workers
+        in_workers = self.augment is not None and workers > 0  # per-sample transforms overlap the step there
         return torch.utils.data.DataLoader(
-            _ByIndexBatch(self.source),
+            _ByIndexBatch(self.source, self.augment if in_workers else None),
             batch_size=None,
             sampler=_EpochBatches(self),
             num_workers=workers,
@@ -140,11 +158,21 @@ class TrainStream:
             item = next(self._it)
         if isinstance(item, _Raised):
             raise item.error
+        position = self.position()
         self.taken += 1
-        x, y = item[0], item[1]
+        x, y = item[0].to(self.device, non_blocking=True), item[1].to(self.device, non_blocking=True)
         if len(item) > 2:
             self.skipped_samples += int(item[2])
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        if self.augment is not None:  # drawn for (epoch, position): the same after a resume, and per rank
+            if not self.loader_workers:  # with loader workers they transformed the batch already
+                x = self.augment.samples(x, self.epoch, position)
+            x, y = self.augment.mix(x, y, self.epoch, position)
+        return x, y
+
+    def position(self) -> int:
+        """Global samples taken this epoch before the next batch (the same whether or not the run was resumed)."""
+        done = self.consumed if isinstance(self.consumed, int) else sum(b - a for a, b in self.consumed)
+        return done + self.taken * self.world.world_size * self.batch_size
 
     def close(self) -> None:
         """Stop the loader workers now; any later batch is fetched in this process."""
@@ -239,6 +267,11 @@ def build_loaders(cfg: JobConfig, world: WorldInfo, device: torch.device) -> Loa
         plan = partition.MemoryPlan(
             len(train), cfg.seed, cfg.data.shuffle, world.rank, world.world_size, cfg.data.batch_size
         )
-    stream = TrainStream(train, plan, cfg.data, world, device)
+    augment = None
+    if cfg.data.augment or cfg.data.mixup is not None or cfg.data.cutmix is not None:
+        from shoal.data.augment import Augment
+
+        augment = Augment(cfg.data, train.spec, cfg.seed, world.rank)
+    stream = TrainStream(train, plan, cfg.data, world, device, augment)
     evalset = EvalSet(val, world, cfg.data.batch_size, device) if val is not None and len(val) else None
     return Loaders(train=stream, val=evalset, spec=train.spec, world=world)

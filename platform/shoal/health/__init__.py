@@ -34,6 +34,7 @@ class HealthMonitor:
         is_main: bool,
         run_dir: Path | None = None,
         classes: int = 0,
+        overfit_remedies: list[str] | None = None,
         reduce: Reduce | None = None,
         layout: list[str] | None = None,
     ):
@@ -52,6 +53,7 @@ class HealthMonitor:
             None  # set by the job once its state exists (health.on_nonfinite=rollback)
         )
         self.chance_loss = math.log(classes) if classes > 1 else None
+        self.overfit_remedies = overfit_remedies  # what the data allow (augmentation, mixing), else the generic list
         self.reference: float | None = None
         self.grad_history: list[float] = []
         self.eval_train: list[float] = []
@@ -184,7 +186,10 @@ class HealthMonitor:
         if "val_loss" in metrics and math.isfinite(train_loss):
             self.eval_val.append(metrics["val_loss"])
             self.eval_train.append(train_loss)
-            self._raise(detectors.overfitting(step, self.eval_train, self.eval_val, self.cfg))
+            alert = detectors.overfitting(step, self.eval_train, self.eval_val, self.cfg)
+            if alert is not None and self.overfit_remedies:
+                alert.remedies = self.overfit_remedies
+            self._raise(alert)
             self._raise(detectors.plateau(step, self.eval_val, self.cfg))
         return policy.EARLY_STOP if self.stopper.observe(step, metrics) else policy.CONTINUE
 

@@ -27,6 +27,7 @@ REMEDIES: dict[str, list[str]] = {
     ],
     "plateau": [
         "a higher optim.lr if the loss barely moves",
+        "schedule.name: cosine_restarts or one_cycle (leave a poor minimum)",
         "schedule.name: plateau or cosine",
         "a larger model (model.width, model.depth)",
     ],
@@ -68,6 +69,19 @@ class Alert:
 
 def _alert(kind: str, step: int, message: str, where: list[str] | None = None, **numbers: float) -> Alert:
     return Alert(kind, step, message, where or [], {k: float(v) for k, v in numbers.items()}, REMEDIES[kind])
+
+
+def overfitting_remedies(task: str, input_shape: tuple[int, ...]) -> list[str]:
+    """The overfitting remedies these data allow: augmentation that fits the inputs, mixing for class targets."""
+    if task == "lm":
+        more = ["data.augment: [token_mask]"]
+    elif len(input_shape) == 3:
+        more = ["data.augment: [crop, hflip, rotate] (or noise, erase)"]
+    else:
+        more = ["data.augment: [noise] (or erase)"]
+    if task == "classification":
+        more.append("data.mixup: {alpha: 0.2}" + (" or data.cutmix: {alpha: 1.0}" if len(input_shape) == 3 else ""))
+    return [*REMEDIES["overfitting"][:3], *more, *REMEDIES["overfitting"][3:]]
 
 
 INITIAL_LOSS_FACTOR = 1.6

@@ -1,0 +1,87 @@
+"""data.augment's entries, read and checked against the data's shape. No torch: the driver checks them before a
+cluster starts (exit 2 naming the entry)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shoal.config import DataConfig
+from shoal.data.spec import DataSpec
+from shoal.errors import ConfigError
+
+IMAGE_OPS = ("crop", "hflip", "rotate", "translate", "color_jitter")
+ANY_OPS = ("noise", "erase")
+LM_OPS = ("token_mask",)
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "crop": {"padding": 2},
+    "hflip": {"p": 0.5},
+    "rotate": {"degrees": 10.0},
+    "translate": {"fraction": 0.1},
+    "color_jitter": {"brightness": 0.2, "contrast": 0.2, "saturation": 0.0, "hue": 0.0},
+    "noise": {"std": 0.1},
+    "erase": {"p": 0.5, "scale": [0.02, 0.2]},
+    "token_mask": {"p": 0.1, "token": 0},
+}
+
+
+def parse(cfg: DataConfig, spec: DataSpec) -> list[tuple[str, dict[str, Any]]]:
+    """(name, options) per data.augment entry, checked against the data's shape (ConfigError names the entry)."""
+    out = []
+    image = len(spec.input_shape) == 3
+    for i, entry in enumerate(cfg.augment):
+        key = f"data.augment[{i}]"
+        if isinstance(entry, dict):
+            if len(entry) != 1:
+                raise ConfigError(f"one transform per entry, as {{name: {{options}}}} (got {entry})", key=key)
+            name, opts = next(iter(entry.items()))
+            opts = dict(opts or {})
+        else:
+            name, opts = entry, {}
+        if ":" in name:
+            out.append((name, {}))
+            continue
+        if name not in DEFAULTS:
+            allowed = ", ".join([*DEFAULTS, "package.module:fn"])
+            raise ConfigError(f"unknown transform {name!r}; one of {allowed}", key=key)
+        unknown = set(opts) - set(DEFAULTS[name]) - ({"size"} if name == "crop" else set())
+        if unknown:
+            raise ConfigError(
+                f"{name}: unknown option(s) {sorted(unknown)}; it takes {sorted(DEFAULTS[name])}", key=key
+            )
+        opts = {**DEFAULTS[name], **opts}
+        if spec.task == "lm" and name not in LM_OPS:
+            raise ConfigError(f"{name} transforms inputs, and lm inputs are token ids; use token_mask", key=key)
+        if name in LM_OPS and spec.task != "lm":
+            raise ConfigError(f"{name} is for lm data (token ids)", key=key)
+        if name in IMAGE_OPS and not image:
+            raise ConfigError(
+                f"{name} needs image inputs [C, H, W]; the data gives {list(spec.input_shape)} (noise and erase work "
+                "on any input)",
+                key=key,
+            )
+        if name == "crop":
+            size = list(opts.get("size") or spec.input_shape[1:])
+            if (
+                size[0] > spec.input_shape[1] + 2 * opts["padding"]
+                or size[1] > spec.input_shape[2] + 2 * opts["padding"]
+            ):
+                raise ConfigError(
+                    f"crop: size {size} is larger than the padded image {list(spec.input_shape[1:])} + 2 x "
+                    f"{opts['padding']}",
+                    key=key,
+                )
+            if size != list(spec.input_shape[1:]):
+                raise ConfigError(f"crop: size {size} would change the input shape {list(spec.input_shape)}", key=key)
+            opts["size"] = size
+        if name == "color_jitter" and (opts["saturation"] or opts["hue"]) and spec.input_shape[0] != 3:
+            raise ConfigError("color_jitter: saturation and hue need 3 colour channels", key=key)
+        out.append((name, opts))
+    for key, mix in (("data.mixup", cfg.mixup), ("data.cutmix", cfg.cutmix)):
+        if mix is not None and spec.task != "classification":
+            raise ConfigError("mixes class targets: classification data only", key=key)
+    if cfg.cutmix is not None and not image:
+        raise ConfigError(
+            f"cutmix pastes image boxes: needs [C, H, W] inputs (the data gives {list(spec.input_shape)})",
+            key="data.cutmix",
+        )
+    return out
