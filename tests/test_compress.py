@@ -47,6 +47,19 @@ def test_pruning_costs_what_the_report_says(compressed):
     assert "unstructured-0.9" in report and (out / "tradeoff.png").stat().st_size > 10_000
 
 
+def test_structured_pruning_removes_whole_neurons_and_spares_the_output_layer(trained):
+    from shoal.compress.prune import prune
+    from shoal.trained import load
+
+    model = load(trained).model
+    prune(model, 0.5, method="structured")
+    hidden = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    for layer in hidden[:-1]:
+        rows = (layer.weight == 0).all(dim=1)
+        assert int(rows.sum()) == layer.weight.shape[0] // 2  # half the neurons gone, each one whole
+    assert not bool((hidden[-1].weight == 0).all(dim=1).any())  # every class keeps its output
+
+
 def test_int8_dynamic_is_three_times_smaller_and_as_accurate(compressed):
     _, rows = compressed
     half, q = rows["unstructured-0.5"], rows["unstructured-0.5-int8-dynamic"]

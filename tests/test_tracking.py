@@ -118,6 +118,32 @@ def test_two_rank_run_logs_everything_to_mlflow_and_resumes_into_the_same_run(ra
     assert client.get_run(run_id).info.status == "FINISHED"
 
 
+def test_sweeps_and_comparisons_nest_their_runs_under_one_parent(mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from shoal import tracking
+    from shoal.config import load_config
+
+    _, url = mlflow_server
+    cfg = load_config(QUICKSTART, [f"log.mlflow.tracking_uri={url}", "log.mlflow.experiment=grouped"])
+    grouped = tracking.group(cfg, "sweep demo")
+    parent = grouped.log.mlflow.parent_run_id
+    assert parent
+    run = tmp_path / "child"
+    r = shoal_cli(
+        "worker",
+        QUICKSTART,
+        *tiny_overrides(run, **{"train.max_steps": 20}),
+        f"log.mlflow.tracking_uri={url}",
+        "log.mlflow.experiment=grouped",
+        f"log.mlflow.parent_run_id={parent}",
+    )
+    assert r.returncode == 0, r.stderr
+    child = MlflowClient(url).get_run(json.loads((run / "tracking.json").read_text())["mlflow_run_id"])
+    assert child.data.tags["mlflow.parentRunId"] == parent
+    assert MlflowClient(url).get_run(parent).data.tags["shoal.group"] == "sweep demo"
+
+
 def test_a_tracker_killed_mid_run_never_stops_training(mlflow_server, tmp_path):
     proc, url = mlflow_server  # the last test to use the server: it kills it
     run = tmp_path / "run"
