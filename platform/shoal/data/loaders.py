@@ -74,12 +74,19 @@ class _EpochBatches(torch.utils.data.Sampler):
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, int, int]]:
         s = self.stream
-        start, step = s.position(), s.world.world_size * s.batch_size
-        for i, ids in enumerate(s.plan.batches(s.epoch, s.consumed, s.loader_workers)):
-            yield ids, s.epoch, start + i * step  # the position TrainStream.position() gives the same batch
+        batches = s.plan.batches(s.epoch, s.consumed, s.loader_workers)
+        # a generator that does not hold the stream (see __init__): the position TrainStream.position() gives
+        return _with_positions(batches, s.epoch, s.position(), s.world.world_size * s.batch_size)
 
     def __len__(self) -> int:
         return self.stream.plan.num_batches(self.stream.consumed)
+
+
+def _with_positions(
+    batches: Iterator[np.ndarray], epoch: int, start: int, step: int
+) -> Iterator[tuple[np.ndarray, int, int]]:
+    for i, ids in enumerate(batches):
+        yield ids, epoch, start + i * step
 
 
 class TrainStream:
