@@ -21,17 +21,23 @@ from shoal.config import JobConfig, config_from_dict
 from _common import machine, median, spawn_ranks, table
 
 
-def timed(cfg_dict: dict, steps: int) -> float:
+def rank_job(cfg_dict: dict):
+    """This spawned rank's job on gloo, one thread per rank."""
     from shoal import dist
     from shoal.dist import WorldInfo
-    from shoal.engine import train_step
     from shoal.job import build_job
 
-    cfg = config_from_dict(cfg_dict)
     world = WorldInfo.from_env()
     dist.init_process_group(world, "gloo", 120, torch.device("cpu"))
     torch.set_num_threads(1)
-    job = build_job(cfg, world, torch.device("cpu"))
+    return build_job(config_from_dict(cfg_dict), world, torch.device("cpu"))
+
+
+def timed(cfg_dict: dict, steps: int) -> float:
+    from shoal import dist
+    from shoal.engine import train_step
+
+    job = rank_job(cfg_dict)
     for _ in range(10):
         train_step(job)
     dist.barrier()
@@ -43,16 +49,10 @@ def timed(cfg_dict: dict, steps: int) -> float:
 
 
 def to_target(cfg_dict: dict, target: float) -> dict:
-    from shoal import dist
-    from shoal.dist import WorldInfo
     from shoal.engine import evaluate, train_step
-    from shoal.job import build_job
 
-    cfg = config_from_dict(cfg_dict)
-    world = WorldInfo.from_env()
-    dist.init_process_group(world, "gloo", 120, torch.device("cpu"))
-    torch.set_num_threads(1)
-    job = build_job(cfg, world, torch.device("cpu"))
+    job = rank_job(cfg_dict)
+    cfg = job.cfg
     start = time.perf_counter()
     while job.counters.step < cfg.train.max_steps:
         train_step(job)

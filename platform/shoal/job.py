@@ -149,7 +149,7 @@ def build_job(cfg: JobConfig, world: WorldInfo, device: torch.device, run_dir: P
         window=window,
         batch=BatchSchedule(cfg, data.world.world_size),
         sparsity=sparsity,
-        gns=NoiseScale(cfg.train.gns_every if cfg.strategy == "allreduce" else 0, data.world.world_size, device),
+        gns=NoiseScale(cfg.train.gns_every if strategy.measures_noise else 0, data.world.world_size, device),
     )
     if cfg.health.on_nonfinite == "rollback":
         health.rollback = Rollback(cfg.health, job.state, checkpointer)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from shoal.errors import ShoalError
+from shoal.health.doctor import series
 from shoal.metrics import read_metrics
 from shoal.rundir import CONFIG, METRICS, read_summary
 
@@ -54,7 +55,7 @@ def _run_page(run_dir: Path) -> str:
     records = read_metrics(run_dir)
     summary = read_summary(run_dir) or {"status": "running (no summary.json yet)"}
     plots = Plots()
-    curves = [plots.lines(title, {k: _series(records, k) for k in keys}, log) for title, keys, log in CURVES]
+    curves = [plots.lines(title, {k: series(records, k) for k in keys}, log) for title, keys, log in CURVES]
     body = [
         f"<h1>Shoal run: {_e(summary.get('name') or run_dir.name)}</h1>",
         _summary_table(summary),
@@ -88,7 +89,7 @@ def _sweep_page(run_dir: Path) -> str:
         [r.get(f"{metric}_std", 0.0) for r in table],
     )
     curves = {
-        f"{r['label']} seed {r['seed']}": _series(read_metrics(Path(r["run_dir"])), "loss") for r in report["runs"]
+        f"{r['label']} seed {r['seed']}": series(read_metrics(Path(r["run_dir"])), "loss") for r in report["runs"]
     }
     cols = sorted({k for r in table for k in r if k not in ("label", "runs")})
     rows = [[r["label"], r["runs"], *[r.get(c) for c in cols]] for r in table]
@@ -168,11 +169,6 @@ class Plots:
         fig = self.go.Figure([self.go.Bar(x=labels, y=values, error_y={"type": "data", "array": errors})])
         fig.update_layout(title=title)
         return self._div(fig)
-
-
-def _series(records: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
-    pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and r[key] == r[key]]
-    return [s for s, _ in pts], [v for _, v in pts]
 
 
 def _summary_table(summary: dict[str, Any]) -> str:

@@ -20,20 +20,13 @@ import torch
 
 from shoal.check.findings import NOTE, Finding
 from shoal.config import JobConfig
+from shoal.data.memory import _splitmix64
 from shoal.data.spec import DataSpec
 from shoal.errors import DataError
 
 CHUNK = 4096  # samples per read of in-memory data
 MAX_FEATURES_STATS = 1 << 16  # per-feature statistics up to this many input elements per sample
 KEYS_SHOWN = 5
-
-
-def _mix(h: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser: every input bit reaches every output bit."""
-    with np.errstate(over="ignore"):
-        h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return h ^ (h >> np.uint64(31))
 
 
 def row_hashes(x: np.ndarray) -> np.ndarray:
@@ -46,7 +39,7 @@ def row_hashes(x: np.ndarray) -> np.ndarray:
     h = np.full(len(words), 0x243F6A8885A308D3, dtype=np.uint64)
     with np.errstate(over="ignore"):
         for j in range(words.shape[1]):
-            h = _mix(h ^ (words[:, j] + np.uint64(j) * np.uint64(0x9E3779B97F4A7C15)))
+            h = _splitmix64(h ^ (words[:, j] + np.uint64(j) * np.uint64(0x9E3779B97F4A7C15)))
     return h
 
 

@@ -165,7 +165,7 @@ class TrainStream:
             item = next(self._it)
         if isinstance(item, _Raised):
             raise item.error
-        position = self.position()
+        position = self.position() if self.augment is not None else 0  # the draws' key; only augmentation needs it
         self.taken += 1
         x, y = item[0].to(self.device, non_blocking=True), item[1].to(self.device, non_blocking=True)
         if len(item) > 2:

@@ -122,7 +122,8 @@ def batch_verdict(records: list[dict[str, Any]]) -> str | None:
     return head + " The batch is near it: a good trade of time against samples."
 
 
-def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+def series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of one metric, finite values only (the doctor's plots and `shoal report`'s curves)."""
     pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
     return [s for s, _ in pts], [v for _, v in pts]
 
@@ -130,12 +131,12 @@ def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[fl
 def _plot_loss(records: list[dict[str, Any]], out: Path) -> Path | None:
     from shoal.plots import figure, save
 
-    steps, loss = _series(records, "loss")
+    steps, loss = series(records, "loss")
     if not steps:
         return None
     fig, ax = figure(1, 1, (8, 4.5))
     ax[0][0].plot(steps, loss, label="training loss")
-    vs, vl = _series(records, "val_loss")
+    vs, vl = series(records, "val_loss")
     if vs:
         ax[0][0].plot(vs, vl, "o-", label="validation loss")
     ax[0][0].set(xlabel="step", ylabel="loss", yscale="log", title="loss")
@@ -146,7 +147,7 @@ def _plot_loss(records: list[dict[str, Any]], out: Path) -> Path | None:
 def _plot_lr(records: list[dict[str, Any]], out: Path) -> Path | None:
     from shoal.plots import figure, save
 
-    steps, lr = _series(records, "lr")
+    steps, lr = series(records, "lr")
     if not steps:
         return None
     fig, ax = figure(1, 1, (8, 3.5))
@@ -163,7 +164,7 @@ def _plot_layers(records: list[dict[str, Any]], out: Path) -> Path | None:
         return None
     fig, ax = figure(1, 1, (9, 5))
     for k in keys:
-        steps, v = _series(records, k)
+        steps, v = series(records, k)
         ax[0][0].plot(steps, v, label=k.split("/", 1)[1])
     ax[0][0].set(xlabel="step", ylabel="gradient norm", yscale="log", title="gradient norm per layer")
     if len(keys) <= 12:
@@ -226,12 +227,12 @@ def _plot_distributions(records: list[dict[str, Any]], out: Path) -> Path | None
 def _plot_gns(records: list[dict[str, Any]], out: Path) -> Path | None:
     from shoal.plots import figure, save
 
-    steps, gns = _series(records, "gns")
+    steps, gns = series(records, "gns")
     if not steps:
         return None
     fig, ax = figure(1, 1, (8, 4))
     ax[0][0].plot(steps, gns, label="gradient noise scale (gns)")
-    bs, batch = _series(records, "batch")
+    bs, batch = series(records, "batch")
     ax[0][0].plot(bs, batch, drawstyle="steps-post", label="global batch")
     ax[0][0].set(xlabel="step", ylabel="samples", yscale="log", title="critical batch (gns) and the batch used")
     ax[0][0].legend()

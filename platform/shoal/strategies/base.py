@@ -86,6 +86,11 @@ class Strategy:
 
     # ---------------------------------------------------------------- one step
 
+    @property
+    def measures_noise(self) -> bool:
+        """Whether local_grad_sq can see a rank's own gradient before its reduction (the gradient noise scale)."""
+        return False
+
     def arm_noise_probe(self, enabled: bool) -> None:
         """Measure this rank's gradient norm before the reduction in the coming step (the gradient noise scale)."""
 

@@ -44,6 +44,10 @@ class DDPStrategy(Strategy):
         self.module.register_comm_hook(self.hook, _bucket_hook)
         return self.module
 
+    @property
+    def measures_noise(self) -> bool:
+        return self.hook is not None  # DDP's comm hook, installed with two or more ranks
+
     def arm_noise_probe(self, enabled: bool) -> None:
         if self.hook is not None:
             self.hook.armed, self.hook.local_sq = enabled, None
