@@ -29,6 +29,29 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+REQUIRE_SYSTEM_DEPS = "SHOAL_REQUIRE_SYSTEM_DEPS"  # set by .ci/run, which installs the system packages below
+SYSTEM_PACKAGES = {  # program -> what to install (pip cannot): the README's Development section lists them
+    "chromium": "Debian's chromium (apt-get install -y --no-install-recommends chromium)",
+    "sbatch": "Debian's slurmctld slurmd slurm-client munge (apt-get install -y --no-install-recommends slurmctld "
+    "slurmd slurm-client munge)",
+}
+
+
+def need_system(*programs: str) -> str:
+    """The path of a system program a test needs (the first of `programs` found on PATH). Without it the test
+    skips with one line saying what to install, or fails where SHOAL_REQUIRE_SYSTEM_DEPS=1, so CI (which installs
+    them) can never pass without these tests having run."""
+    for name in programs:
+        found = shutil.which(name)
+        if found:
+            return found
+    install = SYSTEM_PACKAGES.get(programs[0], f"the {programs[0]} program")
+    message = f"needs {programs[0]} on PATH: install {install}"
+    if os.environ.get(REQUIRE_SYSTEM_DEPS) == "1":
+        pytest.fail(f"{message} ({REQUIRE_SYSTEM_DEPS}=1 makes this a failure)", pytrace=False)
+    pytest.skip(message)
+
+
 @pytest.fixture(autouse=True)
 def _no_leaked_dist_env():
     """A test must not leave torchrun variables behind (they would turn later tests distributed)."""

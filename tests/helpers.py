@@ -147,3 +147,8 @@ def unused_layer_mlp() -> nn.Module:
 def linear_regressor(inputs: int = 8) -> nn.Module:
     """Least squares as a model: the gradient noise scale of its mse loss has a closed form on the data."""
     return nn.Sequential(nn.Flatten(), nn.Linear(inputs, 1))
+
+
+def wrong_outputs() -> nn.Module:
+    """A digits model with 3 outputs where the data has 10 classes (a mismatch validate must name)."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 3))

@@ -51,8 +51,20 @@ def test_batch_find_size_trains_within_the_given_memory(tmp_path):
     assert json.loads((run / "summary.json").read_text())["memory"]["peak_mb"][0] <= budget_mb
 
 
+def test_batch_find_on_the_cpu_defaults_to_the_memory_this_process_may_use(tmp_path):
+    import psutil
+
+    r = shoal_cli("batch-find", QUICKSTART, "--max-batch", "4", "--out", str(tmp_path / "o"))
+    assert r.returncode == 0, r.stderr
+    assert "no --max-memory given: searching under" in r.stderr and "rank(s) per node" in r.stderr
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    per_node = 2  # the quickstart's two ranks on this machine's cores
+    expected = psutil.virtual_memory().available / 2**20 / per_node
+    assert abs(report["max_memory_mb"] - expected) < 0.15 * expected  # available memory moves a little meanwhile
+    assert report["max_memory_from"].endswith("/ 2 rank(s) per node")
+    assert [row["status"] for row in report["tried"]] == ["fits"] * 3
+
+
 def test_batch_find_usage_errors(tmp_path):
-    r = shoal_cli("batch-find", QUICKSTART, "--out", str(tmp_path / "o"))
-    assert r.returncode == 2 and "--max-memory" in r.stderr and "Traceback" not in r.stderr
     r = shoal_cli("batch-find", QUICKSTART, "--max-memory", "lots")
     assert r.returncode == 2 and "--max-memory: expected a size" in r.stderr

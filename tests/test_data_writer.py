@@ -183,3 +183,48 @@ def test_negative_labels_are_refused_naming_the_source_and_label(tmp_path):
     line = proc.stderr.strip()
     assert len(line.splitlines()) == 1 and str(tmp_path / "neg.npz") in line and "sample 3 has label -1" in line
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def _parquet(path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"x": [1.0, 2.0, 3.0], "y": [0, 1, 0]}), path)
+
+
+def _png(path) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (4, 4), (10, 20, 30)).save(path)
+
+
+@pytest.mark.parametrize(
+    "name, make, needle",
+    [
+        ("data.parquet", _parquet, ".parquet files are not a source"),
+        ("weights.pt", lambda p: torch.save({"w": torch.zeros(3)}, p), ".pt files are not a source"),
+        ("picture.png", _png, ".png files are not a source"),
+        ("archive.zip", lambda p: p.write_bytes(b"PK\x03\x04" + bytes(60)), ".zip files are not a source"),
+        ("notes.txt", lambda p: p.write_bytes(b"abc\x00def" * 50), "NUL byte at offset 3"),
+        ("latin.txt", lambda p: p.write_bytes(b"caf\xe9 " * 50), "not UTF-8 text (invalid byte at offset 3)"),
+        ("blob", lambda p: p.write_bytes(bytes(range(256)) * 4), "NUL byte at offset 0"),
+    ],
+)
+def test_a_file_that_is_not_a_known_source_or_text_is_refused(tmp_path, name, make, needle):
+    make(tmp_path / name)
+    proc = shoal_cli("shard", str(tmp_path / name), str(tmp_path / "out"))
+    assert proc.returncode == 2, proc.stdout
+    assert len(proc.stderr.strip().splitlines()) == 1 and needle in proc.stderr and str(tmp_path / name) in proc.stderr
+    assert "it accepts digits, synthetic, a .npz" in proc.stderr or "NUL" in proc.stderr or "UTF-8" in proc.stderr
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_utf8_text_without_a_suffix_still_shards(tmp_path):
+    text = "naïve café, 東京 — plain UTF-8 text. " * 20
+    (tmp_path / "corpus").write_text(text, encoding="utf-8")
+    shard(str(tmp_path / "corpus"), str(tmp_path / "out"), "--seq-len", "16", "--val-fraction", "0")
+    gx, gy, m = read_all(tmp_path / "out")
+    assert m["task"] == "lm" and np.array_equal(gx[:, 1:], gy[:, :-1])
+    raw = text.encode()
+    assert all(bytes(block.astype(np.uint8)) in raw for block in gx)  # byte blocks of the file, multi-byte chars too
+    assert len(gx) == (len(raw) - 1) // 16

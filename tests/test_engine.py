@@ -43,7 +43,7 @@ def run_steps(cfg_dict: dict, steps: int) -> dict:
 
     dist.init_process_group(world, "gloo", 60, torch.device("cpu"))
     job = build_job(cfg, world, torch.device("cpu"))
-    counter = job.strategy.hook  # counts DDP's bucket all-reduces (None on one rank)
+    counter = count_allreduces(job.model)  # DDP's bucket all-reduces (None on one rank)
     calls = []
     losses = []
     for _ in range(steps):
@@ -53,6 +53,28 @@ def run_steps(cfg_dict: dict, steps: int) -> dict:
         losses.append(r.loss_sum.item() / r.count)  # this rank's mean
     params = {k: v.detach().clone() for k, v in job.bare_model.state_dict().items()}
     return {"params": params, "calls": calls, "losses": losses, "eval": evaluate(job), "frozen": job.frozen}
+
+
+class Counter:
+    calls = 0
+
+
+def _counting_hook(state, bucket):
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    state.calls += 1
+    return allreduce_hook(None, bucket)
+
+
+def count_allreduces(model) -> Counter | None:
+    """A communication hook of the test's own that counts DDP's bucket all-reduces (Shoal installs none)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if not isinstance(model, DDP):
+        return None
+    counter = Counter()
+    model.register_comm_hook(counter, _counting_hook)
+    return counter
 
 
 def reference(cfg: JobConfig, steps: int) -> dict:
@@ -93,6 +115,18 @@ def test_two_ranks_with_accumulation_equal_one_rank_with_the_whole_batch(ddp):
     assert ranks[0]["eval"] == ranks[1]["eval"]
     assert ranks[0]["eval"]["val_loss"] == pytest.approx(ref["eval"]["val_loss"], abs=1e-6)
     assert ranks[0]["eval"]["val_accuracy"] == pytest.approx(ref["eval"]["val_accuracy"], abs=1e-12)
+
+
+def test_steps_that_measure_the_noise_scale_reduce_by_hand_to_the_same_numbers():
+    """With train.gns_every: 1 every step reduces by hand (no DDP all-reduce, no comm hook of Shoal's): the
+    replicas still equal one rank on the whole batch, accumulation included."""
+    steps, b, k = 3, 3, 2
+    dist_cfg = small_cfg(**{"data.batch_size": b, "train.grad_accum_steps": k, "train.gns_every": 1})
+    ranks = spawn_ranks(run_steps, 2, dist_cfg.to_dict(), steps)
+    ref = reference(small_cfg(**{"data.batch_size": 2 * b * k}), steps)
+    assert_params_close(ranks[0]["params"], ranks[1]["params"], atol=0)
+    assert_params_close(ranks[0]["params"], ref["params"], atol=1e-6)
+    assert ranks[0]["calls"] == [0] * steps  # DDP's reducer never ran: the one reduction was the strategy's
 
 
 def test_frozen_parameters_stay_bit_identical_and_leave_the_optimizer():

@@ -33,6 +33,7 @@ def cfg_of(strategy: str, model: dict, **updates) -> JobConfig:
         "strategy": strategy,
         "optim.name": "adamw",
         "optim.lr": 0.01,
+        "optim.implementation": "foreach",  # the same kernels on both sides (auto: fused whole tensors, foreach shards)
         "train.eval_every": 0,
         "train.grad_accum_steps": 3,
         "train.clip_grad_norm": 0.05,

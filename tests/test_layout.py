@@ -40,3 +40,29 @@ def test_ci_runs_the_readme_test_command_verbatim():
     assert blocks.count("\n") == 0, "the README's test command is one line"
     assert blocks in (REPO / ".ci" / "run").read_text().splitlines()
     assert "pytest" in blocks and "torch==2.13.0" in blocks
+
+
+def test_a_missing_system_package_skips_with_what_to_install_unless_ci_requires_it(tmp_path):
+    """The README's test command passes without Chromium or Slurm (those tests skip, saying what to install);
+    with SHOAL_REQUIRE_SYSTEM_DEPS=1, as .ci/run sets it, the same run fails."""
+    import os
+
+    (tmp_path / "test_needs.py").write_text(
+        "from conftest import need_system\n\ndef test_browser():\n    need_system('shoal-no-such-browser')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    env.pop("SHOAL_REQUIRE_SYSTEM_DEPS", None)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", str(tmp_path / "test_needs.py")]
+    plain = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert plain.returncode == 0, plain.stdout
+    assert "SKIPPED" in plain.stdout and "needs shoal-no-such-browser on PATH: install" in plain.stdout
+    strict = subprocess.run(
+        cmd, cwd=tmp_path, env={**env, "SHOAL_REQUIRE_SYSTEM_DEPS": "1"}, capture_output=True, text=True, timeout=120
+    )
+    assert strict.returncode == 1 and "SHOAL_REQUIRE_SYSTEM_DEPS=1 makes this a failure" in strict.stdout
+
+
+def test_ci_requires_the_system_packages_it_installs():
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "export SHOAL_REQUIRE_SYSTEM_DEPS=1" in ci
+    assert "chromium" in ci and "slurmctld" in ci

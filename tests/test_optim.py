@@ -9,6 +9,7 @@ import torch
 
 from shoal.config import ModelConfig, OptimConfig, ScheduleConfig
 from shoal.data.spec import DataSpec
+from shoal.errors import ConfigError
 from shoal.models import build_model
 from shoal.optim import Schedule, add_l1_grad, build_optimizer
 
@@ -109,7 +110,8 @@ def test_a_tied_parameter_is_in_the_optimizer_once_and_stepped_once_per_step():
     listed = [p for g in opt.param_groups for p in g["params"]]
     assert len(listed) == len({id(p) for p in listed}) == len(list(model.parameters()))
     assert sum(p is model.tok.weight for p in listed) == 1
-    ref_opt = torch.optim.AdamW(reference.parameters(), lr=0.01, weight_decay=0.0)  # torch's own, deduplicated
+    # torch's own, deduplicated, with the kernels optim.implementation: auto picks here (fused)
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=0.01, weight_decay=0.0, fused=True)
     x = torch.randint(0, 11, (4, 8))
     for _ in range(3):
         for m, o in ((model, opt), (reference, ref_opt)):
@@ -172,3 +174,27 @@ def test_gradient_noise_keeps_replicas_identical_and_changes_the_trajectory():
         assert torch.equal(v, again[0]["params"][k]), k  # same seed, same trajectory
     moved = max((noisy[0]["params"][k] - clean[0]["params"][k]).abs().max().item() for k in clean[0]["params"])
     assert moved > 1e-3
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw", "rmsprop"])
+def test_optimizer_kernels_follow_optim_implementation_and_agree(name):
+    """auto: torch's fused kernel where it has one (sgd, adam, adamw), foreach otherwise; every choice steps alike."""
+    results = {}
+    for impl in ("auto", "fused", "foreach", "for_loop"):
+        if impl == "fused" and name == "rmsprop":
+            with pytest.raises(ConfigError, match="optim.implementation: rmsprop has no fused kernel"):
+                build_optimizer(tied_lm(False), OptimConfig(name=name, implementation=impl, momentum=0.5))
+            continue
+        model = tied_lm(False)
+        opt = build_optimizer(model, OptimConfig(name=name, implementation=impl, momentum=0.5, lr=0.01))
+        flags = opt.defaults
+        if impl == "auto":
+            assert bool(flags.get("fused")) == (name != "rmsprop") and bool(flags["foreach"]) == (name == "rmsprop")
+        x = torch.randint(0, 11, (4, 8))
+        for _ in range(3):
+            opt.zero_grad()
+            model(x).float().pow(2).mean().backward()
+            opt.step()
+        results[impl] = model.tok.weight.detach().clone()
+    for impl, w in results.items():
+        assert torch.allclose(w, results["for_loop"], atol=1e-6, rtol=1e-5), impl

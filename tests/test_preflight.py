@@ -131,3 +131,65 @@ def test_a_target_that_fails_in_the_ranks_is_a_config_error_within_seconds(ray_c
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert needle in proc.stderr.strip().splitlines()[-1] and "Traceback" not in proc.stderr
     assert time.monotonic() - started < 30
+
+
+STATIC_MISTAKES = [  # found by the driver before anything starts: `shoal train` and `shoal validate` alike
+    (["parallel.pipeline_stages=3"], "parallel.pipeline_stages: 3 must divide scaling.num_workers=2"),
+    (["data.augment=[{no_such_transform: {}}]"], "data.augment[0]: unknown transform 'no_such_transform'"),
+    (["data.augment=[token_mask]"], "data.augment[0]: token_mask is for lm data"),
+    (["data.format=shards", "data.path=/nonexistent/shards"], "data.path"),
+    (
+        ["checkpoint.resume_from=/nonexistent/step-000010"],
+        "checkpoint.resume_from: /nonexistent/step-000010: not found",
+    ),
+]
+MODEL_MISTAKES = [  # found where the model is built: by the ranks, and by `shoal validate` on the meta device
+    (["model.freeze=[nope.*]"], "model.freeze: pattern 'nope.*' matches no parameter"),
+    (["strategy=fsdp", "fsdp.units=[NoSuchBlock]"], "fsdp.units: ['NoSuchBlock'] match no module"),
+    (["model.target=helpers:wrong_outputs"], "model.target: the model gives 3 outputs per sample"),
+]
+
+
+def _one_error(proc, needle: str) -> str:
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("shoal: error")]
+    assert len(lines) == 1 and needle in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("overrides, needle", STATIC_MISTAKES)
+def test_validate_refuses_what_train_refuses_before_it_starts(tmp_path, overrides, needle):
+    args = [str(QUICKSTART), *tiny_overrides(tmp_path / "run"), *overrides]
+    said = _one_error(shoal_cli("validate", *args), needle)
+    assert _one_error(shoal_cli("train", *args), needle) == said  # the same check, from the same place
+
+
+@pytest.mark.parametrize("overrides, needle", MODEL_MISTAKES)
+def test_validate_builds_the_model_as_the_ranks_do(tmp_path, overrides, needle):
+    args = [str(QUICKSTART), *tiny_overrides(tmp_path / "run"), *overrides]
+    said = _one_error(shoal_cli("validate", *args), needle)
+    assert _one_error(shoal_cli("worker", *args), needle) == said
+
+
+def test_validate_checks_a_pipeline_split_as_the_stages_make_it(tmp_path):
+    """The ranks split with the same function (tests/test_pipeline.py runs them on Ray with these keys)."""
+    args = [str(QUICKSTART), *tiny_overrides(tmp_path / "run"), "parallel.pipeline_stages=2"]
+    _one_error(shoal_cli("validate", *args, "parallel.split_points=[layers.9]"), "name no layer of the chain")
+    _one_error(shoal_cli("validate", *args, "model.depth=0"), "model.depth")
+    assert shoal_cli("validate", *args, "parallel.split_points=[layers.1]").returncode == 0
+
+
+def test_validate_passes_a_good_job_and_what_it_passes_trains(tmp_path):
+    args = [str(QUICKSTART), *tiny_overrides(tmp_path / "run", **{"train.max_steps": 3})]
+    proc = shoal_cli("validate", *args, "data.augment=[noise]", "model.freeze=[layers.0.*]")
+    assert proc.returncode == 0, proc.stderr
+    assert "noise" in proc.stdout and "layers.0.*" in proc.stdout
+    assert shoal_cli("worker", *args, "data.augment=[noise]", "model.freeze=[layers.0.*]").returncode == 0
+
+
+def test_validate_of_a_run_that_exists_needs_resume_as_train_does(tmp_path):
+    args = [str(QUICKSTART), *tiny_overrides(tmp_path / "run", **{"train.max_steps": 3})]
+    assert shoal_cli("worker", *args).returncode == 0
+    _one_error(shoal_cli("validate", *args), "already holds a run; pass --resume")
+    assert shoal_cli("validate", *args, "--resume").returncode == 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 
 import pytest
@@ -11,14 +10,18 @@ import pytest
 from shoal import check
 from shoal.config import load_config
 
-from conftest import REPO, shoal_cli, tiny_overrides
+from conftest import REPO, need_system, shoal_cli, tiny_overrides
 
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def chromium(*args: str) -> subprocess.CompletedProcess:
-    assert CHROMIUM, "headless Chromium is needed (apt-get install chromium; .ci/run installs it)"
+@pytest.fixture(scope="module")
+def browser() -> str:
+    """Headless Chromium, found before any run is trained for it."""
+    return need_system("chromium", "chromium-browser", "chromium-headless-shell")
+
+
+def chromium(browser: str, *args: str) -> subprocess.CompletedProcess:
     flags = [
         "--headless",
         "--no-sandbox",
@@ -27,7 +30,7 @@ def chromium(*args: str) -> subprocess.CompletedProcess:
         "--v=0",
         "--virtual-time-budget=10000",
     ]
-    return subprocess.run([CHROMIUM, *flags, *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([browser, *flags, *args], capture_output=True, text=True, timeout=120)
 
 
 def console_errors(stderr: str) -> list[str]:
@@ -53,12 +56,12 @@ def run_dir(tmp_path_factory):
     return run
 
 
-def test_report_opens_in_chromium_with_its_curves_alerts_and_findings(run_dir, tmp_path):
+def test_report_opens_in_chromium_with_its_curves_alerts_and_findings(browser, run_dir, tmp_path):
     r = shoal_cli("report", str(run_dir))
     assert r.returncode == 0, r.stderr
     page = run_dir / "report.html"
     assert "<script src=" not in page.read_text()  # self-contained: nothing fetched from the network
-    shown = chromium("--dump-dom", page.as_uri())
+    shown = chromium(browser, "--dump-dom", page.as_uri())
     assert shown.returncode == 0, shown.stderr[-2000:]
     dom = shown.stdout
     assert console_errors(shown.stderr) == []
@@ -68,7 +71,7 @@ def test_report_opens_in_chromium_with_its_curves_alerts_and_findings(run_dir, t
     assert 'id="checkpoints"' in dom and "step-000060" in dom
     assert 'id="config"' in dom and "init_std: 3.0" in dom
     shot = tmp_path / "shot.png"
-    chromium("--hide-scrollbars", "--window-size=1300,1800", f"--screenshot={shot}", page.as_uri())
+    chromium(browser, "--hide-scrollbars", "--window-size=1300,1800", f"--screenshot={shot}", page.as_uri())
     from PIL import Image
 
     img = Image.open(shot).convert("RGB").resize((260, 360))
@@ -83,7 +86,7 @@ def test_report_of_a_directory_without_a_run_exits_2(tmp_path):
     assert r.returncode == 2 and "metrics.jsonl" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_compare_page_lists_both_strategies(tmp_path):
+def test_compare_page_lists_both_strategies(browser, tmp_path):
     """The comparison page from a comparison's own files (shoal compare's report.json and per-strategy metrics)."""
     base = tmp_path / "cmp"
     for name, losses in (("allreduce", [2.0, 1.0, 0.5]), ("async_ps", [2.1, 1.4, 0.9])):
@@ -101,6 +104,6 @@ def test_compare_page_lists_both_strategies(tmp_path):
     }
     (base / "compare" / "report.json").write_text(json.dumps(report))
     assert shoal_cli("report", str(base)).returncode == 0
-    shown = chromium("--dump-dom", (base / "report.html").as_uri())
+    shown = chromium(browser, "--dump-dom", (base / "report.html").as_uri())
     assert console_errors(shown.stderr) == []
     assert 'id="results"' in shown.stdout and "async_ps" in shown.stdout and shown.stdout.count("main-svg") >= 1

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DIST_ENV, REPO, free_ports, tiny_overrides
+from conftest import DIST_ENV, REPO, free_ports, need_system, tiny_overrides
 
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
 VENV_BIN = Path(sys.executable).parent  # torchrun, ray and shoal of this environment
@@ -129,8 +129,7 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
 @pytest.fixture(scope="module")
 def slurm():
     """A one-node Slurm cluster (munged, slurmctld, slurmd) in a fresh temporary directory."""
-    if shutil.which("sbatch") is None:
-        pytest.skip(f"Slurm is not installed: {INSTALL}")
+    need_system("sbatch")
     if os.geteuid() != 0:
         pytest.fail("Slurm is installed, but this test starts slurmd and munged, which must run as root")
     munged, slurmctld, slurmd = _binary("munged"), _binary("slurmctld"), _binary("slurmd")

@@ -37,14 +37,46 @@ def _device(cfg: JobConfig) -> torch.device:
     return torch.device("cpu")
 
 
+def memory_budget_mb(cfg: JobConfig) -> tuple[float, str]:
+    """--max-memory's default on the CPU: what this process may use (the cgroup's limit, or the machine's available
+    memory, whichever is lower) shared by the ranks of one node; and how it was worked out, to say."""
+    import psutil
+
+    available = psutil.virtual_memory().available
+    limit = _cgroup_limit()
+    mine, where = (
+        (limit, "the cgroup's memory limit")
+        if limit is not None and limit < available
+        else (
+            available,
+            "the machine's available memory",
+        )
+    )
+    per_node = max(1, min(cfg.scaling.num_workers, int((psutil.cpu_count() or 1) // cfg.scaling.cpus_per_worker) or 1))
+    mib = mine / 2**20
+    return mib / per_node, f"{where} {mib / 1024:.1f} GiB / {per_node} rank(s) per node"
+
+
+def _cgroup_limit() -> int | None:
+    """The memory limit of this process's cgroup (v2, else v1); None when there is none."""
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 2**60:  # v1 says "no limit" with a huge number, v2 with "max"
+            return int(text)
+    return None
+
+
 def find(
     cfg: JobConfig, out: Path, max_memory_mb: float | None, max_batch: int, target: int | None, say: Any = print
 ) -> dict[str, Any]:
     device = _device(cfg)
+    how = "--max-memory" if max_memory_mb is not None else "none on a GPU (CUDA says when it is full)"
     if device.type == "cpu" and max_memory_mb is None:
-        from shoal.errors import ShoalError
-
-        raise ShoalError("shoal batch-find: on the CPU give --max-memory (e.g. 8GB): nothing runs out of memory here")
+        max_memory_mb, how = memory_budget_mb(cfg)
+        say(f"[shoal] batch-find: no --max-memory given: searching under {max_memory_mb / 1024:.2f} GiB ({how})")
     torch.manual_seed(cfg.seed)
     source = open_splits(cfg)[0]
     loss_fn = Loss(cfg.train, source.spec, "model.target" if cfg.model.target else "model.name")
@@ -75,7 +107,12 @@ def find(
             lo, hi = (mid, hi) if row["status"] == "fits" else (lo, mid)
         fit = lo
     result = _suggest(cfg, fit, target)
-    result.update(device=str(device), max_memory_mb=max_memory_mb, tried=sorted(rows, key=lambda r: r["batch"]))
+    result.update(
+        device=str(device),
+        max_memory_mb=max_memory_mb,
+        max_memory_from=how,
+        tried=sorted(rows, key=lambda r: r["batch"]),
+    )
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(result, indent=2))
     result["plot"] = str(_plot(result["tried"], fit, out / "batch_find.png"))

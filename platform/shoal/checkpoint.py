@@ -14,8 +14,8 @@ directories in which every rank writes its own shards (dcp.py); state.pt and met
 
 A save goes to a temporary directory that is renamed into place only when every file and
 meta.json are written and synced, so a crash at any moment leaves the previous checkpoint whole.
-Loading uses `torch.load(weights_only=True)`: a checkpoint holds tensors and plain data only and
-cannot run code.
+Loading goes through `weights.load_file` (`torch.load(weights_only=True)`): a checkpoint holds tensors and
+plain data only and cannot run code.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from shoal.config import CheckpointConfig
 from shoal.dcp import Sharded
 from shoal.errors import CheckpointError
 from shoal.state import DATA, MODEL, OPTIMIZER, PARTS, STATE, file_of
+from shoal.weights import load_file
 
 log = logging.getLogger("shoal")
 
@@ -119,22 +120,18 @@ def load(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         return meta, {
             MODEL: Sharded(path / MODEL),
             OPTIMIZER: Sharded(path / OPTIMIZER),
-            STATE: _load_file(path, file_of(STATE)),
+            STATE: load_part(path, STATE),
         }
-    return meta, {part: _load_file(path, file_of(part)) for part in PARTS}
+    return meta, {part: load_part(path, part) for part in PARTS}
 
 
 def is_sharded(path: Path) -> bool:
     return (path / MODEL).is_dir()
 
 
-def _load_file(path: Path, name: str) -> Any:
-    """One checkpoint file, loaded without running pickled code (weights_only)."""
-    try:
-        return torch.load(path / name, map_location="cpu", weights_only=True)
-    except Exception as e:  # weights_only refuses anything but tensors and plain data
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {path}: cannot load {name} safely ({type(e).__name__}: {first})") from None
+def load_part(path: Path, part: str) -> Any:
+    """One part of a checkpoint (MODEL, OPTIMIZER, STATE), loaded without running pickled code."""
+    return load_file(path / file_of(part), f"checkpoint {path}")
 
 
 def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor] | Sharded, path: Path | str) -> None:
@@ -458,7 +455,7 @@ def export(checkpoint: Path, out: Path, overwrite: bool = False, safetensors: bo
 
         state = gather(checkpoint / MODEL)
     else:
-        state = _load_file(checkpoint, file_of(MODEL))
+        state = load_part(checkpoint, MODEL)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:

@@ -32,8 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue the run in run.dir from its latest complete checkpoint"
     )
 
-    v = sub.add_parser("validate", help="print the resolved config, or the first error")
+    v = sub.add_parser(
+        "validate",
+        help="run every check that needs only the config and files; print the resolved config or the first error",
+    )
     _config_args(v, optional=False)
+    v.add_argument(
+        "--resume", action="store_true", help="check as `shoal train --resume` would (run.dir may hold a run)"
+    )
 
     su = sub.add_parser("submit", help="run the job on a remote Ray cluster through its Jobs API")
     _config_args(su, optional=False)
@@ -94,7 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     bf = sub.add_parser("batch-find", help="largest micro-batch that fits, throughput per size, suggested batch keys")
     _config_args(bf, optional=False)
-    bf.add_argument("--max-memory", default=None, metavar="SIZE", help="memory the process may use, e.g. 8GB (CPU)")
+    bf.add_argument(
+        "--max-memory",
+        default=None,
+        metavar="SIZE",
+        help="memory the process may use, e.g. 8GB (CPU; default: the cgroup limit or available memory / ranks per node)",
+    )
     bf.add_argument("--max-batch", type=int, default=4096, help="largest micro-batch to try (default 4096)")
     bf.add_argument(
         "--target-batch", type=int, default=None, help="global batch to suggest keys for (default: the job's)"
@@ -250,6 +261,14 @@ def _load(args: argparse.Namespace):
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     cfg = _load(args)
+    _check_resume(args, cfg)
+    from shoal import cluster, preflight
+    from shoal.check.task import before_run
+
+    local = cluster.on_this_machine(cluster.requested_address(cfg.scaling.address))
+    preflight.check(cfg, resume=args.resume, local_files=local)
+    before_run(cfg, lambda line: print(line, file=sys.stderr, flush=True))
+    preflight.check_model(cfg)
     sys.stdout.write(cfg.to_yaml())
     return 0
 

@@ -200,6 +200,9 @@ class OptimConfig(Section):
     """L1 penalty on the decayed weights, added to their gradients."""
     grad_noise: GradNoise | None = None
     """Annealed Gaussian noise added to the gradients after clipping, e.g. {eta: 0.01, gamma: 0.55}."""
+    implementation: Literal["auto", "fused", "foreach", "for_loop"] = "auto"
+    """Optimizer kernels: fused (one kernel for every tensor; sgd, adam, adamw), foreach (batched ops) or for_loop
+    (one tensor at a time, torch's CPU default); auto = fused where torch has it for these parameters, else foreach."""
 
     @model_validator(mode="after")
     def _check(self) -> OptimConfig:

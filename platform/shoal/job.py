@@ -25,7 +25,6 @@ from shoal.metrics import Window
 from shoal.models import apply_freeze, build_model, checkpoint_activations, trainable
 from shoal.optim import Schedule, build_optimizer
 from shoal.precision import Precision
-from shoal.sparsity import SparsityMasks, load_weights
 from shoal.state import (
     BATCH,
     COUNTERS,
@@ -42,6 +41,7 @@ from shoal.state import (
 )
 from shoal.strategies import build_strategy
 from shoal.strategies.base import Strategy
+from shoal.weights import SparsityMasks, load_weights
 
 
 @dataclass

@@ -1,6 +1,12 @@
-"""What can be checked on the driver's machine before a cluster starts, in about a second: the run
-directory, the data paths, the checkpoint to resume from, and that model.target and data.decode
-can be found (found, not imported: the user's module runs in the ranks only)."""
+"""Every check that needs only the config and the files, in one place.
+
+`check` is what `shoal train` (and `shoal worker`, `shoal submit`) run before anything starts, in about a
+second and without torch: the run directory, the data paths, the checkpoint to resume from, that
+model.target, data.decode and parallel.split_fn can be found (found, not imported: the user's module runs
+in the ranks only), the trackers' packages, data.augment against the data's shape, and the world's layout.
+`shoal validate` runs `check` and then `check_model`: the model built on the meta device (no memory, no
+data) and checked as the ranks would check it (freeze patterns, fsdp units, pipeline splits, the output
+size against the data). So `shoal train` never refuses what `shoal validate` passed."""
 
 from __future__ import annotations
 
@@ -9,7 +15,7 @@ from pathlib import Path
 from shoal import rundir
 from shoal.config import JobConfig
 from shoal.data.locate import check_paths
-from shoal.errors import CheckpointError, ConfigError
+from shoal.errors import CheckpointError, ConfigError, ShoalError
 from shoal.imports import locate_object
 
 
@@ -50,6 +56,52 @@ def check(cfg: JobConfig, *, resume: bool = False, local_files: bool = True) -> 
         if cfg.checkpoint.resume_from and not resume:
             check_checkpoint_dir(Path(cfg.checkpoint.resume_from).expanduser())
     return path
+
+
+def check_model(cfg: JobConfig) -> None:
+    """The model as the ranks build it, on the meta device: what it says about the config, without a run.
+
+    A model that cannot be built on the meta device (a factory that reads real values) is left to the ranks,
+    which check the same things when they build it.
+    """
+    import torch  # only here: `shoal train`'s driver never loads torch
+
+    from shoal.data.spec import describe
+    from shoal.losses import Loss
+    from shoal.models import apply_freeze, blocks, build_model
+
+    spec = describe(cfg.data)[0]
+    loss = Loss(cfg.train, spec, "model.target" if cfg.model.target else "model.name")
+    try:
+        with torch.device("meta"):
+            model = build_model(cfg.model, spec, loss.out_features())
+    except ShoalError:
+        raise
+    except Exception:  # not buildable without real memory: the ranks check it
+        return
+    apply_freeze(model, cfg.model.freeze)
+    if cfg.strategy == "fsdp" or cfg.train.activation_checkpointing != "none":
+        blocks(model, cfg.fsdp.units or None)
+    if cfg.parallel.pipeline_stages > 1:
+        from shoal.strategies.pipeline import stage_chain, stage_starts
+
+        stage_starts(stage_chain(model, cfg), cfg, times=None)
+    _check_output(model, spec, loss)
+
+
+def _check_output(model, spec, loss) -> None:
+    """One meta forward: the outputs per sample must fit the classes, vocabulary or targets."""
+    import torch
+
+    dtype = torch.long if spec.task == "lm" else torch.float32
+    x = torch.zeros((2, *spec.input_shape), dtype=dtype, device="meta")
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except Exception:  # a forward that needs real values (or other inputs): checked at the first step
+        return
+    if isinstance(out, torch.Tensor):
+        loss.check_output(out)
 
 
 def check_trackers(cfg: JobConfig) -> None:

@@ -8,14 +8,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
+from shoal.checkpoint import META, find_latest, is_sharded, load_model_state, load_part, verify
 from shoal.config import JobConfig, config_from_dict
 from shoal.data.loaders import open_splits
 from shoal.data.spec import DataSpec
+from shoal.dcp import Sharded
 from shoal.errors import CheckpointError
-from shoal.state import MODEL, file_of
+from shoal.losses import Loss
+from shoal.models import build_model
+from shoal.state import MODEL
+from shoal.weights import load_file, quantize
 
 VARIANT = "variant.json"  # beside a compressed model's model.pt: the config and what was done to it
 
@@ -31,8 +35,6 @@ class Trained:
 
 def resolve(path: Path) -> Path:
     """A run directory means its latest complete checkpoint."""
-    from shoal.checkpoint import find_latest
-
     if (path / "checkpoints").is_dir():
         found = find_latest(path)
         if found is None:
@@ -43,13 +45,9 @@ def resolve(path: Path) -> Path:
 
 def load(path: Path) -> Trained:
     """The model in eval mode on the CPU, with its job's config and data spec."""
-    from shoal.checkpoint import META, is_sharded, load_model_state, verify
-    from shoal.losses import Loss
-    from shoal.models import build_model
-
     path = resolve(path)
     if (path / VARIANT).exists():
-        meta = json.loads((path / VARIANT).read_text())
+        meta = _variant_meta(path)
     else:
         meta = verify(path)
         if "config" not in meta:
@@ -59,24 +57,31 @@ def load(path: Path) -> Trained:
     loss = Loss(cfg.train, spec, "model.target" if cfg.model.target else "model.name")
     model = build_model(cfg.model, spec, loss.out_features())
     variant = meta.get("variant", {})
-    if variant.get("quantize"):
-        from shoal.compress.quantize import quantize
-
+    if variant.get("quantize"):  # the int8 modules first, so the saved int8 tensors have their places
         quantize(model, variant["quantize"])
     if (path / VARIANT).exists():
-        state = torch.load(
-            path / "model.pt", map_location="cpu", weights_only=False if variant.get("quantize") else True
-        )
+        state = load_file(path / "model.pt", f"compressed model {path}", quantized=bool(variant.get("quantize")))
+        if not isinstance(state, dict) or not state:
+            raise CheckpointError(f"{path}: model.pt holds no model weights")
         model.load_state_dict(state, assign=bool(variant.get("quantize")))
     elif is_sharded(path):
-        from shoal.dcp import Sharded
-
         load_model_state(model, Sharded(path / MODEL), path)
     else:
-        from shoal.checkpoint import _load_file
-
-        state = _load_file(path, file_of(MODEL))
+        state = load_part(path, MODEL)
         if not isinstance(state, dict) or not state:
             raise CheckpointError(f"checkpoint {path}: holds no model weights")
         load_model_state(model, state, path)
     return Trained(cfg, model.eval(), spec, path, variant)
+
+
+def _variant_meta(path: Path) -> dict[str, Any]:
+    """A compressed model's variant.json: the job's config and what was done to the weights."""
+    try:
+        meta = json.loads((path / VARIANT).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path / VARIANT}: not readable JSON ({e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{path / VARIANT}: holds no config to rebuild the model from")
+    if not isinstance(meta.get("variant", {}), dict):
+        raise CheckpointError(f"{path / VARIANT}: 'variant' must be a mapping")
+    return meta

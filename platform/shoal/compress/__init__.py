@@ -18,10 +18,10 @@ import torch
 
 from shoal.compress.measure import measure
 from shoal.compress.prune import prune
-from shoal.compress.quantize import quantize
 from shoal.data.loaders import open_splits
 from shoal.errors import ShoalError
 from shoal.trained import VARIANT, Trained, load
+from shoal.weights import quantize
 
 
 @dataclass

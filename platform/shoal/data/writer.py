@@ -193,7 +193,16 @@ def load_source(
         return _csv(path, label_column, task)
     if suffix in (".jsonl", ".ndjson"):
         return _jsonl(path, task)
-    return _text(path, seq_len)
+    if suffix in TEXT_SUFFIXES:
+        return _text(path, seq_len)
+    raise DataError(f"{path}: {suffix or 'this'} files are not a source `shoal shard` reads; it accepts {ACCEPTED}")
+
+
+TEXT_SUFFIXES = ("", ".txt", ".text", ".md", ".rst")
+ACCEPTED = (
+    "digits, synthetic, a .npz (arrays x and y), .csv, .jsonl or .ndjson file, a UTF-8 text file "
+    f"({', '.join(s or 'no suffix' for s in TEXT_SUFFIXES)}), or a folder of class subfolders of images"
+)
 
 
 def _arrays(x: np.ndarray, y: np.ndarray, task: str, num_classes: int = 0, source: str = "", **kw: Any) -> Table:
@@ -280,7 +289,9 @@ def _jsonl(path: Path, task: str | None) -> Table:
 
 
 def _text(path: Path, seq_len: int) -> Table:
-    data = np.frombuffer(path.read_bytes(), dtype=np.uint8)
+    raw = path.read_bytes()
+    _check_text(path, raw)
+    data = np.frombuffer(raw, dtype=np.uint8)
     n = (len(data) - 1) // seq_len
     if n < 1:
         raise DataError(f"{path}: {len(data)} bytes of text make no block of {seq_len + 1} tokens (lower --seq-len)")
@@ -291,6 +302,17 @@ def _text(path: Path, seq_len: int) -> Table:
         return seq[:, :-1], seq[:, 1:]
 
     return Table(n=n, fetch=fetch, task="lm", vocab_size=256, extra={"tokenizer": "bytes"})
+
+
+def _check_text(path: Path, raw: bytes) -> None:
+    """Text means UTF-8 without NUL bytes: a binary file given by mistake is refused, not trained on as bytes."""
+    nul = raw.find(b"\0")
+    if nul >= 0:
+        raise DataError(f"{path}: holds a NUL byte at offset {nul}, so it is binary, not text; {ACCEPTED}")
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (invalid byte at offset {e.start}); {ACCEPTED}") from None
 
 
 def _images(path: Path, size: tuple[int, int] | None) -> Table:

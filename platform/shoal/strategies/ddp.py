@@ -16,11 +16,17 @@ from shoal.strategies.base import Strategy
 
 class DDPStrategy(Strategy):
     name = "allreduce"
-    hook: BucketHook | None = None  # set when DDP wraps the model (2+ ranks)
 
     def wrap(self, model: nn.Module) -> nn.Module:
-        """DDP around the model when there is more than one rank; the bare model otherwise."""
+        """DDP around the model when there is more than one rank; the bare model otherwise.
+
+        No communication hook: DDP's own C++ all-reduce runs every step. The gradient noise scale needs a
+        rank's gradient before its reduction; on the steps it is measured the reduction is done here by hand
+        instead (see forward_backward), so the other steps pay nothing for it.
+        """
         self._bare = model
+        self._probe = False
+        self._local_sq: torch.Tensor | None = None
         if not (dist.is_initialized() and dist.get_world_size() > 1):
             self.module = model
             return model
@@ -31,7 +37,6 @@ class DDPStrategy(Strategy):
             if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
             else "broadcast_buffers"
         )
-        self.hook = BucketHook()
         self.module = DDP(
             model,
             device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -41,48 +46,51 @@ class DDPStrategy(Strategy):
             find_unused_parameters=cfg.find_unused_parameters,
             **{sync_key: cfg.broadcast_buffers},
         )
-        self.module.register_comm_hook(self.hook, _bucket_hook)
         return self.module
 
     @property
     def measures_noise(self) -> bool:
-        return self.hook is not None  # DDP's comm hook, installed with two or more ranks
+        # static_graph forbids no_sync(), which the measured steps use
+        return isinstance(self.module, DDP) and not self.cfg.ddp.static_graph
 
     def arm_noise_probe(self, enabled: bool) -> None:
-        if self.hook is not None:
-            self.hook.armed, self.hook.local_sq = enabled, None
+        self._probe, self._local_sq = enabled and self.measures_noise, None
 
     def local_grad_sq(self) -> torch.Tensor | None:
-        return self.hook.local_sq if self.hook is not None else None
+        return self._local_sq
 
     def sync(self, enabled: bool) -> contextlib.AbstractContextManager:
-        """no_sync() unless this micro-batch must all-reduce.
+        """no_sync() unless this micro-batch must all-reduce (and the step is not measured: see forward_backward).
 
         The forward belongs inside too: DDP decides at forward time whether the coming backward
         reduces, so wrapping only the backward still all-reduces (a classic accumulation bug).
         """
-        if enabled or not isinstance(self.module, DDP):
+        if (enabled and not self._probe) or not isinstance(self.module, DDP):
             return contextlib.nullcontext()
         return self.module.no_sync()
 
+    def forward_backward(self, batches, counts, loss_fn, precision):  # types as Strategy's
+        """As Strategy's; on a step the noise scale measures, every micro-batch runs without sync, this rank's
+        squared gradient norm is taken, and the gradients are then averaged over the ranks in one all-reduce."""
+        loss_sum = super().forward_backward(batches, counts, loss_fn, precision)
+        if self._probe:
+            self._local_sq, self._probe = (
+                reduce_by_hand([p for p in self.bare_model.parameters() if p.requires_grad]),
+                False,
+            )
+        return loss_sum
 
-class BucketHook:
-    """DDP's communication hook state: bucket all-reduces counted, and (when armed, on the steps the gradient
-    noise scale is measured) the squared norm of this rank's own gradients, taken from each bucket just before
-    it is reduced: the one moment a rank's small-batch gradient exists whole."""
 
-    def __init__(self) -> None:
-        self.calls = 0
-        self.armed = False
-        self.local_sq: torch.Tensor | None = None
-
-
-def _bucket_hook(state, bucket):  # no annotations: DDP checks them, and they are strings here
-    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-
-    state.calls += 1
-    if state.armed:
-        buf = bucket.buffer()
-        sq = torch.dot(buf, buf) if buf.dtype == torch.float32 else buf.float().square().sum()
-        state.local_sq = sq if state.local_sq is None else state.local_sq + sq
-    return allreduce_hook(None, bucket)
+def reduce_by_hand(params: list[nn.Parameter]) -> torch.Tensor:
+    """This rank's squared gradient norm, then the gradients averaged over the ranks (one flat all-reduce, as DDP's
+    averaging does). Parameters without a gradient here get zeros, so every rank reduces the same sizes."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    local_sq = torch.stack([n.double() ** 2 for n in torch._foreach_norm(grads)]).sum()
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    flat.div_(dist.get_world_size())
+    dist.all_reduce(flat)
+    torch._foreach_copy_(grads, [t.view_as(g) for t, g in zip(flat.split([g.numel() for g in grads]), grads)])
+    return local_sq

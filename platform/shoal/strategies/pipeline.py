@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -121,9 +121,9 @@ class PipelineStrategy(Strategy):
 
         self._groups()
         self.layout = list(layers(model))
-        chain = self._chain(model)
+        chain = stage_chain(model, self.cfg)
         total = self.P * self.virtual
-        starts = self._split(model, chain, total)
+        starts = stage_starts(chain, self.cfg, lambda: measured_times(model, chain, self.cfg, self.device))
         runs = [chain[a:b] for a, b in zip(starts, starts[1:] + [len(chain)])]
         mine = [self.stage + v * self.P for v in range(self.virtual)]  # interleaved: stages r and r + P
         self.split = [(i, [p.name for p in run], sum(p.params for p in run)) for i, run in enumerate(runs)]
@@ -161,44 +161,6 @@ class PipelineStrategy(Strategy):
         ensure_group(self.device)
         self.mesh = init_device_mesh(self.device.type, (self.D, self.P), mesh_dim_names=("dp", "pp"))
         self.pp_group, self.dp_group = self.mesh.get_group("pp"), self.mesh.get_group("dp")
-
-    def _chain(self, model: nn.Module) -> list[Piece]:
-        fn = self.cfg.parallel.split_fn
-        if fn is None:
-            return pieces(model)
-        from shoal.imports import import_object
-
-        names = import_object(fn, "parallel.split_fn")(model)
-        try:
-            return [
-                Piece(n, model.get_submodule(n), [n], sum(p.numel() for p in model.get_submodule(n).parameters()))
-                for n in names
-            ]
-        except AttributeError as e:
-            raise ConfigError(f"{fn} named a module the model does not have ({e})", key="parallel.split_fn") from None
-
-    def _split(self, model: nn.Module, chain: list[Piece], total: int) -> list[int]:
-        points = self.cfg.parallel.split_points
-        if points:
-            names = [p.name for p in chain]
-            bad = [s for s in points if s not in names]
-            if bad:
-                raise ConfigError(
-                    f"{bad} name no layer of the chain {names[:12]}{' ...' if len(names) > 12 else ''}",
-                    key="parallel.split_points",
-                )
-            starts = [0] + sorted(names.index(s) for s in points)
-            if len(starts) != total or len(set(starts)) != len(starts):
-                raise ConfigError(
-                    f"{len(points)} split points make {len(set(starts))} stages; {total} needed "
-                    f"(parallel.pipeline_stages{' x 2 for interleaved_1f1b' if self.virtual > 1 else ''})",
-                    key="parallel.split_points",
-                )
-            return starts
-        weights = [max(1, p.params) for p in chain]
-        if self.cfg.parallel.balance == "time":
-            weights = measured_times(model, chain, self.cfg, self.device)
-        return balance(weights, total)
 
     def _data_parallel(self, stage: nn.Module) -> nn.Module:
         """The replicas of a stage reduce their gradients over the dp group: sharded (fsdp) or replicated. The
@@ -387,6 +349,51 @@ def _recv(group: Any, from_stage: int, P: int, device: torch.device) -> torch.Te
     h = torch.empty(shape[1:].tolist(), device=device)
     dist.recv(h, src)
     return h
+
+
+def stage_chain(model: nn.Module, cfg: Any) -> list[Piece]:
+    """The model as the chain of pieces stages are cut from: parallel.split_fn's module names, or models.pieces."""
+    fn = cfg.parallel.split_fn
+    if fn is None:
+        return pieces(model)
+    from shoal.imports import import_object
+
+    names = import_object(fn, "parallel.split_fn")(model)
+    try:
+        return [
+            Piece(n, model.get_submodule(n), [n], sum(p.numel() for p in model.get_submodule(n).parameters()))
+            for n in names
+        ]
+    except AttributeError as e:
+        raise ConfigError(f"{fn} named a module the model does not have ({e})", key="parallel.split_fn") from None
+
+
+def stage_starts(chain: list[Piece], cfg: Any, times: Callable[[], list[float]] | None) -> list[int]:
+    """Index of each stage's first piece: parallel.split_points, else balanced by parameters or (parallel.balance:
+    time) by `times()`, the pieces' measured seconds; times=None balances by parameters (a check without a run)."""
+    virtual = 2 if cfg.parallel.schedule == "interleaved_1f1b" else 1
+    total = cfg.parallel.pipeline_stages * virtual
+    points = cfg.parallel.split_points
+    if points:
+        names = [p.name for p in chain]
+        bad = [s for s in points if s not in names]
+        if bad:
+            raise ConfigError(
+                f"{bad} name no layer of the chain {names[:12]}{' ...' if len(names) > 12 else ''}",
+                key="parallel.split_points",
+            )
+        starts = [0] + sorted(names.index(s) for s in points)
+        if len(starts) != total or len(set(starts)) != len(starts):
+            raise ConfigError(
+                f"{len(points)} split points make {len(set(starts))} stages; {total} needed "
+                f"(parallel.pipeline_stages{' x 2 for interleaved_1f1b' if virtual > 1 else ''})",
+                key="parallel.split_points",
+            )
+        return starts
+    weights = [max(1, p.params) for p in chain]
+    if cfg.parallel.balance == "time" and times is not None:
+        weights = times()
+    return balance(weights, total)
 
 
 def optimizer_order(model: nn.Module, cfg: Any) -> list[str]:
