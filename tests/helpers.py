@@ -152,3 +152,94 @@ def linear_regressor(inputs: int = 8) -> nn.Module:
 def wrong_outputs() -> nn.Module:
     """A digits model with 3 outputs where the data has 10 classes (a mismatch validate must name)."""
     return nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
+
+
+class NanOnceMLP(nn.Module):
+    """A synthetic-data MLP whose training forward returns NaN once, at its `at_call`-th call on rank `nan_rank`
+    (a planted non-finite step; the count survives a rollback, so the step after it is clean)."""
+
+    def __init__(self, inputs: int, classes: int, at_call: int, nan_rank: int):
+        super().__init__()
+        self.inp = nn.Sequential(nn.Linear(inputs, 16), nn.ReLU())
+        self.out = nn.Linear(16, classes)
+        self.at_call, self.nan_rank, self.calls = at_call, nan_rank, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        out = self.out(self.inp(x))
+        if self.training:
+            self.calls += 1
+            rank = dist.get_rank() if dist.is_initialized() else 0
+            if self.calls == self.at_call and rank == self.nan_rank:
+                out = out * float("nan")
+        return out
+
+
+def nan_once_mlp(inputs: int = 12, classes: int = 4, at_call: int = 8, nan_rank: int = 1) -> nn.Module:
+    return NanOnceMLP(inputs, classes, at_call, nan_rank)
+
+
+class SlowLinear(nn.Linear):
+    """A linear layer whose training forward sleeps: by measured time it is by far the heaviest layer."""
+
+    def __init__(self, *args, sleep_s: float = 0.05, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sleep_s = sleep_s
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import time
+
+        if self.training:
+            time.sleep(self.sleep_s)
+        return super().forward(x)
+
+
+def slow_head_mlp(inputs: int = 12, classes: int = 4, sleep_s: float = 0.05) -> nn.Module:
+    """A chain whose parameters sit in the middle (Linear 32x32) but whose time sits in the light head."""
+    return nn.Sequential(
+        nn.Linear(inputs, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), SlowLinear(32, classes, sleep_s=sleep_s)
+    )
+
+
+class _Block(nn.Module):
+    def __init__(self, inputs: int, outputs: int):
+        super().__init__()
+        self.linear = nn.Linear(inputs, outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.linear(x))
+
+
+class Tower(nn.Module):
+    """A model whose forward is not an nn.Sequential (a loop over a ModuleList): parallel.split_fn names its chain."""
+
+    def __init__(self, inputs: int, classes: int):
+        super().__init__()
+        self.stem = _Block(inputs, 16)
+        self.body = nn.ModuleList([_Block(16, 16), _Block(16, 16)])
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        for block in self.body:
+            h = block(h)
+        return self.head(h)
+
+
+def tower(inputs: int = 12, classes: int = 4) -> nn.Module:
+    return Tower(inputs, classes)
+
+
+def tower_split(model: nn.Module) -> list[str]:
+    """parallel.split_fn for Tower: the modules whose forwards, in order, make its forward."""
+    return ["stem", "body.0", "body.1", "head"]
+
+
+def nested_sequential(inputs: int = 12, classes: int = 4) -> nn.Module:
+    """A user's own nn.Sequential with Sequentials inside (the pipeline unrolls them into one chain)."""
+    return nn.Sequential(
+        nn.Sequential(nn.Linear(inputs, 16), nn.ReLU()),
+        nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU()),
+        nn.Linear(16, classes),
+    )

@@ -55,14 +55,20 @@ def steps_on_rank(cfg_dict: dict, steps: int, count: bool = False) -> dict:
     """Train `steps` steps on this rank; the global losses, grad norms, reductions per step and final params."""
     from shoal import dist
     from shoal.dist import WorldInfo
-    from shoal.engine import train_step
     from shoal.job import build_job
 
     cfg = config_from_dict(cfg_dict)
     world = WorldInfo.from_env()
     dist.init_process_group(world, "gloo", 60, torch.device("cpu"))
     job = build_job(cfg, world, torch.device("cpu"))
-    counter = ReduceScatterCounter().attach(job) if count else None
+    return train_steps(job, steps, ReduceScatterCounter().attach(job) if count else None)
+
+
+def train_steps(job, steps: int, counter: ReduceScatterCounter | None = None) -> dict:
+    """`steps` steps of a built job: the global losses, grad norms, reductions per step and final params."""
+    from shoal import dist
+    from shoal.engine import train_step
+
     losses, norms, calls = [], [], []
     for _ in range(steps):
         before = counter.calls if counter else 0
@@ -412,3 +418,278 @@ def test_fsdp_under_torchrun_writes_a_sharded_checkpoint(tmp_path):
     assert summary["strategy"] == "fsdp" and summary["world_size"] == 2 and summary["steps"] == 60
     meta = json.loads((tmp_path / "run" / "checkpoints" / "step-000060" / "meta.json").read_text())
     assert meta["format"] == "sharded" and meta["world_size"] == 2
+
+
+# ---------------------------------------------------------------- 4 ranks as 2 nodes x 2: hybrid, reshard N
+
+FOUR_RANK_STEPS = 3
+
+
+def variants_on_2_nodes_x_2(variants: dict[str, dict], steps: int, bad: dict[str, dict]) -> dict:
+    """A 4-rank group spawned as 2 nodes x 2 ranks (LOCAL_WORLD_SIZE=2, as torchrun sets it): each variant's
+    job trained `steps` steps, what it holds locally, and the ConfigError of each `bad` config."""
+    from shoal import dist
+    from shoal.dist import WorldInfo
+    from shoal.errors import ConfigError
+    from shoal.job import build_job
+
+    world = WorldInfo.from_env()
+    assert (world.local_world_size, world.local_rank, world.node_rank) == (2, world.rank % 2, world.rank // 2)
+    dist.init_process_group(world, "gloo", 60, torch.device("cpu"))
+    out: dict = {}
+    for name, cfg_dict in variants.items():
+        job_ = build_job(config_from_dict(cfg_dict), world, torch.device("cpu"))
+        trained = train_steps(job_, steps)
+        local = {n: p.to_local().detach().clone() for n, p in job_.bare_model.named_parameters()}
+        units = [m for _, m in job_.strategy.units]
+        out[name] = {
+            **trained,
+            "mesh": tuple(job_.strategy.mesh.shape),
+            "local": local,
+            "held": sum(t.numel() for t in local.values()) / sum(p.numel() for p in job_.bare_model.parameters()),
+            # the group size each unit's parameters stay sharded over between forward and backward (FSDP2's own)
+            "post_forward": [u._get_fsdp_state()._fsdp_param_group.post_forward_mesh_info for u in units],
+        }
+        out[name]["post_forward"] = [None if i is None else i.shard_mesh_size for i in out[name]["post_forward"]]
+    for name, cfg_dict in bad.items():
+        try:
+            build_job(config_from_dict(cfg_dict), world, torch.device("cpu"))
+            out[name] = None
+        except ConfigError as e:
+            out[name] = str(e)
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_nodes_x_2():
+    variants = {
+        "hybrid": cfg_of("fsdp", MLP, **{"fsdp.sharding": "hybrid"}).to_dict(),
+        "reshard_true": cfg_of("fsdp", MLP).to_dict(),
+        "reshard_2": cfg_of("fsdp", MLP, **{"fsdp.reshard_after_forward": 2}).to_dict(),
+    }
+    bad = {
+        "full_3": cfg_of("fsdp", MLP, **{"fsdp.reshard_after_forward": 3}).to_dict(),
+        # 4 divides the world, but a hybrid mesh shards each parameter over the 2 ranks of a node
+        "hybrid_4": cfg_of("fsdp", MLP, **{"fsdp.sharding": "hybrid", "fsdp.reshard_after_forward": 4}).to_dict(),
+    }
+    return spawn_ranks(variants_on_2_nodes_x_2, 4, variants, FOUR_RANK_STEPS, bad, timeout_s=240, per_node=2)
+
+
+def assert_same_params(got: dict, want: dict, atol: float = 1e-5) -> None:
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        assert torch.allclose(got[k], v, atol=atol, rtol=0), f"{k}: {(got[k] - v).abs().max():.3g}"
+
+
+def test_hybrid_sharding_on_2_nodes_x_2_equals_one_process_and_shards_over_a_node(two_nodes_x_2):
+    # one process on the whole global batch (4 ranks x 4 samples per micro-batch, 3 micro-batches per step)
+    one = steps_on_rank(cfg_of("allreduce", MLP, **{"data.batch_size": 16}).to_dict(), FOUR_RANK_STEPS)
+    hybrid = [r["hybrid"] for r in two_nodes_x_2]
+    assert all(h["mesh"] == (2, 2) for h in hybrid)  # nodes x ranks per node
+    assert hybrid[0]["losses"] == pytest.approx(one["losses"], rel=1e-5, abs=1e-6)
+    assert hybrid[0]["norms"] == pytest.approx(one["norms"], rel=1e-5)
+    for h in hybrid:
+        assert_same_params(h["params"], one["params"])
+    # each rank holds half the parameters (the shard dimension is the 2 ranks of a node), not a quarter as
+    # full sharding over the 4 ranks does
+    assert all(0.45 <= h["held"] <= 0.55 for h in hybrid), [h["held"] for h in hybrid]
+    assert all(0.2 <= r["reshard_true"]["held"] <= 0.3 for r in two_nodes_x_2)
+    # the same local rank on the two nodes holds the same shard (replicated), its neighbour the other half
+    for k in hybrid[0]["local"]:
+        assert torch.equal(hybrid[0]["local"][k], hybrid[2]["local"][k]), k
+        assert torch.equal(hybrid[1]["local"][k], hybrid[3]["local"][k]), k
+        whole = torch.cat([hybrid[0]["local"][k], hybrid[1]["local"][k]])
+        assert torch.equal(whole[: hybrid[0]["params"][k].shape[0]], hybrid[0]["params"][k]), k
+
+
+def test_reshard_after_forward_2_gives_the_numbers_of_true_and_a_size_that_does_not_divide_is_refused(two_nodes_x_2):
+    for r in two_nodes_x_2:
+        two, true = r["reshard_2"], r["reshard_true"]
+        # FSDP2 keeps each unit sharded over groups of 2 between forward and backward (true: over all 4)
+        assert two["post_forward"] == [2] * len(two["post_forward"]) and len(two["post_forward"]) >= 2
+        assert true["post_forward"] == [4] * len(true["post_forward"])
+        assert two["losses"] == pytest.approx(true["losses"], rel=1e-6, abs=1e-7)
+        assert two["norms"] == pytest.approx(true["norms"], rel=1e-6)
+        assert_same_params(two["params"], true["params"], atol=1e-6)
+        assert all(n > 0.05 for n in true["norms"])  # clipping was active
+    assert (
+        two_nodes_x_2[0]["full_3"]
+        == "fsdp.reshard_after_forward: 3 does not divide the 4 ranks that shard each parameter"
+    )
+    assert (
+        two_nodes_x_2[0]["hybrid_4"]
+        == "fsdp.reshard_after_forward: 4 does not divide the 2 ranks that shard each parameter"
+    )
+    assert all(r["full_3"] == two_nodes_x_2[0]["full_3"] and r["hybrid_4"] for r in two_nodes_x_2)
+
+
+# ---------------------------------------------------------------- whole runs under fsdp: async saves, stops, health
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The uninterrupted 2-rank fsdp run of `job` (40 steps, with dropout: bitwise comparisons need the RNG state)."""
+    run_dir = tmp_path_factory.mktemp("fsdp-straight") / "run"
+    summary = spawn_ranks(run_worker_on_rank, 2, job(run_dir))
+    assert summary[0]["status"] == "completed" and summary[0]["steps"] == 40
+    return run_dir
+
+
+def exported(checkpoint: Path) -> dict[str, torch.Tensor]:
+    from shoal.checkpoint import export
+
+    out = checkpoint.parent.parent.parent / f"{checkpoint.parent.parent.name}-{checkpoint.name}.pt"
+    export(checkpoint, out, overwrite=True)
+    return torch.load(out, weights_only=True)
+
+
+def assert_bitwise(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k}: {(a[k] - b[k]).abs().max():.3g}"
+
+
+def records_of(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_resume_from_an_async_sharded_save_is_bitwise_the_uninterrupted_run(tmp_path, straight):
+    # saves at 10 (written in the background while steps 11-20 train) and at 20 (the end)
+    first = spawn_ranks(
+        run_worker_on_rank,
+        2,
+        job(tmp_path / "b", **{"checkpoint.async": True, "checkpoint.every_steps": 10, "train.max_steps": 20}),
+    )
+    assert first[0]["status"] == "completed" and first[0]["steps"] == 20
+    mid = tmp_path / "b" / "checkpoints" / "step-000010"
+    meta = json.loads((mid / "meta.json").read_text())
+    assert meta["format"] == "sharded" and {"model/__0_0.distcp", "model/__1_0.distcp"} <= set(meta["sha256"])
+    # the async save at 20 holds the uninterrupted run's weights at 20
+    assert_bitwise(
+        exported(tmp_path / "b" / "checkpoints" / "step-000020"), exported(straight / "checkpoints" / "step-000020")
+    )
+    # resumed from the background save at 10 into a fresh run directory, on to 40 (saving async again)
+    resumed = spawn_ranks(
+        run_worker_on_rank, 2, job(tmp_path / "c", **{"checkpoint.async": True, "checkpoint.resume_from": str(mid)})
+    )
+    assert resumed[0]["resumed_from"] == str(mid) and resumed[0]["steps"] == 40 and resumed[0]["steps_this_run"] == 30
+    assert_bitwise(weights(tmp_path / "c"), weights(straight))
+
+
+def run_worker_stopped_on_rank(cfg_dict: dict, stop_at: int, stop_rank: int) -> dict:
+    """run_worker with a stop asked for on one rank only, once it has finished step `stop_at` (as a SIGTERM does)."""
+    import threading
+
+    from shoal.dist import WorldInfo
+    from shoal.worker import run_worker
+
+    stop = threading.Event()
+    rank = WorldInfo.from_env().rank
+
+    def on_step(step: int) -> None:
+        if rank == stop_rank and step >= stop_at:
+            stop.set()
+
+    return run_worker(config_from_dict(cfg_dict), stop=stop, on_step=on_step)
+
+
+def test_a_stop_mid_run_saves_a_sharded_checkpoint_that_resumes_bitwise(tmp_path, straight):
+    stopped = spawn_ranks(run_worker_stopped_on_rank, 2, job(tmp_path / "p"), 7, 1)
+    at = stopped[0]["steps"]
+    assert [s["status"] for s in stopped] == ["preempted"] * 2 and [s["steps"] for s in stopped] == [at] * 2
+    assert 7 <= at < 20  # agreed by both ranks at the step after the flag travelled, before any periodic save
+    saved = sorted(p.name for p in (tmp_path / "p" / "checkpoints").glob("step-*"))
+    assert saved == [f"step-{at:06d}"]
+    assert json.loads((tmp_path / "p" / "checkpoints" / saved[0] / "meta.json").read_text())["format"] == "sharded"
+    resumed = spawn_ranks(run_worker_on_rank, 2, job(tmp_path / "p"), True)
+    assert resumed[0]["status"] == "completed" and resumed[0]["resumed_from"].endswith(saved[0])
+    assert resumed[0]["steps"] == 40 and resumed[0]["steps_this_run"] == 40 - at
+    assert_bitwise(weights(tmp_path / "p"), weights(straight))
+
+
+def evaluate_in_one_process(cfg_dict: dict, state: dict[str, torch.Tensor]) -> dict[str, float]:
+    from shoal.dist import WorldInfo
+    from shoal.engine import evaluate
+    from shoal.job import build_job
+
+    cfg = config_from_dict(cfg_dict).replace({"strategy": "allreduce", "run.dir": None})
+    job_ = build_job(cfg, WorldInfo(), torch.device("cpu"))
+    job_.bare_model.load_state_dict(state)
+    return evaluate(job_)
+
+
+def test_keep_best_keeps_the_checkpoint_of_the_best_evaluation_under_fsdp(tmp_path):
+    # mode max on val_loss: the best is an early checkpoint, not the newest one keep_last keeps anyway
+    cfg = job(
+        tmp_path / "run",
+        **{
+            "train.max_steps": 20,
+            "train.eval_every": 5,
+            "checkpoint.every_steps": 5,
+            "checkpoint.keep_last": 1,
+            "checkpoint.keep_best": {"metric": "val_loss", "mode": "max"},
+        },
+    )
+    spawn_ranks(run_worker_on_rank, 2, cfg)
+    evals = {r["step"]: r["val_loss"] for r in records_of(tmp_path / "run") if "val_loss" in r}
+    assert sorted(evals) == [5, 10, 15, 20]
+    best = max(evals, key=evals.get)
+    assert best != 20, evals
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert kept == [f"step-{best:06d}", "step-000020"]
+    ckpt = tmp_path / "run" / "checkpoints" / f"step-{best:06d}"
+    assert json.loads((ckpt / "meta.json").read_text())["metrics"]["val_loss"] == evals[best]
+    # and it holds the weights that scored it
+    assert evaluate_in_one_process(cfg, exported(ckpt))["val_loss"] == pytest.approx(evals[best], rel=1e-5)
+
+
+def test_rollback_under_fsdp_restores_the_checkpointed_weights_with_a_lower_rate(tmp_path):
+    cfg = job(
+        tmp_path / "run",
+        **{
+            "model.target": "helpers:nan_once_mlp",
+            "model.kwargs": {"at_call": 8, "nan_rank": 1},  # step 8's forward is NaN on rank 1 only
+            "model.dropout": 0.0,
+            "optim.lr": 0.03,
+            "train.max_steps": 12,
+            "train.eval_every": 0,
+            "log.every": 1,
+            "checkpoint.every_steps": 5,
+            "health.on_nonfinite": "rollback",
+            "health.rollback_lr_factor": 0.1,
+        },
+    )
+    summary = spawn_ranks(run_worker_on_rank, 2, cfg)
+    assert [s["rollbacks"] for s in summary] == [1, 1]
+    assert summary[0]["status"] == "completed" and summary[0]["steps"] == 12 and summary[0]["skipped_steps"] == 0
+    records = [r for r in records_of(tmp_path / "run") if "loss" in r]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6, 7, 8, 6, 7, 8, 9, 10, 11, 12]
+    before, after = records[5], records[8]  # step 6 before the NaN at 8, and again after rolling back to step 5
+    assert not math.isfinite(float(records[7]["loss"]))  # written as the string "nan"
+    # the same weights (step 5's checkpoint) on the same batch: the same loss and gradient, whatever the rate
+    assert after["loss"] == before["loss"] and after["grad_norm"] == before["grad_norm"]
+    assert after["lr"] == pytest.approx(0.1 * before["lr"], rel=1e-12)
+    assert records[9]["loss"] != records[6]["loss"]  # from there the lower rate trains otherwise
+
+
+def test_early_stopping_under_fsdp_ends_with_the_best_evaluations_weights(tmp_path):
+    # min_delta 10: no later evaluation improves on the first, so the run stops at the second (patience 1)
+    cfg = job(
+        tmp_path / "run",
+        **{
+            "train.eval_every": 5,
+            "checkpoint.every_steps": 5,
+            "train.early_stopping": {"metric": "val_loss", "mode": "min", "patience": 1, "min_delta": 10.0},
+        },
+    )
+    summary = spawn_ranks(run_worker_on_rank, 2, cfg)
+    s = summary[0]
+    assert s["early_stopped"] and s["status"] == "completed" and s["steps"] == 10 and s["best_step"] == 5
+    evals = {r["step"]: r["val_loss"] for r in records_of(tmp_path / "run") if "val_loss" in r}
+    assert evals[10] != evals[5] and s["best_val_loss"] == evals[5]
+    # the run ends with step 5's weights: evaluated again, and saved as the final checkpoint
+    assert s["val_loss"] == pytest.approx(evals[5], rel=1e-9)
+    root = tmp_path / "run" / "checkpoints"
+    final = exported(root / "step-000010")
+    assert_bitwise(final, exported(root / "step-000005"))
+    assert evaluate_in_one_process(cfg, final)["val_loss"] == pytest.approx(evals[5], rel=1e-5)

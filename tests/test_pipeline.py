@@ -5,6 +5,7 @@ exact resume, resume into another layout, export, the bubble and the split, and 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,7 +77,9 @@ def steps(cfg_dict: dict, n: int, poison: bool = False) -> dict:
         k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
         for k, v in job.bare_model.state_dict().items()
     }
-    return {"steps": out, "eval": evaluate(job), "params": params, "figures": job.strategy.log_figures()}
+    figures = job.strategy.log_figures() if hasattr(job.strategy, "log_figures") else {}
+    split = getattr(job.strategy, "split", None)  # [(stage, its pieces' names, its parameters)]
+    return {"steps": out, "eval": evaluate(job), "params": params, "figures": figures, "split": split}
 
 
 def merged(ranks: list[dict]) -> dict[str, torch.Tensor]:
@@ -305,3 +308,161 @@ def test_bad_splits_are_config_errors_within_seconds(ray_cluster, tmp_path, over
     )
     assert proc.returncode == 2, proc.stderr[-1500:]
     assert needle in proc.stderr.strip().splitlines()[-1] and "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------- user models, split_fn, balance by time, doctor
+
+
+def assert_equal_to_one_rank(pp: list[dict], ref: dict) -> None:
+    """Two stages trained the numbers of one rank on the same samples: losses, norms, evaluation, every param."""
+    for (a, na, sa), (b, nb, sb) in zip(pp[0]["steps"], ref["steps"], strict=True):
+        assert a == pytest.approx(b, rel=1e-5) and na == pytest.approx(nb, rel=1e-5) and sa and sb
+    assert pp[0]["eval"] == pytest.approx(ref["eval"], rel=1e-6)
+    whole = merged(pp)
+    assert whole.keys() == ref["params"].keys() and not set(pp[0]["params"]) & set(pp[1]["params"])
+    for k, v in ref["params"].items():
+        assert torch.allclose(whole[k], v, atol=1e-5, rtol=0), f"{k}: {(whole[k] - v).abs().max():.3g}"
+    assert any(not torch.equal(v, w) for v, w in zip(ref["params"].values(), ref["initial"].values()))
+
+
+def steps_from_initial(cfg_dict: dict, n: int) -> dict:
+    """steps() on one process, with the weights it started from (to see that training moved them)."""
+    from shoal.dist import WorldInfo
+    from shoal.job import build_job
+
+    initial = {
+        k: v.clone()
+        for k, v in build_job(config_from_dict(cfg_dict), WorldInfo(), torch.device("cpu"))
+        .bare_model.state_dict()
+        .items()
+    }
+    return {**steps(cfg_dict, n), "initial": initial}
+
+
+def stage_keys(r: dict) -> set[str]:
+    return {k.rsplit(".", 1)[0] for k in r["params"]}
+
+
+def test_balance_time_gives_a_slow_layer_a_stage_of_its_own_and_trains_equal_to_one_rank():
+    # slow_head_mlp: 0 Linear(12,32), 1 ReLU, 2 Linear(32,32), 3 ReLU, 4 a light Linear(32,4) that sleeps 50 ms
+    shape = {**MLP, "model.target": "helpers:slow_head_mlp"}
+    by_params = spawn_ranks(steps, 2, cfg(shape, **{"parallel.pipeline_stages": 2}).to_dict(), 1)
+    by_time = spawn_ranks(
+        steps, 2, cfg(shape, **{"parallel.pipeline_stages": 2, "parallel.balance": "time"}).to_dict(), 2
+    )
+    # by parameters the heavy Linear(32,32) goes with the head; by time the sleeping head stands alone
+    assert [names for _, names, _ in by_params[0]["split"]] == [["0", "1"], ["2", "3", "4"]]
+    assert [names for _, names, _ in by_time[0]["split"]] == [["0", "1", "2", "3"], ["4"]]
+    assert by_time[1]["split"] == by_time[0]["split"]  # rank 0 measured; every rank took its numbers
+    assert stage_keys(by_time[0]) == {"0", "2"} and stage_keys(by_time[1]) == {"4"}
+    assert_equal_to_one_rank(by_time, steps_from_initial(cfg(shape).to_dict(), 2))
+
+
+def test_split_fn_names_the_chain_of_a_model_that_is_not_sequential_and_trains_equal_to_one_rank():
+    from shoal.models import pieces
+
+    from helpers import tower
+
+    with pytest.raises(ConfigError, match="give parallel.split_fn"):  # without it the Tower cannot be split
+        pieces(tower())
+    shape = {**MLP, "model.target": "helpers:tower", "parallel.split_fn": "helpers:tower_split"}
+    pp = spawn_ranks(steps, 2, cfg(shape, **{"parallel.pipeline_stages": 2}).to_dict(), 3)
+    # parameters 208 | 272 | 272 | 68: the heaviest stage is smallest cut after body.0
+    assert [names for _, names, _ in pp[0]["split"]] == [["stem", "body.0"], ["body.1", "head"]]
+    assert stage_keys(pp[0]) == {"stem.linear", "body.0.linear"} and stage_keys(pp[1]) == {"body.1.linear", "head"}
+    assert_equal_to_one_rank(pp, steps_from_initial(cfg({**MLP, "model.target": "helpers:tower"}).to_dict(), 3))
+
+
+def test_a_user_sequential_given_as_model_target_splits_into_stages_and_trains_equal_to_one_rank():
+    shape = {**MLP, "model.target": "helpers:nested_sequential"}
+    pp = spawn_ranks(steps, 2, cfg(shape, **{"parallel.pipeline_stages": 2}).to_dict(), 3)
+    # the nested Sequentials unrolled into one chain of 7 pieces, cut by parameters (208 1 272 1 272 1 68) inside
+    # the second inner Sequential; each stage keeps the model's own names
+    assert [names for _, names, _ in pp[0]["split"]] == [["0.0", "0.1", "1.0"], ["1.1", "1.2", "1.3", "2"]]
+    assert [params for _, _, params in pp[0]["split"]] == [208 + 272, 272 + 68]
+    assert stage_keys(pp[0]) == {"0.0", "1.0"} and stage_keys(pp[1]) == {"1.2", "2"}
+    assert_equal_to_one_rank(pp, steps_from_initial(cfg(shape).to_dict(), 3))
+
+
+def chart_bars(png: Path, color: tuple[int, int, int], half: int) -> tuple[list[int], tuple[int, int]]:
+    """The bars of one colour in the left (0) or right (1) plot of a two-plot chart, left to right: each bar's
+    height in pixels (its tallest column: a legend may hide part of its top), and the plot's frame (the rows of
+    its top and bottom spines, the continuous black lines across it)."""
+    import numpy as np
+    from PIL import Image
+
+    img = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    width = img.shape[1] // 2
+    img = img[:, half * width : (half + 1) * width]
+    dark = img.sum(axis=2) < 150
+    longest = []
+    for row in dark:
+        best = run = 0
+        for d in row:
+            run = run + 1 if d else 0
+            best = max(best, run)
+        longest.append(best)
+    spines = [y for y, n in enumerate(longest) if n > 0.6 * width]
+    top, bottom = min(spines), max(spines)
+    mask = np.abs(img - np.array(color)).sum(axis=2) < 12
+    bars, run = [], []
+    for x in range(width + 1):
+        rows = np.flatnonzero(mask[:, x]) if x < width else []
+        if len(rows):
+            run.append(bottom - rows.min())
+        elif run:
+            if len(run) > 10:  # a bar, not an edge or a legend swatch
+                bars.append(max(run))
+            run = []
+    return bars, (top, bottom)
+
+
+def test_the_doctor_draws_the_stage_chart_of_a_pipeline_run_from_its_metrics(tmp_path):
+    from shoal.health.doctor import diagnose
+
+    run_dir = tmp_path / "run"
+    # a head that sleeps 2 ms a forward on stage 1 (split by parameters): stage 1 computes longer, stage 0 waits
+    spawn_ranks(
+        run_worker_on_rank,
+        2,
+        job(
+            run_dir,
+            **{
+                "model.target": "helpers:slow_head_mlp",
+                "model.kwargs": {"sleep_s": 0.002},
+                "train.max_steps": 10,
+                "train.eval_every": 0,
+                "checkpoint.every_steps": None,
+            },
+        ),
+    )
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in records if "loss" in r]
+    assert [r["step"] for r in logged] == [5, 10]
+    busy = [sum(r[f"stage_busy_s/{s}"] for r in logged) for s in (0, 1)]
+    bubble = [sum(r[f"bubble/{s}"] for r in logged) / len(logged) for s in (0, 1)]
+    assert busy[1] > 1.5 * busy[0] and bubble[0] > bubble[1]
+
+    report = diagnose(run_dir)
+    chart = run_dir / "doctor" / "stages.png"
+    assert chart.stat().st_size > 1000 and chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = report.read_text()
+    assert "![stages](stages.png)" in text
+    last = logged[-1]
+    assert f"| last logged step | {last['step']} |" in text
+    assert f"| training loss | {last['loss']:.4g} |" in text and f"| samples/s | {last['samples_per_s']:.4g} |" in text
+    # the bars are the metrics: compute seconds summed over the logged steps (left, in proportion stage to
+    # stage), the mean bubble of each stage (right, on its 0-1 axis)
+    blue, _ = chart_bars(chart, (31, 119, 180), 0)
+    orange, (top, bottom) = chart_bars(chart, (255, 127, 14), 1)
+    assert len(blue) == 2 and len(orange) == 2, (blue, orange)
+    assert blue[0] / blue[1] == pytest.approx(busy[0] / busy[1], abs=0.02), (blue, busy)
+    assert [h / (bottom - top) for h in orange] == pytest.approx(bubble, abs=0.02), (orange, top, bottom, bubble)
+    assert all(r["bubble_theory"] == pytest.approx(1 / 5) for r in logged)  # the dashed line: P=2, M=4
+    # the chart comes from those figures: the same records without them draw none, and the report links none
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "metrics.jsonl").write_text(
+        "".join(json.dumps({k: v for k, v in r.items() if not k.startswith("stage_busy_s/")}) + "\n" for r in records)
+    )
+    assert "stages.png" not in diagnose(bare).read_text() and not (bare / "doctor" / "stages.png").exists()

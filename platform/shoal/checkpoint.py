@@ -232,11 +232,13 @@ class Checkpointer:
         self.saved: list[Path] = []
         self.stalls: list[float] = []  # seconds each save held up the training loop
         self._staged: Any = None  # host copy of the last snapshot, reused by the next
-        self._group: Any = None  # sharded background saves talk on a group of their own (a shared one deadlocks)
+        # sharded background saves talk on groups of their own, one per part: the model's and the optimizer's
+        # writes run their collectives at once, each in its own thread (a shared group deadlocks)
+        self._groups: dict[str, Any] | None = None
         if sharded and cfg.async_save and world.distributed and run_dir is not None:
             import torch.distributed
 
-            self._group = torch.distributed.new_group(backend="gloo")
+            self._groups = {part: torch.distributed.new_group(backend="gloo") for part in (MODEL, OPTIMIZER)}
 
     @property
     def enabled(self) -> bool:
@@ -352,10 +354,11 @@ class Checkpointer:
         if self.world.is_main:
             self._fresh_tmp(step)
         dist.barrier()  # the fresh directory exists before anyone writes into it
-        background = self._group is not None
+        background = self._groups is not None
         extra = snapshot(state[STATE]) if background else state[STATE]
+        groups = self._groups or {}
         try:
-            futures = [dcp.write(state[part], tmp / part, self._group, background) for part in (MODEL, OPTIMIZER)]
+            futures = [dcp.write(state[part], tmp / part, groups.get(part), background) for part in (MODEL, OPTIMIZER)]
         except Exception as e:  # noqa: BLE001 - DCP raises its own exception types for a rank's I/O failure
             return self._failed(step, e, tmp)
 
