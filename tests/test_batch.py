@@ -10,7 +10,10 @@ import torch
 
 from shoal.batch import BatchSchedule
 from shoal.config import JobConfig, config_from_dict
+from shoal.dist import WorldInfo
+from shoal.engine import train_step
 from shoal.errors import ConfigError
+from shoal.job import build_job
 
 from _ranks import spawn_ranks
 from conftest import free_ports
@@ -70,6 +73,28 @@ def test_auto_grows_towards_the_noise_scale_within_bounds_and_never_shrinks():
 def test_ramp_config_errors(updates, key):
     with pytest.raises(ConfigError, match=key):
         cfg_with(**updates)
+
+
+def steps_on_rank(cfg_dict: dict, counts: list[int] | None) -> dict:
+    """Train max_steps steps, the accumulation count per step from the config or, with counts, set by hand
+    (test_optim's gradient-noise test trains its ranks through this)."""
+    from shoal import dist
+
+    cfg = config_from_dict(cfg_dict)
+    world = WorldInfo.from_env()
+    dist.init_process_group(world, "gloo", 60, torch.device("cpu"))
+    job = build_job(cfg, world, torch.device("cpu"))
+    used = []
+    for t in range(cfg.train.max_steps):
+        if counts is not None:
+            job.batch.start_k = job.batch.end_k = counts[t]
+        used.append(job.batch.accum(job.counters.step))
+        train_step(job)
+    return {
+        "params": {k: v.clone() for k, v in job.bare_model.state_dict().items()},
+        "used": used,
+        "samples": job.counters.samples,
+    }
 
 
 def runs_in_sequence(runs: list[tuple[dict, bool]], ports: list[int]) -> list[dict]:
