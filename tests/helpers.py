@@ -243,3 +243,33 @@ def nested_sequential(inputs: int = 12, classes: int = 4) -> nn.Module:
         nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU()),
         nn.Linear(16, classes),
     )
+
+
+AUGMENT_CALLS: list[dict] = []  # tagged_augment's calls in this process, in order (a test clears it first)
+
+
+def tagged_augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A data.augment user fn: adds 1 + one draw from the generator it is given to every value; logs each call."""
+    out = x + (1.0 + torch.rand((), generator=generator))
+    AUGMENT_CALLS.append({"x": x.clone(), "generator": generator, "out": out.clone()})
+    return out
+
+
+SEEN_INPUTS: list[torch.Tensor] = []  # what input_recording_mlp's forward got in training mode (this process)
+
+
+class InputRecordingMLP(nn.Module):
+    """A digits model that keeps a copy of every input it trains on."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            SEEN_INPUTS.append(x.detach().clone())
+        return self.net(x)
+
+
+def input_recording_mlp() -> nn.Module:
+    return InputRecordingMLP()

@@ -1,6 +1,9 @@
-"""Batch ramp: the accumulation schedule, its equality with hand-set counts on 2 real ranks, exact resume."""
+"""Batch ramp: the accumulation schedule, its equality with phases of hand-set train.grad_accum_steps on 2 real
+ranks, the lr it logs under lr_scaling, exact resume."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -13,6 +16,7 @@ from shoal.errors import ConfigError
 from shoal.job import build_job
 
 from _ranks import spawn_ranks
+from conftest import free_ports
 
 
 def cfg_with(**updates) -> JobConfig:
@@ -72,7 +76,8 @@ def test_ramp_config_errors(updates, key):
 
 
 def steps_on_rank(cfg_dict: dict, counts: list[int] | None) -> dict:
-    """Train len(counts) steps: with the config's ramp (counts None) or with the accumulation set by hand."""
+    """Train max_steps steps, the accumulation count per step from the config or, with counts, set by hand
+    (test_optim's gradient-noise test trains its ranks through this)."""
     from shoal import dist
 
     cfg = config_from_dict(cfg_dict)
@@ -82,7 +87,7 @@ def steps_on_rank(cfg_dict: dict, counts: list[int] | None) -> dict:
     used = []
     for t in range(cfg.train.max_steps):
         if counts is not None:
-            job.batch.start_k = job.batch.end_k = counts[t]  # the hand-written schedule
+            job.batch.start_k = job.batch.end_k = counts[t]
         used.append(job.batch.accum(job.counters.step))
         train_step(job)
     return {
@@ -92,15 +97,104 @@ def steps_on_rank(cfg_dict: dict, counts: list[int] | None) -> dict:
     }
 
 
-def test_two_rank_ramp_equals_hand_set_accumulation_counts():
-    ramp = cfg_with(**{"train.max_steps": 7, "train.batch_ramp": {"start": 32, "end": 128, "steps": 6}})
-    plain = cfg_with(**{"train.max_steps": 7})
-    got = spawn_ranks(steps_on_rank, 2, ramp.to_dict(), None)
-    want = spawn_ranks(steps_on_rank, 2, plain.to_dict(), [1, 1, 2, 2, 3, 3, 4])
-    assert got[0]["used"] == [1, 1, 2, 2, 3, 3, 4] and got[0]["samples"] == 16 * 32
-    for k, v in want[0]["params"].items():
-        assert torch.allclose(got[0]["params"][k], v, atol=1e-6, rtol=0), k
-        assert torch.equal(got[0]["params"][k], got[1]["params"][k])  # replicas identical
+def runs_in_sequence(runs: list[tuple[dict, bool]], ports: list[int]) -> list[dict]:
+    """run_worker for each (config, resume) in turn, in the same rank processes (one spawn for them all); each run
+    its own port, so a rank that starts the next run early never meets the store of the last one."""
+    import os
+
+    from shoal.worker import run_worker
+
+    out = []
+    for (cfg_dict, resume), port in zip(runs, ports, strict=True):
+        os.environ["MASTER_PORT"] = str(port)
+        summary = run_worker(config_from_dict(cfg_dict), resume=resume)
+        out.append({"steps": summary["steps"], "samples": summary["samples"]})
+    return out
+
+
+def logged(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_rank_ramp_equals_phases_of_hand_set_grad_accum_steps_resumed_from_checkpoints(tmp_path):
+    """The reference never sees a ramp: train.grad_accum_steps and optim.lr are set by hand in phases, each a
+    new run resumed from the previous phase's checkpoint."""
+    from shoal.checkpoint import find_latest
+
+    quiet = {"log.every": 1, "schedule.name": "constant", "schedule.warmup_steps": 0}
+    # 2 ranks x data.batch_size 16: one micro-batch on every rank is 32 samples. Ramp 32 -> 128 over 6 steps:
+    # step t (1-based) takes 1 + floor(3 (t - 1) / 6) micro-batches, by hand: 1 1 2 2 3 3 4
+    ramp = cfg_with(
+        **quiet,
+        **{
+            "train.max_steps": 7,
+            "train.batch_ramp": {"start": 32, "end": 128, "steps": 6, "lr_scaling": "linear"},
+            "run.dir": str(tmp_path / "ramp"),
+        },
+    )
+    phases = [(2, 1), (4, 2), (6, 3), (7, 4)]  # (train.max_steps at the phase's end, micro-batches per step)
+    hand = [
+        (
+            cfg_with(
+                **quiet,
+                **{
+                    "train.max_steps": until,
+                    "train.grad_accum_steps": k,
+                    "optim.lr": 0.1 * k,  # lr_scaling linear, by hand: optim.lr x batch / start batch
+                    "run.dir": str(tmp_path / "hand"),
+                },
+            ).to_dict(),
+            i > 0,
+        )
+        for i, (until, k) in enumerate(phases)
+    ]
+    runs = [(ramp.to_dict(), False), *hand]
+    out = spawn_ranks(runs_in_sequence, 2, runs, free_ports(len(runs)), timeout_s=240)
+    assert [r["steps"] for r in out[0]] == [7, 2, 4, 6, 7]
+    assert out[0][0]["samples"] == out[0][-1]["samples"] == 32 * (1 + 1 + 2 + 2 + 3 + 3 + 4)
+
+    batches = [32, 32, 64, 64, 96, 96, 128]
+    for run in ("ramp", "hand"):
+        records = logged(tmp_path / run)
+        assert [r["step"] for r in records] == list(range(1, 8))
+        samples = [r["samples"] for r in records]
+        assert [b - a for a, b in zip([0, *samples], samples)] == batches, run  # samples each step read
+        assert [r["batch"] for r in records] == batches, run
+        assert [r["lr"] for r in records] == pytest.approx([0.1 * b / 32 for b in batches], rel=1e-12), run
+    a = torch.load(find_latest(tmp_path / "ramp") / "model.pt", weights_only=True)
+    b = torch.load(find_latest(tmp_path / "hand") / "model.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
+    first = torch.load(tmp_path / "hand" / "checkpoints" / "step-000002" / "model.pt", weights_only=True)
+    assert any(not torch.allclose(first[k], b[k]) for k in b)  # the phases trained: the weights moved
+
+
+@pytest.mark.parametrize("scaling, power", [("linear", 1.0), ("sqrt", 0.5)])
+def test_lr_logged_each_step_is_optim_lr_scaled_by_the_batch(tmp_path, scaling, power):
+    from shoal.worker import run_worker
+
+    cfg = cfg_with(
+        **{
+            "scaling.num_workers": 1,
+            "train.max_steps": 6,
+            "log.every": 1,
+            "schedule.name": "constant",
+            "schedule.warmup_steps": 0,
+            "train.batch_ramp": {"start": 32, "end": 112, "steps": 4, "lr_scaling": scaling},
+            "run.dir": str(tmp_path / "run"),
+        }
+    )
+    run_worker(cfg)
+    records = logged(tmp_path / "run")
+    # one rank x 16 samples a micro-batch; 2 -> 7 micro-batches over 4 steps: 2 + floor(5 (t - 1) / 4) at step t
+    batches = [32, 48, 64, 80, 112, 112]
+    samples = [r["samples"] for r in records]
+    assert [b - a for a, b in zip([0, *samples], samples)] == batches
+    assert [r["batch"] for r in records] == batches
+    want = [0.1 * (b / 32) ** power for b in batches]
+    assert [r["lr"] for r in records] == pytest.approx(want, rel=1e-12)
+    assert records[-1]["lr"] == pytest.approx({"linear": 0.35, "sqrt": 0.1 * 3.5**0.5}[scaling], rel=1e-12)
 
 
 def run_worker_rank(cfg_dict: dict, resume: bool) -> dict:
