@@ -2,6 +2,10 @@
 resolved config, every metrics record, tags, summary.json, the doctor and check reports, optionally the
 checkpoints). Each tracker runs behind a background Sender, so training never waits for it. The run's
 tracker ids are kept in RUN_DIR/tracking.json: a resumed run continues the same tracked run.
+
+At the end of the run the trackers get what is still queued, together: the end waits at most FLUSH_DOWN_S for
+trackers that do not answer, and at most FLUSH_TIMEOUT_S for ones that answer but are still sending (checkpoints);
+what is left then is dropped, with one warning line per tracker saying how much and why.
 """
 
 from __future__ import annotations
@@ -9,6 +13,8 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +22,9 @@ from shoal.config import JobConfig
 
 log = logging.getLogger("shoal")
 IDS_FILE = "tracking.json"
-FLUSH_TIMEOUT_S = 30.0
+FLUSH_DOWN_S = 3.0  # the end of a run waits at most this long for trackers that do not answer
+FLUSH_TIMEOUT_S = 30.0  # ... and at most this long in all, for trackers that answer (uploads)
+_IDS_LOCK = threading.Lock()  # each tracker's sender thread writes its id
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -48,9 +56,12 @@ def read_ids(run_dir: Path) -> dict[str, str]:
 
 
 def save_id(run_dir: Path, key: str, value: str) -> None:
-    ids = read_ids(run_dir)
-    ids[key] = value
-    (run_dir / IDS_FILE).write_text(json.dumps(ids, indent=2))
+    with _IDS_LOCK:
+        ids = read_ids(run_dir)
+        ids[key] = value
+        tmp = run_dir / f".{IDS_FILE}.tmp"
+        tmp.write_text(json.dumps(ids, indent=2))
+        tmp.replace(run_dir / IDS_FILE)  # a reader never sees half a file
 
 
 def tags(cfg: JobConfig, world_size: int) -> dict[str, str]:
@@ -85,10 +96,16 @@ class Tracker:
             b.log(step, numbers)
 
     def finish(self, run_dir: Path, summary: dict[str, Any] | None) -> None:
-        """Summary, reports and plots (and checkpoints when asked) as artifacts; the run marked ended."""
+        """Summary, reports and plots (and checkpoints when asked) as artifacts; the run marked ended. Waits for the
+        trackers together: at most FLUSH_DOWN_S for those that do not answer, FLUSH_TIMEOUT_S in any case."""
         files = _artifacts(run_dir, summary)
+        start = time.monotonic()
         for b in self.backends:
             b.finish(summary, run_dir, files)
+        for b in self.backends:
+            b.sender.stop()
+        for b in self.backends:
+            b.close(start)
 
 
 def build(cfg: JobConfig, run_dir: Path, world_size: int, resumed: bool) -> Tracker | None:

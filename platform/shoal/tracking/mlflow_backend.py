@@ -10,8 +10,8 @@ from typing import Any
 
 from shoal.config import JobConfig
 from shoal.errors import ShoalError
-from shoal.tracking import FLUSH_TIMEOUT_S, flatten, read_ids, save_id, tags
-from shoal.tracking.sender import Sender
+from shoal.tracking import flatten, read_ids, save_id, tags
+from shoal.tracking.sender import Sender, unanswered
 
 log = logging.getLogger("shoal")
 BATCH = 900  # metrics per log_batch call (MLflow takes up to 1000)
@@ -49,58 +49,89 @@ def parent_run(cfg: JobConfig, name: str) -> str | None:
 
 
 class MLflowBackend:
+    """The run is created by the first call that reaches the server (the start of training, or any later one if the
+    server was down then); every call before it waits in the sender, so nothing is lost meanwhile."""
+
     def __init__(self, cfg: JobConfig, run_dir: Path, world_size: int, resumed: bool):
         c = cfg.log.mlflow
         assert c is not None
-        self.cfg, self.c, self.run_dir = cfg, c, run_dir
+        self.cfg, self.c, self.run_dir, self.world_size = cfg, c, run_dir, world_size
         self.client = _client(c.tracking_uri)
         self.run_id: str | None = read_ids(run_dir).get("mlflow_run_id") if resumed else None
+        self.resuming = self.run_id is not None  # a resumed run continues its tracked run, set back to RUNNING
+        self.tags: dict[str, str] | None = None  # taken when the run starts (the commit then), sent at creation
+        self.params: list[Any] = []  # the config, not yet sent
         self.sender = Sender("log.mlflow", f"the tracking server {c.tracking_uri or '(default)'} did not answer")
-        self.sender.put(lambda: self._open(world_size), droppable=False)
+        self.sender.put(self._ready, droppable=False, what="the run's creation")
 
-    def _open(self, world_size: int) -> None:
+    def _ready(self) -> str:
+        """The run's id, after creating the run (or setting a resumed one RUNNING) and sending the config, if that has
+        not happened yet. Runs in the sender's thread only, so calls never race."""
         from mlflow.entities import Param
 
-        if self.run_id is not None:  # a resumed run continues its tracked run
+        if self.tags is None:
+            self.tags = tags(self.cfg, self.world_size)
+            if self.c.parent_run_id:
+                self.tags["mlflow.parentRunId"] = self.c.parent_run_id
+            if "git.commit" in self.tags:
+                self.tags["mlflow.source.git.commit"] = self.tags["git.commit"]
+        if self.run_id is None:
+            run = self.client.create_run(
+                _experiment(self.client, self.c.experiment), run_name=self.c.run_name or self.cfg.name, tags=self.tags
+            )
+            self.run_id = run.info.run_id
+            save_id(self.run_dir, "mlflow_run_id", self.run_id)
+            self.params = [Param(k, str(v)) for k, v in flatten(self.cfg.to_dict()).items()]
+        elif self.resuming:
             self.client.update_run(self.run_id, status="RUNNING")
-            return
-        extra = tags(self.cfg, world_size)
-        if self.c.parent_run_id:
-            extra["mlflow.parentRunId"] = self.c.parent_run_id
-        if "git.commit" in extra:
-            extra["mlflow.source.git.commit"] = extra["git.commit"]
-        run = self.client.create_run(
-            _experiment(self.client, self.c.experiment), run_name=self.c.run_name or self.cfg.name, tags=extra
-        )
-        self.run_id = run.info.run_id
-        save_id(self.run_dir, "mlflow_run_id", self.run_id)
-        params = [Param(k, str(v)) for k, v in flatten(self.cfg.to_dict()).items()]
-        for i in range(0, len(params), 100):
-            self.client.log_batch(self.run_id, params=params[i : i + 100])
+            self.resuming = False
+        while self.params:
+            try:
+                self.client.log_batch(self.run_id, params=self.params[:100])
+            except Exception as e:
+                if unanswered(e):
+                    raise  # tried again with this call
+                log.warning("log.mlflow: the config was not logged as params (%s: %s)", type(e).__name__, e)
+                self.params = []
+                break
+            del self.params[:100]
+        return self.run_id
 
     def log(self, step: int, numbers: dict[str, float]) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, step) for k, v in numbers.items()]
+        sent = 0
 
         def send() -> None:
-            assert self.run_id is not None, "the run is opened first"
-            for i in range(0, len(metrics), BATCH):
-                self.client.log_batch(self.run_id, metrics=metrics[i : i + BATCH])
+            nonlocal sent
+            run_id = self._ready()
+            while sent < len(metrics):
+                self.client.log_batch(run_id, metrics=metrics[sent : sent + BATCH])
+                sent += BATCH
 
         self.sender.put(send)
 
     def finish(self, summary: dict[str, Any] | None, run_dir: Path, files: list[tuple[Path, str]]) -> None:
+        """Queue the artifacts and the run's end (close waits for them)."""
         status = "FINISHED" if summary is not None and summary.get("status") in ("completed", "preempted") else "FAILED"
+        uploads = [(str(path), folder or None) for path, folder in files]
+        checkpoints = run_dir / "checkpoints"
+        if self.c.log_checkpoints and checkpoints.is_dir():
+            for path in sorted(p for p in checkpoints.rglob("*") if p.is_file()):
+                uploads.append((str(path), str(Path("checkpoints") / path.parent.relative_to(checkpoints))))
 
-        def send() -> None:
-            assert self.run_id is not None
-            for path, folder in files:
-                self.client.log_artifact(self.run_id, str(path), folder or None)
-            if self.c.log_checkpoints and (run_dir / "checkpoints").is_dir():
-                self.client.log_artifacts(self.run_id, str(run_dir / "checkpoints"), "checkpoints")
-            self.client.set_terminated(self.run_id, status)
+        def send() -> None:  # one file at a time: a retry goes on from the first one not sent
+            run_id = self._ready()
+            while uploads:
+                self.client.log_artifact(run_id, *uploads[0])
+                uploads.pop(0)
+            self.client.set_terminated(run_id, status)
 
-        self.sender.put(send, droppable=False)
-        self.sender.close(FLUSH_TIMEOUT_S)
+        self.sender.put(send, droppable=False, what="the artifacts and the run's end")
+
+    def close(self, start: float | None = None) -> bool:
+        from shoal import tracking
+
+        return self.sender.close(tracking.FLUSH_TIMEOUT_S, tracking.FLUSH_DOWN_S, start)

@@ -8,7 +8,7 @@ from typing import Any
 
 from shoal.config import JobConfig
 from shoal.errors import ShoalError
-from shoal.tracking import FLUSH_TIMEOUT_S, flatten, read_ids, save_id, tags
+from shoal.tracking import flatten, read_ids, save_id, tags
 from shoal.tracking.sender import Sender
 
 
@@ -24,7 +24,7 @@ class WandbBackend:
         self.run: Any = None
         known = read_ids(run_dir).get("wandb_id") if resumed else None
         self.sender = Sender("log.wandb", "W&B did not answer")
-        self.sender.put(lambda: self._open(world_size, known), droppable=False)
+        self.sender.put(lambda: self._open(world_size, known), droppable=False, what="the run's creation")
 
     def _open(self, world_size: int, known: str | None) -> None:
         os.environ.setdefault("WANDB_SILENT", "true")
@@ -48,6 +48,7 @@ class WandbBackend:
         self.sender.put(lambda: self.run.log(numbers, step=step))
 
     def finish(self, summary: dict[str, Any] | None, run_dir: Path, files: list[tuple[Path, str]]) -> None:
+        """Queue the summary, the files and the run's end (close waits for them)."""
         failed = summary is None or summary.get("status") not in ("completed", "preempted")
 
         def send() -> None:
@@ -59,5 +60,9 @@ class WandbBackend:
                 self.run.save(str(run_dir / "checkpoints" / "*" / "*"), base_path=str(run_dir), policy="now")
             self.run.finish(exit_code=1 if failed else 0)
 
-        self.sender.put(send, droppable=False)
-        self.sender.close(FLUSH_TIMEOUT_S)
+        self.sender.put(send, droppable=False, what="the files and the run's end")
+
+    def close(self, start: float | None = None) -> bool:
+        from shoal import tracking
+
+        return self.sender.close(tracking.FLUSH_TIMEOUT_S, tracking.FLUSH_DOWN_S, start)
