@@ -2,7 +2,7 @@
 
 transformer_lm (width 256, 8 layers, untied) on generated tokens, 32 x 64 tokens per step, SGD, one
 thread per rank: 1 rank alone, then 2 stages (GPipe) with parallel.microbatches = 1, 2, 4, 8. For each:
-samples/s, and the pipeline's measured bubble (share of the step a stage waits, the mean of the two)
+samples/s (beside the same two ranks as data parallel, 16 samples each), and the pipeline's measured bubble (share of the step a stage waits, the mean of the two)
 against the theory (P-1)/(M+P-1). On 2 cores two stages can at best double one rank's throughput.
 
     python benchmarks/bench_pipeline.py [--steps 30]
@@ -34,7 +34,7 @@ SHAPE = {
 }
 
 
-def rank(steps: int, stages: int, microbatches: int, schedule: str) -> dict:
+def rank(steps: int, stages: int, microbatches: int, schedule: str, batch: int = 32) -> dict:
     import torch
 
     from shoal import dist
@@ -46,6 +46,7 @@ def rank(steps: int, stages: int, microbatches: int, schedule: str) -> dict:
     cfg = JobConfig().replace(
         {
             **SHAPE,
+            "data.batch_size": batch,
             "parallel.pipeline_stages": stages,
             "parallel.microbatches": microbatches,
             "parallel.schedule": schedule,
@@ -61,7 +62,7 @@ def rank(steps: int, stages: int, microbatches: int, schedule: str) -> dict:
         t = time.perf_counter()
         train_step(job)
         times.append(time.perf_counter() - t)
-    return {"step_s": median(times[3:]), **job.strategy.log_figures()}
+    return {"bubble": None, "bubble_theory": None, "step_s": median(times[3:]), **job.strategy.log_figures()}
 
 
 def main() -> None:
@@ -75,6 +76,11 @@ def main() -> None:
     one = spawn_ranks(rank, 1, args.steps, 1, 1, args.schedule, timeout_s=3600)[0]
     rows = [["1 rank", "-", batch / one["step_s"], 1.0, "-", "-"]]
     print(f"1 rank: {batch / one['step_s']:.1f} samples/s", flush=True)
+    # the same two single-thread ranks as data parallel (allreduce, half the batch each): what the cores
+    # give without a pipeline, the baseline a pipeline must beat when the model fits on one device
+    dp = spawn_ranks(rank, 2, args.steps, 1, 1, args.schedule, batch // 2, timeout_s=3600)[0]
+    rows.append(["2 ranks data parallel", "-", batch / dp["step_s"], batch / dp["step_s"] / rows[0][2], "-", "-"])
+    print(f"2 ranks data parallel: {batch / dp['step_s']:.1f} samples/s", flush=True)
     for m in (1, 2, 4, 8):
         got = spawn_ranks(rank, 2, args.steps, 2, m, args.schedule, timeout_s=3600)[0]
         speed = batch / got["step_s"]
