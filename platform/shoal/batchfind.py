@@ -31,8 +31,8 @@ TIMED_STEPS = 3
 
 
 def _device(cfg: JobConfig) -> torch.device:
-    want = cfg.scaling.device
-    if want == "cuda" or (want == "auto" and torch.cuda.is_available() and cfg.scaling.gpus_per_worker > 0):
+    s = cfg.scaling
+    if not s.on_cpu and (s.device == "cuda" or torch.cuda.is_available()):
         return torch.device("cuda", 0)
     return torch.device("cpu")
 

@@ -421,7 +421,7 @@ class Checkpointer:
         ]
         if not scored:
             return None
-        return (min if kb.mode == "min" else max)(scored, key=lambda t: t[0])[1]
+        return kb.best_of(scored)
 
 
 def _write_synced(path: Path, text: str) -> None:

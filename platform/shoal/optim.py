@@ -212,8 +212,8 @@ class Schedule:
         if self.cfg.name != "plateau" or self.cfg.metric not in metrics:
             return
         value = metrics[self.cfg.metric]
-        sign = 1.0 if self.cfg.mode == "min" else -1.0
-        if self.best is None or sign * value < sign * self.best - self.cfg.threshold * abs(self.best):
+        margin = 0.0 if self.best is None else self.cfg.threshold * abs(self.best)
+        if self.cfg.plateau.improves(value, self.best, margin):
             self.best = value
             self.bad_evals = 0
             return

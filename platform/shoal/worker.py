@@ -53,7 +53,7 @@ def run_worker(
         )
     world = WorldInfo.from_env()
     device = dist.select_device(world, cfg.scaling.device)
-    if cfg.train.precision == "fp16" and device.type != "cuda":
+    if cfg.train.needs_cuda and device.type != "cuda":
         raise ConfigError(
             "fp16 needs CUDA and this rank runs on CPU; use bf16 or fp32 (or set scaling.gpus_per_worker >= 1 on a GPU cluster)",
             key="train.precision",

@@ -50,8 +50,7 @@ class EarlyStopper:
         ):
             return False
         value = metrics[self.cfg.metric]
-        sign = 1.0 if self.cfg.mode == "min" else -1.0
-        if self.best is None or sign * (self.best - value) > self.cfg.min_delta:
+        if self.cfg.improves(value, self.best, self.cfg.min_delta):
             self.best, self.best_step, self.bad = value, step, 0
             if self.cfg.restore_best and self.model is not None:
                 self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
