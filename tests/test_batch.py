@@ -40,24 +40,24 @@ def cfg_with(**updates) -> JobConfig:
 def test_ramp_counts_and_lr_scaling():
     cfg = cfg_with(**{"train.batch_ramp": {"start": 64, "end": 256, "steps": 6, "lr_scaling": "linear"}})
     b = BatchSchedule(cfg, data_world=2)  # one micro-batch on every rank = 32 samples
-    assert [b.accum(t) for t in range(9)] == [2, 3, 4, 5, 6, 7, 8, 8, 8]
-    assert [b.global_batch(t) for t in (0, 6)] == [64, 256]
-    assert b.lr_factor(0) == 1.0 and b.lr_factor(6) == 4.0
+    assert [b.accum(step) for step in range(1, 10)] == [2, 3, 4, 5, 6, 7, 8, 8, 8]  # step numbers, 1-based
+    assert [b.accum(step) * b.unit for step in (1, 7)] == [64, 256]  # global batches
+    assert b.lr_factor(1) == 1.0 and b.lr_factor(7) == 4.0
     sqrt = BatchSchedule(
         cfg_with(**{"train.batch_ramp": {"start": 64, "end": 256, "steps": 6, "lr_scaling": "sqrt"}}), 2
     )
-    assert sqrt.lr_factor(6) == 2.0
+    assert sqrt.lr_factor(7) == 2.0
 
 
 def test_auto_grows_towards_the_noise_scale_within_bounds_and_never_shrinks():
     b = BatchSchedule(cfg_with(**{"train.batch_ramp": "auto"}), data_world=2)
     assert (b.start_k, b.end_k) == (1, 8)
     b.adapt(100.0)
-    assert b.accum(0) == 3  # floor(100 / 32)
+    assert b.accum(1) == 3  # floor(100 / 32)
     b.adapt(10.0)
-    assert b.accum(0) == 3
+    assert b.accum(1) == 3
     b.adapt(1e9)
-    assert b.accum(5) == 8
+    assert b.accum(6) == 8
     assert b.state_dict() == {"current": 8}
 
 
@@ -88,7 +88,7 @@ def steps_on_rank(cfg_dict: dict, counts: list[int] | None) -> dict:
     for t in range(cfg.train.max_steps):
         if counts is not None:
             job.batch.start_k = job.batch.end_k = counts[t]
-        used.append(job.batch.accum(job.counters.step))
+        used.append(job.batch.accum(job.counters.step + 1))
         train_step(job)
     return {
         "params": {k: v.clone() for k, v in job.bare_model.state_dict().items()},

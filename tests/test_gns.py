@@ -84,25 +84,37 @@ def test_doctor_says_where_the_batch_stands_against_the_noise_scale():
     assert "near it" in batch_verdict([{"step": 10, "gns": 100.0, "batch": 64}])
 
 
-def test_auto_ramp_grows_the_batch_on_two_ranks():
-    """train.batch_ramp: auto follows the reduced estimate, identically on both ranks, within its bounds."""
-    cfg = JobConfig().replace(
+def auto_ramp_cfg(log_every: int) -> JobConfig:
+    return JobConfig().replace(
         {
             "data.batch_size": 4,
             "train.max_steps": 100,
             "train.eval_every": 0,
-            "log.every": 20,
+            "log.every": log_every,
             "log.tensorboard": False,
-            "train.gns_every": 1,
+            "train.gns_every": 1,  # estimated every 10 steps (gns.ESTIMATE_STEPS)
             "train.batch_ramp": "auto",
             "optim.lr": 0.003,
         }
     )  # digits: a noise scale of about 40 samples, against a start batch of 8
-    results = spawn_ranks(run_and_record, 2, cfg.to_dict(), timeout_s=180)
+
+
+def test_auto_ramp_grows_the_batch_on_two_ranks():
+    """train.batch_ramp: auto follows the reduced estimate, identically on both ranks, within its bounds."""
+    results = spawn_ranks(run_and_record, 2, auto_ramp_cfg(10).to_dict(), timeout_s=180)
     seen = [[(r["batch"], r["gns"]) for r in res["records"] if "gns" in r] for res in results]
     assert seen[0] == seen[1]
     batches = [b for b, _ in seen[0]]
     assert batches[0] == 8 and batches == sorted(batches) and 8 < batches[-1] <= 64
-    # each growth follows the estimate logged just before it: floor(gns / 8) micro-batches of 8, within bounds
+    # a log line every 10 steps shows each estimate, made at its step: the steps after it take
+    # floor(gns / 8) micro-batches of 8, within bounds, never fewer than before
     for (b, gns), (nxt, _) in zip(seen[0], seen[0][1:]):
         assert nxt == max(b, min(64, 8 * int(gns // 8)))
+
+
+def test_log_every_does_not_change_an_auto_ramped_run():
+    """The ramp adapts when the noise scale is estimated, not at log lines: log.every 10 and 7 train alike."""
+    runs = [spawn_ranks(run_and_record, 2, auto_ramp_cfg(n).to_dict(), timeout_s=180)[0] for n in (10, 7)]
+    assert all(torch.equal(runs[0]["weights"][k], runs[1]["weights"][k]) for k in runs[0]["weights"])
+    batch_at = [{r["step"]: r["batch"] for r in run["records"] if "batch" in r} for run in runs]
+    assert batch_at[0][70] == batch_at[1][70] > 8 and batch_at[0][100] == batch_at[1][100]

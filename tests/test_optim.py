@@ -58,7 +58,7 @@ def test_l1_adds_sign_of_weight_to_decayed_gradients_only():
 
 def lrs(cfg: ScheduleConfig, steps: int, base=1.0):
     s = Schedule(cfg, base, steps)
-    return [s.lr_at(i) for i in range(steps)]
+    return [s.lr_at(step) for step in range(1, steps + 1)]
 
 
 def test_warmup_then_constant():
@@ -76,8 +76,8 @@ def test_cosine_reaches_min_ratio():
     assert v[2] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(v[2:], v[3:]))
     assert Schedule(ScheduleConfig(name="cosine", warmup_steps=2, min_lr_ratio=0.1), 1.0, 12).lr_at(
-        12
-    ) == pytest.approx(0.1)
+        13
+    ) == pytest.approx(0.1)  # one step past the run's 12: the cosine's end
 
 
 def test_plateau_drops_after_patience_and_its_state_round_trips():

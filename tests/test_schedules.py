@@ -37,8 +37,8 @@ def ours(schedule: dict, steps: int, name: str = "sgd", momentum: float = 0.9) -
     opt = build_optimizer(model, cfg.optim)
     s = Schedule(cfg.schedule, cfg.optim.lr, steps)
     out = []
-    for t in range(steps):
-        s.apply(opt, t)
+    for step in range(1, steps + 1):  # the engine's step numbers
+        s.apply(opt, step)
         g = opt.param_groups[0]
         out.append((g["lr"], g["betas"][0] if "betas" in g else g["momentum"]))
     return out

@@ -24,7 +24,7 @@ class BatchSchedule:
             self.start_k = self._micro_batches(ramp.start or self.unit, "start")
             self.end_k = self._micro_batches(ramp.end or AUTO_GROWTH * self.start_k * self.unit, "end")
         self.power = {"none": 0.0, "linear": 1.0, "sqrt": 0.5}[ramp.lr_scaling] if ramp else 0.0
-        self.current = self.start_k  # auto: grown at log steps from the measured noise scale
+        self.current = self.start_k  # auto: grown whenever the noise scale is estimated
 
     def _micro_batches(self, batch: int, name: str) -> int:
         if batch % self.unit:
@@ -35,16 +35,13 @@ class BatchSchedule:
         return batch // self.unit
 
     def accum(self, step: int) -> int:
-        """Micro-batches per rank in the step after `step` finished steps."""
+        """Micro-batches per rank in step number `step` (1 = the first)."""
         if self.ramp is None:
             return self.start_k
         if self.ramp.auto:
             return self.current
-        frac = min(1.0, step / self.ramp.steps)
+        frac = min(1.0, (step - 1) / self.ramp.steps)  # the ramp starts at the first step and ends ramp.steps later
         return min(self.end_k, self.start_k + math.floor((self.end_k - self.start_k) * frac + 1e-9))
-
-    def global_batch(self, step: int) -> int:
-        return self.accum(step) * self.unit
 
     def lr_factor(self, step: int) -> float:
         """optim.lr's multiplier at this batch (lr_scaling; 1 without a ramp)."""

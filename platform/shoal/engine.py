@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 import torch
@@ -17,7 +18,6 @@ from shoal import dist
 from shoal.dist import Flags
 from shoal.health.policy import CONTINUE, EARLY_STOP, ROLLBACK, STOP
 from shoal.job import Job
-from shoal.optim import add_grad_noise, add_l1_grad
 from shoal.strategies.base import peak_memory_mb
 
 Report = Callable[[dict[str, Any]], None]
@@ -47,20 +47,20 @@ class Gradients:
 
 
 def train_step(job: Job) -> StepResult:
-    """One optimizer step over train.grad_accum_steps micro-batches; advances the step counter."""
+    """One optimizer step over train.grad_accum_steps micro-batches (or the batch ramp's count); advances the
+    step counter. Every collaborator gets the same step number, 1-based: the step being taken."""
     c, opt = job.counters, job.optimizer
-    step = c.step + 1  # 1-based: health, the records and the checkpoints all count this way
+    step = c.step + 1
     job.health.arm(step)
     job.strategy.arm_noise_probe(job.gns.due(step))
-    g = compute_gradients(job)
-    job.gns.observe(step, job.strategy.local_grad_sq(), g.grad_norm, g.rows, job.precision.scale)
+    g = compute_gradients(job, step)
+    job.batch.adapt(job.gns.observe(step, job.strategy.local_grad_sq(), g.grad_norm, g.rows, job.precision.scale))
     job.health.observe_gradients(step, float(g.grad_norm))
+    lr = job.schedule.apply(opt, step, job.batch.lr_factor(step))
     if g.ok:
-        add_l1_grad(opt)
-        add_grad_noise(job.params, job.cfg.optim.grad_noise, job.cfg.seed, step)
-    lr = job.schedule.apply(opt, c.step, job.batch.lr_factor(c.step))
+        job.extras.before_step(step)
     stepped = job.precision.step(opt, g.ok)
-    job.sparsity.apply()  # model.keep_sparsity: pruned weights stay zero
+    job.extras.after_step(step)
     job.health.observe_update(step)
     opt.zero_grad(set_to_none=True)
 
@@ -70,16 +70,13 @@ def train_step(job: Job) -> StepResult:
     return StepResult(g.loss_sum, g.count, samples, g.grad_norm, lr, stepped, g.data_s)
 
 
-def compute_gradients(job: Job) -> Gradients:
-    """Fetch, forward and backward the step's micro-batches (train.grad_accum_steps, or the batch ramp's count),
-    unscale, clip, check.
+def compute_gradients(job: Job, step: int) -> Gradients:
+    """Fetch, forward and backward step number `step`'s micro-batches, unscale, clip, check.
 
     (The parameter-server workers call this too, and push what it leaves.)
     """
     t0 = time.perf_counter()
-    batches = [
-        next(job.data.train) for _ in range(job.batch.accum(job.counters.step))
-    ]  # all first: the step's sample count is known
+    batches = [next(job.data.train) for _ in range(job.batch.accum(step))]  # all first: the sample count is known
     data_s = time.perf_counter() - t0
     counts = [job.loss_fn.count(y) for _, y in batches]
     loss_sum = job.strategy.forward_backward(batches, counts, job.loss_fn, job.precision)
@@ -100,6 +97,18 @@ def evaluate(job: Job) -> dict[str, float]:
     model = job.bare_model  # not the wrapper: ranks may hold different numbers of validation batches
     was_training = model.training
     model.eval()
+    loss_sum, correct, count = dist.all_sum(validation_sums(job)).tolist()
+    model.train(was_training)
+    if count == 0:
+        return {}
+    result = {"val_loss": loss_sum / count}
+    if job.loss_fn.classify:
+        result["val_accuracy"] = correct / count
+    return result
+
+
+def validation_sums(job: Job) -> torch.Tensor:
+    """This rank's summed validation loss, correct predictions and counted targets."""
     sums = torch.zeros(3, dtype=torch.float64, device=job.device)
     for x, y, counted in job.data.val.batches(job.cfg.train.eval_batches):
         with job.precision.autocast():
@@ -110,14 +119,16 @@ def evaluate(job: Job) -> dict[str, float]:
         sums[0] += job.loss_fn(out, y).double() * n
         sums[1] += job.loss_fn.correct(out, y).double()
         sums[2] += n
-    model.train(was_training)
-    loss_sum, correct, count = dist.all_sum(sums).tolist()
-    if count == 0:
-        return {}
-    result = {"val_loss": loss_sum / count}
-    if job.loss_fn.classify:
-        result["val_accuracy"] = correct / count
-    return result
+    return sums
+
+
+class Ending(str, Enum):
+    """How a run's loop ended (summary.json's status says completed for an early stop, with early_stopped)."""
+
+    COMPLETED = "completed"
+    EARLY_STOPPED = "early_stopped"
+    DIVERGED = "diverged"
+    PREEMPTED = "preempted"
 
 
 def train(
@@ -132,8 +143,8 @@ def train(
     """
     cfg, c = job.cfg, job.counters
     clock = Clock(c.step, c.samples, cfg.train.max_time_s)
-    train_loss, ending = float("nan"), "completed" if c.step >= cfg.train.max_steps else ""
-    while not ending:
+    train_loss, ending = float("nan"), Ending.COMPLETED if c.step >= cfg.train.max_steps else None
+    while ending is None:
         r = train_step(job)
         on_step(c.step)
         flags = job.pulse.exchange(
@@ -143,44 +154,72 @@ def train(
         last = c.step >= cfg.train.max_steps or flags.out_of_time
         record = job.health.take_measurements()
         if c.step % cfg.log.every == 0 or last:
-            record.update(
-                job.window.figures(),
-                lr=r.lr,
-                grad_norm=float(r.grad_norm),
-                skipped_steps=c.skipped_steps,
-                mem_mb=peak_memory_mb(job.device),
-                batch=job.batch.global_batch(c.step - 1),
-                **job.gns.figures(),
-                **job.strategy.log_figures(),
-            )
-            job.batch.adapt(record.get("gns"))  # batch_ramp auto: every rank holds the same reduced estimate
+            record.update(log_figures(job, r))
             train_loss = record["loss"]
-        decision = job.health.judge(c.step, r.stepped, record.get("loss"), record.get("data_wait"))
-        if decision == CONTINUE and ((cfg.train.eval_every and c.step % cfg.train.eval_every == 0) or last):
-            record.update(evaluate_and_observe(job))
-            decision = job.health.after_eval(c.step, train_loss, job.last_eval.metrics)
+        decision = judge(job, r.stepped, record, train_loss, eval_due=last or every(cfg.train.eval_every, c.step))
         if record:
-            report(
-                {
-                    "step": c.step,
-                    "epoch": job.data.train.epoch,
-                    "samples": c.samples,
-                    "time": time.time(),
-                    "elapsed_s": clock.elapsed(),
-                    **record,
-                }
-            )
+            report({**progress(job, clock), **record})
         if decision == ROLLBACK:
             job.health.roll_back()
             continue
-        if decision == EARLY_STOP and job.health.stopper.restore_best():  # end with the best evaluation's weights
-            job.last_eval.metrics = evaluate(job)
-        ending = {STOP: "diverged", EARLY_STOP: "early_stopped"}.get(decision) or (
-            "preempted" if flags.stop else "completed" if last else ""
-        )
-        if decision != STOP and job.checkpointer.due(c.step, flags.save, flags.stop, bool(ending)):
+        ending = ending_of(job, decision, flags.stop, last)
+        if decision != STOP and job.checkpointer.due(c.step, flags.save, flags.stop, ending is not None):
             job.checkpointer.save(job.state.collect(), c.step, job.last_eval.metrics, c.skipped_steps)
     return finish(job, clock, ending, train_loss)
+
+
+def every(n: int, step: int) -> bool:
+    """Whether step number `step` is a multiple of a cadence n (0: never)."""
+    return bool(n) and step % n == 0
+
+
+def log_figures(job: Job, r: StepResult) -> dict[str, Any]:
+    """A log line's figures (every rank computes them: the window's are a collective)."""
+    return {
+        **job.window.figures(),
+        "lr": r.lr,
+        "grad_norm": float(r.grad_norm),
+        "skipped_steps": job.counters.skipped_steps,
+        "mem_mb": peak_memory_mb(job.device),
+        "batch": r.samples,  # the step's global batch (under batch_ramp auto, the next one may already be larger)
+        **job.gns.figures(),
+        **job.strategy.log_figures(),
+    }
+
+
+def progress(job: Job, clock: Clock) -> dict[str, Any]:
+    """Where the run stands, at the head of every metrics record."""
+    c = job.counters
+    return {
+        "step": c.step,
+        "epoch": job.data.train.epoch,
+        "samples": c.samples,
+        "time": time.time(),
+        "elapsed_s": clock.elapsed(),
+    }
+
+
+def judge(job: Job, stepped: bool, record: dict[str, Any], train_loss: float, eval_due: bool) -> str:
+    """The step's one health decision (alike on every rank): the step and its log line judged, then, if training
+    goes on and an evaluation is due, the evaluation (plateau, overfitting, early stopping). Adds what the
+    evaluation measured to `record`."""
+    step = job.counters.step
+    decision = job.health.judge(step, stepped, record.get("loss"), record.get("data_wait"))
+    if decision == CONTINUE and eval_due:
+        record.update(evaluate_and_observe(job))
+        decision = job.health.after_eval(step, train_loss, job.last_eval.metrics)
+    return decision
+
+
+def ending_of(job: Job, decision: str, stop: bool, last: bool) -> Ending | None:
+    """The run's ending after this step, if it ends: an early stop first puts the best evaluation's weights back."""
+    if decision == STOP:
+        return Ending.DIVERGED
+    if decision == EARLY_STOP:
+        if job.health.stopper.restore_best():
+            job.last_eval.metrics = evaluate(job)
+        return Ending.EARLY_STOPPED
+    return Ending.PREEMPTED if stop else Ending.COMPLETED if last else None
 
 
 def evaluate_and_observe(job: Job) -> dict[str, float]:
@@ -190,19 +229,14 @@ def evaluate_and_observe(job: Job) -> dict[str, float]:
     return job.last_eval.metrics
 
 
-def finish(job: Job, clock: Clock, ending: str, train_loss: float) -> dict[str, Any]:
+def finish(job: Job, clock: Clock, ending: Ending, train_loss: float) -> dict[str, Any]:
     """Drain what is in flight (the pulse, loader workers, a background save) and sum up the run."""
-    c = job.counters
     job.pulse.drain()
     job.data.train.close()  # loader workers stop now, not when the garbage collector finds them
     job.checkpointer.wait()
-    skipped = torch.tensor(
-        [float(getattr(job.data.train, "skipped_samples", 0))], dtype=torch.float64, device=job.device
-    )
-    memory = dist.all_gather_object(job.strategy.memory(job.optimizer))  # every rank's, in rank order
-    wall = clock.elapsed()
+    c, wall = job.counters, clock.elapsed()
     return {
-        "status": "completed" if ending == "early_stopped" else ending,
+        "status": (Ending.COMPLETED if ending == Ending.EARLY_STOPPED else ending).value,
         "steps": c.step,
         "samples": c.samples,
         "epochs": job.data.train.epoch,
@@ -212,11 +246,22 @@ def finish(job: Job, clock: Clock, ending: str, train_loss: float) -> dict[str, 
         "steps_this_run": c.step - clock.start_step,
         "world_size": job.world.world_size,
         "train_loss": train_loss,
-        "data_skipped_samples": int(dist.all_sum(skipped).item()),
-        "early_stopped": ending == "early_stopped",
-        "memory": {k: [round(m[k], 3) for m in memory] for k in memory[0]},
+        **totals_over_ranks(job),
+        "early_stopped": ending == Ending.EARLY_STOPPED,
         **job.health.summary(),
         **job.last_eval.metrics,
+    }
+
+
+def totals_over_ranks(job: Job) -> dict[str, Any]:
+    """The summary's figures every rank contributes to (collectives: every rank calls this at the end)."""
+    skipped = torch.tensor(
+        [float(getattr(job.data.train, "skipped_samples", 0))], dtype=torch.float64, device=job.device
+    )
+    memory = dist.all_gather_object(job.strategy.memory(job.optimizer))  # every rank's, in rank order
+    return {
+        "data_skipped_samples": int(dist.all_sum(skipped).item()),
+        "memory": {k: [round(m[k], 3) for m in memory] for k in memory[0]},
     }
 
 

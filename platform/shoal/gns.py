@@ -5,9 +5,11 @@ B = b x ranks samples (its norm is the one clipping uses). Per measured step, th
 
     |G|^2 ~ (B |G_B|^2 - b |G_b|^2) / (B - b)        tr(Sigma) ~ (|G_b|^2 - |G_B|^2) / (1/b - 1/B)
 
-are summed on each rank; at a log line one small all-reduce averages them over the ranks (so every rank
-holds the same estimate) and each is smoothed by an exponential moving average before the ratio is taken,
-as the paper recommends (the ratio of noisy means is far steadier than the mean of noisy ratios).
+are summed on each rank; every ESTIMATE_STEPS steps or so one small all-reduce averages them over the ranks
+(so every rank holds the same estimate) and each is smoothed by an exponential moving average before the
+ratio is taken, as the paper recommends (the ratio of noisy means is far steadier than the mean of noisy
+ratios). The estimate's cadence is its own, not the log line's: train.batch_ramp auto grows the batch from it,
+and log.every must not change training.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ import torch
 
 from shoal import dist
 
-SMOOTHING = 0.2  # weight of the newest log interval in the moving averages
+SMOOTHING = 0.2  # weight of the newest estimate's interval in the moving averages
+ESTIMATE_STEPS = 10  # about this many steps between estimates (a whole number of measured steps)
 
 
 class NoiseScale:
     def __init__(self, every: int, world_size: int, device: torch.device):
         self.every = every if world_size > 1 else 0  # one rank has no second batch size to compare
+        self.estimate_every = self.every * max(1, round(ESTIMATE_STEPS / self.every)) if self.every else 0
         self.world_size = world_size
         self.device = device
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # sum of |G|^2 terms, tr(Sigma) terms, steps
@@ -35,13 +39,17 @@ class NoiseScale:
 
     def observe(
         self, step: int, local_sq: torch.Tensor | None, global_norm: torch.Tensor, b: int, scale: float
-    ) -> None:
-        """A measured step: this rank's |G_b|^2 over its b samples (taken under a loss scale), the reduced gradient's
-        norm (tensors: no sync). Steps not measured, or without a local norm, are left out."""
-        if local_sq is None or not self.due(step) or not b:
-            return
-        local_sq = local_sq.double() / scale**2
-        global_sq = global_norm.double() ** 2
+    ) -> float | None:
+        """Step number `step` done: add its terms if it was measured (this rank's |G_b|^2 over its b samples,
+        taken under a loss scale, and the reduced gradient's norm; tensors, no sync). Returns the new estimate
+        on the steps that make one (every rank, at the same steps), else None."""
+        if not self.every:
+            return None
+        if local_sq is not None and self.due(step) and b:
+            self._add(local_sq.double() / scale**2, global_norm.double() ** 2, b)
+        return self._estimate() if step % self.estimate_every == 0 else None
+
+    def _add(self, local_sq: torch.Tensor, global_sq: torch.Tensor, b: int) -> None:
         if not (torch.isfinite(local_sq) and torch.isfinite(global_sq)):
             return
         big = b * self.world_size
@@ -49,17 +57,18 @@ class NoiseScale:
         trace = (local_sq - global_sq) / (1.0 / b - 1.0 / big)
         self.sums += torch.stack([g2.double(), trace.double(), torch.ones((), dtype=torch.float64, device=self.device)])
 
-    def figures(self) -> dict[str, float]:
-        """At a log line (every rank): {'gns': B_simple} once measured, from the smoothed averages."""
-        if not self.every:
-            return {}
+    def _estimate(self) -> float | None:
+        """Average the interval's terms over the ranks (one small all-reduce) into the moving averages."""
         g2, trace, n = (dist.all_sum(self.sums) / self.world_size).tolist()
         self.sums.zero_()
-        if n <= 0:
-            return self._value()
-        g2, trace = g2 / n, trace / n
-        self.g2 = g2 if self.g2 is None else (1 - SMOOTHING) * self.g2 + SMOOTHING * g2
-        self.trace = trace if self.trace is None else (1 - SMOOTHING) * self.trace + SMOOTHING * trace
+        if n > 0:
+            g2, trace = g2 / n, trace / n
+            self.g2 = g2 if self.g2 is None else (1 - SMOOTHING) * self.g2 + SMOOTHING * g2
+            self.trace = trace if self.trace is None else (1 - SMOOTHING) * self.trace + SMOOTHING * trace
+        return self._value().get("gns")
+
+    def figures(self) -> dict[str, float]:
+        """For a log line: {'gns': B_simple}, the latest estimate, once there is one (no collective)."""
         return self._value()
 
     def _value(self) -> dict[str, float]:
@@ -68,7 +77,9 @@ class NoiseScale:
         return {"gns": self.trace / self.g2}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"g2": self.g2, "trace": self.trace}
+        return {"g2": self.g2, "trace": self.trace, "sums": self.sums.tolist()}  # sums: a resume mid-interval
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.g2, self.trace = state["g2"], state["trace"]
+        if "sums" in state:  # checkpoints from before the estimate had its own cadence lack it
+            self.sums = torch.tensor(state["sums"], dtype=torch.float64, device=self.device)

@@ -23,7 +23,7 @@ from shoal.health.policy import Rollback
 from shoal.losses import Loss
 from shoal.metrics import Window
 from shoal.models import apply_freeze, build_model, checkpoint_activations, trainable
-from shoal.optim import Schedule, build_optimizer
+from shoal.optim import Schedule, StepExtras, build_optimizer
 from shoal.precision import Precision
 from shoal.state import (
     BATCH,
@@ -63,7 +63,7 @@ class Job:
     checkpointer: Checkpointer
     window: Window
     batch: BatchSchedule  # micro-batches per step (train.batch_ramp grows them)
-    sparsity: SparsityMasks  # zeros kept zero (model.keep_sparsity); empty otherwise
+    extras: StepExtras  # l1, gradient noise, pruned zeros kept: edits around the optimizer step
     gns: NoiseScale
     counters: Counters = field(default_factory=Counters)
     last_eval: LastEval = field(default_factory=LastEval)
@@ -114,6 +114,7 @@ def build_job(cfg: JobConfig, world: WorldInfo, device: torch.device, run_dir: P
     )
     strategy.wrap(model).train()  # training mode from here on; evaluation switches back itself
     optimizer = build_optimizer(strategy.bare_model, cfg.optim)  # after wrapping: sharding replaces parameters
+    params = [p for _, p in trainable(strategy.bare_model)]
     # dropout and other training randomness differ per rank, reproducibly
     torch.manual_seed(cfg.seed * 1_000_003 + world.rank + 1)
     classes = data.spec.vocab_size if data.spec.task == "lm" else data.spec.num_classes
@@ -137,7 +138,7 @@ def build_job(cfg: JobConfig, world: WorldInfo, device: torch.device, run_dir: P
         world=world,
         device=device,
         strategy=strategy,
-        params=[p for _, p in trainable(strategy.bare_model)],
+        params=params,
         frozen=frozen,
         optimizer=optimizer,
         schedule=Schedule(cfg.schedule, cfg.optim.lr, cfg.train.max_steps),
@@ -148,7 +149,7 @@ def build_job(cfg: JobConfig, world: WorldInfo, device: torch.device, run_dir: P
         checkpointer=checkpointer,
         window=window,
         batch=BatchSchedule(cfg, data.world.world_size),
-        sparsity=sparsity,
+        extras=StepExtras(optimizer, params, cfg.optim.grad_noise, cfg.seed, sparsity),
         gns=NoiseScale(cfg.train.gns_every if strategy.measures_noise else 0, data.world.world_size, device),
     )
     if cfg.health.on_nonfinite == "rollback":

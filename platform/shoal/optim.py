@@ -111,6 +111,31 @@ def add_grad_noise(params: list[torch.nn.Parameter], noise: GradNoise | None, se
         local.add_(torch.randn(local.shape, generator=gen, device=local.device, dtype=local.dtype), alpha=std)
 
 
+class StepExtras:
+    """The optional edits around an optimizer step, kept out of the core step: optim.l1 and optim.grad_noise on
+    the reduced, clipped gradients before it (a skipped step gets neither), model.keep_sparsity's zeros after it.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        params: list[nn.Parameter],
+        noise: GradNoise | None,
+        seed: int,
+        keep_zero: Any,
+    ):
+        self.optimizer, self.params, self.noise, self.seed, self.keep_zero = optimizer, params, noise, seed, keep_zero
+        self.l1 = any(group.get("l1", 0.0) for group in optimizer.param_groups)
+
+    def before_step(self, step: int) -> None:
+        if self.l1:
+            add_l1_grad(self.optimizer)
+        add_grad_noise(self.params, self.noise, self.seed, step)
+
+    def after_step(self, step: int) -> None:
+        self.keep_zero.apply()
+
+
 def _cyclic(t: int, c: ScheduleConfig) -> float:
     """Smith (2017): a triangle between optim.lr x base_lr_ratio and optim.lr, cycle_steps long (as a fraction of optim.lr)."""
     half = c.cycle_steps / 2
@@ -161,8 +186,9 @@ class Schedule:
         self.bad_evals = 0
 
     def lr_at(self, step: int) -> float:
-        """Rate for optimizer step `step` (0-based)."""
+        """Rate for optimizer step number `step` (1 = the first, as the engine counts every step)."""
         c = self.cfg
+        step -= 1  # the formulas count steps done before this one, as their papers do
         warm = min(1.0, (step + 1) / c.warmup_steps) if c.warmup_steps else 1.0
         after = max(0, step - c.warmup_steps)
         if c.name == "step":
@@ -188,14 +214,14 @@ class Schedule:
         return max(lr, c.min_lr) if c.name == "plateau" else lr
 
     def momentum_at(self, step: int) -> float | None:
-        """one_cycle with cycle_momentum: the momentum (or Adam's beta1) for step `step`; None otherwise."""
+        """one_cycle with cycle_momentum: the momentum (or Adam's beta1) for step number `step`; None otherwise."""
         if self.cfg.name != "one_cycle" or not self.cfg.cycle_momentum:
             return None
-        return _one_cycle(step, self.max_steps, self.cfg)[1]
+        return _one_cycle(step - 1, self.max_steps, self.cfg)[1]
 
     def apply(self, optimizer: torch.optim.Optimizer, step: int, factor: float = 1.0) -> float:
         """Set every group's rate (times `factor`: a batch ramp's lr scaling), and momentum under one_cycle, for step
-        `step`; returns the rate."""
+        number `step`; returns the rate."""
         lr = self.lr_at(step) * factor
         momentum = self.momentum_at(step)
         for group in optimizer.param_groups:
@@ -242,7 +268,7 @@ def plot_schedule(cfg: Any, out: Any) -> tuple[list[float], list[float]]:
     from shoal import plots
 
     s = Schedule(cfg.schedule, cfg.optim.lr, cfg.train.max_steps)
-    steps = range(cfg.train.max_steps)
+    steps = range(1, cfg.train.max_steps + 1)
     lr = [s.lr_at(t) for t in steps]
     momentum = [m for m in (s.momentum_at(t) for t in steps) if m is not None]
     fig, ax = plots.figure(1, 2 if momentum else 1, (12 if momentum else 8, 4))

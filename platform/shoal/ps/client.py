@@ -159,7 +159,7 @@ def _train(
             recorder.tick(versions[0], evaluate)
         if replies[0][2]:  # shard 0 says when the job is done
             break
-        g = compute_gradients(job)
+        g = compute_gradients(job, pushes + 1)  # this worker's own step number
         if job.precision.scaler is not None:
             job.precision.scaler.update()
         grads = [(buf.numpy() if cpu else buf.cpu().numpy()) if g.ok else None for buf in grad_bufs]

@@ -96,7 +96,7 @@ class ParameterServer:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
                 self._point_grads(torch.from_numpy(grad))
-        lr = self.schedule.lr_at(self.version)
+        lr = self.schedule.lr_at(self.version + 1)  # the update this makes
         if self.cfg.ps.staleness_lr == "inverse":
             lr /= max(1, staleness)
         for group in self.optimizer.param_groups:
@@ -133,7 +133,7 @@ class ParameterServer:
             "samples": self.samples,
             "dropped": self.dropped,
             "skipped": self.skipped,
-            "lr": self.schedule.lr_at(max(0, self.version - 1)) if self.is_open else 0.0,
+            "lr": self.schedule.lr_at(max(1, self.version)) if self.is_open else 0.0,  # the last update's
             "window": dict(self.window),
             "staleness": dict(self.staleness),
             "done": self._done(),
