@@ -25,7 +25,7 @@ note: Callable[[str], None] = partial(say, err=True)
 def exit_code(summary: dict[str, Any]) -> int:
     """The process exit status of a run: 0 completed, the stopping signal's when preempted, 1 otherwise."""
     status = summary.get("status")
-    code = EXIT_CODES.get(status, FAILED) if isinstance(status, str) else FAILED
+    code = EXIT_CODES.get(status, FAILED)
     if status == "preempted":
         return int(summary.get("exit_code") or code)  # 143 also on ranks the signal did not reach
     return code
