@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -35,6 +36,16 @@ def test_a_first_positional_with_equals_is_an_override_not_a_config():
 )
 def test_exit_status_follows_the_run(summary, code):
     assert _exit_code(summary) == code
+
+
+def test_every_command_in_the_help_runs_a_handler():
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    listed = [c.dest for c in commands._choices_actions]
+    assert listed == list(commands.choices) and "k8s" in listed
+    for name, parser in commands.choices.items():
+        actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        leaves = actions[0].choices.values() if actions else [parser]
+        assert all(callable(p.get_default("func")) for p in leaves), name
 
 
 CLI_CASES = [

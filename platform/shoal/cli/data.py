@@ -1,0 +1,116 @@
+"""`shoal shard` writes a data set as shards; `shoal check` finds data, loss, model and config
+mistakes before training.
+
+The modules that do the work are imported inside the handlers: they load numpy and torch, which
+the driver's start-up (`shoal --help`) must not."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from shoal.cli.command import Command, config_args, load_job, out_arg, out_path
+from shoal.cli.output import note, say
+from shoal.errors import ShoalError
+
+if TYPE_CHECKING:
+    from shoal.data.writer import ShardOptions, Table
+
+
+def _check_args(p: argparse.ArgumentParser) -> None:
+    config_args(p)
+    out_arg(p, "DIR", "where to write the report (default: RUN_DIR/check)")
+
+
+def check_job(args: argparse.Namespace) -> int:
+    cfg = load_job(args)
+    from shoal import check
+
+    result = check.run(cfg, out_path(args, cfg, "check"), say=note)
+    say("\n".join(check.summary_lines(result)))
+    return result.exit_code
+
+
+def _shard_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "source",
+        metavar="SOURCE",
+        help="digits | synthetic | a .npz, .csv, .jsonl or text file | a folder of class subfolders of images",
+    )
+    p.add_argument("out_dir", metavar="OUT_DIR")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument(
+        "--samples-per-shard", type=int, default=None, metavar="N", help="samples per shard (default 10000)"
+    )
+    size.add_argument("--bytes-per-shard", default=None, metavar="SIZE", help="shard size instead, e.g. 64MB")
+    p.add_argument("--block-size", type=int, default=64, help="samples packed per tar entry (default 64)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share written as the val split (default 0.1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shuffle before writing")
+    p.add_argument("--no-shuffle", action="store_true", help="keep the source's order")
+    p.add_argument("--overwrite", action="store_true", help="replace shards already in OUT_DIR")
+    _source_args(p)
+
+
+def _source_args(p: argparse.ArgumentParser) -> None:
+    """How `shoal shard` reads or makes its source."""
+    p.add_argument("--num-samples", type=int, default=100_000, help="synthetic: samples")
+    p.add_argument("--input-shape", type=int, nargs="+", default=[32], help="synthetic: sample shape")
+    p.add_argument("--num-classes", type=int, default=10, help="synthetic: classes")
+    p.add_argument(
+        "--task", choices=["classification", "regression", "lm"], default=None, help="task (default: inferred)"
+    )
+    p.add_argument("--seq-len", type=int, default=64, help="text and synthetic lm: tokens per sample")
+    p.add_argument("--label-column", default=None, help="CSV: label column name or index (default: the last)")
+    p.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("H", "W"), help="images: resize to H x W")
+
+
+def shard(args: argparse.Namespace) -> int:
+    from shoal.data.writer import write_shards
+
+    if not 0 <= args.val_fraction < 1:
+        raise ShoalError(f"--val-fraction: must be in [0, 1) (got {args.val_fraction})")
+    table = _source_table(args)
+    manifest = write_shards(table, Path(args.out_dir), _shard_options(args), source=args.source)
+    for split, info in manifest["splits"].items():
+        say(f"[shoal] {split}: {info['samples']:,} samples in {len(info['shards'])} shards")
+    say(f"[shoal] wrote {Path(args.out_dir) / 'manifest.json'}")
+    return 0
+
+
+def _source_table(args: argparse.Namespace) -> Table:
+    """The samples SOURCE names, read or made."""
+    from shoal.data.writer import load_source
+
+    return load_source(
+        args.source,
+        num_samples=args.num_samples,
+        input_shape=args.input_shape,
+        num_classes=args.num_classes,
+        task=args.task,
+        seq_len=args.seq_len,
+        label_column=args.label_column,
+        image_size=tuple(args.image_size) if args.image_size else None,
+        seed=args.seed,
+    )
+
+
+def _shard_options(args: argparse.Namespace) -> ShardOptions:
+    """The writer's ShardOptions from the command line."""
+    from shoal.data.writer import ShardOptions, parse_bytes
+
+    return ShardOptions(
+        samples_per_shard=args.samples_per_shard,
+        bytes_per_shard=parse_bytes(args.bytes_per_shard) if args.bytes_per_shard else None,
+        block_size=args.block_size,
+        shuffle=not args.no_shuffle,
+        seed=args.seed,
+        val_fraction=args.val_fraction,
+        overwrite=args.overwrite,
+    )
+
+
+CHECK = Command(
+    "check", "find data, loss, model and config mistakes before training (exit 1 if any)", _check_args, check_job
+)
+SHARD = Command("shard", "write a data set as webdataset tar shards plus manifest.json", _shard_args, shard)
