@@ -9,6 +9,7 @@ through an unpickler that only builds DCP's own metadata classes and plain data.
 
 from __future__ import annotations
 
+import copy
 import io
 import pickle
 from dataclasses import dataclass
@@ -16,6 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.metadata import StorageMeta
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from shoal.errors import CheckpointError
 
@@ -74,20 +80,19 @@ def read_metadata(path: Path) -> Any:
         ) from None
 
 
-def _reader(path: Path) -> Any:
-    from torch.distributed.checkpoint import FileSystemReader
+class SafeReader(FileSystemReader):
+    """DCP's file reader, with the metadata read by `read_metadata` (unpickled without running code)."""
 
-    class SafeReader(FileSystemReader):
-        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-            metadata = read_metadata(path)
-            from torch.distributed.checkpoint.metadata import StorageMeta
+    def __init__(self, path: Path):
+        super().__init__(str(path))
+        self.directory = path
 
-            if getattr(metadata, "storage_meta", None) is None:
-                metadata.storage_meta = StorageMeta()
-            metadata.storage_meta.load_id = self.load_id
-            return metadata
-
-    return SafeReader(str(path))
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        metadata = read_metadata(self.directory)
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
 
 
 def read_into(target: dict[str, Any], path: Path) -> None:
@@ -95,11 +100,9 @@ def read_into(target: dict[str, Any], path: Path) -> None:
 
     A collective when a process group exists: every rank calls it.
     """
-    import torch.distributed.checkpoint as dcp
-
     read_metadata(path)  # refuses unsafe metadata in one line, before DCP wraps the refusal
     try:
-        dcp.load(target, storage_reader=_reader(path))
+        dcp.load(target, storage_reader=SafeReader(path))
     except CheckpointError:
         raise
     except Exception as e:  # DCP wraps every rank's failure; say it in one line
@@ -114,8 +117,6 @@ def read_optimizer_into(target: dict[str, Any], path: Path) -> None:
     The groups' settings come from the config (the schedule sets the rate every step), and ranks that
     hold different parameters (pipeline stages) save different groups under the same entries.
     """
-    import copy
-
     groups = copy.deepcopy(target["param_groups"])  # DCP's load rewrites the dicts in place
     read_into(target, path)
     target["param_groups"] = groups
@@ -123,9 +124,6 @@ def read_optimizer_into(target: dict[str, Any], path: Path) -> None:
 
 def write(state: dict[str, Any], path: Path, group: Any = None, background: bool = False) -> Any:
     """Write this rank's part of `state` into a DCP directory (a collective); a future when in the background."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemWriter
-
     writer = FileSystemWriter(str(path), sync_files=True)
     if background:
         return dcp.async_save(state, storage_writer=writer, process_group=group)
@@ -135,14 +133,11 @@ def write(state: dict[str, Any], path: Path, group: Any = None, background: bool
 
 def gather(path: Path) -> dict[str, Any]:
     """Every tensor of a DCP directory as a full state dict, read in this one process (export)."""
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-
     read_metadata(path)  # refuses unsafe metadata in one line, before DCP wraps the refusal
     state: dict[str, Any] = {}
     try:
         # the empty planner builds every tensor from the metadata (as DCP's own dcp_to_torch_save does)
-        _load_state_dict(state, storage_reader=_reader(path), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+        _load_state_dict(state, storage_reader=SafeReader(path), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
     except CheckpointError:
         raise
     except Exception as e:

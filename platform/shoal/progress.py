@@ -10,6 +10,10 @@ import sys
 import time
 from typing import Any, TextIO
 
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+from rich.progress import Progress as RichProgress
+
 
 def _fmt(record: dict[str, Any]) -> str:
     parts = [f"step {record['step']}"]
@@ -40,10 +44,6 @@ class Progress:
         self._bar = None
         self._task = None
         if mode == "bar":
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
-            from rich.progress import Progress as RichProgress
-
             self._bar = RichProgress(
                 TextColumn("[bold]train"),
                 BarColumn(),

@@ -13,7 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from shoal.check.findings import Finding, problems
+from shoal.check.lints import lint
+from shoal.check.task import task_findings
+from shoal.data.spec import DataSpec
 
 
 @dataclass
@@ -28,11 +33,8 @@ class Result:
 
 
 def run(cfg: Any, out: Path, say: Any = print) -> Result:
-    from shoal.check import data, model
-    from shoal.check.lints import lint
-    from shoal.check.task import task_findings
-    from shoal.data.loaders import open_splits
-    from shoal.data.spec import DataSpec
+    from shoal.check import data, model  # torch: `shoal train`'s driver loads this package
+    from shoal.data.loaders import open_splits  # torch, as above
 
     start = time.perf_counter()
     train_src, val_src = open_splits(cfg)
@@ -60,7 +62,7 @@ def run(cfg: Any, out: Path, say: Any = print) -> Result:
 
 def summary_lines(result: Result) -> list[str]:
     """The one-screen terminal summary: problems first, then notes, then where the report is."""
-    from shoal.check.model import baseline_line
+    from shoal.check.model import baseline_line  # torch, as in run
 
     bad = problems(result.findings)
     notes = [f for f in result.findings if f not in bad]
@@ -141,8 +143,6 @@ def _fmt(v: Any) -> str:
 
 
 def _plain(v: Any) -> Any:
-    import numpy as np
-
     if isinstance(v, np.ndarray):
         return v.tolist()
     if isinstance(v, np.generic):
@@ -151,9 +151,7 @@ def _plain(v: Any) -> Any:
 
 
 def _plots(out: Path, scanned: Any, probed: Any) -> list[Path]:
-    import numpy as np
-
-    from shoal import plots
+    from shoal import plots  # matplotlib: kept out of `shoal train`'s start-up too
 
     made = []
     feats = scanned.train.features()

@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from webdataset.gopen import gopen
 
 from shoal.config import DataConfig
-from shoal.data.locate import MANIFEST, expand, local_present, read_manifest
-from shoal.data.locate import is_local as _is_local
+from shoal.data.locate import MANIFEST, expand, is_local, local_present, read_manifest
 from shoal.data.spec import DataSpec, from_manifest
 from shoal.errors import ConfigError, DataError
 from shoal.imports import import_object
@@ -52,7 +52,7 @@ def open_shards(cfg: DataConfig) -> tuple[ShardSource, ShardSource | None]:
     assert cfg.path is not None
     path = Path(cfg.path).expanduser()
     decode = import_object(cfg.decode, "data.decode") if cfg.decode else None
-    if _is_local(cfg.path) and path.is_dir():
+    if is_local(cfg.path) and path.is_dir():
         manifest = read_manifest(
             path / MANIFEST,
             hint=f"data.path: {path} has no {MANIFEST}; write shards with `shoal shard` or give a pattern",
@@ -70,7 +70,7 @@ def open_shards(cfg: DataConfig) -> tuple[ShardSource, ShardSource | None]:
 
 def _open_pattern(pattern: str, cfg: DataConfig, decode: Callable | None, key: str) -> ShardSource:
     urls = expand(pattern)
-    local = _is_local(pattern)
+    local = is_local(pattern)
     if local:
         present, missing = local_present(pattern, key)
         if missing and cfg.on_error == "raise":
@@ -121,11 +121,9 @@ def _count_samples(url: str, name: str) -> int:
 def _iter_groups(url: str, name: str, with_data: bool = True) -> Iterator[tuple[str, dict[str, Any]]]:
     """(key, {extension: bytes or (offset, size)}) of consecutive tar members sharing a key."""
     try:
-        if _is_local(url):
+        if is_local(url):
             stream: Any = open(Path(url).expanduser(), "rb")
         else:
-            from webdataset.gopen import gopen
-
             stream = gopen(url, "rb")
     except OSError as e:
         raise DataError(f"shard {name}: cannot open ({e.strerror or e})") from None
@@ -308,7 +306,7 @@ class ShardSource:
         shard = self.shards[s]
         reader = self._readers.get(s)
         if reader is None:
-            reader = _LocalShard(shard) if _is_local(shard.url) else _StreamShard(shard)
+            reader = _LocalShard(shard) if is_local(shard.url) else _StreamShard(shard)
             self._readers[s] = reader
         key, members = reader.group(b)
         if self.manifest is None:

@@ -98,7 +98,7 @@ def options_from_args(args: argparse.Namespace) -> RenderOptions:
 
 def cmd_render(args: argparse.Namespace) -> int:
     """`shoal k8s render`: every check passes before a file is written."""
-    from shoal.config import load_config  # pydantic: kept out of `shoal --help` start-up, which registers this command
+    from shoal.config import load_config  # pydantic: kept out of `shoal --help`
 
     cfg = load_config(args.config, args.overrides)
     files = render(cfg, args.target, args.image, args.namespace, options_from_args(args))
