@@ -17,11 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-from torch.distributed.checkpoint.metadata import StorageMeta
-from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from shoal.errors import CheckpointError
 
@@ -80,19 +75,22 @@ def read_metadata(path: Path) -> Any:
         ) from None
 
 
-class SafeReader(FileSystemReader):
-    """DCP's file reader, with the metadata read by `read_metadata` (unpickled without running code)."""
+def _reader(path: Path) -> Any:
+    # torch.distributed.checkpoint, here and below, brings sympy and ~600 modules: seconds of every rank's start,
+    # and only sharded checkpoints need it
+    from torch.distributed.checkpoint import FileSystemReader
 
-    def __init__(self, path: Path):
-        super().__init__(str(path))
-        self.directory = path
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            metadata = read_metadata(path)
+            from torch.distributed.checkpoint.metadata import StorageMeta
 
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-        metadata = read_metadata(self.directory)
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(str(path))
 
 
 def read_into(target: dict[str, Any], path: Path) -> None:
@@ -100,9 +98,11 @@ def read_into(target: dict[str, Any], path: Path) -> None:
 
     A collective when a process group exists: every rank calls it.
     """
+    import torch.distributed.checkpoint as dcp
+
     read_metadata(path)  # refuses unsafe metadata in one line, before DCP wraps the refusal
     try:
-        dcp.load(target, storage_reader=SafeReader(path))
+        dcp.load(target, storage_reader=_reader(path))
     except CheckpointError:
         raise
     except Exception as e:  # DCP wraps every rank's failure; say it in one line
@@ -124,6 +124,9 @@ def read_optimizer_into(target: dict[str, Any], path: Path) -> None:
 
 def write(state: dict[str, Any], path: Path, group: Any = None, background: bool = False) -> Any:
     """Write this rank's part of `state` into a DCP directory (a collective); a future when in the background."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemWriter
+
     writer = FileSystemWriter(str(path), sync_files=True)
     if background:
         return dcp.async_save(state, storage_writer=writer, process_group=group)
@@ -133,11 +136,14 @@ def write(state: dict[str, Any], path: Path, group: Any = None, background: bool
 
 def gather(path: Path) -> dict[str, Any]:
     """Every tensor of a DCP directory as a full state dict, read in this one process (export)."""
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
     read_metadata(path)  # refuses unsafe metadata in one line, before DCP wraps the refusal
     state: dict[str, Any] = {}
     try:
         # the empty planner builds every tensor from the metadata (as DCP's own dcp_to_torch_save does)
-        _load_state_dict(state, storage_reader=SafeReader(path), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+        _load_state_dict(state, storage_reader=_reader(path), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
     except CheckpointError:
         raise
     except Exception as e:

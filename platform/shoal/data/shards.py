@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from webdataset.gopen import gopen
 
 from shoal.config import DataConfig
 from shoal.data.locate import MANIFEST, expand, is_local, local_present, read_manifest
@@ -124,6 +123,9 @@ def _iter_groups(url: str, name: str, with_data: bool = True) -> Iterator[tuple[
         if is_local(url):
             stream: Any = open(Path(url).expanduser(), "rb")
         else:
+            # lazily: webdataset brings ~700 modules (seconds of a loaded rank's start) that local shards never use
+            from webdataset.gopen import gopen
+
             stream = gopen(url, "rb")
     except OSError as e:
         raise DataError(f"shard {name}: cannot open ({e.strerror or e})") from None
