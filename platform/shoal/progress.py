@@ -10,10 +10,6 @@ import sys
 import time
 from typing import Any, TextIO
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
-from rich.progress import Progress as RichProgress
-
 
 def _fmt(record: dict[str, Any]) -> str:
     parts = [f"step {record['step']}"]
@@ -44,6 +40,11 @@ class Progress:
         self._bar = None
         self._task = None
         if mode == "bar":
+            # rich only for a bar on a terminal: the driver's start-up (and every run in a log file) goes without it
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+            from rich.progress import Progress as RichProgress
+
             self._bar = RichProgress(
                 TextColumn("[bold]train"),
                 BarColumn(),

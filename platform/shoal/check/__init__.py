@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from shoal.check.findings import Finding, problems
 from shoal.check.lints import lint
 from shoal.check.task import task_findings
@@ -143,6 +141,8 @@ def _fmt(v: Any) -> str:
 
 
 def _plain(v: Any) -> Any:
+    import numpy as np  # kept out of `shoal train`'s start-up, as matplotlib in _plots
+
     if isinstance(v, np.ndarray):
         return v.tolist()
     if isinstance(v, np.generic):
@@ -151,7 +151,9 @@ def _plain(v: Any) -> Any:
 
 
 def _plots(out: Path, scanned: Any, probed: Any) -> list[Path]:
-    from shoal import plots  # matplotlib: kept out of `shoal train`'s start-up too
+    import numpy as np  # numpy, matplotlib: kept out of `shoal train`'s start-up too
+
+    from shoal import plots
 
     made = []
     feats = scanned.train.features()
