@@ -1,5 +1,5 @@
-"""Shared by the benchmark scripts: spawn ranks, start a Ray head, summarise rounds. Imports nothing
-from tests/ and needs no test extras: the benchmarks run where users run Shoal."""
+"""Shared by the benchmark scripts: spawn ranks, start a Ray head, summarise rounds. Needs no test extras:
+the benchmarks run where users run Shoal; the rank spawner is the tests' (tests/_ranks.py, which imports no pytest)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-from shoal.dist import spawn_local as spawn_ranks
+sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))  # appended: tests/ never shadows a module
+
+from _ranks import spawn_local as spawn_ranks  # noqa: E402
 
 __all__ = ["spawn_ranks", "median", "table", "machine", "start_ray_head", "stop_ray_head"]
 

@@ -14,7 +14,7 @@ from shoal import check
 from shoal.check.lints import lint
 from shoal.check.task import quick
 from shoal.config import load_config
-from shoal.data.memory import _digits_arrays
+from shoal.data.memory import digits_arrays
 
 from conftest import REPO, shoal_cli
 
@@ -23,7 +23,7 @@ DIGITS_SHARDS = str(REPO / "configs" / "digits-shards.yaml")
 
 
 def _digits() -> tuple[np.ndarray, np.ndarray]:
-    x, y = _digits_arrays()
+    x, y = digits_arrays()
     return x.reshape(len(x), -1).copy(), y.copy()
 
 

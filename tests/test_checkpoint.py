@@ -261,7 +261,7 @@ def test_checkpoints_are_loaded_without_running_pickled_code(tmp_path):
     ckpt = find_latest(tmp_path / "a")
     torch.save({"payload": Evil()}, ckpt / "state.pt")
     meta = json.loads((ckpt / "meta.json").read_text())
-    meta["sha256"]["state.pt"] = checkpoint._sha256(ckpt / "state.pt")  # even with matching checksums
+    meta["sha256"]["state.pt"] = checkpoint.sha256(ckpt / "state.pt")  # even with matching checksums
     (ckpt / "meta.json").write_text(json.dumps(meta))
     if os.path.exists("/tmp/shoal-pwned"):
         os.remove("/tmp/shoal-pwned")
@@ -326,7 +326,7 @@ def test_export_of_a_code_running_pickle_is_refused_in_one_line(tmp_path):
     marker = tmp_path / "pwned"
     torch.save({"payload": Touch(str(marker))}, ckpt / "model.pt")
     meta = json.loads((ckpt / "meta.json").read_text())
-    meta["sha256"]["model.pt"] = checkpoint._sha256(ckpt / "model.pt")
+    meta["sha256"]["model.pt"] = checkpoint.sha256(ckpt / "model.pt")
     (ckpt / "meta.json").write_text(json.dumps(meta))
     proc = shoal_cli("export", str(ckpt), str(tmp_path / "out.pt"))
     assert proc.returncode == 2, proc.stderr

@@ -169,9 +169,9 @@ def test_shards_train_like_memory_data(tmp_path):
     shard("digits", str(tmp_path / "d"), "--val-fraction", "0")
     train, _ = open_shards(DataConfig(format="shards", path=str(tmp_path / "d")))
     x, y, _ = train.get_batch(np.arange(len(train)))
-    from shoal.data.memory import _digits_arrays
+    from shoal.data.memory import digits_arrays
 
-    dx, dy = _digits_arrays()
+    dx, dy = digits_arrays()
     assert torch.equal(torch.sort(y).values, torch.sort(torch.from_numpy(dy)).values)
     assert np.isclose(x.sum().item(), dx.sum(), rtol=1e-5)
 

@@ -240,9 +240,9 @@ def test_sharded_metadata_that_would_run_code_is_refused(tmp_path):
 
     (ckpt / "model" / ".metadata").write_bytes(pickle.dumps(Evil()))
     meta = json.loads((ckpt / "meta.json").read_text())
-    from shoal.checkpoint import _sha256
+    from shoal.checkpoint import sha256
 
-    meta["sha256"]["model/.metadata"] = _sha256(ckpt / "model" / ".metadata")  # even with matching checksums
+    meta["sha256"]["model/.metadata"] = sha256(ckpt / "model" / ".metadata")  # even with matching checksums
     (ckpt / "meta.json").write_text(json.dumps(meta))
     from shoal.errors import CheckpointError
 

@@ -116,18 +116,6 @@ def containers(obj: dict[str, Any]) -> list[dict[str, Any]]:
     return [c for t in pod_templates(obj) for c in t["spec"].get("initContainers", []) + t["spec"]["containers"]]
 
 
-ORIGINAL_BUILD_PARSER = cli.build_parser
-
-
-def k8s_parser() -> argparse.ArgumentParser:
-    """shoal's parser with `k8s` registered (until cli.py registers it itself)."""
-    parser = ORIGINAL_BUILD_PARSER()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    if "k8s" not in sub.choices:
-        k8s.add_parser(sub)
-    return parser
-
-
 # ---------------------------------------------------------------- offline schema validation
 
 
@@ -447,9 +435,9 @@ def shoal_command(c: dict[str, Any], obj: dict[str, Any]) -> list[str]:
     return args.training_script_args
 
 
-def parse_shoal(argv: list[str], build_parser=cli.build_parser) -> argparse.Namespace:
+def parse_shoal(argv: list[str]) -> argparse.Namespace:
     try:
-        return build_parser().parse_args(argv)
+        return cli.build_parser().parse_args(argv)
     except SystemExit:
         pytest.fail(f"shoal's parser rejects: shoal {shlex.join(argv)}")
 
@@ -564,7 +552,7 @@ def test_every_shoal_line_of_the_launch_scripts_parses():
     lines = launch_shoal_lines()
     assert {"local.sh", "torchrun_single.sh"} <= {script for script, _ in lines}
     for script, argv in lines:
-        args = parse_shoal(argv, k8s_parser)
+        args = parse_shoal(argv)
         assert getattr(args, "config", "configs/quickstart.yaml") == "configs/quickstart.yaml", (script, argv)
 
 
@@ -585,7 +573,7 @@ def test_readme_commands_parse():
     assert any(c[:3] == ["shoal", "k8s", "render"] for c in commands)
     for argv in commands:
         try:
-            k8s_parser().parse_args(argv[1:])
+            cli.build_parser().parse_args(argv[1:])
         except SystemExit:
             pytest.fail(f"k8s/README.md: shoal's parser rejects {shlex.join(argv)}")
 
@@ -601,7 +589,7 @@ def test_render_is_deterministic():
 
 
 def test_render_command_writes_the_render_or_streams_it(tmp_path, capsys):
-    parser = k8s_parser()
+    parser = cli.build_parser()
     args = parser.parse_args(
         [
             "k8s",
@@ -690,8 +678,7 @@ def test_bad_namespace_or_image(namespace, image):
         ),
     ],
 )
-def test_cli_prints_one_line_exits_2_and_writes_nothing(extra, message, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "build_parser", k8s_parser)
+def test_cli_prints_one_line_exits_2_and_writes_nothing(extra, message, tmp_path, capsys):
     out = tmp_path / "out"
     code = cli.main(["k8s", "render", str(QUICKSTART), *extra, "--target", "job", "--image", "img:1", "-o", str(out)])
     err = capsys.readouterr().err

@@ -115,7 +115,7 @@ def test_resume_from_a_checkpoint_that_runs_code_is_refused(trained, tmp_path):
     ckpt = find_latest(run_dir)
     torch.save({"net.0.weight": Touch(str(marker))}, ckpt / "model.pt")
     meta = json.loads((ckpt / "meta.json").read_text())
-    meta["sha256"]["model.pt"] = checkpoint._sha256(ckpt / "model.pt")  # even with matching checksums
+    meta["sha256"]["model.pt"] = checkpoint.sha256(ckpt / "model.pt")  # even with matching checksums
     (ckpt / "meta.json").write_text(json.dumps(meta))
     overrides = tiny_overrides(run_dir, **{"train.max_steps": 30, "run.overwrite": "true"})
     assert_refused(shoal_cli("worker", str(QUICKSTART), *overrides, "--resume"), marker)

@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import torch
 
+from shoal import plots
 from shoal.config import JobConfig
 from shoal.data.loaders import open_splits
 from shoal.losses import Loss
@@ -40,8 +42,6 @@ def _device(cfg: JobConfig) -> torch.device:
 def memory_budget_mb(cfg: JobConfig) -> tuple[float, str]:
     """--max-memory's default on the CPU: what this process may use (the cgroup's limit, or the machine's available
     memory, whichever is lower) shared by the ranks of one node; and how it was worked out, to say."""
-    import psutil
-
     available = psutil.virtual_memory().available
     limit = _cgroup_limit()
     mine, where = (
@@ -163,8 +163,6 @@ def _suggest(cfg: JobConfig, fit: int, target: int | None) -> dict[str, Any]:
 
 
 def _plot(rows: list[dict[str, Any]], fit: int, path: Path) -> Path:
-    from shoal import plots
-
     fig, ax = plots.figure(1, 2, (11, 4))
     good = [r for r in rows if r["status"] == "fits"]
     ax[0][0].plot([r["batch"] for r in good], [r["samples_per_s"] for r in good], "o-")

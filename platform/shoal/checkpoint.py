@@ -31,10 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed
 
-from shoal import __version__, dist
+from shoal import __version__, dcp, dist
 from shoal.config import CheckpointConfig
-from shoal.dcp import Sharded
+from shoal.dcp import Sharded, gather, read_into
 from shoal.errors import CheckpointError
 from shoal.state import DATA, MODEL, OPTIMIZER, PARTS, STATE, file_of
 from shoal.weights import load_file
@@ -68,7 +69,7 @@ def verify(path: Path) -> dict[str, Any]:
         f = path / name
         if not f.exists():
             raise CheckpointError(f"checkpoint {path}: {name} is missing")
-        if _sha256(f) != digest:
+        if sha256(f) != digest:
             raise CheckpointError(f"checkpoint {path}: {name} does not match its checksum (corrupt)")
     return meta
 
@@ -138,8 +139,6 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor] | Sh
     """Load weights (a state dict, or a sharded checkpoint's model read whole), or fail listing every
     missing, unexpected and mis-shaped key."""
     if isinstance(state, Sharded):
-        from shoal.dcp import read_into
-
         own = model.state_dict()
         check_keys(own, state.shapes(), path)
         read_into(own, state.path)
@@ -147,6 +146,17 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor] | Sh
         return
     check_keys(model.state_dict(), shapes_of(state), path)
     model.load_state_dict(state)
+
+
+def load_weights(model: torch.nn.Module, path: str) -> None:
+    """model.weights: start from a state dict file (`shoal export` or `shoal compress` output), loaded strictly."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise CheckpointError(f"model.weights: {file}: not found (a state dict file, e.g. compress/<variant>/model.pt)")
+    state = load_file(file, f"model.weights: {file.parent}")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"model.weights: {file}: holds a {type(state).__name__}, not a state dict")
+    load_model_state(model, state, file)
 
 
 def shapes_of(state: dict[str, Any]) -> dict[str, tuple[int, ...] | None]:
@@ -173,7 +183,8 @@ def check_keys(own: dict[str, Any], shapes: dict[str, tuple[int, ...] | None], p
         raise CheckpointError(f"checkpoint {path} does not fit the model in the config: " + ", ".join(parts))
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
+    """The file's SHA-256 (hex), as meta.json records it."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -236,8 +247,6 @@ class Checkpointer:
         # writes run their collectives at once, each in its own thread (a shared group deadlocks)
         self._groups: dict[str, Any] | None = None
         if sharded and cfg.async_save and world.distributed and run_dir is not None:
-            import torch.distributed
-
             self._groups = {part: torch.distributed.new_group(backend="gloo") for part in (MODEL, OPTIMIZER)}
 
     @property
@@ -331,7 +340,7 @@ class Checkpointer:
             "shoal_version": __version__,
             "time": time.time(),
             "config": self.config,
-            "sha256": {str(f.relative_to(tmp)): _sha256(f) for f in sorted(tmp.rglob("*")) if f.is_file()},
+            "sha256": {str(f.relative_to(tmp)): sha256(f) for f in sorted(tmp.rglob("*")) if f.is_file()},
         }
         _write_synced(tmp / META, json.dumps(meta, indent=1))
         for d in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
@@ -348,8 +357,6 @@ class Checkpointer:
     def _save_sharded(self, state: dict[str, Any], step: int, metrics: dict[str, float], nonfinite_steps: int) -> None:
         """Every rank writes its shards of the model and optimizer into the same temporary directory (in the
         background with checkpoint.async); rank 0 adds state.pt and commits once all of them are written."""
-        from shoal import dcp
-
         tmp = self.root / f".tmp-step-{step:06d}"
         if self.world.is_main:
             self._fresh_tmp(step)
@@ -454,8 +461,6 @@ def export(checkpoint: Path, out: Path, overwrite: bool = False, safetensors: bo
         raise CheckpointError(f"{out} is a directory; give a file name such as model.pt")
     meta = verify(checkpoint)
     if is_sharded(checkpoint):
-        from shoal.dcp import gather
-
         state = gather(checkpoint / MODEL)
     else:
         state = load_part(checkpoint, MODEL)
@@ -463,7 +468,7 @@ def export(checkpoint: Path, out: Path, overwrite: bool = False, safetensors: bo
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         if safetensors or (safetensors is None and out.suffix == ".safetensors"):
-            try:
+            try:  # an optional package: only this format needs it
                 from safetensors.torch import save_file
             except ImportError:
                 raise CheckpointError(

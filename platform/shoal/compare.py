@@ -8,10 +8,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-from shoal import rundir
+from shoal import cluster, launcher, rundir, tracking
 from shoal.config import JobConfig
 from shoal.errors import ConfigError
 from shoal.metrics import read_metrics
+from shoal.plots import figure, save
 
 STRATEGIES = ("allreduce", "async_ps")
 
@@ -31,8 +32,6 @@ def parse_budget(text: str) -> tuple[str, float]:
 
 def run_both(cfg: JobConfig, budget: str, target_loss: float | None = None) -> dict[str, Any]:
     """Train once per strategy under run.dir/compare/<strategy>; write and return the report."""
-    from shoal import cluster, launcher
-
     kind, amount = parse_budget(budget)
     base = rundir.resolve(cfg)
     out = base / "compare"
@@ -41,7 +40,6 @@ def run_both(cfg: JobConfig, budget: str, target_loss: float | None = None) -> d
             f"{out} already holds a comparison; choose another run.dir or set run.overwrite=true", key="run.dir"
         )
     out.mkdir(parents=True, exist_ok=True)
-    from shoal import tracking
 
     cfg = tracking.group(cfg, f"compare {base.name}")  # both strategies under one parent run / group
     conn = cluster.connect(cfg.scaling.address, cfg.scaling.dashboard)
@@ -146,8 +144,6 @@ def write_report(out: Path, report: dict[str, Any], runs: dict[str, dict[str, An
 
 
 def plot(path: Path, report: dict[str, Any], runs: dict[str, dict[str, Any]]) -> Path:
-    from shoal.plots import figure, save
-
     fig, ax = figure(2, 2)
     for name, r in runs.items():
         recs = [x for x in r["metrics"] if isinstance(x.get("loss"), float)]

@@ -9,6 +9,7 @@ through an unpickler that only builds DCP's own metadata classes and plain data.
 
 from __future__ import annotations
 
+import copy
 import io
 import pickle
 from dataclasses import dataclass
@@ -75,6 +76,8 @@ def read_metadata(path: Path) -> Any:
 
 
 def _reader(path: Path) -> Any:
+    # torch.distributed.checkpoint, here and below, brings sympy and ~600 modules: seconds of every rank's start,
+    # and only sharded checkpoints need it
     from torch.distributed.checkpoint import FileSystemReader
 
     class SafeReader(FileSystemReader):
@@ -114,8 +117,6 @@ def read_optimizer_into(target: dict[str, Any], path: Path) -> None:
     The groups' settings come from the config (the schedule sets the rate every step), and ranks that
     hold different parameters (pipeline stages) save different groups under the same entries.
     """
-    import copy
-
     groups = copy.deepcopy(target["param_groups"])  # DCP's load rewrites the dicts in place
     read_into(target, path)
     target["param_groups"] = groups

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from shoal.errors import ConfigError
 
@@ -230,15 +230,6 @@ def all_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def all_max(values: torch.Tensor) -> torch.Tensor:
-    """Element-wise max across ranks (in place, returned)."""
-    import torch.distributed as dist
-
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(values, op=dist.ReduceOp.MAX)
-    return values
-
-
 def broadcast_object(obj: object, src: int = 0) -> object:
     """Rank src's object on every rank."""
     import torch.distributed as dist
@@ -361,75 +352,3 @@ class Pulse:
         if self.calls >= self.WARMUP and step_s > 0:  # the same numbers on every rank: the same interval
             self.interval = max(1, min(self.max_interval, int(self.period_s / step_s)))
         return Flags(*(bool(v) for v in values[: self.SIZE]))
-
-
-# ---------------------------------------------------------------- local ranks (tests, benchmarks, tools)
-
-
-def spawn_local(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 120) -> list[Any]:
-    """Run fn(*args) on world_size gloo ranks on this machine; each rank's result, in rank order.
-
-    fn must be importable (module level). A rank that hangs past timeout_s is killed and reported,
-    never left running.
-    """
-    import multiprocessing as mp
-    import pickle
-    import socket
-    import tempfile
-    from pathlib import Path
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory() as out:
-        ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=_local_rank, args=(r, world_size, port, fn, args, out)) for r in range(world_size)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout_s)
-        hung = [r for r, p in enumerate(procs) if p.is_alive()]
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-        if hung:
-            raise TimeoutError(f"ranks {hung} still running after {timeout_s}s (hang)")
-        results, failures = [], []
-        for r in range(world_size):
-            path = Path(out, f"rank{r}.pkl")
-            if not path.exists():
-                failures.append(f"rank {r} exited with code {procs[r].exitcode} and no result")
-                continue
-            status, value = pickle.loads(path.read_bytes())
-            results.append(value)
-            if status != "ok":
-                failures.append(f"rank {r} failed: {value}")
-        if failures:  # the root cause first: a rank's own error before a peer's lost connection
-            failures.sort(key=lambda f: "Connection closed" in f or "Connection reset" in f)
-            raise RuntimeError("\n".join(failures))
-        return results
-
-
-def _local_rank(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple, out_dir: str) -> None:
-    import multiprocessing
-    import pickle
-    import sys
-    import traceback
-    from pathlib import Path
-
-    os.environ.update(WorldInfo(rank, world_size, rank, world_size, 0, "127.0.0.1", port).to_env())
-    os.environ["OMP_NUM_THREADS"] = "1"
-    import torch
-
-    torch.set_num_threads(1)
-    if sys.platform == "linux":
-        # a spawned child inherits "spawn" as its default; ranks under torchrun or Ray start loader
-        # workers with the platform default (fork), and so should these
-        multiprocessing.set_start_method("fork", force=True)
-    try:
-        result: Any = ("ok", fn(*args))
-    except BaseException as e:  # reported to the parent
-        result = ("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
-    finally:
-        destroy_process_group()
-    Path(out_dir, f"rank{rank}.pkl").write_bytes(pickle.dumps(result))

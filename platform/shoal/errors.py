@@ -43,9 +43,3 @@ class WorkerFailed(ShoalError):
     """A rank failed with an unexpected error; the message names the rank."""
 
     exit_code = 1
-
-
-class Preempted(ShoalError):
-    """The job was stopped by a signal after saving a checkpoint."""
-
-    exit_code = 143

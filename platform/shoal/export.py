@@ -9,6 +9,7 @@ exporter (needs onnx and onnxscript) and is run with onnxruntime for the check w
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from shoal.checkpoint import export as export_weights
+from shoal.data.loaders import open_splits
 from shoal.errors import CheckpointError, ShoalError
+from shoal.trained import VARIANT, load, resolve
 
 FORMATS = ("state_dict", "safetensors", "torch_export", "onnx")
 CHECK_SAMPLES = 64
@@ -38,16 +42,11 @@ def export(source: Path, out: Path, fmt: str | None = None, overwrite: bool = Fa
         raise CheckpointError(f"{out} already exists; pass --overwrite to replace it, or choose another name")
     if out.is_dir():
         raise CheckpointError(f"{out} is a directory; give a file name such as model.{_suffix(fmt)}")
-    from shoal.trained import VARIANT, resolve
 
     source = resolve(source)
     if fmt in ("state_dict", "safetensors") and not (source / VARIANT).exists():
-        from shoal.checkpoint import export as export_weights
-
         export_weights(source, out, overwrite=overwrite, safetensors=fmt == "safetensors")
         return {"format": fmt, "path": str(out)}
-    from shoal.data.loaders import open_splits
-    from shoal.trained import load
 
     trained = load(source)
     _, val = open_splits(trained.cfg)
@@ -76,7 +75,7 @@ def _weights(model: torch.nn.Module, x: torch.Tensor, tmp: Path, fmt: str) -> tu
     state = model.state_dict()
     if fmt == "safetensors":
         try:
-            from safetensors.torch import save_file
+            from safetensors.torch import save_file  # an optional package: only this format needs it
         except ImportError:
             raise ShoalError("--format safetensors needs the safetensors package (pip install safetensors)") from None
         try:
@@ -129,7 +128,7 @@ def _onnx(model: torch.nn.Module, x: torch.Tensor, tmp: Path, fmt: str) -> tuple
 
 def _onnxruntime(path: Path) -> Callable[[np.ndarray], np.ndarray] | None:
     try:
-        import onnxruntime as ort
+        import onnxruntime as ort  # an optional extra (shoal[onnx])
     except ImportError:
         return None
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -152,7 +151,5 @@ def _compare(got: torch.Tensor | None, want: torch.Tensor, fmt: str, runtime: st
 
 
 def _first_line(e: Exception) -> str:
-    import re
-
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()  # the exporters colour their messages
     return text.splitlines()[0][:300] if text else ""

@@ -12,7 +12,7 @@ from torch import nn
 
 from shoal import dist
 from shoal.batch import BatchSchedule
-from shoal.checkpoint import Checkpointer
+from shoal.checkpoint import Checkpointer, load_weights
 from shoal.config import JobConfig
 from shoal.data.loaders import Loaders, build_loaders
 from shoal.dist import WorldInfo
@@ -41,7 +41,7 @@ from shoal.state import (
 )
 from shoal.strategies import build_strategy
 from shoal.strategies.base import Strategy
-from shoal.weights import SparsityMasks, load_weights
+from shoal.weights import SparsityMasks
 
 
 @dataclass

@@ -10,16 +10,15 @@ from typing import Any
 
 import numpy as np
 
-from shoal import rundir
+from shoal import launcher, rundir
 from shoal.config import JobConfig
 from shoal.errors import ShoalError
 from shoal.metrics import read_metrics
+from shoal.plots import figure, save
 
 
 def run(cfg: JobConfig, min_lr: float, max_lr: float, steps: int) -> dict[str, Any]:
     """Train `steps` steps with the rate growing exponentially; returns {suggested_lr, plot, ...}."""
-    from shoal import launcher
-
     if not 0 < min_lr < max_lr:
         raise ShoalError(f"lr-find: need 0 < --min-lr < --max-lr (got {min_lr:g}, {max_lr:g})")
     out = rundir.resolve(cfg) / "lr-find"
@@ -77,8 +76,6 @@ def suggest(lrs: np.ndarray, losses: np.ndarray, beta: float = 0.9) -> tuple[flo
 
 
 def _plot(path: Path, lrs: np.ndarray, losses: np.ndarray, smooth: np.ndarray, suggested: float) -> None:
-    from shoal.plots import figure, save
-
     fig, ax = figure(1, 1, (8, 4.5))
     a = ax[0][0]
     a.plot(lrs, losses, alpha=0.35, label="loss")

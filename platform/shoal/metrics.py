@@ -79,7 +79,7 @@ class MetricsWriter:
         self._file = open(self.path, "a", buffering=1)
         self._tb = None
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # loads torch: compare, lr-find read metrics
 
             self._tb = SummaryWriter(log_dir=str(run_dir), purge_step=truncate_after_step)
 

@@ -38,11 +38,6 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     return make_optimizer(param_groups(model, cfg), cfg)
 
 
-def decay_flags(model: nn.Module, cfg: OptimConfig) -> dict[str, bool]:
-    """Trainable parameter name -> whether it is in the decayed group (for parameter servers)."""
-    return {n: decays(p, cfg) for n, p in trainable(model)}
-
-
 FUSED = ("sgd", "adam", "adamw")  # torch has fused kernels for these, on the CPU and CUDA
 
 

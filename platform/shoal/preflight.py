@@ -10,11 +10,14 @@ size against the data). So `shoal train` never refuses what `shoal validate` pas
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 from shoal import rundir
 from shoal.config import JobConfig
+from shoal.data.augment_options import IMAGE_OPS, parse
 from shoal.data.locate import check_paths
+from shoal.data.spec import describe
 from shoal.errors import CheckpointError, ConfigError, ShoalError
 from shoal.imports import locate_object
 
@@ -34,9 +37,6 @@ def check(cfg: JobConfig, *, resume: bool = False, local_files: bool = True) -> 
             locate_object(target, key)
     check_trackers(cfg)
     if cfg.data.augment or cfg.data.mixup is not None or cfg.data.cutmix is not None:
-        from shoal.data.augment_options import IMAGE_OPS, parse
-        from shoal.data.spec import describe
-
         steps = parse(cfg.data, describe(cfg.data)[0])  # the data's shape, from the config or the shards' manifest
         needs_kornia = cfg.data.cutmix is not None or any(n in IMAGE_OPS or n == "erase" for n, _ in steps)
         if needs_kornia and not installed("kornia"):
@@ -66,7 +66,6 @@ def check_model(cfg: JobConfig) -> None:
     """
     import torch  # only here: `shoal train`'s driver never loads torch
 
-    from shoal.data.spec import describe
     from shoal.losses import Loss
     from shoal.models import apply_freeze, blocks, build_model
 
@@ -83,7 +82,7 @@ def check_model(cfg: JobConfig) -> None:
     if cfg.strategy == "fsdp" or cfg.train.activation_checkpointing != "none":
         blocks(model, cfg.fsdp.units or None)
     if cfg.parallel.pipeline_stages > 1:
-        from shoal.strategies.pipeline import stage_chain, stage_starts
+        from shoal.strategies.pipeline import stage_chain, stage_starts  # torch, as above
 
         stage_starts(stage_chain(model, cfg), cfg, times=None)
     _check_output(model, spec, loss)
@@ -91,7 +90,7 @@ def check_model(cfg: JobConfig) -> None:
 
 def _check_output(model, spec, loss) -> None:
     """One meta forward: the outputs per sample must fit the classes, vocabulary or targets."""
-    import torch
+    import torch  # as in check_model
 
     dtype = torch.long if spec.task == "lm" else torch.float32
     x = torch.zeros((2, *spec.input_shape), dtype=dtype, device="meta")
@@ -113,8 +112,6 @@ def check_trackers(cfg: JobConfig) -> None:
 
 def installed(module: str) -> bool:
     """Importable here, found without importing it (importing mlflow costs the driver seconds)."""
-    import importlib.util
-
     try:
         return importlib.util.find_spec(module) is not None
     except (ValueError, ImportError):  # a module set to None in sys.modules, or a broken package

@@ -40,6 +40,7 @@ class Progress:
         self._bar = None
         self._task = None
         if mode == "bar":
+            # rich only for a bar on a terminal: the driver's start-up (and every run in a log file) goes without it
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
             from rich.progress import Progress as RichProgress

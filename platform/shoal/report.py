@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from shoal.errors import ShoalError
-from shoal.health.doctor import series
+from shoal.health.doctor import diagnose, read_alerts, series
 from shoal.metrics import read_metrics
 from shoal.rundir import CONFIG, METRICS, read_summary
 
@@ -50,8 +50,6 @@ def write(run_dir: Path) -> Path:
 
 
 def _run_page(run_dir: Path) -> str:
-    from shoal.health.doctor import read_alerts
-
     records = read_metrics(run_dir)
     summary = read_summary(run_dir) or {"status": "running (no summary.json yet)"}
     plots = Plots()
@@ -128,7 +126,7 @@ class Plots:
 
     def __init__(self) -> None:
         try:
-            import plotly.graph_objects as go
+            import plotly.graph_objects as go  # an optional extra (shoal[report])
         except ImportError:
             self.go = None
         else:
@@ -142,7 +140,7 @@ class Plots:
     def script(self) -> str:
         if self.go is None:
             return ""
-        from plotly.offline import get_plotlyjs
+        from plotly.offline import get_plotlyjs  # optional, as in __init__
 
         return f"<script>{get_plotlyjs()}</script>"
 
@@ -238,8 +236,6 @@ def _checkpoints(path: Path) -> str:
 
 
 def _doctor_pngs(run_dir: Path) -> str:
-    from shoal.health.doctor import diagnose
-
     diagnose(run_dir)
     imgs = []
     for png in sorted((run_dir / "doctor").glob("*.png")):

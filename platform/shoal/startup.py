@@ -12,16 +12,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 FILE = "startup.json"
 
 
 def process_start() -> float:
     """When this process started (wall clock), so imports before main() count too."""
     try:
-        import psutil
-
         return psutil.Process().create_time()
-    except Exception:  # psutil missing or /proc unreadable: count from the first mark instead
+    except Exception:  # /proc unreadable: count from the first mark instead
         return time.time()
 
 

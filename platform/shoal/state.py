@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from shoal import dist
+from shoal.errors import CheckpointError
 
 MODEL, OPTIMIZER, STATE = "model", "optimizer", "state"
 PARTS = (MODEL, OPTIMIZER, STATE)
@@ -101,8 +102,6 @@ class TrainState:
 
     def restore(self, data: dict[str, Any], source: Path | str, keep: tuple[str, ...] = ()) -> None:
         """Load a checkpoint's parts (as `collect` gave them) into this rank; parts named in keep stay as they are."""
-        from shoal.errors import CheckpointError
-
         self.strategy.load_model_state(data[MODEL], source)
         try:
             self.strategy.load_optimizer_state(self.optimizer, data[OPTIMIZER])

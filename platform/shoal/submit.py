@@ -10,6 +10,7 @@ token authentication: the token comes from --token-file, RAY_AUTH_TOKEN, RAY_AUT
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import os
 import socket
 import sys
@@ -42,7 +43,7 @@ def client(address: str | None, token_file: str | None = None, timeout_s: float 
         ) from None
     token = read_token(token_file)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    from ray.job_submission import JobSubmissionClient
+    from ray.job_submission import JobSubmissionClient  # kept out of the CLI start-up
 
     try:
         return JobSubmissionClient(url, headers=headers)
@@ -100,8 +101,6 @@ def submit(
 
 def _check_upload_size(workdir: Path, excludes: list[str], limit_mb: float = 100.0) -> None:
     """Refuse before uploading a directory that is far too big to be model code."""
-    import fnmatch
-
     total = 0
     for root, dirs, files in os.walk(workdir):
         dirs[:] = [d for d in dirs if not any(fnmatch.fnmatch(d, e.rstrip("/")) for e in excludes)]

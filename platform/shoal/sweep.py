@@ -10,9 +10,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from shoal import rundir
+from shoal import cluster, launcher, rundir, tracking
 from shoal.config import JobConfig, parse_override
 from shoal.errors import ConfigError
+from shoal.plots import figure, save
 
 METRICS = ("val_loss", "val_accuracy", "train_loss", "samples_per_s", "wall_s")
 
@@ -49,8 +50,6 @@ def combinations(cfg: JobConfig, grid: list[tuple[str, list[Any]]], seeds: int) 
 
 
 def run(cfg: JobConfig, grid_items: list[str], seeds: int, parallel: int | None = None) -> dict[str, Any]:
-    from shoal import cluster, launcher, tracking
-
     grid = parse_grid(grid_items)
     runs = combinations(cfg, grid, seeds)
     out = rundir.resolve(cfg) / "sweep"
@@ -93,7 +92,7 @@ def run(cfg: JobConfig, grid_items: list[str], seeds: int, parallel: int | None 
 
 def _room(cfg: JobConfig) -> int:
     """How many runs fit side by side in the cluster."""
-    import ray
+    import ray  # kept out of the CLI start-up: ray loads once the sweep has a cluster
 
     cpus = ray.cluster_resources().get("CPU", 1.0)
     return max(1, int(cpus // (cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)))
@@ -137,8 +136,6 @@ def markdown(table: list[dict[str, Any]]) -> str:
 
 
 def plot(path: Path, table: list[dict[str, Any]]) -> None:
-    from shoal.plots import figure, save
-
     metric = "val_accuracy" if any("val_accuracy" in r for r in table) else "val_loss"
     fig, ax = figure(1, 1, (max(6, 1.4 * len(table)), 4.5))
     labels = [r["label"] for r in table]

@@ -5,7 +5,8 @@ Everything Shoal loads with torch (checkpoints, `model.weights`, compressed mode
 model's int8 tensors are torchao tensor subclasses; their classes (and nothing else) are allowed by
 name while such a file is read, so a "compressed model" whose pickle calls `os.system` is refused
 like any other. This module also owns what a compressed model is: int8 quantisation through torchao
-(`quantize`), and the zeros of pruned weights kept zero while fine-tuning (`SparsityMasks`).
+(`quantize`), and the zeros of pruned weights kept zero while fine-tuning (`SparsityMasks`). Loading them
+into a model (model.weights, checkpoints) is `checkpoint`'s: it depends on this module, never the reverse.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def _quantized_classes() -> list[type]:
 
 
 def _torchao() -> Any:
-    try:
+    try:  # an optional extra: only int8 models need it
         import torchao.quantization as tq
     except ImportError:
         raise ShoalError("int8 quantisation needs torchao: pip install 'shoal[compress]'") from None
@@ -66,19 +67,6 @@ def quantize(model: nn.Module, kind: str) -> nn.Module:
     config = tq.Int8DynamicActivationInt8WeightConfig() if kind == "dynamic" else tq.Int8WeightOnlyConfig()
     tq.quantize_(model, config, filter_fn=lambda m, _: isinstance(m, nn.Linear) and m.weight.shape[0] > 1)
     return model
-
-
-def load_weights(model: nn.Module, path: str) -> None:
-    """model.weights: start from a state dict file (`shoal export` or `shoal compress` output), loaded strictly."""
-    from shoal.checkpoint import load_model_state
-
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise CheckpointError(f"model.weights: {file}: not found (a state dict file, e.g. compress/<variant>/model.pt)")
-    state = load_file(file, f"model.weights: {file.parent}")
-    if not isinstance(state, dict):
-        raise CheckpointError(f"model.weights: {file}: holds a {type(state).__name__}, not a state dict")
-    load_model_state(model, state, file)
 
 
 class SparsityMasks:

@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from shoal.check.findings import Finding, problems
+from shoal.check.lints import lint
+from shoal.check.task import task_findings
+from shoal.data.spec import DataSpec
 
 
 @dataclass
@@ -28,11 +31,8 @@ class Result:
 
 
 def run(cfg: Any, out: Path, say: Any = print) -> Result:
-    from shoal.check import data, model
-    from shoal.check.lints import lint
-    from shoal.check.task import task_findings
-    from shoal.data.loaders import open_splits
-    from shoal.data.spec import DataSpec
+    from shoal.check import data, model  # torch: `shoal train`'s driver loads this package
+    from shoal.data.loaders import open_splits  # torch, as above
 
     start = time.perf_counter()
     train_src, val_src = open_splits(cfg)
@@ -60,7 +60,7 @@ def run(cfg: Any, out: Path, say: Any = print) -> Result:
 
 def summary_lines(result: Result) -> list[str]:
     """The one-screen terminal summary: problems first, then notes, then where the report is."""
-    from shoal.check.model import baseline_line
+    from shoal.check.model import baseline_line  # torch, as in run
 
     bad = problems(result.findings)
     notes = [f for f in result.findings if f not in bad]
@@ -141,7 +141,7 @@ def _fmt(v: Any) -> str:
 
 
 def _plain(v: Any) -> Any:
-    import numpy as np
+    import numpy as np  # kept out of `shoal train`'s start-up, as matplotlib in _plots
 
     if isinstance(v, np.ndarray):
         return v.tolist()
@@ -151,7 +151,7 @@ def _plain(v: Any) -> Any:
 
 
 def _plots(out: Path, scanned: Any, probed: Any) -> list[Path]:
-    import numpy as np
+    import numpy as np  # numpy, matplotlib: kept out of `shoal train`'s start-up too
 
     from shoal import plots
 

@@ -20,7 +20,7 @@ import torch
 
 from shoal.check.findings import NOTE, Finding
 from shoal.config import JobConfig
-from shoal.data.memory import _splitmix64
+from shoal.data.memory import splitmix64
 from shoal.data.spec import DataSpec
 from shoal.errors import DataError
 
@@ -39,7 +39,7 @@ def row_hashes(x: np.ndarray) -> np.ndarray:
     h = np.full(len(words), 0x243F6A8885A308D3, dtype=np.uint64)
     with np.errstate(over="ignore"):
         for j in range(words.shape[1]):
-            h = _splitmix64(h ^ (words[:, j] + np.uint64(j) * np.uint64(0x9E3779B97F4A7C15)))
+            h = splitmix64(h ^ (words[:, j] + np.uint64(j) * np.uint64(0x9E3779B97F4A7C15)))
     return h
 
 

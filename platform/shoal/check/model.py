@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.linear_model import LogisticRegression, Ridge
 from torch import nn
 
 from shoal.check.findings import Finding
@@ -297,14 +298,10 @@ def baselines(
         majority = int(np.argmax(counts))
         out["majority_accuracy"] = float((yv == majority).mean())
         if len(np.unique(yt)) > 1:
-            from sklearn.linear_model import LogisticRegression
-
             clf = LogisticRegression(max_iter=300)
             clf.fit(xt, yt)
             out["linear_accuracy"] = float(clf.score(xv, yv))
     else:
-        from sklearn.linear_model import Ridge
-
         yt2, yv2 = yt.reshape(len(yt), -1), yv.reshape(len(yv), -1)
         out["mean_mse"] = float(((yv2 - yt2.mean(0)) ** 2).mean())
         reg = Ridge(alpha=1.0).fit(xt, yt2)

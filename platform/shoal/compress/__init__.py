@@ -16,10 +16,13 @@ from typing import Any
 
 import torch
 
+from shoal import plots
 from shoal.compress.measure import measure
 from shoal.compress.prune import prune
+from shoal.config import parse_override
 from shoal.data.loaders import open_splits
 from shoal.errors import ShoalError
+from shoal.launcher import run as launch
 from shoal.trained import VARIANT, Trained, load
 from shoal.weights import quantize
 
@@ -86,9 +89,6 @@ def _save(where: Path, model: torch.nn.Module, trained: Trained, variant: dict[s
 
 def _finetune(pruned: Path, trained: Trained, opts: Options, say: Any) -> torch.nn.Module:
     """Train the pruned weights for a few steps with Shoal's own loop (any strategy, any launcher), zeros kept."""
-    from shoal.config import parse_override
-    from shoal.launcher import run as launch
-
     updates = {
         "model.weights": str(pruned / "model.pt"),
         "model.keep_sparsity": True,
@@ -149,8 +149,6 @@ def _markdown(report: dict[str, Any]) -> str:
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> Path:
-    from shoal import plots
-
     key = "val_accuracy" if "val_accuracy" in rows[0] else "val_loss"
     fig, ax = plots.figure(1, 2, (11, 4))
     for a, x, label in (

@@ -20,6 +20,7 @@ import torch
 from shoal.config import DataConfig
 from shoal.data.augment_options import parse
 from shoal.data.spec import DataSpec
+from shoal.imports import import_object
 
 
 @dataclass
@@ -82,8 +83,6 @@ class Augment:
 
     def _build(self, name: str, o: dict[str, Any]) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
         if ":" in name:
-            from shoal.imports import import_object
-
             fn = import_object(name, "data.augment")
             return lambda x, g: fn(x, g)
         if name == "noise":
@@ -95,7 +94,7 @@ class Augment:
                 return torch.where(hit, torch.full_like(x, o["token"]), x)
 
             return mask
-        import kornia.augmentation as K
+        import kornia.augmentation as K  # an optional extra (shoal[augment])
 
         op = {
             "crop": lambda: K.RandomCrop(tuple(o["size"]), padding=o["padding"]),
@@ -123,7 +122,7 @@ def _mixup(x: torch.Tensor, y: torch.Tensor, alpha: float) -> tuple[torch.Tensor
 
 def _cutmix(x: torch.Tensor, y: torch.Tensor, alpha: float) -> tuple[torch.Tensor, Mixed]:
     """kornia's CutMix; each sample's share of its own target is its share of its own pixels."""
-    import kornia.augmentation as K
+    import kornia.augmentation as K  # an optional extra (shoal[augment])
 
     out, labels = K.RandomCutMixV2(num_mix=1, beta=alpha, p=1.0, use_correct_lambda=True, data_keys=["input", "class"])(
         x, y

@@ -12,6 +12,9 @@ import torch
 
 from shoal.config import DataConfig, JobConfig
 from shoal.data import partition
+from shoal.data.augment import Augment
+from shoal.data.memory import build_memory_data
+from shoal.data.shards import open_shards
 from shoal.data.spec import DataSpec
 from shoal.dist import WorldInfo
 from shoal.errors import DataError, ShoalError
@@ -241,10 +244,7 @@ def open_splits(cfg: JobConfig) -> tuple[Any, Any]:
     """The job's whole training and validation sources, read by index (validation None when there is none):
     what `shoal check`, `shoal compress`, `shoal export` and `shoal batch-find` read, in one process."""
     if cfg.data.format == "shards":
-        from shoal.data.shards import open_shards
-
         return open_shards(cfg.data)
-    from shoal.data.memory import build_memory_data
 
     train = build_memory_data(cfg.data, cfg.seed, "train")
     val = build_memory_data(cfg.data, cfg.seed, "val") if cfg.data.val_fraction > 0 else None
@@ -254,8 +254,6 @@ def open_splits(cfg: JobConfig) -> tuple[Any, Any]:
 def build_loaders(cfg: JobConfig, world: WorldInfo, device: torch.device) -> Loaders:
     """The train stream and validation split for this rank."""
     if cfg.data.format == "shards":
-        from shoal.data.shards import open_shards
-
         train, val = open_shards(cfg.data)
         plan: Any = partition.ShardPlan(
             train.shard_counts,
@@ -267,8 +265,6 @@ def build_loaders(cfg: JobConfig, world: WorldInfo, device: torch.device) -> Loa
             cfg.data.batch_size,
         )
     else:
-        from shoal.data.memory import build_memory_data
-
         train = build_memory_data(cfg.data, cfg.seed, "train")
         val = build_memory_data(cfg.data, cfg.seed, "val") if cfg.data.val_fraction > 0 else None
         plan = partition.MemoryPlan(
@@ -276,8 +272,6 @@ def build_loaders(cfg: JobConfig, world: WorldInfo, device: torch.device) -> Loa
         )
     augment = None
     if cfg.data.augment or cfg.data.mixup is not None or cfg.data.cutmix is not None:
-        from shoal.data.augment import Augment
-
         augment = Augment(cfg.data, train.spec, cfg.seed, world.rank)
     stream = TrainStream(train, plan, cfg.data, world, device, augment)
     evalset = EvalSet(val, world, cfg.data.batch_size, device) if val is not None and len(val) else None

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import braceexpand
+
 from shoal.config import DataConfig
 from shoal.errors import DataError
 
@@ -21,8 +23,6 @@ def is_local(path: str) -> bool:
 
 def expand(pattern: str) -> list[str]:
     """The shard names a brace pattern stands for, in order."""
-    import braceexpand
-
     return list(braceexpand.braceexpand(pattern))
 
 

@@ -23,7 +23,7 @@ from shoal.data.spec import from_config
 MATERIALIZE_BYTES = 256 * 2**20
 
 
-def _splitmix64(x: np.ndarray) -> np.ndarray:
+def splitmix64(x: np.ndarray) -> np.ndarray:
     """A counter-based hash: independent uniform 64-bit words for consecutive integers."""
     with np.errstate(over="ignore"):
         z = x + np.uint64(0x9E3779B97F4A7C15)
@@ -36,14 +36,14 @@ def _uniform(seed: int, keys: np.ndarray) -> np.ndarray:
     """Uniform floats in [0, 1) for integer keys, fixed by seed."""
     with np.errstate(over="ignore"):
         mixed = keys.astype(np.uint64) + np.uint64(seed) * np.uint64(0xD1B54A32D192ED03)
-    return (_splitmix64(mixed) >> np.uint64(40)).astype(np.float32) * np.float32(1.0 / (1 << 24))
+    return (splitmix64(mixed) >> np.uint64(40)).astype(np.float32) * np.float32(1.0 / (1 << 24))
 
 
 class DigitsData:
     """scikit-learn's 8x8 digits (1,797 samples), pixel values scaled to [0, 1], split by seed."""
 
     def __init__(self, split: str, seed: int, val_fraction: float):
-        x, y = _digits_arrays()
+        x, y = digits_arrays()
         order = np.random.Generator(np.random.PCG64([seed, 0xD161])).permutation(len(y))
         n_val = int(round(len(y) * val_fraction))
         idx = order[n_val:] if split == "train" else order[:n_val]
@@ -60,7 +60,7 @@ class DigitsData:
 
 
 @lru_cache(maxsize=1)
-def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     raw = _digits_table()
     x = (raw[:, :-1].astype(np.float32) / 16.0).reshape(-1, 1, 8, 8)
     return x, raw[:, -1].astype(np.int64)
@@ -75,7 +75,7 @@ def _digits_table() -> np.ndarray:
     path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec and spec.origin else None
     if path is not None and path.exists():
         return np.loadtxt(path, delimiter=",", dtype=np.float64)
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # the fallback only: see above
 
     d = load_digits()
     return np.column_stack([d.data, d.target])

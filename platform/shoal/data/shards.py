@@ -28,8 +28,7 @@ import numpy as np
 import torch
 
 from shoal.config import DataConfig
-from shoal.data.locate import MANIFEST, expand, local_present, read_manifest
-from shoal.data.locate import is_local as _is_local
+from shoal.data.locate import MANIFEST, expand, is_local, local_present, read_manifest
 from shoal.data.spec import DataSpec, from_manifest
 from shoal.errors import ConfigError, DataError
 from shoal.imports import import_object
@@ -52,7 +51,7 @@ def open_shards(cfg: DataConfig) -> tuple[ShardSource, ShardSource | None]:
     assert cfg.path is not None
     path = Path(cfg.path).expanduser()
     decode = import_object(cfg.decode, "data.decode") if cfg.decode else None
-    if _is_local(cfg.path) and path.is_dir():
+    if is_local(cfg.path) and path.is_dir():
         manifest = read_manifest(
             path / MANIFEST,
             hint=f"data.path: {path} has no {MANIFEST}; write shards with `shoal shard` or give a pattern",
@@ -70,7 +69,7 @@ def open_shards(cfg: DataConfig) -> tuple[ShardSource, ShardSource | None]:
 
 def _open_pattern(pattern: str, cfg: DataConfig, decode: Callable | None, key: str) -> ShardSource:
     urls = expand(pattern)
-    local = _is_local(pattern)
+    local = is_local(pattern)
     if local:
         present, missing = local_present(pattern, key)
         if missing and cfg.on_error == "raise":
@@ -121,9 +120,10 @@ def _count_samples(url: str, name: str) -> int:
 def _iter_groups(url: str, name: str, with_data: bool = True) -> Iterator[tuple[str, dict[str, Any]]]:
     """(key, {extension: bytes or (offset, size)}) of consecutive tar members sharing a key."""
     try:
-        if _is_local(url):
+        if is_local(url):
             stream: Any = open(Path(url).expanduser(), "rb")
         else:
+            # lazily: webdataset brings ~700 modules (seconds of a loaded rank's start) that local shards never use
             from webdataset.gopen import gopen
 
             stream = gopen(url, "rb")
@@ -308,7 +308,7 @@ class ShardSource:
         shard = self.shards[s]
         reader = self._readers.get(s)
         if reader is None:
-            reader = _LocalShard(shard) if _is_local(shard.url) else _StreamShard(shard)
+            reader = _LocalShard(shard) if is_local(shard.url) else _StreamShard(shard)
             self._readers[s] = reader
         key, members = reader.group(b)
         if self.manifest is None:

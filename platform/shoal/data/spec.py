@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from shoal.config import DataConfig
+from shoal.data.locate import MANIFEST, expand, is_local, read_manifest
 
 DIGITS_SAMPLES = 1797
 
@@ -61,8 +62,6 @@ def from_manifest(manifest: dict[str, Any] | None, cfg: DataConfig) -> DataSpec:
 
 def local_manifest(cfg: DataConfig) -> dict[str, Any] | None:
     """The manifest of local shards, when there is one to read here (None for memory data and URLs)."""
-    from shoal.data.locate import MANIFEST, expand, is_local, read_manifest
-
     if cfg.format != "shards" or cfg.path is None:
         return None
     if cfg.manifest:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -19,8 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
+from rich.progress import Progress
 
 from shoal import __version__
+from shoal.config import DataConfig
 from shoal.data.locate import MANIFEST, PACKED
 from shoal.errors import ConfigError, DataError
 
@@ -51,7 +55,7 @@ class ShardOptions:
 
 def write_shards(table: Table, out_dir: Path, opts: ShardOptions, source: str, progress: bool = True) -> dict[str, Any]:
     """Shuffle, split and write the table; returns the manifest."""
-    import webdataset as wds
+    import webdataset as wds  # loads torch: not at `shoal shard`'s start-up
 
     if opts.block_size < 1:
         raise ConfigError("--block-size must be >= 1")
@@ -137,8 +141,6 @@ class _Progress:
         self.bar = None
         self.last = time.monotonic()
         if enabled and sys.stdout.isatty():
-            from rich.progress import Progress
-
             self.bar = Progress()
             self.bar.start()
             self.task = self.bar.add_task("writing shards", total=total)
@@ -175,9 +177,9 @@ def load_source(
 ) -> Table:
     """The table for SOURCE: digits, synthetic, or a .npz, .csv, .jsonl, text file or image folder."""
     if source == "digits":
-        from shoal.data.memory import _digits_arrays
+        from shoal.data.memory import digits_arrays  # torch, as webdataset above
 
-        x, y = _digits_arrays()
+        x, y = digits_arrays()
         return _arrays(x, y, "classification", 10)
     if source == "synthetic":
         return _synthetic(num_samples, input_shape or [32], num_classes, task or "classification", seq_len, seed)
@@ -316,8 +318,6 @@ def _check_text(path: Path, raw: bytes) -> None:
 
 
 def _images(path: Path, size: tuple[int, int] | None) -> Table:
-    from PIL import Image
-
     classes = sorted(d.name for d in path.iterdir() if d.is_dir())
     if not classes:
         raise DataError(f"{path}: an image folder needs one subfolder per class")
@@ -355,8 +355,7 @@ def _images(path: Path, size: tuple[int, int] | None) -> Table:
 
 
 def _synthetic(n: int, shape: list[int], classes: int, task: str, seq_len: int, seed: int) -> Table:
-    from shoal.config import DataConfig
-    from shoal.data.memory import SyntheticData
+    from shoal.data.memory import SyntheticData  # torch, as webdataset above
 
     cfg = DataConfig(
         dataset="synthetic",
@@ -384,8 +383,6 @@ def _synthetic(n: int, shape: list[int], classes: int, task: str, seq_len: int, 
 
 def parse_bytes(text: str, option: str = "--bytes-per-shard") -> int:
     """'64MB' -> 67108864 (KB, MB, GB are powers of 1024)."""
-    import re
-
     units = {"": 1, "B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30}
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMG]?B?)\s*", text.upper())
     if not m or m.group(2) not in units or float(m.group(1)) <= 0:

@@ -12,6 +12,7 @@ from shoal.errors import ShoalError
 from shoal.health import HEALTH_FILE
 from shoal.health.detectors import REMEDIES
 from shoal.metrics import read_metrics
+from shoal.plots import figure, save
 from shoal.rundir import METRICS, read_summary
 
 
@@ -129,8 +130,6 @@ def series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[flo
 
 
 def _plot_loss(records: list[dict[str, Any]], out: Path) -> Path | None:
-    from shoal.plots import figure, save
-
     steps, loss = series(records, "loss")
     if not steps:
         return None
@@ -145,8 +144,6 @@ def _plot_loss(records: list[dict[str, Any]], out: Path) -> Path | None:
 
 
 def _plot_lr(records: list[dict[str, Any]], out: Path) -> Path | None:
-    from shoal.plots import figure, save
-
     steps, lr = series(records, "lr")
     if not steps:
         return None
@@ -157,8 +154,6 @@ def _plot_lr(records: list[dict[str, Any]], out: Path) -> Path | None:
 
 
 def _plot_layers(records: list[dict[str, Any]], out: Path) -> Path | None:
-    from shoal.plots import figure, save
-
     keys = list(dict.fromkeys(k for r in records for k in r if k.startswith("grad_norm/")))
     if not keys:
         return None
@@ -174,8 +169,6 @@ def _plot_layers(records: list[dict[str, Any]], out: Path) -> Path | None:
 
 def _plot_stages(records: list[dict[str, Any]], out: Path) -> Path | None:
     """Pipeline runs: each stage's compute time and measured bubble, against the theoretical bubble."""
-    from shoal.plots import figure, save
-
     stages = sorted({int(k.split("/")[1]) for r in records for k in r if k.startswith("stage_busy_s/")})
     if not stages:
         return None
@@ -195,8 +188,6 @@ def _plot_stages(records: list[dict[str, Any]], out: Path) -> Path | None:
 def _plot_distributions(records: list[dict[str, Any]], out: Path) -> Path | None:
     """health.histograms_every: each layer's weight and activation distribution over time (median, the 25-75%
     and 5-95% bands), from the quantiles in metrics.jsonl."""
-    from shoal.plots import figure, save
-
     kinds = [
         k for k in ("weight", "activation", "grad") if any(key.startswith(f"dist_{k}/") for r in records for key in r)
     ]
@@ -225,8 +216,6 @@ def _plot_distributions(records: list[dict[str, Any]], out: Path) -> Path | None
 
 
 def _plot_gns(records: list[dict[str, Any]], out: Path) -> Path | None:
-    from shoal.plots import figure, save
-
     steps, gns = series(records, "gns")
     if not steps:
         return None

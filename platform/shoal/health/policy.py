@@ -13,7 +13,10 @@ import logging
 import math
 from typing import Any
 
+from shoal import dist
+from shoal.checkpoint import load, snapshot
 from shoal.config import EarlyStopping, HealthConfig
+from shoal.state import COUNTERS, HEALTH, SCHEDULE, WINDOW
 
 log = logging.getLogger("shoal")
 
@@ -77,17 +80,11 @@ class Rollback:
     before the last good step (or to this run's start), with the learning rate lowered."""
 
     def __init__(self, cfg: HealthConfig, state: Any, checkpointer: Any):
-        from shoal.checkpoint import snapshot
-
         self.cfg, self.state, self.checkpointer = cfg, state, checkpointer
         # the target when no checkpoint is older (a collective: every rank builds it at the same point)
         self.initial = snapshot(state.collect()) if cfg.on_nonfinite == "rollback" else None
 
     def __call__(self, last_good_step: int, rollbacks: int) -> None:
-        from shoal import dist
-        from shoal.checkpoint import load
-        from shoal.state import COUNTERS, HEALTH, SCHEDULE, WINDOW
-
         target = self.checkpointer.find_at_or_before(last_good_step) if self.state.world.is_main else None
         target = dist.broadcast_object(target)
         data = load(target)[1] if target is not None else self.initial

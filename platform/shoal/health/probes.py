@@ -15,13 +15,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from shoal.models import trainable
+
 ACTIVATION_TYPES = (nn.ReLU, nn.LeakyReLU, nn.GELU, nn.Tanh, nn.Sigmoid)
 
 
 def layers(model: nn.Module) -> OrderedDict[str, list[nn.Parameter]]:
     """Trainable parameters grouped by the module that owns them, input side first."""
-    from shoal.models import trainable
-
     out: OrderedDict[str, list[nn.Parameter]] = OrderedDict()
     for name, p in trainable(model):
         out.setdefault(name.rsplit(".", 1)[0] if "." in name else name, []).append(p)

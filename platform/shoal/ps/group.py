@@ -7,6 +7,7 @@ from __future__ import annotations
 from shoal.config import JobConfig
 from shoal.controller.failure import RankStatus
 from shoal.controller.worker_group import WorkerGroup, check_resources
+from shoal.ps.server import ParameterServer
 
 
 def check_ps_resources(cfg: JobConfig) -> None:
@@ -17,9 +18,7 @@ def check_ps_resources(cfg: JobConfig) -> None:
 
 class PSGroup:
     def __init__(self, cfg: JobConfig):
-        import ray
-
-        from shoal.ps.server import ParameterServer
+        import ray  # after cluster.connect set its env (token), as in controller
 
         self.cfg = cfg
         server = ray.remote(ParameterServer)
@@ -42,7 +41,7 @@ class PSGroup:
         self.workers.request_stop()
 
     def kill(self) -> None:
-        import ray
+        import ray  # as in __init__
 
         self.workers.kill()
         for s in self.servers:

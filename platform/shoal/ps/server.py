@@ -38,7 +38,7 @@ class ParameterServer:
 
     def init(self, specs: list[TensorSpec], init: np.ndarray) -> None:
         """Take this shard's tensors (name, shape, decay group) and their initial values."""
-        import torch
+        import torch  # in the actor: the driver holds this class, never torch
 
         from shoal.optim import Schedule, make_optimizer
 
@@ -85,7 +85,7 @@ class ParameterServer:
         return self.flat.numpy(), self.version, self._done()
 
     def _apply(self, grad: np.ndarray, staleness: int) -> None:
-        import torch
+        import torch  # as in init
 
         from shoal.optim import add_l1_grad
 

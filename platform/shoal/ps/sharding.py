@@ -46,8 +46,3 @@ def flatten(arrays: list[np.ndarray]) -> np.ndarray:
     return (
         np.concatenate([np.asarray(a, dtype=np.float32).ravel() for a in arrays]) if arrays else np.zeros(0, np.float32)
     )
-
-
-def unflatten(flat: np.ndarray, specs: list[TensorSpec]) -> list[np.ndarray]:
-    """Views of the flat buffer shaped like each tensor."""
-    return [flat[o : o + s.numel].reshape(s.shape) for o, s in zip(offsets(specs), specs)]

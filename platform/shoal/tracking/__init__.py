@@ -12,71 +12,40 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from shoal import rundir
 from shoal.config import JobConfig
+from shoal.tracking.mlflow_backend import MLflowBackend, parent_run
+from shoal.tracking.runinfo import (
+    FLUSH_DOWN_S,
+    FLUSH_TIMEOUT_S,
+    IDS_FILE,
+    flatten,
+    git_commit,
+    read_ids,
+    save_id,
+    tags,
+)
+from shoal.tracking.wandb_backend import WandbBackend
+
+__all__ = [
+    "FLUSH_DOWN_S",
+    "FLUSH_TIMEOUT_S",
+    "IDS_FILE",
+    "Tracker",
+    "build",
+    "flatten",
+    "git_commit",
+    "group",
+    "read_ids",
+    "save_id",
+    "tags",
+]
 
 log = logging.getLogger("shoal")
-IDS_FILE = "tracking.json"
-FLUSH_DOWN_S = 3.0  # the end of a run waits at most this long for trackers that do not answer
-FLUSH_TIMEOUT_S = 30.0  # ... and at most this long in all, for trackers that answer (uploads)
-_IDS_LOCK = threading.Lock()  # each tracker's sender thread writes its id
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"model": {"width": 128}} -> {"model.width": 128}; lists and None kept as values."""
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, f"{key}."))
-        else:
-            out[key] = v
-    return out
-
-
-def git_commit(where: Path | None = None) -> str | None:
-    try:
-        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return r.stdout.strip() if r.returncode == 0 else None
-
-
-def read_ids(run_dir: Path) -> dict[str, str]:
-    path = run_dir / IDS_FILE
-    try:
-        return json.loads(path.read_text()) if path.exists() else {}
-    except ValueError:
-        return {}
-
-
-def save_id(run_dir: Path, key: str, value: str) -> None:
-    with _IDS_LOCK:
-        ids = read_ids(run_dir)
-        ids[key] = value
-        tmp = run_dir / f".{IDS_FILE}.tmp"
-        tmp.write_text(json.dumps(ids, indent=2))
-        tmp.replace(run_dir / IDS_FILE)  # a reader never sees half a file
-
-
-def tags(cfg: JobConfig, world_size: int) -> dict[str, str]:
-    from shoal import __version__
-
-    out = {
-        "shoal.version": __version__,
-        "shoal.strategy": cfg.strategy,
-        "shoal.world_size": str(world_size),
-        "shoal.job": cfg.name,
-    }
-    commit = git_commit()
-    if commit:
-        out["git.commit"] = commit
-    return out
 
 
 class Tracker:
@@ -112,12 +81,8 @@ def build(cfg: JobConfig, run_dir: Path, world_size: int, resumed: bool) -> Trac
     """The trackers log.mlflow and log.wandb name (None when neither is set)."""
     backends: list[Any] = []
     if cfg.log.mlflow is not None:
-        from shoal.tracking.mlflow_backend import MLflowBackend
-
         backends.append(MLflowBackend(cfg, run_dir, world_size, resumed))
     if cfg.log.wandb is not None:
-        from shoal.tracking.wandb_backend import WandbBackend
-
         backends.append(WandbBackend(cfg, run_dir, world_size, resumed))
     return Tracker(backends) if backends else None
 
@@ -125,12 +90,10 @@ def build(cfg: JobConfig, run_dir: Path, world_size: int, resumed: bool) -> Trac
 def _artifacts(run_dir: Path, summary: dict[str, Any] | None) -> list[tuple[Path, str]]:
     """(file, folder in the tracker) for what the run left: summary, config, doctor report, check report."""
     if summary is not None:
-        from shoal import rundir
-
         if not (run_dir / rundir.SUMMARY).exists():  # under Ray the controller writes it after this: send ours
             (run_dir / "summary.rank0.json").write_text(json.dumps(summary, indent=2, default=str))
     try:
-        from shoal.health.doctor import diagnose
+        from shoal.health.doctor import diagnose  # loads torch: sweep, compare import this in the driver
 
         diagnose(run_dir)
     except Exception as e:  # a report that cannot be drawn never fails the run
@@ -157,8 +120,6 @@ def group(cfg: JobConfig, name: str) -> JobConfig:
     """For `shoal sweep` / `shoal compare`: a parent MLflow run (children nest under it) and a W&B group."""
     updates: dict[str, Any] = {}
     if cfg.log.mlflow is not None:
-        from shoal.tracking.mlflow_backend import parent_run
-
         parent = parent_run(cfg, name)
         if parent:
             updates["log.mlflow.parent_run_id"] = parent

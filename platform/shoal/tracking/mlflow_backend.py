@@ -10,7 +10,7 @@ from typing import Any
 
 from shoal.config import JobConfig
 from shoal.errors import ShoalError
-from shoal.tracking import flatten, read_ids, save_id, tags
+from shoal.tracking.runinfo import FLUSH_DOWN_S, FLUSH_TIMEOUT_S, flatten, read_ids, save_id, tags
 from shoal.tracking.sender import Sender, unanswered
 
 log = logging.getLogger("shoal")
@@ -22,7 +22,7 @@ def _client(uri: str | None) -> Any:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the Sender retries
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     try:
-        from mlflow.tracking import MlflowClient
+        from mlflow.tracking import MlflowClient  # an optional extra (shoal[mlflow])
     except ImportError:
         raise ShoalError("log.mlflow needs the mlflow package: pip install 'shoal[mlflow]'") from None
     return MlflowClient(tracking_uri=uri)
@@ -67,7 +67,7 @@ class MLflowBackend:
     def _ready(self) -> str:
         """The run's id, after creating the run (or setting a resumed one RUNNING) and sending the config, if that has
         not happened yet. Runs in the sender's thread only, so calls never race."""
-        from mlflow.entities import Param
+        from mlflow.entities import Param  # optional, as in _client
 
         if self.tags is None:
             self.tags = tags(self.cfg, self.world_size)
@@ -98,7 +98,7 @@ class MLflowBackend:
         return self.run_id
 
     def log(self, step: int, numbers: dict[str, float]) -> None:
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # optional, as in _client
 
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, step) for k, v in numbers.items()]
@@ -132,6 +132,4 @@ class MLflowBackend:
         self.sender.put(send, droppable=False, what="the artifacts and the run's end")
 
     def close(self, start: float | None = None) -> bool:
-        from shoal import tracking
-
-        return self.sender.close(tracking.FLUSH_TIMEOUT_S, tracking.FLUSH_DOWN_S, start)
+        return self.sender.close(FLUSH_TIMEOUT_S, FLUSH_DOWN_S, start)

@@ -8,7 +8,7 @@ from typing import Any
 
 from shoal.config import JobConfig
 from shoal.errors import ShoalError
-from shoal.tracking import flatten, read_ids, save_id, tags
+from shoal.tracking.runinfo import FLUSH_DOWN_S, FLUSH_TIMEOUT_S, flatten, read_ids, save_id, tags
 from shoal.tracking.sender import Sender
 
 
@@ -17,7 +17,7 @@ class WandbBackend:
         c = cfg.log.wandb
         assert c is not None
         try:
-            import wandb
+            import wandb  # an optional extra (shoal[wandb])
         except ImportError:
             raise ShoalError("log.wandb needs the wandb package: pip install 'shoal[wandb]'") from None
         self.wandb, self.cfg, self.c, self.run_dir = wandb, cfg, c, run_dir
@@ -63,6 +63,4 @@ class WandbBackend:
         self.sender.put(send, droppable=False, what="the files and the run's end")
 
     def close(self, start: float | None = None) -> bool:
-        from shoal import tracking
-
-        return self.sender.close(tracking.FLUSH_TIMEOUT_S, tracking.FLUSH_DOWN_S, start)
+        return self.sender.close(FLUSH_TIMEOUT_S, FLUSH_DOWN_S, start)
