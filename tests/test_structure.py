@@ -24,10 +24,10 @@ LAYERS = [
     {"dist", "cluster", "rundir", "dcp", "state", "weights", "checkpoint", "metrics", "precision"},
     {"data", "models", "losses", "optim", "batch", "gns", "health", "trained", "report", "tracking"},
     {"strategies"},
-    {"job", "check", "preflight", "batchfind", "export", "compress"},
+    {"job", "check", "preflight", "batchfind", "export"},
     {"engine"},
     {"worker", "ps", "controller"},
-    {"launcher", "submit", "k8s", "compare", "lrfind", "sweep"},
+    {"launcher", "submit", "k8s", "compare", "compress", "lrfind", "sweep"},  # commands that run jobs
     {"cli", "__main__"},
 ]
 

@@ -101,7 +101,7 @@ def plan(cfg: JobConfig, image: str, namespace: str | None, options: RenderOptio
         workers=s.num_workers,
         cpu=cpu_quantity(s.cpus_per_worker),
         ray_cpus=math.ceil(s.cpus_per_worker),
-        threads=s.threads_per_worker or max(1, int(s.cpus_per_worker)),
+        threads=s.reserved_threads,
         memory=options.memory or f"{max(2, math.ceil(2 * s.cpus_per_worker)) + 8 * gpus}Gi",
         gpus=gpus,
         gpu_resource=options.gpu_resource if gpus else None,
