@@ -52,16 +52,8 @@ def run_worker(
             if world.is_main:
                 log.info("run directory %s; %d rank(s) on %s, backend %s", run.dir, world.world_size, device, backend)
             summary = train(job, run.log, run.hooks.step_done)
-            cfg = run.cfg
-            return run.finish(
-                {
-                    **summary,
-                    **run.names(),
-                    "strategy": cfg.strategy,
-                    "precision": cfg.train.precision,
-                    "device": str(device),
-                }
-            )
+            named = {**run.names(), "strategy": run.cfg.strategy, "precision": run.cfg.train.precision}
+            return run.finish({**summary, **named, "device": str(device)})
     finally:
         if job is not None:
             job.strategy.close()

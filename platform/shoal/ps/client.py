@@ -60,7 +60,9 @@ def run_ps_worker(run: Run, servers: list[Any]) -> dict[str, Any]:
     with run.open(world):
         job = build_job(run.cfg, world, device, run.dir if world.is_main else None)
         layout = _layout(job, len(servers))
-        recorder = _start(run, job, servers, layout) if world.is_main else _wait_until_ready(servers)
+        recorder = _start(run, job, servers, layout) if world.is_main else None
+        if recorder is None:
+            _wait_until_ready(servers)
         run.hooks.mark("built")
         pushes, version = _train(job, servers, layout.shards, recorder, run.hooks)
         job.data.train.close()
@@ -68,6 +70,7 @@ def run_ps_worker(run: Run, servers: list[Any]) -> dict[str, Any]:
 
 
 def _layout(job: Job, num_servers: int) -> Layout:
+    """The trainable tensors balanced by bytes over the servers (every worker computes the same)."""
     named = trainable(job.bare_model)
     specs = [TensorSpec(n, tuple(p.shape), decays(p, job.cfg.optim)) for n, p in named]
     return Layout(specs, balance([s.numel * 4 for s in specs], num_servers), aliases(job.bare_model))
@@ -92,6 +95,7 @@ def _start(run: Run, job: Job, servers: list[Any], layout: Layout) -> Recorder:
 
 
 def _wait_until_ready(servers: list[Any]) -> None:
+    """Until rank 0 has filled and opened the servers."""
     while not all(ray.get([s.ready.remote() for s in servers])):
         time.sleep(0.05)
 
