@@ -9,8 +9,8 @@ import json
 import pytest
 
 from shoal.config import load_config
-from shoal.controller.controller import ERRORED, FINISHED, RESTARTING, RUNNING, STARTING, Controller
-from shoal.controller.failure import RAISE, RESTART, Failure, HangWatch, RankStatus, decide, root_cause
+from shoal.controller.controller import Controller, State
+from shoal.controller.failure import RAISE, RESTART, Failure, HangWatch, RankError, RankStatus, decide, root_cause
 from shoal.controller.worker_group import order_by_node
 from shoal.errors import ShoalError, WorkerFailed
 
@@ -19,8 +19,8 @@ from conftest import REPO
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
 
 
-def err(kind: str, message: str, user: bool = False) -> dict:
-    return {"type": kind, "message": message, "user_error": user, "exit_code": 2 if user else 1}
+def failed(rank: int, kind: str, message: str, user: bool = False) -> RankStatus:
+    return RankStatus("failed", error=RankError(rank, kind, message, user_error=user, exit_code=2 if user else 1))
 
 
 @pytest.mark.parametrize(
@@ -38,15 +38,13 @@ def test_failure_policy(failure, restarts, budget, expected):
 
 
 def test_root_cause_prefers_user_errors_then_dead_processes_then_own_errors_over_collectives():
-    collective = RankStatus("failed", error=err("RuntimeError", "[gloo] Connection closed by peer"))
-    own = RankStatus("failed", error=err("RuntimeError", "planted failure on rank 2"))
-    died = RankStatus("failed", error=err("WorkerDied", "process died (SIGKILL)"))
-    user = RankStatus("failed", error=err("DataError", "shard x: label 11 is outside [0, 10)", user=True))
-    assert root_cause([(0, collective), (2, own)]) == Failure(
-        2, "rank 2 failed: RuntimeError: planted failure on rank 2"
-    )
-    assert root_cause([(0, collective), (1, died), (2, own)]).rank == 1
-    f = root_cause([(0, collective), (1, died), (3, user)])
+    collective = RankError(0, "RuntimeError", "[gloo] Connection closed by peer")
+    own = RankError(2, "RuntimeError", "planted failure on rank 2")
+    died = RankError.died(1, "SIGKILL")
+    user = RankError(3, "DataError", "shard x: label 11 is outside [0, 10)", user_error=True, exit_code=2)
+    assert root_cause([collective, own]) == Failure(2, "rank 2 failed: RuntimeError: planted failure on rank 2")
+    assert root_cause([collective, died, own]).rank == 1
+    f = root_cause([collective, died, user])
     assert f == Failure(3, "shard x: label 11 is outside [0, 10)", user_error=True, exit_code=2)
 
 
@@ -99,14 +97,14 @@ def controller(tmp_path, groups: list[ScriptedGroup], **overrides) -> Controller
 
 DONE = RankStatus("done", step=5, result={"status": "completed", "steps": 5})
 RUN = RankStatus("running", step=1)
-BOOM = RankStatus("failed", error=err("RuntimeError", "boom"))
+BOOM = failed(1, "RuntimeError", "boom")
 
 
 def test_a_clean_run_goes_starting_running_finished_and_writes_the_summary(tmp_path):
     log: list[str] = []
     c = controller(tmp_path, [ScriptedGroup([[RUN, RUN], [DONE, DONE]], log)])
     result = c.run(resume=False)
-    assert c.history == [STARTING, RUNNING, FINISHED]
+    assert c.history == [State.STARTING, State.RUNNING, State.FINISHED]
     assert result["status"] == "completed" and log == ["start resume=False", "kill"]
     assert json.loads((tmp_path / "summary.json").read_text()) == {"status": "completed", "steps": 5}
 
@@ -116,7 +114,7 @@ def test_a_failure_within_the_budget_restarts_from_the_checkpoint_and_counts(tmp
     groups = [ScriptedGroup([[RUN, BOOM]], log), ScriptedGroup([[DONE, DONE]], log)]
     c = controller(tmp_path, groups, **{"scaling.max_failures": 1})
     result = c.run(resume=False)
-    assert c.history == [STARTING, RUNNING, RESTARTING, STARTING, RUNNING, FINISHED]
+    assert c.history == [State.STARTING, State.RUNNING, State.RESTARTING, State.STARTING, State.RUNNING, State.FINISHED]
     assert log == ["start resume=False", "kill", "start resume=True", "kill"]  # the second start resumes
     assert result["restarts"] == 1 and json.loads((tmp_path / "summary.json").read_text())["restarts"] == 1
     assert "restarting all workers from the latest checkpoint (restart 1 of scaling.max_failures=1)" in c.out.getvalue()
@@ -127,19 +125,37 @@ def test_a_failure_past_the_budget_errors_with_the_root_cause(tmp_path):
     c = controller(tmp_path, [ScriptedGroup([[RUN, BOOM]], log)])
     with pytest.raises(WorkerFailed, match="rank 1 failed: RuntimeError: boom"):
         c.run(resume=False)
-    assert c.history == [STARTING, RUNNING, ERRORED]
+    assert c.history == [State.STARTING, State.RUNNING, State.ERRORED]
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "failed"
 
 
 def test_a_user_error_is_raised_at_once_whatever_the_budget(tmp_path):
-    bad = RankStatus("failed", error=err("ConfigError", "model.target: factory raised", user=True))
+    bad = failed(0, "ConfigError", "model.target: factory raised", user=True)
     c = controller(tmp_path, [ScriptedGroup([[bad, RUN]], [])], **{"scaling.max_failures": 3})
     with pytest.raises(ShoalError, match="model.target: factory raised") as e:
         c.run(resume=False)
-    assert e.value.exit_code == 2 and c.history == [STARTING, RUNNING, ERRORED]
+    assert e.value.exit_code == 2 and c.history == [State.STARTING, State.RUNNING, State.ERRORED]
 
 
 def test_no_transition_outside_the_state_machine(tmp_path):
     c = controller(tmp_path, [])
     with pytest.raises(AssertionError):
-        c.to(FINISHED)  # STARTING cannot finish without running
+        c.to(State.FINISHED)  # STARTING cannot finish without running
+
+
+def test_a_rank_error_is_typed_from_what_the_rank_raised():
+    user = RankError.raised(3, ShoalError("data: bad label"))
+    assert (user.rank, user.kind, user.message, user.user_error, user.exit_code) == (
+        3,
+        "ShoalError",
+        "data: bad label",
+        True,
+        2,
+    )
+    bug = RankError.raised(1, RuntimeError("[gloo] Connection reset by peer"))
+    assert not bug.user_error and bug.exit_code == 1 and bug.in_collective
+    assert RankError.died(2, "SIGKILL").message == "process died (SIGKILL)"
+
+
+def test_only_finished_and_errored_end_a_run():
+    assert {s for s in State if s.terminal} == {State.FINISHED, State.ERRORED}

@@ -10,13 +10,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from enum import Enum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 from shoal import rundir
 from shoal.config import JobConfig
-from shoal.controller.failure import RAISE, Failure, GroupFailed, HangWatch, RankStatus, decide, root_cause
+from shoal.controller.failure import RAISE, Failure, GroupFailed, HangWatch, RankError, RankStatus, decide, root_cause
 from shoal.errors import ShoalError, WorkerFailed
 from shoal.progress import Progress
 from shoal.signals import StopOnSignal
@@ -26,13 +27,28 @@ log = logging.getLogger("shoal")
 POLL_S = 0.25
 FAILURE_GRACE_S = 1.0  # after a failure, wait this long for the root cause to report too
 
-STARTING, RUNNING, RESTARTING, FINISHED, ERRORED = "starting", "running", "restarting", "finished", "errored"
-TRANSITIONS = {
-    STARTING: {RUNNING, RESTARTING, ERRORED},
-    RUNNING: {FINISHED, RESTARTING, ERRORED},
-    RESTARTING: {STARTING},
-    FINISHED: set(),
-    ERRORED: set(),
+
+class State(Enum):
+    """Where the controller is; FINISHED and ERRORED end a run."""
+
+    STARTING = "starting"
+    RUNNING = "running"
+    RESTARTING = "restarting"
+    FINISHED = "finished"
+    ERRORED = "errored"
+
+    @property
+    def terminal(self) -> bool:
+        """The run ended here: no state follows."""
+        return not TRANSITIONS[self]
+
+
+TRANSITIONS: dict[State, frozenset[State]] = {
+    State.STARTING: frozenset({State.RUNNING, State.RESTARTING, State.ERRORED}),
+    State.RUNNING: frozenset({State.FINISHED, State.RESTARTING, State.ERRORED}),
+    State.RESTARTING: frozenset({State.STARTING}),
+    State.FINISHED: frozenset(),
+    State.ERRORED: frozenset(),
 }
 
 
@@ -63,45 +79,46 @@ class Controller:
         self.cfg, self.run_dir, self.make_group, self.out = cfg, run_dir, make_group, out
         self.startup = startup or Startup()
         self.poll_s, self.grace_s = poll_s, grace_s
-        self.state = STARTING
-        self.history = [STARTING]
+        self.state = State.STARTING
+        self.history = [State.STARTING]
         self.restarts = 0
 
-    def to(self, state: str) -> None:
-        assert state in TRANSITIONS[self.state], f"controller: {self.state} -> {state}"
+    def to(self, state: State) -> None:
+        assert state in TRANSITIONS[self.state], f"controller: {self.state.value} -> {state.value}"
         self.state = state
         self.history.append(state)
 
     def run(self, resume: bool) -> dict[str, Any]:
         """Train until done; returns rank 0's summary (with restarts), or raises the root cause."""
-        while True:
-            try:
-                result = self._attempt(resume or self.restarts > 0)
-                self.to(FINISHED)
+        try:
+            while True:
+                try:
+                    result = self._attempt(resume or self.restarts > 0)
+                except GroupFailed as e:
+                    self._restart_or_fail(e.failure)
+                    continue
+                self.to(State.FINISHED)
                 return self._finish(result)
-            except GroupFailed as e:
-                if decide(e.failure, self.restarts, self.cfg.scaling.max_failures) == RAISE:
-                    self.to(ERRORED)
-                    self._fail(e.failure)
-                self.restarts += 1
-                self.to(RESTARTING)
-                print(
-                    f"[shoal] {e.failure.message}; restarting all workers from the latest checkpoint "
-                    f"(restart {self.restarts} of scaling.max_failures={self.cfg.scaling.max_failures})",
-                    file=self.out,
-                    flush=True,
-                )
-                self.to(STARTING)
-            except KeyboardInterrupt:
-                rundir.write_summary(
-                    self.run_dir,
-                    {
-                        "status": "failed",
-                        "error": "interrupted (stopped at once, no checkpoint)",
-                        "restarts": self.restarts,
-                    },
-                )
-                raise
+        except KeyboardInterrupt:
+            if not self.state.terminal:  # an ended run keeps the summary it wrote
+                summary = {"status": "failed", "error": "interrupted (stopped at once, no checkpoint)"}
+                rundir.write_summary(self.run_dir, {**summary, "restarts": self.restarts})
+            raise
+
+    def _restart_or_fail(self, f: Failure) -> None:
+        """RESTARTING and back to STARTING within scaling.max_failures; ERRORED (raises) past it."""
+        if decide(f, self.restarts, self.cfg.scaling.max_failures) == RAISE:
+            self.to(State.ERRORED)
+            self._fail(f)
+        self.restarts += 1
+        self.to(State.RESTARTING)
+        print(
+            f"[shoal] {f.message}; restarting all workers from the latest checkpoint "
+            f"(restart {self.restarts} of scaling.max_failures={self.cfg.scaling.max_failures})",
+            file=self.out,
+            flush=True,
+        )
+        self.to(State.STARTING)
 
     def _attempt(self, resume: bool) -> dict[str, Any]:
         group = self.make_group()
@@ -109,7 +126,7 @@ class Controller:
             self.startup.mark("group_placed")
             group.start(resume)
             self.startup.mark("ranks_started")
-            self.to(RUNNING)
+            self.to(State.RUNNING)
             return self._watch(group)
         finally:
             group.kill()
@@ -127,15 +144,11 @@ class Controller:
                     self._note_startup(polls[0])
                     for record in polls[0].records:
                         progress.update(record)
-                    if any(p.state == "failed" for p in polls):
+                    if _errors(polls):
                         # the peers of a dead rank fail too, in their collectives; look again briefly so
                         # the report names the root cause rather than whichever rank noticed first
                         time.sleep(self.grace_s)
-                        later = group.poll()
-                        failed = [(r, p) for r, p in enumerate(later) if p.state == "failed"] or [
-                            (r, p) for r, p in enumerate(polls) if p.state == "failed"
-                        ]
-                        raise GroupFailed(root_cause(failed))
+                        raise GroupFailed(root_cause(_errors(group.poll()) or _errors(polls)))
                     hung = hang.check(polls, time.monotonic())
                     if hung is not None:
                         raise GroupFailed(hung)
@@ -157,7 +170,7 @@ class Controller:
         rundir.write_summary(self.run_dir, {k: v for k, v in result.items() if k != "exit_code"})
         return result
 
-    def _fail(self, f: Failure) -> None:
+    def _fail(self, f: Failure) -> NoReturn:
         message = f.message
         if not f.user_error and self.cfg.scaling.max_failures:
             message += f" (after {self.restarts} restart(s); scaling.max_failures={self.cfg.scaling.max_failures})"
@@ -167,3 +180,8 @@ class Controller:
             exc.exit_code = f.exit_code
             raise exc
         raise WorkerFailed(message)
+
+
+def _errors(polls: Sequence[RankStatus]) -> list[RankError]:
+    """The errors of the ranks that failed (a status holds one exactly when it failed)."""
+    return [p.error for p in polls if p.error is not None]

@@ -7,8 +7,36 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from shoal.errors import ShoalError
+
 RESTART, RAISE = "restart", "raise"
 COLLECTIVE_WORDS = ("gloo", "NCCL", "Connection reset", "Connection closed", "timed out")
+DIED = "WorkerDied"  # RankError.kind of a rank whose process is gone
+
+
+@dataclass(frozen=True)
+class RankError:
+    """Why a rank failed: what it raised, or that its process died."""
+
+    rank: int
+    kind: str  # the exception's class name, or DIED
+    message: str
+    user_error: bool = False  # a ShoalError: bad data or config; a restart cannot help
+    exit_code: int = 1
+
+    @classmethod
+    def raised(cls, rank: int, exc: BaseException) -> RankError:
+        user = isinstance(exc, ShoalError)
+        return cls(rank, type(exc).__name__, str(exc), user, getattr(exc, "exit_code", 1))
+
+    @classmethod
+    def died(cls, rank: int, reason: str) -> RankError:
+        return cls(rank, DIED, f"process died ({reason})")
+
+    @property
+    def in_collective(self) -> bool:
+        """A failed collective: usually the victim of another rank's death."""
+        return any(w in self.message for w in COLLECTIVE_WORDS)
 
 
 @dataclass(frozen=True)
@@ -19,7 +47,7 @@ class RankStatus:
     step: int = -1  # last finished step
     records: list[dict[str, Any]] = field(default_factory=list)  # metrics records since the last poll (rank 0)
     result: dict[str, Any] | None = None  # the rank's summary once done
-    error: dict[str, Any] | None = None  # type, message, user_error, exit_code once failed
+    error: RankError | None = None  # once failed
     marks: dict[str, float] = field(default_factory=dict)  # start-up stages, wall clock
     unanswered: bool = False  # the poll timed out (node lost?)
 
@@ -48,25 +76,21 @@ def decide(failure: Failure, restarts: int, max_failures: int) -> str:
     return RESTART
 
 
-def root_cause(failed: Sequence[tuple[int, RankStatus]]) -> Failure:
+def root_cause(errors: Sequence[RankError]) -> Failure:
     """The failure to report: a user error (bad data, config), then a dead process, then an error of
     the rank's own, and only last a peer's failed collective (the victim of another rank's death)."""
 
-    def rank_of(item: tuple[int, RankStatus]) -> tuple[int, int]:
-        rank, status = item
-        err = status.error or {}
-        if err.get("user_error"):
-            return (0, rank)
-        if err.get("type") == "WorkerDied":
-            return (1, rank)
-        collective = any(w in err.get("message", "") for w in COLLECTIVE_WORDS)
-        return (3 if collective else 2, rank)
+    def order(e: RankError) -> tuple[int, int]:
+        if e.user_error:
+            return (0, e.rank)
+        if e.kind == DIED:
+            return (1, e.rank)
+        return (3 if e.in_collective else 2, e.rank)
 
-    rank, status = min(failed, key=rank_of)
-    err = status.error or {}
-    if err.get("user_error"):
-        return Failure(rank, err["message"], user_error=True, exit_code=int(err.get("exit_code", 2)))
-    return Failure(rank, f"rank {rank} failed: {err.get('type', 'Error')}: {err.get('message', '')}")
+    e = min(errors, key=order)
+    if e.user_error:
+        return Failure(e.rank, e.message, user_error=True, exit_code=e.exit_code)
+    return Failure(e.rank, f"rank {e.rank} failed: {e.kind}: {e.message}")
 
 
 class HangWatch:

@@ -12,10 +12,11 @@ import traceback
 from typing import Any
 
 from shoal.config import JobConfig, config_from_dict
-from shoal.controller.failure import RankStatus
+from shoal.controller.failure import RankError, RankStatus
 from shoal.dist import ranks_env_from_counts
 from shoal.errors import ClusterError, ShoalError
 from shoal.imports import import_object
+from shoal.run import Hooks, Run
 
 PASSTHROUGH_ENV = (
     "GLOO_SOCKET_IFNAME",
@@ -35,7 +36,7 @@ class RankActor:
         self.records: list[dict[str, Any]] = []
         self.state = "idle"
         self.result: dict[str, Any] | None = None
-        self.error: dict[str, Any] | None = None
+        self.error: RankError | None = None
         self.stop = threading.Event()
         self.lock = threading.Lock()
         self.step = -1  # last finished step: the controller's hang watch
@@ -61,7 +62,7 @@ class RankActor:
         entry: str,
         extra: dict[str, Any],
     ) -> None:
-        """Set the torchrun environment and start `entry` (a run_worker-like function) in a thread."""
+        """Set the torchrun environment and start `entry(run, **extra)` (run_worker or the PS worker) in a thread."""
         os.environ.update(env)
         if os.path.isdir(cwd):
             os.chdir(cwd)  # relative paths in the config mean the same as on the driver
@@ -75,31 +76,16 @@ class RankActor:
 
         setup_logging(None)
         try:
-            run = import_object(entry, "entry")
-            result = run(
-                cfg,
-                resume=resume,
-                report=self._report,
-                stop=self.stop,
-                on_step=self._step,
-                mark=self._mark,
-                controlled=True,
-                **extra,
-            )
+            train = import_object(entry, "entry")
+            run = Run(cfg, resume, Hooks(self._report, self.stop, self._step, self._mark), under_controller=True)
+            result = train(run, **extra)
             with self.lock:
                 self.result, self.state = result, "done"
         except BaseException as exc:  # reported to the driver, which stops the group
-            tb = traceback.format_exc()
             if not isinstance(exc, ShoalError):
-                print(tb, file=sys.stderr, flush=True)
+                print(traceback.format_exc(), file=sys.stderr, flush=True)
             with self.lock:
-                self.error = {
-                    "type": type(exc).__name__,
-                    "message": str(exc),
-                    "user_error": isinstance(exc, ShoalError),
-                    "exit_code": getattr(exc, "exit_code", 1),
-                }
-                self.state = "failed"
+                self.error, self.state = RankError.raised(self.rank, exc), "failed"
 
     def _step(self, step: int) -> None:
         self.step = step
@@ -191,7 +177,7 @@ class WorkerGroup:
         refs = [a.poll.remote() for a in self.actors]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=10)
         out: list[RankStatus] = []
-        for ref in refs:
+        for rank, ref in enumerate(refs):
             if ref not in ready:
                 out.append(RankStatus("running", unanswered=True))
                 continue
@@ -199,17 +185,7 @@ class WorkerGroup:
                 out.append(ray.get(ref))
             except ray.exceptions.RayActorError as e:
                 reason = str(e).strip().splitlines()[0] if str(e).strip() else "the process died"
-                out.append(
-                    RankStatus(
-                        "failed",
-                        error={
-                            "type": "WorkerDied",
-                            "message": f"process died ({reason})",
-                            "user_error": False,
-                            "exit_code": 1,
-                        },
-                    )
-                )
+                out.append(RankStatus("failed", error=RankError.died(rank, reason)))
         return out
 
     def request_stop(self) -> None:

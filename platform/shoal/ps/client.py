@@ -4,116 +4,103 @@ never waits for the other workers, only for its own round trip to the servers. I
 device it reserved (scaling.gpus_per_worker).
 
 PS rank 0 also fills the servers at the start (every worker builds the same model from the seed),
-loads a checkpoint into them on resume, and keeps the run's record: the metrics window over the
-servers' updates, evaluations, checkpoints and the summary, as rank 0 does under AllReduce.
+loads a checkpoint into them on resume, and keeps the run's cadence over the servers' updates: the
+metrics window, evaluations, checkpoints and the summary's figures; the run (run.py) writes them.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
+import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
+import torch
 
-from shoal.config import JobConfig
+from shoal import checkpoint, dist
+from shoal.data.loaders import EvalSet
 from shoal.dist import WorldInfo
+from shoal.engine import compute_gradients, evaluate
+from shoal.errors import CheckpointError
+from shoal.job import Job, build_job
+from shoal.metrics import Window
+from shoal.models import aliases, trainable
+from shoal.optim import decays
 from shoal.ps.sharding import TensorSpec, balance, flatten
+from shoal.run import Hooks, Run
+from shoal.state import MODEL, OPTIMIZER, STATE
 
 log = logging.getLogger("shoal")
 RECORD_EVERY_S = 0.25  # how often rank 0 reads the servers' progress
+PS_SERVERS = "ps_servers"
 
 
-def run_ps_worker(
-    cfg: JobConfig,
-    *,
-    resume: bool = False,
-    report: Callable[[dict[str, Any]], None] | None = None,
-    stop: threading.Event | None = None,
-    on_step: Callable[[int], None] | None = None,
-    mark: Callable[[str], None] | None = None,
-    controlled: bool = True,
-    servers: list[Any] = (),
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Layout:
+    """Where the trainable tensors live on the servers."""
+
+    specs: list[TensorSpec]  # in the model's order of trainable tensors
+    shards: list[list[int]]  # each server's tensors, as indices into specs
+    tied: dict[str, str]  # alias -> the name of the tensor the model also holds under it
+
+
+def run_ps_worker(run: Run, servers: list[Any]) -> dict[str, Any]:
     """Train one PS worker until the servers say done; rank 0 returns the run's summary."""
-    import ray
-    import torch
-
-    from shoal import dist
-    from shoal.job import build_job
-    from shoal.models import aliases
-
-    mark = mark or (lambda name: None)
-    mark("torch_imported")
+    run.hooks.mark("torch_imported")
     world = WorldInfo.from_env()  # a rank of the group; no process group: workers never talk to each other
-    device = dist.select_device(world, cfg.scaling.device)
-    threads = cfg.scaling.threads(under_ray=True)
+    device = dist.select_device(world, run.cfg.scaling.device)
+    threads = run.threads()
     if threads:
         torch.set_num_threads(threads)
-    run_dir = Path(cfg.run.dir)
-    job = build_job(cfg, world, device, run_dir if world.is_main else None)
-    specs = [TensorSpec(n, tuple(p.shape), d) for (n, p), d in zip(_named(job), _decays(job))]
-    shards = balance([s.numel * 4 for s in specs], len(servers))
-    recorder = None
-    if world.is_main:
-        from shoal.data.loaders import EvalSet
-
-        if job.data.val is not None:  # rank 0 evaluates alone: the whole split, not a rank's share
-            job.data.val = EvalSet(job.data.val.source, WorldInfo(), job.data.val.batch_size, job.device)
-        _fill(servers, specs, shards, job)
-        resumed_from = _resume(cfg, run_dir, resume, servers)
-        ray.get([s.open.remote() for s in servers])
-        recorder = Recorder(job, servers, shards, specs, aliases(job.bare_model), run_dir, report, resumed_from, stop)
-    else:
-        while not all(ray.get([s.ready.remote() for s in servers])):
-            time.sleep(0.05)
-    mark("built")
-    pushes, version = _train(job, servers, shards, recorder, on_step, mark)
-    job.data.train.close()
-    if recorder is None:
-        return {"pushes": pushes, "version": version}
-    return recorder.finish()
+    with run.open(world):
+        job = build_job(run.cfg, world, device, run.dir if world.is_main else None)
+        layout = _layout(job, len(servers))
+        recorder = _start(run, job, servers, layout) if world.is_main else None
+        if recorder is None:
+            _wait_until_ready(servers)
+        run.hooks.mark("built")
+        pushes, version = _train(job, servers, layout.shards, recorder, run.hooks)
+        job.data.train.close()
+        return recorder.finish() if recorder is not None else {"pushes": pushes, "version": version}
 
 
-def _named(job: Any) -> list[tuple[str, Any]]:
-    from shoal.models import trainable
-
-    return trainable(job.bare_model)
-
-
-def _decays(job: Any) -> list[bool]:
-    from shoal.optim import decays
-
-    return [decays(p, job.cfg.optim) for _, p in _named(job)]
+def _layout(job: Job, num_servers: int) -> Layout:
+    """The trainable tensors balanced by bytes over the servers (every worker computes the same)."""
+    named = trainable(job.bare_model)
+    specs = [TensorSpec(n, tuple(p.shape), decays(p, job.cfg.optim)) for n, p in named]
+    return Layout(specs, balance([s.numel * 4 for s in specs], num_servers), aliases(job.bare_model))
 
 
-def _fill(servers: list[Any], specs: list[TensorSpec], shards: list[list[int]], job: Any) -> None:
-    """Give each server its tensors' names, shapes and initial values."""
-    import ray
-
-    values = [p.detach().cpu().numpy() for _, p in _named(job)]
+def _start(run: Run, job: Job, servers: list[Any], layout: Layout) -> Recorder:
+    """PS rank 0: fill the servers (and load the checkpoint to resume from), open them, keep the record."""
+    if job.data.val is not None:  # rank 0 evaluates alone: the whole split, not a rank's share
+        job.data.val = EvalSet(job.data.val.source, WorldInfo(), job.data.val.batch_size, job.device)
+    values = [p.detach().cpu().numpy() for _, p in trainable(job.bare_model)]
     ray.get(
-        [s.init.remote([specs[i] for i in idx], flatten([values[i] for i in idx])) for s, idx in zip(servers, shards)]
+        [
+            s.init.remote([layout.specs[i] for i in idx], flatten([values[i] for i in idx]))
+            for s, idx in zip(servers, layout.shards)
+        ]
     )
+    target = run.resume_target()
+    if target is not None:
+        _load_servers(target, servers)
+    ray.get([s.open.remote() for s in servers])
+    return Recorder(run, job, servers, layout)
 
 
-def _resume(cfg: JobConfig, run_dir: Path, resume: bool, servers: list[Any]) -> Path | None:
-    import ray
+def _wait_until_ready(servers: list[Any]) -> None:
+    """Until rank 0 has filled and opened the servers."""
+    while not all(ray.get([s.ready.remote() for s in servers])):
+        time.sleep(0.05)
 
-    from shoal import checkpoint
-    from shoal.errors import CheckpointError
-    from shoal.state import STATE
 
-    target = (
-        checkpoint.find_latest(run_dir)
-        if resume
-        else (Path(cfg.checkpoint.resume_from).expanduser() if cfg.checkpoint.resume_from else None)
-    )
-    if target is None:
-        return None
+def _load_servers(target: Path, servers: list[Any]) -> None:
     _meta, data = checkpoint.load(target)
     states = data[STATE].get(PS_SERVERS)
     if states is None or len(states) != len(servers):
@@ -122,31 +109,17 @@ def _resume(cfg: JobConfig, run_dir: Path, resume: bool, servers: list[Any]) -> 
         )
     ray.get([s.load.remote(st) for s, st in zip(servers, states)])
     log.info("resumed the parameter servers from %s", target)
-    return target
-
-
-PS_SERVERS = "ps_servers"
 
 
 def _train(
-    job: Any,
-    servers: list[Any],
-    shards: list[list[int]],
-    recorder: Recorder | None,
-    on_step: Callable[[int], None] | None,
-    mark: Callable[[str], None],
+    job: Job, servers: list[Any], shards: list[list[int]], recorder: Recorder | None, hooks: Hooks
 ) -> tuple[int, int]:
     """Pull, compute, push until done; returns (pushes, last version)."""
-    import ray
-    import torch
-
-    from shoal.engine import compute_gradients, evaluate
-
     shard_params = [[job.params[i] for i in idx] for idx in shards]
-    cpu = job.device.type == "cpu"
     # gradients accumulate straight into one flat buffer per shard: pushed without a gather
     grad_bufs = [torch.zeros(sum(p.numel() for p in ps), device=job.device) for ps in shard_params]
-    param_bufs = None if cpu else [torch.zeros_like(b) for b in grad_bufs]  # on a GPU: one copy in per pull
+    on_gpu = job.device.type != "cpu"
+    param_bufs = [torch.zeros_like(b) for b in grad_bufs] if on_gpu else None  # on a GPU: one copy in per pull
     for ps, buf in zip(shard_params, grad_bufs):
         _point(ps, buf, lambda p, view: setattr(p, "grad", view))
     replies = ray.get([s.push_pull.remote(None, -1, None) for s in servers])
@@ -156,31 +129,12 @@ def _train(
         _load(shard_params, [r[0] for r in replies], param_bufs)
         versions = [r[1] for r in replies]
         if recorder is not None:
-            recorder.tick(versions[0], evaluate)
+            recorder.tick(versions[0])
         if replies[0][2]:  # shard 0 says when the job is done
             break
-        g = compute_gradients(job, pushes + 1)  # this worker's own step number
-        if job.precision.scaler is not None:
-            job.precision.scaler.update()
-        grads = [(buf.numpy() if cpu else buf.cpu().numpy()) if g.ok else None for buf in grad_bufs]
-        stats = {
-            "loss_sum": float(g.loss_sum),
-            "count": g.count,
-            "samples": g.rows,
-            "grad_norm": float(g.grad_norm),
-            "ok": g.ok,
-        }
-        refs = [
-            s.push_pull.remote(gr, v, stats if k == 0 else None)
-            for k, (s, gr, v) in enumerate(zip(servers, grads, versions))
-        ]
-        for buf in grad_bufs:  # the calls above already copied the gradients into the object store
-            buf.zero_()
+        refs = _push(job, servers, grad_bufs, versions, pushes + 1)
         pushes += 1
-        if pushes == 1:
-            mark("first_step")
-        if on_step is not None:
-            on_step(pushes)
+        hooks.step_done(pushes)
         if job.cfg.ps.overlap:
             # compute the next gradient while this push travels; it starts from the previous reply
             if pending is None:
@@ -194,6 +148,28 @@ def _train(
     return pushes, versions[0]
 
 
+def _push(job: Job, servers: list[Any], grad_bufs: list[torch.Tensor], versions: list[int], step: int) -> list[Any]:
+    """Compute this worker's step number `step` and push each server its shard with the version it was computed on."""
+    g = compute_gradients(job, step)
+    if job.precision.scaler is not None:
+        job.precision.scaler.update()
+    grads = [buf.cpu().numpy() if g.ok else None for buf in grad_bufs]
+    stats = {
+        "loss_sum": float(g.loss_sum),
+        "count": g.count,
+        "samples": g.rows,
+        "grad_norm": float(g.grad_norm),
+        "ok": g.ok,
+    }
+    refs = [
+        s.push_pull.remote(gr, v, stats if k == 0 else None)
+        for k, (s, gr, v) in enumerate(zip(servers, grads, versions))
+    ]
+    for buf in grad_bufs:  # the calls above already copied the gradients into the object store
+        buf.zero_()
+    return refs
+
+
 def _point(params: list[Any], flat: Any, assign: Callable[[Any, Any], None]) -> None:
     o = 0
     for p in params:
@@ -205,10 +181,6 @@ def _point(params: list[Any], flat: Any, assign: Callable[[Any, Any], None]) -> 
 def _load(shard_params: list[list[Any]], flats: list[np.ndarray], device_bufs: list[Any] | None) -> None:
     """Point the parameters at the servers' buffers: zero-copy on the CPU (the worker never writes
     them), one copy per shard into the device's buffers on a GPU."""
-    import warnings
-
-    import torch
-
     for k, (ps, flat) in enumerate(zip(shard_params, flats)):
         with warnings.catch_warnings():  # Ray hands out read-only shared memory; the worker only reads it
             warnings.simplefilter("ignore", UserWarning)
@@ -220,80 +192,45 @@ def _load(shard_params: list[list[Any]], flats: list[np.ndarray], device_bufs: l
 
 
 class Recorder:
-    """PS rank 0's record of the run: one metrics window over the updates the servers applied,
-    evaluations every train.eval_every versions, checkpoints, the time limit, and the summary."""
+    """PS rank 0's cadence over the updates the servers applied (their versions jump: thresholds, not
+    multiples): one metrics window between log lines, evaluations every train.eval_every versions,
+    checkpoints, the time limit, and the summary's figures. The run writes the records and the summary."""
 
-    def __init__(
-        self,
-        job: Any,
-        servers: list[Any],
-        shards: list[list[int]],
-        specs: list[TensorSpec],
-        tied: dict[str, str],
-        run_dir: Path,
-        report: Callable[[dict[str, Any]], None] | None,
-        resumed_from: Path | None,
-        stop: threading.Event | None,
-    ):
-        import ray
-
-        from shoal.metrics import MetricsWriter, Window
-
-        self.job, self.cfg, self.servers, self.shards, self.specs, self.tied = (
-            job,
-            job.cfg,
-            servers,
-            shards,
-            specs,
-            tied,
-        )
-        self.run_dir, self.report, self.resumed_from, self.stop = run_dir, report, resumed_from, stop
+    def __init__(self, run: Run, job: Job, servers: list[Any], layout: Layout):
+        self.run, self.job, self.cfg, self.servers, self.layout = run, job, job.cfg, servers, layout
         start = ray.get(servers[0].progress.remote())
         self.start_version, self.start_samples = int(start["version"]), int(start["samples"])
-        from shoal import tracking
-
-        self.writer = MetricsWriter(
-            run_dir,
-            self.cfg.log.tensorboard,
-            truncate_after_step=self.start_version if resumed_from else None,
-            tracker=tracking.build(self.cfg, run_dir, job.world.world_size, resumed=resumed_from is not None),
-        )
+        run.open_record(self.start_version)
         self.window = Window(float, lambda loss_sum, count: (loss_sum, count))
         self.extra = dict.fromkeys(("grad_norm_sum", "pushes", "staleness_sum"), 0.0)
         self.version, self.last = self.start_version, start
-        self.next_log = self._next(self.start_version, self.cfg.log.every)
-        self.next_eval = self._next(self.start_version, self.cfg.train.eval_every)
-        self.next_save = self._next(self.start_version, self.cfg.checkpoint.every_steps)
+        self.next_log = _next(self.start_version, self.cfg.log.every)
+        self.next_eval = _next(self.start_version, self.cfg.train.eval_every)
+        self.next_save = _next(self.start_version, self.cfg.checkpoint.every_steps)
         self.last_read = 0.0
         self.first_update: float | None = None
         self.updates_at_log = self.start_version
         self.train_loss = float("nan")
         self.final_eval: dict[str, float] = {}
 
-    @staticmethod
-    def _next(version: int, every: int | None) -> int | None:
-        return (version // every + 1) * every if every else None
-
-    def tick(self, version: int, evaluate: Callable[[Any], dict[str, float]]) -> None:
+    def tick(self, version: int) -> None:
         """Between pushes: read the servers' progress about every RECORD_EVERY_S, log, evaluate, save."""
         now = time.perf_counter()
         if now - self.last_read >= RECORD_EVERY_S:
             self.last_read = now
             self._read()
         if self.next_eval is not None and version >= self.next_eval:
-            self._evaluate(version, evaluate)
-            self.next_eval = self._next(version, self.cfg.train.eval_every)
+            self._evaluate(version)
+            self.next_eval = _next(version, self.cfg.train.eval_every)
         if (self.next_save is not None and self.version >= self.next_save) or self.job.checkpointer.time_due():
             self.save()
-            self.next_save = self._next(self.version, self.cfg.checkpoint.every_steps)
+            self.next_save = _next(self.version, self.cfg.checkpoint.every_steps)
         limit = self.cfg.train.max_time_s
         if limit is not None and self.first_update is not None and now - self.first_update >= limit:
             for s in self.servers:
                 s.stop.remote()
 
     def _read(self) -> None:
-        import ray
-
         p = ray.get(self.servers[0].progress.remote(), timeout=self.cfg.scaling.timeout_s)
         if self.first_update is None and p["version"] > self.start_version:
             # training time starts with the first update, as AllReduce's starts with its loop (not actor start-up)
@@ -312,7 +249,6 @@ class Recorder:
         figures = self.window.figures()
         pushes = max(1.0, self.extra["pushes"])
         self.train_loss = figures["loss"]
-        hist = self.last["staleness"]
         self._write(
             {
                 "step": self.version,
@@ -322,43 +258,36 @@ class Recorder:
                 "grad_norm": self.extra["grad_norm_sum"] / pushes,
                 "samples_per_s": figures["samples_per_s"],
                 "updates_per_s": (self.version - self.updates_at_log) / elapsed,
-                "staleness_mean": _mean(hist),
+                "staleness_mean": _mean(self.last["staleness"]),
                 "dropped_updates": self.last["dropped"],
                 "skipped_steps": self.last["skipped"],
             }
         )
         self.extra = dict.fromkeys(self.extra, 0.0)
         self.updates_at_log = self.version
-        self.next_log = self._next(self.version, self.cfg.log.every)
+        self.next_log = _next(self.version, self.cfg.log.every)
 
-    def _evaluate(self, version: int, evaluate: Callable[[Any], dict[str, float]]) -> None:
+    def _evaluate(self, version: int) -> None:
         self.final_eval = evaluate(self.job)
         if self.final_eval:
             self._write({"step": version, "samples": self.last["samples"], **self.final_eval})
 
     def _write(self, record: dict[str, Any]) -> None:
         start = self.first_update or time.perf_counter()
-        record = {"time": time.time(), "elapsed_s": time.perf_counter() - start, **record}
-        self.writer.log(record)
-        if self.report is not None:
-            self.report(record)
+        self.run.log({"time": time.time(), "elapsed_s": time.perf_counter() - start, **record})
 
     def save(self) -> None:
         """Checkpoint the servers' state (parameters, optimizer, version) in the usual layout, with the
         model's full state dict: every name (a tied head too) and rank 0's buffers."""
-        import ray
-
-        from shoal.state import MODEL, OPTIMIZER, STATE
-
         states = ray.get([s.state.remote() for s in self.servers])
         model = {k: v.detach().cpu().clone() for k, v in self.job.bare_model.state_dict().items()}
-        for idx, st in zip(self.shards, states):
+        for idx, st in zip(self.layout.shards, states):
             o = 0
             for i in idx:
-                spec = self.specs[i]
+                spec = self.layout.specs[i]
                 model[spec.name] = st["flat"][o : o + spec.numel].view(spec.shape).clone()
                 o += spec.numel
-        model.update({alias: model[name] for alias, name in self.tied.items()})  # one tensor, every name the model has
+        model.update({alias: model[name] for alias, name in self.layout.tied.items()})  # one tensor, every name
         version = int(states[0]["version"])
         state = {
             MODEL: model,
@@ -369,20 +298,22 @@ class Recorder:
 
     def finish(self) -> dict[str, Any]:
         """After the servers said done: the last window, a final evaluation, the final checkpoint, the summary."""
-        from shoal.engine import evaluate
-
         self._read()
         if self.extra["pushes"]:
             self._log()
-        stopped = self.stop is not None and self.stop.is_set()
-        self._evaluate(self.version, evaluate)
+        stop = self.run.hooks.stop
+        stopped = stop is not None and stop.is_set()
+        self._evaluate(self.version)
         if self.cfg.checkpoint.at_end or stopped:
             self.save()
         self.job.checkpointer.wait()
+        return self.run.finish(self._summary("preempted" if stopped else "completed"))
+
+    def _summary(self, status: str) -> dict[str, Any]:
         wall = time.perf_counter() - (self.first_update or time.perf_counter())
         hist = self.last["staleness"]
-        summary = {
-            "status": "preempted" if stopped else "completed",
+        return {
+            "status": status,
             "strategy": "async_ps",
             "steps": self.version,
             "samples": self.last["samples"],
@@ -399,15 +330,15 @@ class Recorder:
             "staleness_max": max((int(k) for k in hist), default=0),
             "staleness_histogram": {str(k): v for k, v in sorted(hist.items(), key=lambda kv: int(kv[0]))},
             "ps_shards": len(self.servers),
-            "run_dir": str(self.run_dir),
-            "name": self.cfg.name,
+            **self.run.names(),
             "device": str(self.job.device),
             **self.final_eval,
         }
-        if self.resumed_from is not None:
-            summary["resumed_from"] = str(self.resumed_from)
-        self.writer.close(summary)
-        return summary
+
+
+def _next(version: int, every: int | None) -> int | None:
+    """The first multiple of `every` past `version` (None: never)."""
+    return (version // every + 1) * every if every else None
 
 
 def _mean(hist: dict[Any, int]) -> float:
