@@ -18,7 +18,7 @@ from shoal.dist import Flags
 from shoal.health.policy import CONTINUE, EARLY_STOP, ROLLBACK, STOP
 from shoal.job import Job
 from shoal.optim import add_grad_noise, add_l1_grad
-from shoal.strategies.base import peak_memory_mb
+from shoal.strategies.memory import memory_report, peak_memory_mb
 
 Report = Callable[[dict[str, Any]], None]
 
@@ -51,9 +51,9 @@ def train_step(job: Job) -> StepResult:
     c, opt = job.counters, job.optimizer
     step = c.step + 1  # 1-based: health, the records and the checkpoints all count this way
     job.health.arm(step)
-    job.strategy.arm_noise_probe(job.gns.due(step))
+    job.gns.arm(step)
     g = compute_gradients(job)
-    job.gns.observe(step, job.strategy.local_grad_sq(), g.grad_norm, g.rows, job.precision.scale)
+    job.gns.observe(step, g.grad_norm, g.rows, job.precision.scale)
     job.health.observe_gradients(step, float(g.grad_norm))
     if g.ok:
         add_l1_grad(opt)
@@ -151,7 +151,7 @@ def train(
                 mem_mb=peak_memory_mb(job.device),
                 batch=job.batch.global_batch(c.step - 1),
                 **job.gns.figures(),
-                **job.strategy.log_figures(),
+                **(job.strategy.log_figures() if job.strategy.log_figures else {}),
             )
             job.batch.adapt(record.get("gns"))  # batch_ramp auto: every rank holds the same reduced estimate
             train_loss = record["loss"]
@@ -199,7 +199,9 @@ def finish(job: Job, clock: Clock, ending: str, train_loss: float) -> dict[str, 
     skipped = torch.tensor(
         [float(getattr(job.data.train, "skipped_samples", 0))], dtype=torch.float64, device=job.device
     )
-    memory = dist.all_gather_object(job.strategy.memory(job.optimizer))  # every rank's, in rank order
+    memory = dist.all_gather_object(
+        memory_report(job.bare_model, job.optimizer, job.strategy.grads_bytes, job.device)
+    )  # every rank's, in rank order
     wall = clock.elapsed()
     return {
         "status": "completed" if ending == "early_stopped" else ending,
