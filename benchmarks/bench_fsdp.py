@@ -74,6 +74,7 @@ def big_rank(variant: str, steps: int, run_dir: str) -> dict:
     from shoal.dist import WorldInfo
     from shoal.engine import train_step
     from shoal.job import build_job
+    from shoal.strategies.memory import memory_report
 
     strategy, extra = VARIANTS[variant]
     cfg = config(strategy, BIG, steps, run_dir, **extra)
@@ -96,7 +97,12 @@ def big_rank(variant: str, steps: int, run_dir: str) -> dict:
     job.state.restore(checkpoint.load(latest)[1], latest)
     dist.barrier()
     load_s = time.perf_counter() - t
-    return {"step_s": median(times[1:]), "save_s": save_s, "load_s": load_s, **job.strategy.memory(job.optimizer)}
+    return {
+        "step_s": median(times[1:]),
+        "save_s": save_s,
+        "load_s": load_s,
+        **memory_report(job.bare_model, job.optimizer, job.strategy.grads_bytes, job.device),
+    }
 
 
 def ac_rank(strategy: str, mode: str, steps: int) -> dict:

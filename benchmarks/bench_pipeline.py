@@ -55,14 +55,15 @@ def rank(steps: int, stages: int, microbatches: int, schedule: str, batch: int =
     world = WorldInfo.from_env()
     dist.init_process_group(world, "gloo", 600, torch.device("cpu"))
     job = build_job(cfg, world, torch.device("cpu"))
+    figures = job.strategy.log_figures or dict  # the data-parallel baseline has no bubble
     times = []
     for i in range(steps):
         if i == 3:
-            job.strategy.log_figures()  # start the bubble's window after warm-up
+            figures()  # start the bubble's window after warm-up
         t = time.perf_counter()
         train_step(job)
         times.append(time.perf_counter() - t)
-    return {"bubble": None, "bubble_theory": None, "step_s": median(times[3:]), **job.strategy.log_figures()}
+    return {"bubble": None, "bubble_theory": None, "step_s": median(times[3:]), **figures()}
 
 
 def main() -> None:

@@ -68,6 +68,7 @@ def train_steps(job, steps: int, counter: ReduceScatterCounter | None = None) ->
     """`steps` steps of a built job: the global losses, grad norms, reductions per step and final params."""
     from shoal import dist
     from shoal.engine import train_step
+    from shoal.strategies.memory import memory_report
 
     losses, norms, calls = [], [], []
     for _ in range(steps):
@@ -78,7 +79,7 @@ def train_steps(job, steps: int, counter: ReduceScatterCounter | None = None) ->
         norms.append(float(r.grad_norm))
         calls.append((counter.calls if counter else 0) - before)
     units = len(job.strategy.units) + 1 if hasattr(job.strategy, "units") else 0
-    memory = job.strategy.memory(job.optimizer)
+    memory = memory_report(job.bare_model, job.optimizer, job.strategy.grads_bytes, job.device)
     return {
         "losses": losses,
         "norms": norms,

@@ -77,7 +77,7 @@ def steps(cfg_dict: dict, n: int, poison: bool = False) -> dict:
         k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
         for k, v in job.bare_model.state_dict().items()
     }
-    figures = job.strategy.log_figures() if hasattr(job.strategy, "log_figures") else {}
+    figures = job.strategy.log_figures() if job.strategy.log_figures else {}
     split = getattr(job.strategy, "split", None)  # [(stage, its pieces' names, its parameters)]
     return {"steps": out, "eval": evaluate(job), "params": params, "figures": figures, "split": split}
 

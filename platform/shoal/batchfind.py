@@ -26,7 +26,7 @@ from shoal.data.loaders import open_splits
 from shoal.losses import Loss
 from shoal.models import build_model
 from shoal.optim import build_optimizer
-from shoal.strategies.base import peak_memory_mb
+from shoal.strategies.memory import peak_memory_mb
 
 HEADROOM = 0.9
 TIMED_STEPS = 3

@@ -18,7 +18,7 @@ from shoal import dist
 from shoal.dist import Flags
 from shoal.health.policy import CONTINUE, EARLY_STOP, ROLLBACK, STOP
 from shoal.job import Job
-from shoal.strategies.base import peak_memory_mb
+from shoal.strategies.memory import memory_report, peak_memory_mb
 
 Report = Callable[[dict[str, Any]], None]
 
@@ -52,9 +52,9 @@ def train_step(job: Job) -> StepResult:
     c, opt = job.counters, job.optimizer
     step = c.step + 1
     job.health.arm(step)
-    job.strategy.arm_noise_probe(job.gns.due(step))
+    job.gns.arm(step)
     g = compute_gradients(job, step)
-    job.batch.adapt(job.gns.observe(step, job.strategy.local_grad_sq(), g.grad_norm, g.rows, job.precision.scale))
+    job.batch.adapt(job.gns.observe(step, g.grad_norm, g.rows, job.precision.scale))  # auto ramp: at estimates
     job.health.observe_gradients(step, float(g.grad_norm))
     lr = job.schedule.apply(opt, step, job.batch.lr_factor(step))
     if g.ok:
@@ -183,7 +183,7 @@ def log_figures(job: Job, r: StepResult) -> dict[str, Any]:
         "mem_mb": peak_memory_mb(job.device),
         "batch": r.samples,  # the step's global batch (under batch_ramp auto, the next one may already be larger)
         **job.gns.figures(),
-        **job.strategy.log_figures(),
+        **(job.strategy.log_figures() if job.strategy.log_figures else {}),
     }
 
 
@@ -258,7 +258,8 @@ def totals_over_ranks(job: Job) -> dict[str, Any]:
     skipped = torch.tensor(
         [float(getattr(job.data.train, "skipped_samples", 0))], dtype=torch.float64, device=job.device
     )
-    memory = dist.all_gather_object(job.strategy.memory(job.optimizer))  # every rank's, in rank order
+    # every rank's, in rank order
+    memory = dist.all_gather_object(memory_report(job.bare_model, job.optimizer, job.strategy.grads_bytes, job.device))
     return {
         "data_skipped_samples": int(dist.all_sum(skipped).item()),
         "memory": {k: [round(m[k], 3) for m in memory] for k in memory[0]},

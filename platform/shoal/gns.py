@@ -1,6 +1,6 @@
 """The gradient noise scale B_simple = tr(Sigma) / |G|^2 (McCandlish et al. 2018, appendix A), from what
 data-parallel training has anyway: each rank's gradient over its own b samples before the AllReduce
-(the strategy measures its squared norm while the buckets are still local) and the reduced gradient over
+(the strategy's noise probe measures its squared norm before the reduction) and the reduced gradient over
 B = b x ranks samples (its norm is the one clipping uses). Per measured step, the unbiased estimators
 
     |G|^2 ~ (B |G_B|^2 - b |G_b|^2) / (B - b)        tr(Sigma) ~ (|G_b|^2 - |G_B|^2) / (1/b - 1/B)
@@ -14,19 +14,26 @@ and log.every must not change training.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from shoal import dist
+
+if TYPE_CHECKING:
+    from shoal.strategies.base import NoiseProbe
 
 SMOOTHING = 0.2  # weight of the newest estimate's interval in the moving averages
 ESTIMATE_STEPS = 10  # about this many steps between estimates (a whole number of measured steps)
 
 
 class NoiseScale:
-    def __init__(self, every: int, world_size: int, device: torch.device):
-        self.every = every if world_size > 1 else 0  # one rank has no second batch size to compare
+    """Measured every `every` steps through the strategy's probe (none: not measured)."""
+
+    def __init__(self, every: int, world_size: int, device: torch.device, probe: NoiseProbe | None):
+        # one rank has no second batch size to compare
+        self.every = every if world_size > 1 and probe is not None else 0
+        self.probe = probe
         self.estimate_every = self.every * max(1, round(ESTIMATE_STEPS / self.every)) if self.every else 0
         self.world_size = world_size
         self.device = device
@@ -37,15 +44,19 @@ class NoiseScale:
     def due(self, step: int) -> bool:
         return bool(self.every) and step % self.every == 0
 
-    def observe(
-        self, step: int, local_sq: torch.Tensor | None, global_norm: torch.Tensor, b: int, scale: float
-    ) -> float | None:
-        """Step number `step` done: add its terms if it was measured (this rank's |G_b|^2 over its b samples,
-        taken under a loss scale, and the reduced gradient's norm; tensors, no sync). Returns the new estimate
-        on the steps that make one (every rank, at the same steps), else None."""
+    def arm(self, step: int) -> None:
+        """Before step number `step`'s backward: have the probe measure it if it is due."""
+        if self.probe is not None:
+            self.probe.arm(self.due(step))
+
+    def observe(self, step: int, global_norm: torch.Tensor, b: int, scale: float) -> float | None:
+        """Step number `step` done: add its terms if it was measured (the probe's |G_b|^2 of this rank over its b
+        samples, taken under a loss scale, and the reduced gradient's norm; tensors, no sync). Returns the new
+        estimate on the steps that make one (every rank, at the same steps), else None."""
         if not self.every:
             return None
-        if local_sq is not None and self.due(step) and b:
+        local_sq = self.probe.local_grad_sq() if self.due(step) and b else None
+        if local_sq is not None:
             self._add(local_sq.double() / scale**2, global_norm.double() ** 2, b)
         return self._estimate() if step % self.estimate_every == 0 else None
 

@@ -84,7 +84,7 @@ class Job:
             BATCH: self.batch,
             GNS: self.gns,
         }
-        self.state = TrainState(self.strategy, self.optimizer, parts, self.world, self.cfg.seed)
+        self.state = TrainState(self.strategy.state_io, self.optimizer, parts, self.world, self.cfg.seed)
 
     @property
     def model(self) -> nn.Module:
@@ -126,10 +126,10 @@ def build_job(cfg: JobConfig, world: WorldInfo, device: torch.device, run_dir: P
         run_dir if world.is_main else None,
         classes=classes,
         overfit_remedies=overfitting_remedies(data.spec.task, data.spec.input_shape),
-        reduce=strategy.reduce_squares if strategy.sharded_state else None,
+        reduce=strategy.reduce_squares,
         layout=strategy.layout,
     )
-    checkpointer = Checkpointer(cfg.checkpoint, run_dir, world, cfg.to_dict(), sharded=strategy.sharded_state)
+    checkpointer = Checkpointer(cfg.checkpoint, run_dir, world, cfg.to_dict(), sharded=strategy.state_io.sharded)
     window = Window(
         lambda: torch.zeros((), dtype=torch.float64, device=device), _global_sums(device), holds_totals=world.is_main
     )
@@ -150,7 +150,7 @@ def build_job(cfg: JobConfig, world: WorldInfo, device: torch.device, run_dir: P
         window=window,
         batch=BatchSchedule(cfg, data.world.world_size),
         extras=StepExtras(optimizer, params, cfg.optim.grad_noise, cfg.seed, sparsity),
-        gns=NoiseScale(cfg.train.gns_every if strategy.measures_noise else 0, data.world.world_size, device),
+        gns=NoiseScale(cfg.train.gns_every, data.world.world_size, device, strategy.noise_probe),
     )
     if cfg.health.on_nonfinite == "rollback":
         health.rollback = Rollback(cfg.health, job.state, checkpointer)

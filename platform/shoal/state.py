@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
 
 from shoal import dist
 from shoal.errors import CheckpointError
+
+if TYPE_CHECKING:  # state_io imports checkpoint, which imports this module
+    from shoal.strategies.state_io import StateIO
 
 MODEL, OPTIMIZER, STATE = "model", "optimizer", "state"
 PARTS = (MODEL, OPTIMIZER, STATE)
@@ -77,17 +80,17 @@ class LastEval:
 
 
 class TrainState:
-    """The model and optimizer (through the strategy) and the named Stateful parts of one rank."""
+    """The model and optimizer (in the strategy's layout: its state_io) and the named Stateful parts of one rank."""
 
     def __init__(
         self,
-        strategy: Any,
+        state_io: StateIO,
         optimizer: torch.optim.Optimizer,
         parts: dict[str, Stateful],
         world: dist.WorldInfo,
         seed: int,
     ):
-        self.strategy, self.optimizer, self.parts, self.world, self.seed = strategy, optimizer, parts, world, seed
+        self.state_io, self.optimizer, self.parts, self.world, self.seed = state_io, optimizer, parts, world, seed
 
     def collect(self) -> dict[str, Any]:
         """Everything needed to continue exactly (a collective: every rank calls it at the same step)."""
@@ -95,16 +98,16 @@ class TrainState:
         state[RNG] = dist.all_gather_object(rng_state())
         state[WORLD_SIZE] = self.world.world_size
         return {
-            MODEL: self.strategy.model_state(),
-            OPTIMIZER: self.strategy.optimizer_state(self.optimizer),
+            MODEL: self.state_io.model_state(),
+            OPTIMIZER: self.state_io.optimizer_state(self.optimizer),
             STATE: state,
         }
 
     def restore(self, data: dict[str, Any], source: Path | str, keep: tuple[str, ...] = ()) -> None:
         """Load a checkpoint's parts (as `collect` gave them) into this rank; parts named in keep stay as they are."""
-        self.strategy.load_model_state(data[MODEL], source)
+        self.state_io.load_model_state(data[MODEL], source)
         try:
-            self.strategy.load_optimizer_state(self.optimizer, data[OPTIMIZER])
+            self.state_io.load_optimizer_state(self.optimizer, data[OPTIMIZER])
         except (ValueError, KeyError, RuntimeError) as e:
             raise CheckpointError(f"checkpoint {source}: optimizer state does not fit this config ({e})") from None
         state = data[STATE]

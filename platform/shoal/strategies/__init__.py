@@ -13,19 +13,27 @@ if TYPE_CHECKING:  # the driver never loads torch
 
 
 def build_strategy(cfg: JobConfig, world: WorldInfo, device: torch.device) -> Strategy:
-    """The strategy object for this rank (async_ps workers accumulate locally: the single-process one)."""
-    from shoal.strategies.base import Strategy
-
-    if cfg.parallel.pipeline_stages > 1:  # stages, with the job's strategy across the replicas
+    """The strategy object for this rank: the job's strategy, or pipeline stages whose replicas use it
+    (async_ps workers accumulate locally: the single-process one)."""
+    kind = strategy_class(cfg.strategy)
+    if cfg.parallel.pipeline_stages > 1:
         from shoal.strategies.pipeline import PipelineStrategy
 
-        return PipelineStrategy(cfg, world, device)
-    if cfg.strategy == "allreduce":
+        return PipelineStrategy(cfg, world, device, replicas=kind)
+    return kind(cfg, world, device)
+
+
+def strategy_class(name: str) -> type[Strategy]:
+    """The class of strategy `name` (cfg.strategy). Only its module is imported: FSDP's and the pipeline's
+    torch machinery take about a second each to load, and the driver imports this package without torch."""
+    if name == "allreduce":
         from shoal.strategies.ddp import DDPStrategy
 
-        return DDPStrategy(cfg, world, device)
-    if cfg.strategy == "fsdp":
+        return DDPStrategy
+    if name == "fsdp":
         from shoal.strategies.fsdp import FSDPStrategy
 
-        return FSDPStrategy(cfg, world, device)
-    return Strategy(cfg, world, device)
+        return FSDPStrategy
+    from shoal.strategies.base import SingleStrategy
+
+    return SingleStrategy

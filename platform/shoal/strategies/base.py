@@ -1,61 +1,76 @@
 """The strategy interface: how the model is spread over the ranks and how their gradients meet.
 
-The engine talks only to this, never to DDP, FSDP or a pipeline schedule: `wrap` the model, run
-one step's micro-batches (`forward_backward`: one gradient reduction, after the last), measure
-and clip the global gradient norm (`clip`), give the model and optimizer state to save and take it
-back (full on rank 0, or sharded on every rank), and the `bare_model` for evaluation and export.
-Strategies differ in these methods; the loop is the same.
+The engine talks only to this, never to DDP, FSDP or a pipeline schedule. The core is small: `wrap`
+the model, run one step's micro-batches (`forward_backward`: one gradient reduction, after the last),
+measure and clip the global gradient norm (`clip`), the `bare_model` for evaluation and export, the
+world the data is split over, and `close`. Beside it, `state_io` gives the model and optimizer state
+to save and takes it back, in the strategy's layout (state_io.py). What only some strategies have is an
+attribute that may be None: `noise_probe` (the gradient noise scale's look at a rank's own gradient),
+`log_figures` (a pipeline's bubble), `reduce_squares` (norms of tensors the ranks hold parts of).
 """
 
 from __future__ import annotations
 
+import abc
 import contextlib
-from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from shoal.config import JobConfig
 from shoal.dist import WorldInfo
+from shoal.health.probes import local
 from shoal.losses import Loss
 from shoal.precision import Precision
+from shoal.strategies.memory import local_bytes
+from shoal.strategies.state_io import FullStateIO, StateIO
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 
-class Strategy:
-    """Single process by default; subclasses wrap the model and reduce the gradients."""
+class NoiseProbe(Protocol):
+    """A rank's own gradient, seen before its reduction (the gradient noise scale, gns.py)."""
 
-    name = "single"
-    sharded_state = False  # True: every rank saves and loads its own part of the model and optimizer
+    def arm(self, enabled: bool) -> None:
+        """Measure in the coming step, or not."""
+
+    def local_grad_sq(self) -> torch.Tensor | None:
+        """This rank's squared gradient norm in the armed step (None when it was not measured)."""
+
+
+class Strategy(abc.ABC):
+    """The core every strategy has; the optional capabilities below are None unless a strategy sets them."""
+
+    name: str
+    state_io: StateIO  # set by wrap
+    # per-rank sums of squares (a vector) made global, where the ranks hold parts of tensors (sharded, stages)
+    reduce_squares: Reduce | None = None
+    noise_probe: NoiseProbe | None = None
+    # figures of the strategy's own for a log line (a collective: every rank calls it at the same steps)
+    log_figures: Callable[[], dict[str, float]] | None = None
+    # every layer of the whole model when this rank holds only some (pipelines)
+    layout: list[str] | None = None
 
     def __init__(self, cfg: JobConfig, world: WorldInfo, device: torch.device):
         self.cfg, self.world, self.device = cfg, world, device
         self.module: nn.Module | None = None  # what forward runs through (wrapped)
         self._bare: nn.Module | None = None
         self.grads_bytes = 0  # gradient bytes this rank held at a step (the memory report)
-        self.layout: list[str] | None = (
-            None  # every layer of the whole model when this rank holds only some (pipelines)
-        )
 
     # ---------------------------------------------------------------- the model
 
+    @abc.abstractmethod
     def wrap(self, model: nn.Module) -> nn.Module:
-        """Put the (frozen, initialised) model in place on this rank; returns the module to call."""
-        self._bare = self.module = model
-        return model
+        """Put the (frozen, initialised) model in place on this rank, set `state_io`; returns the module to call."""
 
     @property
     def bare_model(self) -> nn.Module:
         """The model without wrappers: for evaluation, checkpoints, health probes and export."""
         assert self._bare is not None, "wrap the model first"
         return self._bare
-
-    def sync(self, enabled: bool) -> contextlib.AbstractContextManager:
-        """Context for one micro-batch's forward AND backward: reduce its gradients only if enabled."""
-        return contextlib.nullcontext()
 
     def data_world(self) -> WorldInfo:
         """The ranks the data is split over, and this rank's place among them (every rank reads its own share)."""
@@ -68,10 +83,6 @@ class Strategy:
     def eval_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """The model's output for evaluation (None on a rank that computes none of it)."""
         return self.bare_model(x)
-
-    def log_figures(self) -> dict[str, float]:
-        """Figures of the strategy's own for a log line (every rank calls it at the same steps)."""
-        return {}
 
     def close(self) -> None:
         """Drop the wrapper before the process group goes.
@@ -86,17 +97,9 @@ class Strategy:
 
     # ---------------------------------------------------------------- one step
 
-    @property
-    def measures_noise(self) -> bool:
-        """Whether local_grad_sq can see a rank's own gradient before its reduction (the gradient noise scale)."""
-        return False
-
-    def arm_noise_probe(self, enabled: bool) -> None:
-        """Measure this rank's gradient norm before the reduction in the coming step (the gradient noise scale)."""
-
-    def local_grad_sq(self) -> torch.Tensor | None:
-        """That squared norm, when this strategy can see it (None: gns is not measured)."""
-        return None
+    def sync(self, enabled: bool) -> contextlib.AbstractContextManager:
+        """Context for one micro-batch's forward AND backward: reduce its gradients only if enabled."""
+        return contextlib.nullcontext()
 
     def forward_backward(
         self, batches: Sequence[Batch], counts: Sequence[int], loss_fn: Loss, precision: Precision
@@ -125,27 +128,19 @@ class Strategy:
                     precision.backward(out.float().sum() * 0.0)
         return loss_sum
 
-    def grad_norm(self, params: list[nn.Parameter]) -> torch.Tensor:
-        """The global L2 norm of the gradients, identical on every rank (it is computed from reduced values)."""
-        grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
-            return torch.zeros((), device=self.device, dtype=torch.float64)
-        return torch.nn.utils.get_total_norm(grads, foreach=True).double()
-
-    def reduce_squares(self, values: torch.Tensor) -> torch.Tensor:
-        """Per-rank sums of squares (a vector) made global: here every rank holds whole tensors already."""
-        return values
-
-    def local_bytes(self, tensors: list[torch.Tensor]) -> int:
-        """Bytes of these tensors this rank holds."""
-        return sum(t.nbytes for t in tensors)
-
     def clip(self, params: list[nn.Parameter]) -> torch.Tensor:
-        """Measure the global norm, then clip by train.clip_grad_norm or clip_grad_value if it is finite."""
+        """Measure the global norm (identical on every rank: it comes from reduced values), then clip by
+        train.clip_grad_norm or clip_grad_value if it is finite."""
         cfg = self.cfg.train
+        grads = [p.grad for p in params if p.grad is not None]
         if not self.grads_bytes:
-            self.grads_bytes = self.local_bytes([p.grad for p in params if p.grad is not None])
-        norm = self.grad_norm(params)
+            self.grads_bytes = local_bytes(grads)
+        if self.reduce_squares is not None:
+            norm = sharded_norm(grads, self.reduce_squares)
+        elif grads:
+            norm = torch.nn.utils.get_total_norm(grads, foreach=True).double()
+        else:
+            norm = torch.zeros((), device=self.device, dtype=torch.float64)
         if torch.isfinite(norm):
             if cfg.clip_grad_norm is not None:
                 torch.nn.utils.clip_grads_with_norm_(params, cfg.clip_grad_norm, norm)
@@ -153,59 +148,29 @@ class Strategy:
                 torch.nn.utils.clip_grad_value_(params, cfg.clip_grad_value)
         return norm
 
-    def memory(self, optimizer: torch.optim.Optimizer) -> dict[str, float]:
-        """MiB this rank holds: parameters, gradients, optimizer state, and its peak (CUDA allocated, or process RSS)."""
-        state = [t for st in optimizer.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
-        mib = 2.0**20
-        return {
-            "peak_mb": peak_memory_mb(self.device),
-            "params_mb": self.local_bytes(list(self.bare_model.parameters())) / mib,
-            "grads_mb": self.grads_bytes / mib,
-            "optimizer_mb": self.local_bytes(state) / mib,
-        }
 
-    # ---------------------------------------------------------------- state
+class SingleStrategy(Strategy):
+    """One process holds and trains the whole model (also async_ps workers, which accumulate locally)."""
 
-    def model_state(self) -> dict[str, Any]:
-        """The model's state to save: the full state dict (rank 0 writes it) unless sharded_state."""
-        return self.bare_model.state_dict()
+    name = "single"
 
-    def load_model_state(self, state: Any, source: Path | str) -> None:
-        """A full state dict, or a sharded checkpoint's model read whole (a job saved by strategy fsdp)."""
-        from shoal.checkpoint import load_model_state
+    def wrap(self, model: nn.Module) -> nn.Module:
+        self._bare = self.module = model
+        self.state_io = FullStateIO(model)
+        return model
 
-        load_model_state(self.bare_model, state, source)
 
-    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        return optimizer.state_dict()
-
-    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: Any) -> None:
-        from shoal.dcp import Sharded
-
-        if not isinstance(state, Sharded):
-            optimizer.load_state_dict(state)
-            return
-        # saved sharded, keyed by parameter name: read it whole into this optimizer's named state
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-
-        from shoal.dcp import read_optimizer_into
-
-        target = get_optimizer_state_dict(self.bare_model, optimizer)
-        read_optimizer_into(target, state.path)
-        set_optimizer_state_dict(self.bare_model, optimizer, target)
+def sharded_norm(tensors: list[torch.Tensor], reduce: Reduce) -> torch.Tensor:
+    """The L2 norm of tensors the ranks hold parts of: this rank's sum of squares, made global by `reduce`."""
+    parts = [local(t) for t in tensors]
+    sq = (
+        torch.stack([n.double() ** 2 for n in torch._foreach_norm(parts)]).sum()
+        if parts
+        else torch.zeros((), dtype=torch.float64)
+    )
+    return reduce(sq.reshape(1)).sqrt()[0]
 
 
 def spread_nonfinite(loss: torch.Tensor) -> torch.Tensor:
     """1.0 for a finite loss, NaN otherwise: multiplied into the loss, it makes every gradient NaN."""
     return 1.0 + 0.0 * loss.detach()
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory of this rank so far: CUDA's max allocated on a GPU, the process's peak RSS on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2.0**20
-    import resource
-    import sys
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2.0**20 if sys.platform == "darwin" else peak / 1024.0  # bytes on macOS, KiB on Linux

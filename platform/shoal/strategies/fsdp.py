@@ -4,37 +4,35 @@ its forward and backward and its gradients reduce-scattered once per optimizer s
 
 Units are the model's blocks (models.blocks: the built-in models' layers, or fsdp.units), then the
 root. Checkpoints are sharded: every rank writes its own part with torch.distributed.checkpoint
-(see checkpoint.py), and resume reshards to any number of ranks, or into strategy allreduce.
+(state_io.py, checkpoint.py), and resume reshards to any number of ranks, or into strategy allreduce.
 """
 
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-from shoal.dist import WorldInfo
+from shoal.dist import WorldInfo, ensure_group
 from shoal.errors import ConfigError
+from shoal.models import blocks
 from shoal.strategies.base import Strategy
+from shoal.strategies.state_io import ShardedStateIO
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class FSDPStrategy(Strategy):
     name = "fsdp"
-    sharded_state = True
+    holds_shards = True  # as a pipeline's replicas: each holds a shard of every tensor
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """Shard each block, then the root, over the device mesh (hybrid: nodes x ranks per node)."""
-        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
-
-        from shoal.dist import ensure_group
-        from shoal.models import blocks
-
         cfg = self.cfg.fsdp
         ensure_group(self.device)  # a world of one still shards (over one rank): the mesh needs a group
         self.mesh = device_mesh(self.world, cfg.sharding, self.device)
@@ -61,6 +59,7 @@ class FSDPStrategy(Strategy):
             **kwargs,
         )
         self._bare = self.module = model
+        self.state_io = ShardedStateIO(model)
         return model
 
     def sync(self, enabled: bool) -> contextlib.AbstractContextManager:
@@ -69,19 +68,6 @@ class FSDPStrategy(Strategy):
         self.module.set_requires_gradient_sync(enabled)  # type: ignore[union-attr]
         return contextlib.nullcontext()
 
-    def grad_norm(self, params: list[nn.Parameter]) -> torch.Tensor:
-        """The norm of all shards: local sums of squares, summed over the ranks that shard (one all-reduce)."""
-        return self.norm_of([p.grad for p in params if p.grad is not None])
-
-    def norm_of(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
-        sq = (
-            torch.stack([n.double() ** 2 for n in torch._foreach_norm(local)]).sum()
-            if local
-            else torch.zeros((), dtype=torch.float64)
-        )
-        return self.reduce_squares(sq.reshape(1)).sqrt()[0]
-
     def reduce_squares(self, values: torch.Tensor) -> torch.Tensor:
         """Sum per-rank sums of squares over the shard dimension (replicas of a hybrid mesh hold the same shards)."""
         group = self.mesh.get_group(self.mesh.ndim - 1)
@@ -89,66 +75,15 @@ class FSDPStrategy(Strategy):
         dist.all_reduce(values, group=group)
         return values
 
-    # ---------------------------------------------------------------- state
-
-    def model_state(self) -> dict[str, Any]:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-        return get_model_state_dict(self.module)
-
-    def load_model_state(self, state: Any, source: Path | str) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
-
-        from shoal.checkpoint import check_keys, shapes_of
-        from shoal.dcp import Sharded, read_into
-
-        if isinstance(state, Sharded):  # this strategy's own format: DCP reshards to this world
-            target = get_model_state_dict(self.module)
-            check_keys(target, state.shapes(), source)
-            read_into(target, state.path)
-            set_model_state_dict(self.module, target)
-        elif is_sharded_dict(state):  # an in-memory snapshot of this run (a rollback)
-            set_model_state_dict(self.module, state)
-        else:  # a full state dict (strategy allreduce, or an export): every rank takes its shards from it
-            check_keys(
-                get_model_state_dict(self.module), shapes_of(state), source
-            )  # DTensor shapes are the whole tensor's
-            set_model_state_dict(self.module, state, options=StateDictOptions(full_state_dict=True))
-
-    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-        return get_optimizer_state_dict(self.module, optimizer)
-
-    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: Any) -> None:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_optimizer_state_dict,
-            set_optimizer_state_dict,
-        )
-
-        from shoal.dcp import Sharded, read_optimizer_into
-
-        if isinstance(state, Sharded):
-            target = get_optimizer_state_dict(self.module, optimizer)
-            read_optimizer_into(target, state.path)
-            set_optimizer_state_dict(self.module, optimizer, target)
-        elif _keyed_by_name(state):  # an in-memory snapshot of this run (a rollback)
-            set_optimizer_state_dict(self.module, optimizer, state)
-        else:  # torch's own format, keyed by parameter index: name the parameters as DCP does
-            full = by_name(state, self.module, optimizer)
-            set_optimizer_state_dict(self.module, optimizer, full, options=StateDictOptions(full_state_dict=True))
-
-    def local_bytes(self, tensors: list[torch.Tensor]) -> int:
-        """Bytes of this rank's shards of these tensors."""
-        return sum((t.to_local() if hasattr(t, "to_local") else t).nbytes for t in tensors)
+    @staticmethod
+    def replicate(stage: nn.Module, mesh: DeviceMesh) -> nn.Module:
+        """A pipeline stage's replicas over the mesh, each holding a shard of it (gradients reduce-scattered)."""
+        return fully_shard(stage, mesh=mesh)
 
 
-def device_mesh(world: WorldInfo, sharding: str, device: torch.device) -> Any:
+def device_mesh(world: WorldInfo, sharding: str, device: torch.device) -> DeviceMesh:
     """1-D over every rank, or 2-D (nodes x ranks per node) for hybrid sharding. On a machine with GPUs
     a gloo mesh is built on the CPU explicitly (pytorch#132471: a segfault otherwise)."""
-    from torch.distributed.device_mesh import init_device_mesh
-
     kind = device.type
     if sharding == "hybrid":
         per_node = world.local_world_size
@@ -159,31 +94,3 @@ def device_mesh(world: WorldInfo, sharding: str, device: torch.device) -> Any:
             )
         return init_device_mesh(kind, (world.world_size // per_node, per_node), mesh_dim_names=("replicate", "shard"))
     return init_device_mesh(kind, (world.world_size,), mesh_dim_names=("shard",))
-
-
-def by_name(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """torch's optimizer state dict (parameters by index, in param_groups order) keyed by parameter name."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
-    saved = [i for g in state["param_groups"] for i in g["params"]]
-    if len(saved) != len(order):
-        raise ConfigError(
-            f"the checkpoint's optimizer holds {len(saved)} parameters, this model trains {len(order)}",
-            key="checkpoint",
-        )
-    name_of = dict(zip(saved, order))
-    groups = [
-        {**{k: v for k, v in g.items() if k != "params"}, "params": [name_of[i] for i in g["params"]]}
-        for g in state["param_groups"]
-    ]
-    return {"state": {name_of[i]: v for i, v in state["state"].items()}, "param_groups": groups}
-
-
-def is_sharded_dict(state: dict[str, Any]) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(v, DTensor) for v in state.values())
-
-
-def _keyed_by_name(state: dict[str, Any]) -> bool:
-    return any(isinstance(i, str) for g in state.get("param_groups", []) for i in g.get("params", []))

@@ -10,23 +10,27 @@ alerts and exports speak of the whole model's layers, whatever stage holds them.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from shoal.dist import WorldInfo
+from shoal.config import JobConfig
+from shoal.data.loaders import build_loaders
+from shoal.dist import WorldInfo, broadcast_object, ensure_group
 from shoal.errors import ConfigError
+from shoal.health.probes import layers
+from shoal.imports import import_object
 from shoal.losses import Loss
 from shoal.models import Piece, pieces
 from shoal.precision import Precision
-from shoal.strategies.base import Batch, Strategy
+from shoal.strategies.base import Batch, Strategy, spread_nonfinite
+from shoal.strategies.state_io import StageStateIO, optimizer_order
 
 log = logging.getLogger("shoal")
 SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved_1f1b": "ScheduleInterleaved1F1B"}
@@ -88,13 +92,20 @@ def balance(weights: Sequence[float], parts: int) -> list[int]:
     return starts
 
 
+class Replicas(Protocol):
+    """How a stage's replicas reduce their gradients: the data-parallel strategy's class (DDPStrategy, FSDPStrategy)."""
+
+    holds_shards: bool  # each replica holds a shard of every tensor: norms sum over the replicas too
+
+    def replicate(self, stage: nn.Module, mesh: DeviceMesh) -> nn.Module: ...
+
+
 class PipelineStrategy(Strategy):
-    """P stages x D replicas; data parallel over replicas with DDP or FSDP2 on each stage's modules."""
+    """P stages x D replicas; data parallel over replicas with the job's strategy on each stage's modules."""
 
     name = "pipeline"
-    sharded_state = True  # every stage writes its own part of the one checkpoint
 
-    def __init__(self, cfg: Any, world: WorldInfo, device: torch.device):
+    def __init__(self, cfg: JobConfig, world: WorldInfo, device: torch.device, replicas: Replicas):
         super().__init__(cfg, world, device)
         self.P = cfg.parallel.pipeline_stages
         if world.world_size % self.P:
@@ -103,10 +114,11 @@ class PipelineStrategy(Strategy):
                 key="parallel.pipeline_stages",
             )
         self.D = world.world_size // self.P
+        self.replicas = replicas
         self.stage, self.replica = world.rank % self.P, world.rank // self.P
         self.virtual = 2 if cfg.parallel.schedule == "interleaved_1f1b" else 1
+        self.microbatches = cfg.parallel.microbatches * cfg.train.grad_accum_steps
         self.layout: list[str] = []  # every layer of the whole model, in order (health reports name them all)
-        self.busy_s = self.step_s = 0.0
 
     def data_world(self) -> WorldInfo:
         """The stages of a replica read the same batches: the data is split over replicas only."""
@@ -115,9 +127,8 @@ class PipelineStrategy(Strategy):
     # ---------------------------------------------------------------- the model
 
     def wrap(self, model: nn.Module) -> nn.Module:
+        # torch's pipelining takes about a second to load; `shoal validate` imports this module for its split check
         from torch.distributed.pipelining import PipelineStage
-
-        from shoal.health.probes import layers
 
         self._groups()
         self.layout = list(layers(model))
@@ -144,37 +155,24 @@ class PipelineStrategy(Strategy):
                 for name in p.modules:
                     register(local, name, model.get_submodule(name))
         self._bare = local
-        self._full_order = optimizer_order(model, self.cfg)
-        self._time(self.stage_modules)
+        self.state_io = StageStateIO(local, optimizer_order(model, self.cfg.optim))
+        self.bubble = Bubble(self.pp_group, self.P, self.microbatches, self.virtual)
+        self.log_figures = self.bubble.figures
+        self.bubble.watch(self.stage_modules)
         wrapped = [self._data_parallel(s) for s in self.stage_modules]
         self.pp_stages = [PipelineStage(w, i, total, self.device, group=self.pp_group) for w, i in zip(wrapped, mine)]
         self.module = wrapped[0]
-        self.microbatches = self.cfg.parallel.microbatches * self.cfg.train.grad_accum_steps
         self.schedule = self._schedule()
         return local
 
     def _groups(self) -> None:
-        from torch.distributed.device_mesh import init_device_mesh
-
-        from shoal.dist import ensure_group
-
         ensure_group(self.device)
         self.mesh = init_device_mesh(self.device.type, (self.D, self.P), mesh_dim_names=("dp", "pp"))
         self.pp_group, self.dp_group = self.mesh.get_group("pp"), self.mesh.get_group("dp")
 
     def _data_parallel(self, stage: nn.Module) -> nn.Module:
-        """The replicas of a stage reduce their gradients over the dp group: sharded (fsdp) or replicated. The
-        composable `replicate` stands in for DDP here: the schedule drives its gradient sync, and DDP's reducer
-        cannot follow a backward split into the schedule's pieces."""
-        if self.D == 1:
-            return stage
-        if self.cfg.strategy == "fsdp":
-            from torch.distributed.fsdp import fully_shard
-
-            return fully_shard(stage, mesh=self.mesh["dp"])
-        from torch.distributed._composable.replicate_with_fsdp import replicate
-
-        return replicate(stage, mesh=self.mesh["dp"])
+        """The replicas of a stage reduce their gradients over the dp group, as the job's strategy does."""
+        return stage if self.D == 1 else self.replicas.replicate(stage, self.mesh["dp"])
 
     def _schedule(self) -> Any:
         import torch.distributed.pipelining as pp
@@ -183,28 +181,14 @@ class PipelineStrategy(Strategy):
         stages = self.pp_stages if self.virtual > 1 else self.pp_stages[0]
         return cls(stages, self.microbatches, loss_fn=self._loss, scale_grads=False)
 
-    def _time(self, modules: list[nn.Module]) -> None:
-        """Hooks that add up the compute time of this rank's stages (the rest of a step is waiting: the bubble)."""
-        for m in modules:
-            m.register_forward_pre_hook(lambda *a: self._mark())
-            m.register_forward_hook(lambda *a: self._add())
-            m.register_full_backward_pre_hook(lambda *a: self._mark())
-            m.register_full_backward_hook(lambda *a: self._add())
-
-    def _mark(self) -> None:
-        self._t = time.perf_counter()
-
-    def _add(self) -> None:
-        self.busy_s += time.perf_counter() - self._t
-
     # ---------------------------------------------------------------- one step
 
     def forward_backward(
         self, batches: Sequence[Batch], counts: Sequence[int], loss_fn: Loss, precision: Precision
     ) -> torch.Tensor:
         """One schedule over the step's micro-batches cut into k x parallel.microbatches pieces: one gradient
-        reduction per step. Each piece's loss enters weighted by its share of the step's elements, so the
-        gradient is the mean over all of them, as without a pipeline."""
+        reduction per step, after the schedule's last backward. Each piece's loss enters weighted by its share
+        of the step's elements, so the gradient is the mean over all of them, as without a pipeline."""
         x = torch.cat([b[0] for b in batches])
         y = torch.cat([b[1] for b in batches])
         self._total, self._criterion = sum(counts), loss_fn
@@ -212,7 +196,7 @@ class PipelineStrategy(Strategy):
         started = time.perf_counter()
         with precision.autocast():  # the first stage feeds the inputs, the last one the targets
             self.schedule.step(*((x,) if self.stage == 0 else ()), **({"target": y} if self._is_last() else {}))
-        self.step_s += time.perf_counter() - started
+        self.bubble.step_s += time.perf_counter() - started
         # the schedule's first step also calls the loss while it works out the shapes between stages:
         # the step's own pieces are the last `microbatches` calls
         real = self._pieces[-self.microbatches :] if self._pieces else []
@@ -229,46 +213,17 @@ class PipelineStrategy(Strategy):
         loss = self._criterion(out, y)
         n = self._criterion.count(y)
         self._pieces.append(loss.detach().double() * n)
-        from shoal.strategies.base import spread_nonfinite
-
         # a NaN in this piece's loss reaches every stage's gradients through the backward, and every
         # replica's through the reduction: the finite check is agreed without a collective of its own
         return loss * (n / self._total) * spread_nonfinite(loss)
 
-    def sync(self, enabled: bool) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()  # the schedule reduces once, after its last backward
-
-    def grad_norm(self, params: list[nn.Parameter]) -> torch.Tensor:
-        """The norm over every stage: this stage's sum of squares (whole, or its shards), summed over the stages."""
-        local = [(g.to_local() if hasattr(g, "to_local") else g) for p in params if (g := p.grad) is not None]
-        sq = (
-            torch.stack([n.double() ** 2 for n in torch._foreach_norm(local)]).sum()
-            if local
-            else torch.zeros((), dtype=torch.float64)
-        )
-        return self.reduce_squares(sq.reshape(1).to(self.device)).sqrt()[0]
-
     def reduce_squares(self, values: torch.Tensor) -> torch.Tensor:
-        """Sum over the stages (they hold different layers), and over fsdp's shards within a stage's replicas."""
+        """Sum over the stages (they hold different layers), and over the shards of sharded replicas."""
         values = values.to(self.device)
         dist.all_reduce(values, group=self.pp_group)
-        if self.cfg.strategy == "fsdp" and self.D > 1:
+        if self.replicas.holds_shards and self.D > 1:
             dist.all_reduce(values, group=self.dp_group)
         return values
-
-    def log_figures(self) -> dict[str, float]:
-        """The measured bubble (share of the step each stage waits) next to the theory (P-1)/(M+P-1)."""
-        t = torch.tensor([self.busy_s, self.step_s], dtype=torch.float64)
-        gathered = [torch.zeros(2, dtype=torch.float64) for _ in range(self.P)]
-        dist.all_gather(gathered, t, group=self.pp_group)
-        self.busy_s = self.step_s = 0.0
-        m, p, v = self.microbatches, self.P, self.virtual
-        out = {"bubble_theory": (p - 1) / (v * m + p - 1)}
-        for s, (busy, step) in enumerate(x.tolist() for x in gathered):
-            out[f"stage_busy_s/{s}"] = busy
-            out[f"bubble/{s}"] = max(0.0, 1.0 - busy / step) if step > 0 else 0.0
-        out["bubble"] = sum(out[f"bubble/{s}"] for s in range(self.P)) / self.P
-        return out
 
     @torch.no_grad()
     def eval_forward(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -283,53 +238,43 @@ class PipelineStrategy(Strategy):
                 _send(h, self.pp_group, index + 1, self.P)
         return h if self._is_last() else None
 
-    # ---------------------------------------------------------------- state
 
-    def model_state(self) -> dict[str, Any]:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+class Bubble:
+    """The measured bubble (share of the step each stage waits) next to the theory (P-1)/(vM+P-1): hooks add up
+    the compute time of this rank's stages; the rest of a step is waiting."""
 
-        return get_model_state_dict(self.bare_model)
+    def __init__(self, pp_group: Any, stages: int, microbatches: int, virtual: int):
+        self.pp_group, self.P, self.microbatches, self.virtual = pp_group, stages, microbatches, virtual
+        self.busy_s = self.step_s = 0.0  # since the last figures: compute, and whole steps (forward_backward adds)
+        self._t = 0.0
 
-    def load_model_state(self, state: Any, source: Path | str) -> None:
-        """This rank's layers from any checkpoint: sharded (any layout) or full; other stages' keys are theirs."""
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+    def watch(self, modules: list[nn.Module]) -> None:
+        for m in modules:
+            m.register_forward_pre_hook(lambda *a: self._mark())
+            m.register_forward_hook(lambda *a: self._add())
+            m.register_full_backward_pre_hook(lambda *a: self._mark())
+            m.register_full_backward_hook(lambda *a: self._add())
 
-        from shoal.checkpoint import check_keys, shapes_of
-        from shoal.dcp import Sharded, read_into
+    def _mark(self) -> None:
+        self._t = time.perf_counter()
 
-        target = get_model_state_dict(self.bare_model)
-        if isinstance(state, Sharded):
-            shapes = state.shapes()
-            check_keys(
-                target, {k: v for k, v in shapes.items() if k in target}, source
-            )  # this stage's keys, all present
-            read_into(target, state.path)
-            set_model_state_dict(self.bare_model, target)
-        else:
-            mine = {k: v for k, v in state.items() if k in target}
-            check_keys(target, shapes_of(mine), source)
-            set_model_state_dict(self.bare_model, mine)
+    def _add(self) -> None:
+        self.busy_s += time.perf_counter() - self._t
 
-    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-        return get_optimizer_state_dict(self.bare_model, optimizer)
-
-    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: Any) -> None:
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-
-        from shoal.dcp import Sharded, read_optimizer_into
-
-        target = get_optimizer_state_dict(self.bare_model, optimizer)
-        if isinstance(state, Sharded):
-            read_optimizer_into(target, state.path)
-        else:  # torch's format from a whole model (strategy allreduce): parameters by index in its groups' order
-            by_name = {self._full_order[i]: st for i, st in state["state"].items()}
-            target["state"] = {name: by_name[name] for name in target["state"] if name in by_name}
-        set_optimizer_state_dict(self.bare_model, optimizer, target)
-
-    def close(self) -> None:
-        self.module = self._bare
+    def figures(self) -> dict[str, float]:
+        """Every stage's busy time and bubble since the last call, their mean, and the theory (a collective
+        over the stages)."""
+        t = torch.tensor([self.busy_s, self.step_s], dtype=torch.float64)
+        gathered = [torch.zeros(2, dtype=torch.float64) for _ in range(self.P)]
+        dist.all_gather(gathered, t, group=self.pp_group)
+        self.busy_s = self.step_s = 0.0
+        m, p, v = self.microbatches, self.P, self.virtual
+        out = {"bubble_theory": (p - 1) / (v * m + p - 1)}
+        for s, (busy, step) in enumerate(x.tolist() for x in gathered):
+            out[f"stage_busy_s/{s}"] = busy
+            out[f"bubble/{s}"] = max(0.0, 1.0 - busy / step) if step > 0 else 0.0
+        out["bubble"] = sum(out[f"bubble/{s}"] for s in range(self.P)) / self.P
+        return out
 
 
 def _send(h: torch.Tensor, group: Any, to_stage: int, P: int) -> None:
@@ -356,8 +301,6 @@ def stage_chain(model: nn.Module, cfg: Any) -> list[Piece]:
     fn = cfg.parallel.split_fn
     if fn is None:
         return pieces(model)
-    from shoal.imports import import_object
-
     names = import_object(fn, "parallel.split_fn")(model)
     try:
         return [
@@ -396,22 +339,10 @@ def stage_starts(chain: list[Piece], cfg: Any, times: Callable[[], list[float]] 
     return balance(weights, total)
 
 
-def optimizer_order(model: nn.Module, cfg: Any) -> list[str]:
-    """Parameter names in the order a whole model's optimizer lists them (its groups, in turn)."""
-    from shoal.optim import param_groups
-
-    names = {id(p): n for n, p in model.named_parameters()}
-    return [names[id(p)] for g in param_groups(model, cfg.optim) for p in g["params"]]
-
-
 def measured_times(model: nn.Module, chain: list[Piece], cfg: Any, device: torch.device) -> list[float]:
     """Forward and backward seconds of each piece on a sample batch, measured on rank 0 (every rank takes its numbers)."""
-    from shoal.dist import broadcast_object
-
     times: list[float] | None = None
     if dist.get_rank() == 0:
-        from shoal.data.loaders import build_loaders
-
         x, _ = next(build_loaders(cfg, WorldInfo(), device).train)
         times = []
         h = x
