@@ -26,7 +26,7 @@ LAYERS = [
     {"strategies"},
     {"job", "check", "preflight", "batchfind", "export"},
     {"engine"},
-    {"worker", "ps", "controller"},
+    {"run", "worker", "ps", "controller"},
     {"launcher", "submit", "k8s", "compare", "compress", "lrfind", "sweep"},  # commands that run jobs
     {"cli", "__main__"},
 ]

@@ -14,17 +14,24 @@ and log.every must not change training.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
 from shoal import dist
 
-if TYPE_CHECKING:
-    from shoal.strategies.base import NoiseProbe
-
 SMOOTHING = 0.2  # weight of the newest estimate's interval in the moving averages
 ESTIMATE_STEPS = 10  # about this many steps between estimates (a whole number of measured steps)
+
+
+class NoiseProbe(Protocol):
+    """A rank's own gradient, seen before its reduction (what a strategy that can see it gives the noise scale)."""
+
+    def arm(self, enabled: bool) -> None:
+        """Measure in the coming step, or not."""
+
+    def local_grad_sq(self) -> torch.Tensor | None:
+        """This rank's squared gradient norm in the armed step (None when it was not measured)."""
 
 
 class NoiseScale:

@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from shoal import dist
 from shoal.errors import CheckpointError
-
-if TYPE_CHECKING:  # state_io imports checkpoint, which imports this module
-    from shoal.strategies.state_io import StateIO
 
 MODEL, OPTIMIZER, STATE = "model", "optimizer", "state"
 PARTS = (MODEL, OPTIMIZER, STATE)
@@ -77,6 +74,24 @@ class LastEval:
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.metrics = dict(state)
+
+
+class StateIO(Protocol):
+    """How a strategy's model and optimizer state is saved and loaded (strategies/state_io.py implements it)."""
+
+    sharded: bool  # True: every rank saves and loads its own part of the model and optimizer
+
+    def model_state(self) -> dict[str, Any]:
+        """The model's state to save (a collective where sharded)."""
+
+    def load_model_state(self, state: Any, source: Path | str) -> None:
+        """Load a state dict or a checkpoint's `Sharded` model into this rank (source names it in errors)."""
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """The optimizer's state to save."""
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: Any) -> None:
+        """Load an optimizer state dict or a checkpoint's `Sharded` optimizer."""
 
 
 class TrainState:

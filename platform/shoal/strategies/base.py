@@ -14,31 +14,22 @@ from __future__ import annotations
 import abc
 import contextlib
 from collections.abc import Callable, Sequence
-from typing import Protocol
 
 import torch
 from torch import nn
 
 from shoal.config import JobConfig
 from shoal.dist import WorldInfo
+from shoal.gns import NoiseProbe
 from shoal.health.probes import local
 from shoal.losses import Loss
 from shoal.precision import Precision
+from shoal.state import StateIO
 from shoal.strategies.memory import local_bytes
-from shoal.strategies.state_io import FullStateIO, StateIO
+from shoal.strategies.state_io import FullStateIO
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 Reduce = Callable[[torch.Tensor], torch.Tensor]
-
-
-class NoiseProbe(Protocol):
-    """A rank's own gradient, seen before its reduction (the gradient noise scale, gns.py)."""
-
-    def arm(self, enabled: bool) -> None:
-        """Measure in the coming step, or not."""
-
-    def local_grad_sq(self) -> torch.Tensor | None:
-        """This rank's squared gradient norm in the armed step (None when it was not measured)."""
 
 
 class Strategy(abc.ABC):

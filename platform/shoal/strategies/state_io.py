@@ -12,7 +12,7 @@ where a sharded state is handled, so a job that never meets one starts without t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,22 +22,6 @@ from shoal.config import OptimConfig
 from shoal.dcp import Sharded, read_into, read_optimizer_into
 from shoal.errors import ConfigError
 from shoal.optim import param_groups
-
-
-class StateIO(Protocol):
-    sharded: bool  # True: every rank saves and loads its own part of the model and optimizer
-
-    def model_state(self) -> dict[str, Any]:
-        """The model's state to save (a collective where sharded)."""
-
-    def load_model_state(self, state: Any, source: Path | str) -> None:
-        """Load a state dict or a checkpoint's `Sharded` model into this rank (source names it in errors)."""
-
-    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """The optimizer's state to save."""
-
-    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: Any) -> None:
-        """Load an optimizer state dict or a checkpoint's `Sharded` optimizer."""
 
 
 class FullStateIO:
