@@ -103,36 +103,12 @@ def build_job(cfg: JobConfig, world: WorldInfo, device: torch.device, run_dir: P
     strategy = build_strategy(cfg, world, device)
     data = build_loaders(cfg, strategy.data_world(), device)
     loss_fn = Loss(cfg.train, data.spec, "model.target" if cfg.model.target else "model.name")
-    model = build_model(cfg.model, data.spec, loss_fn.out_features())
-    if cfg.model.weights:
-        load_weights(model, cfg.model.weights)
-    model = model.to(device)
-    sparsity = SparsityMasks(model if cfg.model.keep_sparsity else None)  # masks on the model's device
-    frozen = apply_freeze(model, cfg.model.freeze)
-    checkpoint_activations(
-        model, cfg.train.activation_checkpointing, cfg.train.activation_checkpointing_every, cfg.fsdp.units or None
-    )
+    model, sparsity, frozen = prepared_model(cfg, data, loss_fn, device)
     strategy.wrap(model).train()  # training mode from here on; evaluation switches back itself
     optimizer = build_optimizer(strategy.bare_model, cfg.optim)  # after wrapping: sharding replaces parameters
     params = [p for _, p in trainable(strategy.bare_model)]
     # dropout and other training randomness differ per rank, reproducibly
     torch.manual_seed(cfg.seed * 1_000_003 + world.rank + 1)
-    classes = data.spec.vocab_size if data.spec.task == "lm" else data.spec.num_classes
-    health = HealthMonitor(
-        cfg.health,
-        cfg.train.early_stopping,
-        strategy.bare_model,
-        world.is_main,
-        run_dir if world.is_main else None,
-        classes=classes,
-        overfit_remedies=overfitting_remedies(data.spec.task, data.spec.input_shape),
-        reduce=strategy.reduce_squares,
-        layout=strategy.layout,
-    )
-    checkpointer = Checkpointer(cfg.checkpoint, run_dir, world, cfg.to_dict(), sharded=strategy.state_io.sharded)
-    window = Window(
-        lambda: torch.zeros((), dtype=torch.float64, device=device), _global_sums(device), holds_totals=world.is_main
-    )
     job = Job(
         cfg=cfg,
         world=world,
@@ -145,16 +121,50 @@ def build_job(cfg: JobConfig, world: WorldInfo, device: torch.device, run_dir: P
         precision=Precision(cfg.train.precision, device),
         loss_fn=loss_fn,
         data=data,
-        health=health,
-        checkpointer=checkpointer,
-        window=window,
+        health=health_monitor(cfg, strategy, data, world, run_dir),
+        checkpointer=Checkpointer(cfg.checkpoint, run_dir, world, cfg.to_dict(), sharded=strategy.state_io.sharded),
+        window=Window(lambda: torch.zeros((), dtype=torch.float64, device=device), _global_sums(device), world.is_main),
         batch=BatchSchedule(cfg, data.world.world_size),
         extras=StepExtras(optimizer, params, cfg.optim.grad_noise, cfg.seed, sparsity),
         gns=NoiseScale(cfg.train.gns_every, data.world.world_size, device, strategy.noise_probe),
     )
     if cfg.health.on_nonfinite == "rollback":
-        health.rollback = Rollback(cfg.health, job.state, checkpointer)
+        job.health.rollback = Rollback(cfg.health, job.state, job.checkpointer)
     return job
+
+
+def prepared_model(
+    cfg: JobConfig, data: Loaders, loss_fn: Loss, device: torch.device
+) -> tuple[nn.Module, SparsityMasks, list[str]]:
+    """The model on its device, before the strategy wraps it: weights loaded, sparsity masks taken, parameters
+    frozen, activation checkpointing in place."""
+    model = build_model(cfg.model, data.spec, loss_fn.out_features())
+    if cfg.model.weights:
+        load_weights(model, cfg.model.weights)
+    model = model.to(device)
+    sparsity = SparsityMasks(model if cfg.model.keep_sparsity else None)  # masks on the model's device
+    frozen = apply_freeze(model, cfg.model.freeze)
+    checkpoint_activations(
+        model, cfg.train.activation_checkpointing, cfg.train.activation_checkpointing_every, cfg.fsdp.units or None
+    )
+    return model, sparsity, frozen
+
+
+def health_monitor(
+    cfg: JobConfig, strategy: Strategy, data: Loaders, world: WorldInfo, run_dir: Path | None
+) -> HealthMonitor:
+    spec = data.spec
+    return HealthMonitor(
+        cfg.health,
+        cfg.train.early_stopping,
+        strategy.bare_model,
+        world.is_main,
+        run_dir if world.is_main else None,
+        classes=spec.vocab_size if spec.task == "lm" else spec.num_classes,
+        overfit_remedies=overfitting_remedies(spec.task, spec.input_shape),
+        reduce=strategy.reduce_squares,
+        layout=strategy.layout,
+    )
 
 
 def _global_sums(device: torch.device):
