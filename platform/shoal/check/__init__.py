@@ -1,8 +1,8 @@
 """`shoal check CONFIG`: the data, loss, model and config mistakes that doom a run, found before it starts.
 
-run() scans the job's data (check.data), probes its model on a sample (check.model), lints the config
-(check.lints) and writes check/report.md, report.json and plots. The quick subset `shoal train` runs
-before every job is check.task.before_run.
+run() scans the job's data (check.data) and finds what is wrong with it (check.data_findings), probes its
+model on a sample (check.model), lints the config (check.lints) and writes check/report.md, report.json and
+plots (check.figures). The quick subset `shoal train` runs before every job is check.task.before_run.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shoal.check.findings import Finding, problems
+from shoal.check.findings import Finding, notes, problems
 from shoal.check.lints import lint
 from shoal.check.task import task_findings
 from shoal.data.spec import DataSpec
@@ -31,46 +31,61 @@ class Result:
 
 
 def run(cfg: Any, out: Path, say: Any = print) -> Result:
-    from shoal.check import data, model  # torch: `shoal train`'s driver loads this package
+    from shoal.check import data  # torch: `shoal train`'s driver loads this package
     from shoal.data.loaders import open_splits  # torch, as above
 
     start = time.perf_counter()
     train_src, val_src = open_splits(cfg)
-    spec: DataSpec = train_src.spec
     say(
         f"[shoal] check: scanning {len(train_src):,} training and {len(val_src) if val_src else 0:,} validation samples"
     )
+    spec: DataSpec = train_src.spec
     scanned = data.scan(cfg, train_src, val_src, spec)
     scan_s = time.perf_counter() - start
-    found, numbers = data.findings(scanned, spec, cfg)
-    found += task_findings(cfg, spec)
-    found += lint(cfg, scanned.train.samples)
-    labels_ok = not any(f.kind in ("labels_out_of_range", "nonfinite_samples") for f in found)
-    sx, sy = scanned.sample
-    say(f"[shoal] check: probing the model on {min(len(sx), cfg.check.overfit_batch)} samples")
-    probed = model.probe(cfg, spec, sx, sy, labels_ok)
+    found, numbers = _data_and_config_findings(cfg, scanned, spec)
+    probed, base = _model_findings(cfg, spec, scanned, _labels_ok(found), say)
     found += probed.findings
-    base = model.baselines(spec, scanned.sample, scanned.val_sample) if labels_ok else {}
     numbers.update(model=probed.numbers, baselines=base, scan_seconds=scan_s, seconds=time.perf_counter() - start)
     out.mkdir(parents=True, exist_ok=True)
     plots = _plots(out, scanned, probed)
-    report = _write(out, cfg, found, numbers, probed.layers, plots)
-    return Result(found, report, numbers)
+    return Result(found, _write(out, cfg, found, numbers, probed.layers, plots), numbers)
+
+
+def _data_and_config_findings(cfg: Any, scanned: Any, spec: DataSpec) -> tuple[list[Finding], dict[str, Any]]:
+    from shoal.check.data_findings import findings  # torch, as in run
+
+    found, numbers = findings(scanned, spec, cfg)
+    return found + task_findings(cfg, spec) + lint(cfg, scanned.train.samples), numbers
+
+
+def _labels_ok(found: list[Finding]) -> bool:
+    """Whether the loss can be computed on the samples (the model probes and baselines need it)."""
+    return not any(f.kind in ("labels_out_of_range", "nonfinite_samples") for f in found)
+
+
+def _model_findings(cfg: Any, spec: DataSpec, scanned: Any, labels_ok: bool, say: Any) -> tuple[Any, dict[str, Any]]:
+    """The model probes' report, and the baselines (none when the labels are unusable)."""
+    from shoal.check import model  # torch, as in run
+
+    sx, sy = scanned.sample
+    say(f"[shoal] check: probing the model on {min(len(sx), cfg.check.overfit_batch)} samples")
+    probed = model.probe(cfg, spec, sx, sy, labels_ok)
+    base = model.baselines(spec, scanned.sample, scanned.val_sample) if labels_ok else {}
+    return probed, base
 
 
 def summary_lines(result: Result) -> list[str]:
     """The one-screen terminal summary: problems first, then notes, then where the report is."""
     from shoal.check.model import baseline_line  # torch, as in run
 
-    bad = problems(result.findings)
-    notes = [f for f in result.findings if f not in bad]
+    bad, rest = problems(result.findings), notes(result.findings)
     n = result.numbers
     lines = [
-        f"[shoal] check: {len(bad)} problem(s), {len(notes)} note(s); {n.get('train_samples', 0):,} training and "
+        f"[shoal] check: {len(bad)} problem(s), {len(rest)} note(s); {n.get('train_samples', 0):,} training and "
         f"{n.get('val_samples', 0):,} validation samples in {n['seconds']:.1f} s"
     ]
     lines += [f"  PROBLEM {f.area}: {f.kind}: {f.message}\n          fix: {f.fix}" for f in bad]
-    lines += [f"  note    {f.area}: {f.kind}: {f.message}" for f in notes]
+    lines += [f"  note    {f.area}: {f.kind}: {f.message}" for f in rest]
     line = baseline_line(n.get("baselines", {}))
     if line:
         lines.append(f"  baselines: {line}")
@@ -90,40 +105,61 @@ def _write(
         "plots": [p.name for p in plots],
     }
     (out / "report.json").write_text(json.dumps(doc, indent=2, default=_plain))
-    lines = [f"# shoal check: {cfg.name}", ""]
-    bad = problems(found)
-    lines.append(f"**{len(bad)} problem(s)**, {len(found) - len(bad)} note(s).\n")
-    for title, group in (("Problems", bad), ("Notes", [f for f in found if f not in bad])):
-        if group:
-            lines += [f"## {title}", "", "| area | finding | what | fix |", "|---|---|---|---|"]
-            lines += [f"| {f.area} | {f.kind} | {_cell(f.message)} | {_cell(f.fix)} |" for f in group]
-            lines.append("")
-    feats = numbers.get("features")
-    if feats:
-        lines += [
-            "## Input features (training split, every sample)",
-            "",
-            "| statistic | min | median | max |",
-            "|---|---|---|---|",
-        ]
-        lines += [f"| {k} | {v['min']:.4g} | {v['median']:.4g} | {v['max']:.4g} |" for k, v in feats.items()]
-        lines.append("")
-    if numbers.get("baselines"):
-        lines += ["## Baselines", ""] + [f"- {k}: {_fmt(v)}" for k, v in numbers["baselines"].items()] + [""]
-    m = numbers.get("model", {})
-    if m:
-        lines += ["## Model on one batch", ""] + [f"- {k}: {_fmt(v)}" for k, v in m.items()] + [""]
-    if layers:
-        lines += ["| layer | grad norm | weight norm | activation std | dead ReLU share |", "|---|---|---|---|---|"]
-        lines += [
-            f"| {r['layer']} | {_fmt(r.get('grad_norm'))} | {_fmt(r.get('weight_norm'))} | "
-            f"{_fmt(r.get('activation_std'))} | {_fmt(r.get('dead'))} |"
-            for r in layers
-        ]
-        lines.append("")
-    lines += [f"![{p.stem}]({p.name})" for p in plots]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    (out / "report.md").write_text("\n".join(_markdown(cfg.name, found, numbers, layers, plots)) + "\n")
     return out / "report.md"
+
+
+def _markdown(
+    name: str, found: list[Finding], numbers: dict[str, Any], layers: list[dict], plots: list[Path]
+) -> list[str]:
+    """report.md's lines: the findings, then the numbers behind them, then the figures."""
+    lines = [f"# shoal check: {name}", ""]
+    lines.append(f"**{len(problems(found))} problem(s)**, {len(notes(found))} note(s).\n")
+    lines += _findings_table("Problems", problems(found)) + _findings_table("Notes", notes(found))
+    lines += _features_table(numbers.get("features"))
+    lines += _listed("Baselines", numbers.get("baselines"))
+    lines += _listed("Model on one batch", numbers.get("model", {}))
+    lines += _layers_table(layers)
+    return lines + [f"![{p.stem}]({p.name})" for p in plots]
+
+
+def _findings_table(title: str, group: list[Finding]) -> list[str]:
+    if not group:
+        return []
+    lines = [f"## {title}", "", "| area | finding | what | fix |", "|---|---|---|---|"]
+    lines += [f"| {f.area} | {f.kind} | {_cell(f.message)} | {_cell(f.fix)} |" for f in group]
+    return lines + [""]
+
+
+def _features_table(feats: dict[str, dict[str, float]] | None) -> list[str]:
+    if not feats:
+        return []
+    lines = [
+        "## Input features (training split, every sample)",
+        "",
+        "| statistic | min | median | max |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {k} | {v['min']:.4g} | {v['median']:.4g} | {v['max']:.4g} |" for k, v in feats.items()]
+    return lines + [""]
+
+
+def _listed(title: str, values: dict[str, Any] | None) -> list[str]:
+    if not values:
+        return []
+    return [f"## {title}", ""] + [f"- {k}: {_fmt(v)}" for k, v in values.items()] + [""]
+
+
+def _layers_table(layers: list[dict]) -> list[str]:
+    if not layers:
+        return []
+    lines = ["| layer | grad norm | weight norm | activation std | dead ReLU share |", "|---|---|---|---|---|"]
+    lines += [
+        f"| {r['layer']} | {_fmt(r.get('grad_norm'))} | {_fmt(r.get('weight_norm'))} | "
+        f"{_fmt(r.get('activation_std'))} | {_fmt(r.get('dead'))} |"
+        for r in layers
+    ]
+    return lines + [""]
 
 
 def _cell(text: str) -> str:
@@ -151,50 +187,6 @@ def _plain(v: Any) -> Any:
 
 
 def _plots(out: Path, scanned: Any, probed: Any) -> list[Path]:
-    import numpy as np  # numpy, matplotlib: kept out of `shoal train`'s start-up too
+    from shoal.check.figures import figures  # numpy, matplotlib: kept out of `shoal train`'s start-up too
 
-    from shoal import plots
-
-    made = []
-    feats = scanned.train.features()
-    classes = scanned.train.classes
-    if feats is not None or classes is not None:
-        fig, ax = plots.figure(1, 2, (12, 4))
-        if feats is not None:
-            i = np.arange(len(feats["mean"]))
-            a = ax[0][0]
-            a.fill_between(i, feats["min"], feats["max"], alpha=0.2, label="min..max")
-            a.errorbar(i, feats["mean"], yerr=feats["std"], fmt=".", ms=3, lw=0.6, label="mean +/- std")
-            a.set_xlabel("input feature")
-            a.set_title("input features (training split)")
-            a.legend(fontsize=8)
-        if classes is not None:
-            a = ax[0][1]
-            k = np.arange(len(classes))
-            a.bar(k - 0.2, classes / max(1, classes.sum()), width=0.4, label="train")
-            if scanned.val is not None and scanned.val.classes is not None:
-                v = scanned.val.classes
-                a.bar(k + 0.2, v / max(1, v.sum()), width=0.4, label="val")
-            a.set_xlabel("class")
-            a.set_ylabel("share of samples")
-            a.set_title("class balance")
-            a.legend(fontsize=8)
-        made.append(plots.save(fig, out / "data.png"))
-    if probed.layers or probed.overfit_curve:
-        fig, ax = plots.figure(1, 2, (12, 4))
-        rows = [r for r in probed.layers if r.get("grad_norm")]
-        if rows:
-            a = ax[0][0]
-            a.bar(range(len(rows)), [r["grad_norm"] for r in rows])
-            a.set_yscale("log")
-            a.set_xticks(range(len(rows)), [r["layer"] for r in rows], rotation=60, ha="right", fontsize=7)
-            a.set_title("gradient norm per layer, first batch")
-        if probed.overfit_curve:
-            a = ax[0][1]
-            a.plot(probed.overfit_curve)
-            a.set_yscale("log")
-            a.set_xlabel("step")
-            a.set_ylabel("loss")
-            a.set_title("overfit one batch")
-        made.append(plots.save(fig, out / "model.png"))
-    return made
+    return figures(out, scanned, probed)

@@ -27,3 +27,7 @@ class Finding:
 
 def problems(findings: list[Finding]) -> list[Finding]:
     return [f for f in findings if f.severity == PROBLEM]
+
+
+def notes(findings: list[Finding]) -> list[Finding]:
+    return [f for f in findings if f.severity != PROBLEM]

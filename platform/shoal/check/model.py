@@ -47,26 +47,41 @@ def probe(cfg: JobConfig, spec: DataSpec, x: torch.Tensor, y: torch.Tensor, labe
     if not labels_ok:
         rep.numbers["skipped"] = "labels or token ids out of range: the loss cannot be computed"
         return rep
+    model = _built(cfg, spec, loss_fn, key, rep)
+    if model is None:
+        return rep
+    batch = min(len(x), max(2, cfg.check.overfit_batch))
+    bx, by = x[:batch], y[:batch]
+    if _first_batch_fits(model, loss_fn, bx, by, spec, rep):
+        _overfit(cfg, model, loss_fn, bx, by, spec, rep)
+    return rep
+
+
+def _built(cfg: JobConfig, spec: DataSpec, loss_fn: Loss, key: str, rep: ModelReport) -> nn.Module | None:
+    """The job's model, seeded and frozen as configured (None when it does not build: that is the finding)."""
     torch.manual_seed(cfg.seed)
     try:
         model = build_model(cfg.model, spec, loss_fn.out_features())
         apply_freeze(model, cfg.model.freeze)
     except ConfigError as e:
         rep.findings.append(Finding("model_does_not_build", "model", str(e), f"{e.key or key}"))
-        return rep
-    batch = min(len(x), max(2, cfg.check.overfit_batch))
-    bx, by = x[:batch], y[:batch]
-    params = trainable(model)
-    rep.numbers["parameters"] = sum(p.numel() for _, p in params)
+        return None
+    rep.numbers["parameters"] = sum(p.numel() for _, p in trainable(model))
+    return model
+
+
+def _first_batch_fits(
+    model: nn.Module, loss_fn: Loss, x: torch.Tensor, y: torch.Tensor, spec: DataSpec, rep: ModelReport
+) -> bool:
+    """The first-batch probes; False when the output does not fit the data (an output_size finding)."""
     try:
-        _first_batch(model, loss_fn, bx, by, spec, rep)
+        _first_batch(model, loss_fn, x, y, spec, rep)
     except ConfigError as e:  # the output size does not match the classes or vocabulary
         rep.findings.append(
             Finding("output_size", "model", str(e).split(": ", 1)[-1], f"{e.key}: outputs sized to the data")
         )
-        return rep
-    _overfit(cfg, model, loss_fn, bx, by, spec, rep)
-    return rep
+        return False
+    return True
 
 
 def _first_batch(
@@ -86,41 +101,54 @@ def _first_batch(
     groups = probes.layers(model)
     if loss.requires_grad:
         loss.backward()
+    rep.findings += _gradient_findings(model)
+    _layers(groups, acts, rep)
+
+
+def _gradient_findings(model: nn.Module) -> list[Finding]:
+    """Parameters without a gradient after backward, or every gradient exactly zero."""
     names = [n for n, _ in trainable(model)]
     grads = {n: p.grad for n, p in trainable(model)}
     missing = [n for n in names if grads[n] is None]
     zero = [n for n in names if grads[n] is not None and not bool(grads[n].any())]
-    if missing:
-        everything = len(missing) == len(names)
-        rep.findings.append(
-            Finding(
-                "no_gradient",
-                "model",
-                (
-                    "the loss does not depend on any parameter (the output is detached from the graph: "
-                    "a .detach(), torch.no_grad() or .item() in forward)"
-                    if everything
-                    else f"{len(missing)} of {len(names)} parameters get no gradient on a real batch: "
-                    f"{', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}"
-                ),
-                "make forward use them, or freeze them (model.freeze: [names]); if they are used only on some "
-                "batches, ddp.find_unused_parameters: true (DDP would otherwise hang or fail at the first step)"
-                if not everything
-                else "return the output of the model's layers from forward, without detaching it",
-                numbers={"count": len(missing)},
-            )
-        )
+    found = [_no_gradient(missing, len(names))] if missing else []
     if zero and len(zero) == len(names) - len(missing):
-        rep.findings.append(
-            Finding(
-                "zero_gradient",
-                "model",
-                f"every gradient is exactly zero on a real batch ({len(zero)} parameters): the output does not "
-                "change with the weights (a zeroed or constant output, or saturated units)",
-                "check the model's forward (what it returns) and model.init",
-                numbers={"count": len(zero)},
-            )
+        found.append(_zero_gradient(len(zero)))
+    return found
+
+
+def _no_gradient(missing: list[str], total: int) -> Finding:
+    if len(missing) == total:
+        message = (
+            "the loss does not depend on any parameter (the output is detached from the graph: "
+            "a .detach(), torch.no_grad() or .item() in forward)"
         )
+        fix = "return the output of the model's layers from forward, without detaching it"
+    else:
+        message = (
+            f"{len(missing)} of {total} parameters get no gradient on a real batch: "
+            f"{', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}"
+        )
+        fix = (
+            "make forward use them, or freeze them (model.freeze: [names]); if they are used only on some "
+            "batches, ddp.find_unused_parameters: true (DDP would otherwise hang or fail at the first step)"
+        )
+    return Finding("no_gradient", "model", message, fix, numbers={"count": len(missing)})
+
+
+def _zero_gradient(count: int) -> Finding:
+    return Finding(
+        "zero_gradient",
+        "model",
+        f"every gradient is exactly zero on a real batch ({count} parameters): the output does not "
+        "change with the weights (a zeroed or constant output, or saturated units)",
+        "check the model's forward (what it returns) and model.init",
+        numbers={"count": count},
+    )
+
+
+def _layers(groups: Any, acts: probes.ActivationProbe, rep: ModelReport) -> None:
+    """Per layer: gradient and weight norms, activation statistics; then the findings on their scale."""
     norms = dict(probes.grad_norms(groups))
     weights = dict(probes.weight_norms(groups))
     stats = acts.take()
@@ -150,37 +178,49 @@ def _initial_loss(initial: float, spec: DataSpec, loss_fn: Loss, rep: ModelRepor
     chance = math.log(spec.classes)
     rep.numbers["chance_loss"] = chance
     if initial > INITIAL_LOSS_FACTOR * chance + 0.5:
+        rep.findings.append(_initial_loss_high(initial, chance, spec.classes))
+
+
+def _initial_loss_high(initial: float, chance: float, classes: int) -> Finding:
+    return Finding(
+        "initial_loss_high",
+        "model",
+        f"the loss at initialisation is {initial:.3g}, against ln({classes}) = {chance:.3g} for a model "
+        "that starts by guessing uniformly: the last layer starts confidently wrong, and the first steps "
+        "are spent undoing it",
+        "model.init: xavier (or a smaller model.init_std with init: normal); zero or scale down the last "
+        "layer's weights in a model.target",
+        numbers={"initial_loss": initial, "expected": chance},
+    )
+
+
+def _scale_findings(norms: dict[str, float], stats: dict[str, dict[str, float]], rep: ModelReport) -> None:
+    _vanishing(norms, rep)
+    _exploding(norms, rep)
+    _dead_relu(stats, rep)
+
+
+def _vanishing(norms: dict[str, float], rep: ModelReport) -> None:
+    positive = {k: v for k, v in norms.items() if v > 0}
+    if len(positive) < 2:
+        return
+    low, high = min(positive, key=positive.get), max(positive, key=positive.get)
+    ratio = positive[low] / positive[high]
+    rep.numbers["grad_norm_ratio"] = ratio
+    if ratio < VANISHING_RATIO:
         rep.findings.append(
             Finding(
-                "initial_loss_high",
+                "vanishing_gradients",
                 "model",
-                f"the loss at initialisation is {initial:.3g}, against ln({spec.classes}) = {chance:.3g} for a model "
-                "that starts by guessing uniformly: the last layer starts confidently wrong, and the first steps "
-                "are spent undoing it",
-                "model.init: xavier (or a smaller model.init_std with init: normal); zero or scale down the last "
-                "layer's weights in a model.target",
-                numbers={"initial_loss": initial, "expected": chance},
+                f"before training, layer {low} gets a gradient {ratio:.1e} times that of {high}: the early "
+                "layers will barely learn",
+                "model.norm: layer (or batch), model.residual: true, model.init: he, model.activation: relu",
+                numbers={"ratio": ratio},
             )
         )
 
 
-def _scale_findings(norms: dict[str, float], stats: dict[str, dict[str, float]], rep: ModelReport) -> None:
-    positive = {k: v for k, v in norms.items() if v > 0}
-    if len(positive) >= 2:
-        low, high = min(positive, key=positive.get), max(positive, key=positive.get)
-        ratio = positive[low] / positive[high]
-        rep.numbers["grad_norm_ratio"] = ratio
-        if ratio < VANISHING_RATIO:
-            rep.findings.append(
-                Finding(
-                    "vanishing_gradients",
-                    "model",
-                    f"before training, layer {low} gets a gradient {ratio:.1e} times that of {high}: the early "
-                    "layers will barely learn",
-                    "model.norm: layer (or batch), model.residual: true, model.init: he, model.activation: relu",
-                    numbers={"ratio": ratio},
-                )
-            )
+def _exploding(norms: dict[str, float], rep: ModelReport) -> None:
     total = math.sqrt(sum(v * v for v in norms.values()))
     rep.numbers["grad_norm"] = total
     if total > EXPLODING_NORM:
@@ -193,35 +233,54 @@ def _scale_findings(norms: dict[str, float], stats: dict[str, dict[str, float]],
                 numbers={"grad_norm": total},
             )
         )
+
+
+def _dead_relu(stats: dict[str, dict[str, float]], rep: ModelReport) -> None:
     dead = {k: s["dead"] for k, s in stats.items() if s.get("dead") is not None and s["dead"] > DEAD_SHARE}
-    if dead:
-        name = max(dead, key=dead.get)
-        rep.findings.append(
-            Finding(
-                "dead_relu",
-                "model",
-                f"{dead[name]:.0%} of the units after {name} output zero for the whole batch before training: "
-                "they get no gradient and may never recover",
-                "model.init: he, model.activation: leaky_relu (or gelu), or lower optim.lr",
-                numbers={"layer_share": dead[name]},
-            )
+    if not dead:
+        return
+    name = max(dead, key=dead.get)
+    rep.findings.append(
+        Finding(
+            "dead_relu",
+            "model",
+            f"{dead[name]:.0%} of the units after {name} output zero for the whole batch before training: "
+            "they get no gradient and may never recover",
+            "model.init: he, model.activation: leaky_relu (or gelu), or lower optim.lr",
+            numbers={"layer_share": dead[name]},
         )
+    )
 
 
 def _overfit(
     cfg: JobConfig, model: nn.Module, loss_fn: Loss, x: torch.Tensor, y: torch.Tensor, spec: DataSpec, rep: ModelReport
 ) -> None:
     """Train on one fixed batch: a working model, loss and labels memorise it."""
-    params = [p for _, p in trainable(model)]
-    model.train()
-    for m in model.modules():  # memorising needs the whole model; dropout would hide it
-        if isinstance(m, nn.Dropout):
-            m.eval()
-    opt = torch.optim.Adam(params, lr=3e-3)
-    curve: list[float] = []
     start = time.perf_counter()
     target = 0.05 if spec.task == "regression" else 0.1
-    for _ in range(cfg.check.overfit_steps):
+    curve, has_grad = _memorise(model, loss_fn, x, y, target, cfg.check.overfit_steps)
+    rep.overfit_curve = curve
+    first, last = curve[0], curve[-1]
+    ok = math.isfinite(last) and (last <= target * first or (len(curve) < cfg.check.overfit_steps and has_grad))
+    rep.numbers["overfit"] = {
+        "steps": len(curve),
+        "first_loss": first,
+        "last_loss": last,
+        "seconds": time.perf_counter() - start,
+        "memorised": ok,
+    }
+    if not ok:
+        rep.findings.append(_cannot_overfit(len(x), curve))
+
+
+def _memorise(
+    model: nn.Module, loss_fn: Loss, x: torch.Tensor, y: torch.Tensor, target: float, steps: int
+) -> tuple[list[float], bool]:
+    """Adam's loss curve on the one batch (stopped once it falls to target x the first loss or the batch is
+    memorised), and whether the last loss had a gradient."""
+    opt = torch.optim.Adam(_whole_model_training(model), lr=3e-3)
+    curve: list[float] = []
+    for _ in range(steps):
         opt.zero_grad(set_to_none=True)
         out = model(x)
         loss = loss_fn(out, y)
@@ -232,30 +291,30 @@ def _overfit(
             break
         loss.backward()
         opt.step()
-    rep.overfit_curve = curve
+    return curve, loss.requires_grad
+
+
+def _whole_model_training(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable parameters, with the model in training mode but its dropout off."""
+    params = [p for _, p in trainable(model)]
+    model.train()
+    for m in model.modules():  # memorising needs the whole model; dropout would hide it
+        if isinstance(m, nn.Dropout):
+            m.eval()
+    return params
+
+
+def _cannot_overfit(batch: int, curve: list[float]) -> Finding:
     first, last = curve[0], curve[-1]
-    ok = math.isfinite(last) and (
-        last <= target * first or (len(curve) < cfg.check.overfit_steps and loss.requires_grad)
+    return Finding(
+        "cannot_overfit",
+        "model",
+        f"the model did not memorise one batch of {batch} samples in {len(curve)} steps (loss {first:.3g} -> "
+        f"{last:.3g}): a working model drives it near zero, so the model's forward (a detached, zeroed or "
+        "constant output), the loss or the labels are broken",
+        "check the forward of the model (model.target), train.loss and the labels; then run `shoal check` again",
+        numbers={"first_loss": first, "last_loss": last, "steps": len(curve)},
     )
-    rep.numbers["overfit"] = {
-        "steps": len(curve),
-        "first_loss": first,
-        "last_loss": last,
-        "seconds": time.perf_counter() - start,
-        "memorised": ok,
-    }
-    if not ok:
-        rep.findings.append(
-            Finding(
-                "cannot_overfit",
-                "model",
-                f"the model did not memorise one batch of {len(x)} samples in {len(curve)} steps (loss {first:.3g} -> "
-                f"{last:.3g}): a working model drives it near zero, so the model's forward (a detached, zeroed or "
-                "constant output), the loss or the labels are broken",
-                "check the forward of the model (model.target), train.loss and the labels; then run `shoal check` again",
-                numbers={"first_loss": first, "last_loss": last, "steps": len(curve)},
-            )
-        )
 
 
 def _memorised(loss_fn: Loss, out: torch.Tensor, y: torch.Tensor) -> bool:
@@ -272,41 +331,56 @@ def baselines(
     spec: DataSpec, train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor] | None
 ) -> dict[str, Any]:
     """The bars a network must clear: the majority class, and a linear model fitted on the sample."""
-    x, y = train
+    x, _ = train
     if not len(x) or spec.task == "lm":
         return _lm_baseline(spec, train, val) if spec.task == "lm" and len(x) else {}
-    xt = x.reshape(len(x), -1).double().numpy()
-    yt = y.numpy()
-    if val is not None and len(val[0]):
-        xv, yv = val[0].reshape(len(val[0]), -1).double().numpy(), val[1].numpy()
-        where = "validation sample"
-    else:
-        cut = max(1, len(xt) * 4 // 5)
-        xt, xv, yt, yv = xt[:cut], xt[cut:], yt[:cut], yt[cut:]
-        where = "held-out fifth of the training sample"
-    finite = np.isfinite(xt).all(1) & np.isfinite(yt.reshape(len(yt), -1)).all(1)
-    xt, yt = xt[finite], yt[finite]
-    keep_v = np.isfinite(xv).all(1) & np.isfinite(yv.reshape(len(yv), -1)).all(1)
-    xv, yv = xv[keep_v], yv[keep_v]
+    xt, yt, xv, yv, where = _held_out(train, val)
+    xt, yt = _finite_rows(xt, yt)
+    xv, yv = _finite_rows(xv, yv)
     if not len(xt) or not len(xv):
         return {}
     mean, std = xt.mean(0), xt.std(0) + 1e-8
     xt, xv = (xt - mean) / std, (xv - mean) / std
-    out: dict[str, Any] = {"measured_on": where, "fitted_on": len(xt)}
-    if spec.task == "classification":
-        counts = np.bincount(yt.astype(np.int64).clip(0), minlength=spec.num_classes)
-        majority = int(np.argmax(counts))
-        out["majority_accuracy"] = float((yv == majority).mean())
-        if len(np.unique(yt)) > 1:
-            clf = LogisticRegression(max_iter=300)
-            clf.fit(xt, yt)
-            out["linear_accuracy"] = float(clf.score(xv, yv))
-    else:
-        yt2, yv2 = yt.reshape(len(yt), -1), yv.reshape(len(yv), -1)
-        out["mean_mse"] = float(((yv2 - yt2.mean(0)) ** 2).mean())
-        reg = Ridge(alpha=1.0).fit(xt, yt2)
-        out["linear_mse"] = float(((reg.predict(xv).reshape(yv2.shape) - yv2) ** 2).mean())
+    fit = _classifiers if spec.task == "classification" else _regressors
+    return {"measured_on": where, "fitted_on": len(xt)} | fit(spec, xt, yt, xv, yv)
+
+
+def _held_out(
+    train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor] | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, str]:
+    """(x, y) to fit on, (x, y) to measure on, and what the latter is: the validation sample, or else the
+    training sample's last fifth."""
+    x, y = train
+    xt, yt = x.reshape(len(x), -1).double().numpy(), y.numpy()
+    if val is not None and len(val[0]):
+        return xt, yt, val[0].reshape(len(val[0]), -1).double().numpy(), val[1].numpy(), "validation sample"
+    cut = max(1, len(xt) * 4 // 5)
+    return xt[:cut], yt[:cut], xt[cut:], yt[cut:], "held-out fifth of the training sample"
+
+
+def _finite_rows(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    keep = np.isfinite(x).all(1) & np.isfinite(y.reshape(len(y), -1)).all(1)
+    return x[keep], y[keep]
+
+
+def _classifiers(spec: DataSpec, xt: np.ndarray, yt: np.ndarray, xv: np.ndarray, yv: np.ndarray) -> dict[str, Any]:
+    counts = np.bincount(yt.astype(np.int64).clip(0), minlength=spec.num_classes)
+    majority = int(np.argmax(counts))
+    out = {"majority_accuracy": float((yv == majority).mean())}
+    if len(np.unique(yt)) > 1:
+        clf = LogisticRegression(max_iter=300)
+        clf.fit(xt, yt)
+        out["linear_accuracy"] = float(clf.score(xv, yv))
     return out
+
+
+def _regressors(spec: DataSpec, xt: np.ndarray, yt: np.ndarray, xv: np.ndarray, yv: np.ndarray) -> dict[str, Any]:
+    yt2, yv2 = yt.reshape(len(yt), -1), yv.reshape(len(yv), -1)
+    reg = Ridge(alpha=1.0).fit(xt, yt2)
+    return {
+        "mean_mse": float(((yv2 - yt2.mean(0)) ** 2).mean()),
+        "linear_mse": float(((reg.predict(xv).reshape(yv2.shape) - yv2) ** 2).mean()),
+    }
 
 
 def _lm_baseline(spec: DataSpec, train: tuple[torch.Tensor, torch.Tensor], val: Any) -> dict[str, Any]:
@@ -322,21 +396,23 @@ def baseline_line(numbers: dict[str, Any]) -> str | None:
     if not numbers:
         return None
     if "linear_accuracy" in numbers:
-        text = (
-            f"on the {numbers['measured_on']}, always predicting the majority class scores "
-            f"{numbers['majority_accuracy']:.1%} and a logistic regression fitted on {numbers['fitted_on']:,} "
-            f"samples {numbers['linear_accuracy']:.1%}: the network should beat both"
-        )
-    elif "majority_accuracy" in numbers:
-        text = f"always predicting the majority class scores {numbers['majority_accuracy']:.1%}"
-    elif "linear_mse" in numbers:
-        text = (
+        return _classifiers_line(numbers)
+    if "majority_accuracy" in numbers:
+        return f"always predicting the majority class scores {numbers['majority_accuracy']:.1%}"
+    if "linear_mse" in numbers:
+        return (
             f"on the {numbers['measured_on']}, predicting the mean scores mse {numbers['mean_mse']:.4g} and least "
             f"squares (ridge) {numbers['linear_mse']:.4g}: the network should beat both"
         )
-    else:
-        text = (
-            f"predicting token frequencies scores loss {numbers['unigram_loss']:.3g} against "
-            f"{numbers['uniform_loss']:.3g} for uniform guessing"
-        )
-    return text
+    return (
+        f"predicting token frequencies scores loss {numbers['unigram_loss']:.3g} against "
+        f"{numbers['uniform_loss']:.3g} for uniform guessing"
+    )
+
+
+def _classifiers_line(numbers: dict[str, Any]) -> str:
+    return (
+        f"on the {numbers['measured_on']}, always predicting the majority class scores "
+        f"{numbers['majority_accuracy']:.1%} and a logistic regression fitted on {numbers['fitted_on']:,} "
+        f"samples {numbers['linear_accuracy']:.1%}: the network should beat both"
+    )

@@ -15,40 +15,45 @@ from shoal.errors import ConfigError
 def task_findings(cfg: JobConfig, spec: DataSpec) -> list[Finding]:
     """A loss that runs but does not fit the data's task."""
     loss = cfg.train.loss
-    if spec.task == "classification" and loss == "mse":
-        return [
-            Finding(
-                "mse_on_classes",
-                "model",
-                f"train.loss: mse on {spec.num_classes}-class labels regresses one-hot targets: its gradient "
-                "fades as outputs approach them and it does not yield probabilities; training is slower and "
-                "accuracy lower",
-                "train.loss: cross_entropy",
-            )
-        ]
-    if spec.task == "classification" and loss == "bce_with_logits" and spec.num_classes > 2:
-        return [
-            Finding(
-                "bce_on_many_classes",
-                "model",
-                f"train.loss: bce_with_logits on {spec.num_classes} mutually exclusive classes scores each class "
-                "as its own yes/no question (multi-label), so the outputs do not compete for the one true class",
-                "train.loss: cross_entropy",
-            )
-        ]
-    if spec.task in ("regression", "lm"):
-        want = "mse" if spec.task == "regression" else "cross_entropy"
-        if loss != want:
-            what = "continuous targets" if spec.task == "regression" else "next-token targets"
-            return [
-                Finding(
-                    "loss_task_mismatch",
-                    "model",
-                    f"train.loss: {loss} on {what} ({spec.task} data)",
-                    f"train.loss: {want}",
-                )
-            ]
-    return []
+    found = _mse_on_classes(loss, spec) or _bce_on_many_classes(loss, spec) or _loss_task_mismatch(loss, spec)
+    return [found] if found is not None else []
+
+
+def _mse_on_classes(loss: str, spec: DataSpec) -> Finding | None:
+    if not (spec.task == "classification" and loss == "mse"):
+        return None
+    return Finding(
+        "mse_on_classes",
+        "model",
+        f"train.loss: mse on {spec.num_classes}-class labels regresses one-hot targets: its gradient "
+        "fades as outputs approach them and it does not yield probabilities; training is slower and "
+        "accuracy lower",
+        "train.loss: cross_entropy",
+    )
+
+
+def _bce_on_many_classes(loss: str, spec: DataSpec) -> Finding | None:
+    if not (spec.task == "classification" and loss == "bce_with_logits" and spec.num_classes > 2):
+        return None
+    return Finding(
+        "bce_on_many_classes",
+        "model",
+        f"train.loss: bce_with_logits on {spec.num_classes} mutually exclusive classes scores each class "
+        "as its own yes/no question (multi-label), so the outputs do not compete for the one true class",
+        "train.loss: cross_entropy",
+    )
+
+
+def _loss_task_mismatch(loss: str, spec: DataSpec) -> Finding | None:
+    if spec.task not in ("regression", "lm"):
+        return None
+    want = "mse" if spec.task == "regression" else "cross_entropy"
+    if loss == want:
+        return None
+    what = "continuous targets" if spec.task == "regression" else "next-token targets"
+    return Finding(
+        "loss_task_mismatch", "model", f"train.loss: {loss} on {what} ({spec.task} data)", f"train.loss: {want}"
+    )
 
 
 def quick(cfg: JobConfig) -> list[Finding]:
