@@ -10,9 +10,11 @@ data.batch_size and train.grad_accum_steps that give the target global batch wit
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,50 +75,66 @@ def find(
     cfg: JobConfig, out: Path, max_memory_mb: float | None, max_batch: int, target: int | None, say: Any = print
 ) -> dict[str, Any]:
     device = _device(cfg)
+    max_memory_mb, how = _memory_limit(cfg, device, max_memory_mb, say)
+    torch.manual_seed(cfg.seed)
+    attempt = _attempt(cfg, device, max_memory_mb * HEADROOM if max_memory_mb else None)
+    rows, fit, failed = _double(attempt, max_batch, say)
+    if failed is not None and device.type == "cuda":  # back off: bisect between the last fit and the failure
+        fit = _bisect(attempt, fit, failed, rows)
+    result = _suggest(cfg, fit, target)
+    tried = sorted(rows, key=lambda r: r["batch"])
+    result.update(device=str(device), max_memory_mb=max_memory_mb, max_memory_from=how, tried=tried)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(result, indent=2))
+    result["plot"] = str(_plot(result["tried"], fit, out / "batch_find.png"))
+    return result
+
+
+def _memory_limit(cfg: JobConfig, device: torch.device, max_memory_mb: float | None, say: Any) -> tuple[Any, str]:
+    """(--max-memory, or on the CPU the default budget; how it was set)."""
     how = "--max-memory" if max_memory_mb is not None else "none on a GPU (CUDA says when it is full)"
     if device.type == "cpu" and max_memory_mb is None:
         max_memory_mb, how = memory_budget_mb(cfg)
         say(f"[shoal] batch-find: no --max-memory given: searching under {max_memory_mb / 1024:.2f} GiB ({how})")
-    torch.manual_seed(cfg.seed)
+    return max_memory_mb, how
+
+
+def _attempt(cfg: JobConfig, device: torch.device, limit_mb: float | None) -> Callable[[int], dict[str, Any]]:
+    """A micro-batch size -> its row, trained on the job's model, optimizer and training data."""
     source = open_splits(cfg)[0]
     loss_fn = Loss(cfg.train, source.spec, "model.target" if cfg.model.target else "model.name")
     model = build_model(cfg.model, source.spec, loss_fn.out_features()).to(device).train()
     optimizer = build_optimizer(model, cfg.optim)
-    limit = max_memory_mb * HEADROOM if max_memory_mb else None
+    return functools.partial(_try, model, optimizer, loss_fn, source, device=device, limit_mb=limit_mb)
+
+
+def _double(attempt: Callable[[int], dict[str, Any]], max_batch: int, say: Any) -> tuple[list[dict], int, int | None]:
+    """(rows, largest size that fit, first that did not or None) of sizes 1, 2, 4, ... up to max_batch."""
     rows: list[dict[str, Any]] = []
-    fit, failed = 0, None
-    size = 1
+    fit, size = 0, 1
     while size <= max_batch:
-        row = _try(model, optimizer, loss_fn, source, size, device, limit)
+        row = attempt(size)
         rows.append(row)
         say(
             f"[shoal] batch-find: micro-batch {size:>6}: {row['status']}, {row['samples_per_s']:,.0f} samples/s, "
             f"peak {row['peak_mb']:,.0f} MiB"
         )
         if row["status"] != "fits":
-            failed = size
-            break
+            return rows, fit, size
         fit = size
         size *= 2
-    if failed is not None and device.type == "cuda":  # back off: bisect between the last fit and the failure
-        lo, hi = fit, failed
-        while hi - lo > max(1, lo // 8):
-            mid = (lo + hi) // 2
-            row = _try(model, optimizer, loss_fn, source, mid, device, limit)
-            rows.append(row)
-            lo, hi = (mid, hi) if row["status"] == "fits" else (lo, mid)
-        fit = lo
-    result = _suggest(cfg, fit, target)
-    result.update(
-        device=str(device),
-        max_memory_mb=max_memory_mb,
-        max_memory_from=how,
-        tried=sorted(rows, key=lambda r: r["batch"]),
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(result, indent=2))
-    result["plot"] = str(_plot(result["tried"], fit, out / "batch_find.png"))
-    return result
+    return rows, fit, None
+
+
+def _bisect(attempt: Callable[[int], dict[str, Any]], fit: int, failed: int, rows: list[dict[str, Any]]) -> int:
+    """The largest size found to fit between the last fit and the failure (its rows added to `rows`)."""
+    lo, hi = fit, failed
+    while hi - lo > max(1, lo // 8):
+        mid = (lo + hi) // 2
+        row = attempt(mid)
+        rows.append(row)
+        lo, hi = (mid, hi) if row["status"] == "fits" else (lo, mid)
+    return lo
 
 
 def _try(model, optimizer, loss_fn, source, size, device, limit_mb) -> dict[str, Any]:
@@ -127,22 +145,28 @@ def _try(model, optimizer, loss_fn, source, size, device, limit_mb) -> dict[str,
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     try:
-        elapsed = 0.0
-        for i in range(TIMED_STEPS + 1):  # the first step warms up (allocations, kernels)
-            start = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            loss_fn(model(x), y).backward()
-            optimizer.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if i:
-                elapsed += time.perf_counter() - start
+        elapsed = _timed_steps(model, optimizer, loss_fn, x, y, device)
     except torch.OutOfMemoryError:
         optimizer.zero_grad(set_to_none=True)
         return {"batch": size, "status": "out of memory", "samples_per_s": 0.0, "peak_mb": float("nan")}
     peak = peak_memory_mb(device)
     status = "fits" if limit_mb is None or peak <= limit_mb else "over --max-memory"
     return {"batch": size, "status": status, "samples_per_s": TIMED_STEPS * size / elapsed, "peak_mb": peak}
+
+
+def _timed_steps(model, optimizer, loss_fn, x, y, device) -> float:
+    """Seconds of TIMED_STEPS optimizer steps on this batch, after one that warms up (allocations, kernels)."""
+    elapsed = 0.0
+    for i in range(TIMED_STEPS + 1):
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i:
+            elapsed += time.perf_counter() - start
+    return elapsed
 
 
 def _suggest(cfg: JobConfig, fit: int, target: int | None) -> dict[str, Any]:

@@ -22,42 +22,56 @@ def run(cfg: JobConfig, min_lr: float, max_lr: float, steps: int) -> dict[str, A
     if not 0 < min_lr < max_lr:
         raise ShoalError(f"lr-find: need 0 < --min-lr < --max-lr (got {min_lr:g}, {max_lr:g})")
     out = rundir.resolve(cfg) / "lr-find"
-    test = cfg.replace(
-        {
-            "optim.lr": max_lr,
-            "schedule.name": "range_test",
-            "schedule.range_start_ratio": min_lr / max_lr,
-            "schedule.warmup_steps": 0,
-            "train.max_steps": steps,
-            "train.eval_every": 0,
-            "train.early_stopping": None,
-            "log.every": 1,
-            "checkpoint.at_end": False,
-            "checkpoint.every_steps": None,
-            "checkpoint.every_minutes": None,
-            "health.on_nonfinite": "stop",
-            "health.divergence_factor": 4.0,
-            "run.dir": str(out),
-            "run.overwrite": True,
-        }
-    )
-    launcher.run(test)  # ends early, as "diverged", once the loss blows up: that is the point
-    points = [
-        (r["lr"], r["loss"]) for r in read_metrics(out) if isinstance(r.get("loss"), float) and math.isfinite(r["loss"])
-    ]
-    if len(points) < 5:
-        raise ShoalError(f"lr-find: only {len(points)} finite losses; lower --min-lr or raise --steps")
-    lrs, losses = np.array([p[0] for p in points]), np.array([p[1] for p in points])
+    launcher.run(_range_test(cfg, min_lr, max_lr, steps, out))  # ends early, as "diverged", once the loss blows up
+    lrs, losses = _finite_points(out)
     suggested, smooth = suggest(lrs, losses)
     result = {
         "suggested_lr": suggested,
         "min_loss_lr": float(lrs[int(np.argmin(smooth))]),
-        "steps": len(points),
+        "steps": len(lrs),
         "plot": str(out / "lr_find.png"),
     }
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     _plot(out / "lr_find.png", lrs, losses, smooth, suggested)
     return result
+
+
+RANGE_TEST = {  # no evaluation or checkpoints; stopped once the loss diverges
+    "schedule.name": "range_test",
+    "schedule.warmup_steps": 0,
+    "train.eval_every": 0,
+    "train.early_stopping": None,
+    "log.every": 1,
+    "checkpoint.at_end": False,
+    "checkpoint.every_steps": None,
+    "checkpoint.every_minutes": None,
+    "health.on_nonfinite": "stop",
+    "health.divergence_factor": 4.0,
+    "run.overwrite": True,
+}
+
+
+def _range_test(cfg: JobConfig, min_lr: float, max_lr: float, steps: int, out: Path) -> JobConfig:
+    """The job as a range test: `steps` steps, the rate growing from min_lr to max_lr, run in `out`."""
+    return cfg.replace(
+        {
+            **RANGE_TEST,
+            "optim.lr": max_lr,
+            "schedule.range_start_ratio": min_lr / max_lr,
+            "train.max_steps": steps,
+            "run.dir": str(out),
+        }
+    )
+
+
+def _finite_points(out: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(rates, losses) of the logged steps with a finite loss; at least 5 of them."""
+    points = [
+        (r["lr"], r["loss"]) for r in read_metrics(out) if isinstance(r.get("loss"), float) and math.isfinite(r["loss"])
+    ]
+    if len(points) < 5:
+        raise ShoalError(f"lr-find: only {len(points)} finite losses; lower --min-lr or raise --steps")
+    return np.array([p[0] for p in points]), np.array([p[1] for p in points])
 
 
 def suggest(lrs: np.ndarray, losses: np.ndarray, beta: float = 0.9) -> tuple[float, np.ndarray]:

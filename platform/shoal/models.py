@@ -29,20 +29,7 @@ _GAIN = {"relu": "relu", "leaky_relu": "leaky_relu", "gelu": "relu", "tanh": "ta
 def build_model(cfg: ModelConfig, spec: DataSpec, out_features: int) -> nn.Module:
     """The model the config names, sized for the data, with its init applied."""
     if cfg.target:
-        factory = import_object(cfg.target, "model.target")
-        try:
-            model = factory(**cfg.kwargs)
-        except ShoalError:
-            raise
-        except Exception as e:  # the user's factory: its failure is a config problem, said in one line
-            raise ConfigError(
-                f"{cfg.target}(**model.kwargs) raised {type(e).__name__}: {e}", key="model.target"
-            ) from None
-        if not isinstance(model, nn.Module):
-            raise ConfigError(
-                f"{cfg.target} returned {type(model).__name__}, not a torch.nn.Module", key="model.target"
-            )
-        return model
+        return _user_model(cfg)
     if cfg.name == "mlp":
         model = MLP(math.prod(spec.input_shape), out_features, cfg)
     elif cfg.name == "cnn":
@@ -52,6 +39,20 @@ def build_model(cfg: ModelConfig, spec: DataSpec, out_features: int) -> nn.Modul
     else:
         model = TransformerLM(spec.vocab_size, spec.seq_len, cfg)
     init_weights(model, cfg)
+    return model
+
+
+def _user_model(cfg: ModelConfig) -> nn.Module:
+    """model.target(**model.kwargs), used as it comes (no init applied)."""
+    factory = import_object(cfg.target, "model.target")
+    try:
+        model = factory(**cfg.kwargs)
+    except ShoalError:
+        raise
+    except Exception as e:  # the user's factory: its failure is a config problem, said in one line
+        raise ConfigError(f"{cfg.target}(**model.kwargs) raised {type(e).__name__}: {e}", key="model.target") from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"{cfg.target} returned {type(model).__name__}, not a torch.nn.Module", key="model.target")
     return model
 
 
@@ -292,15 +293,7 @@ def blocks(model: nn.Module, patterns: list[str] | None = None) -> list[tuple[st
     models' layers and blocks, or a user model's direct children that hold parameters.
     """
     if patterns:
-        hits = [
-            (n, m)
-            for n, m in model.named_modules()
-            if n and any(type(m).__name__ == p or fnmatch.fnmatchcase(n, p) for p in patterns)
-        ]
-        if not hits:
-            shown = ", ".join(sorted({type(m).__name__ for _, m in model.named_modules()})[:10])
-            raise ConfigError(f"{patterns} match no module (classes here: {shown})", key="fsdp.units")
-        return hits
+        return _matching(model, patterns)
     if isinstance(model, MLP):
         return [(f"layers.{i}", m) for i, m in enumerate(model.layers)]
     if isinstance(model, CNN):
@@ -310,6 +303,19 @@ def blocks(model: nn.Module, patterns: list[str] | None = None) -> list[tuple[st
     if isinstance(model, TransformerLM):
         return [(f"blocks.{i}", m) for i, m in enumerate(model.blocks)]
     return [(n, m) for n, m in model.named_children() if any(True for _ in m.parameters())]
+
+
+def _matching(model: nn.Module, patterns: list[str]) -> list[tuple[str, nn.Module]]:
+    """The modules whose class name or name matches a pattern of fsdp.units."""
+    hits = [
+        (n, m)
+        for n, m in model.named_modules()
+        if n and any(type(m).__name__ == p or fnmatch.fnmatchcase(n, p) for p in patterns)
+    ]
+    if not hits:
+        shown = ", ".join(sorted({type(m).__name__ for _, m in model.named_modules()})[:10])
+        raise ConfigError(f"{patterns} match no module (classes here: {shown})", key="fsdp.units")
+    return hits
 
 
 def checkpoint_activations(model: nn.Module, mode: str, every: int, patterns: list[str] | None = None) -> list[str]:
@@ -349,53 +355,64 @@ class Piece:
 def pieces(model: nn.Module) -> list[Piece]:
     """The model as a chain of pieces whose composition is its forward: the built-in models, or an
     nn.Sequential (nested Sequentials unrolled). Raises ConfigError for a model whose forward is not a chain."""
-
-    def count(names: list[str]) -> int:
-        return sum(p.numel() for n in names for p in model.get_submodule(n).parameters())
-
-    def piece(name: str, fn: Callable, modules: list[str]) -> Piece:
-        return Piece(name, fn, modules, count(modules))
-
     # each function holds the submodules it calls, not the model: a stage keeps only its own layers alive
     if isinstance(model, MLP):
-        first, head = model.layers[0], model.head
-        return (
-            [piece("layers.0", lambda x: first(x.flatten(1)), ["layers.0"])]
-            + [piece(f"layers.{i}", model.layers[i], [f"layers.{i}"]) for i in range(1, len(model.layers))]
-            + [piece("head", head, ["head"])]
-        )
+        return _mlp_pieces(model)
     if isinstance(model, TransformerLM):
-        if model.head.weight is model.tok.weight:
-            raise ConfigError(
-                "a tied output projection cannot be split from the token embedding across pipeline stages; "
-                "set model.tie_embeddings: false",
-                key="model.tie_embeddings",
-            )
-        tok, pos, ln, head = model.tok, model.pos, model.ln, model.head
-
-        def embed(idx: torch.Tensor) -> torch.Tensor:
-            return tok(idx) + pos(torch.arange(idx.shape[1], device=idx.device))
-
-        return (
-            [piece("embed", embed, ["tok", "pos"])]
-            + [piece(f"blocks.{i}", b, [f"blocks.{i}"]) for i, b in enumerate(model.blocks)]
-            + [piece("head", lambda x: head(ln(x)), ["ln", "head"])]
-        )
+        return _lm_pieces(model)
     if isinstance(model, (CNN, ResNet)):
-        head = model.head
-        runs = [("stem", model.stem)] if isinstance(model, ResNet) else []
-        if isinstance(model, CNN):
-            runs += [(f"features.{i}", f) for i, f in enumerate(model.features)]
-        else:
-            runs += [(f"stages.{i}.{j}", b) for i, stage in enumerate(model.stages) for j, b in enumerate(stage)]
-        return [piece(n, m, [n]) for n, m in runs] + [piece("head", lambda x: head(x.mean(dim=(2, 3))), ["head"])]
+        return _conv_pieces(model)
     if isinstance(model, nn.Sequential):
-        return [piece(name, m, [name]) for name, m in _sequence(model, "")]
+        return [_piece(model, name, m, [name]) for name, m in _sequence(model, "")]
     raise ConfigError(
         f"{type(model).__name__}'s forward is not known to be a chain of its children, so it cannot be split into "
         "pipeline stages by name; make it an nn.Sequential, or give parallel.split_fn",
         key="parallel.pipeline_stages",
     )
+
+
+def _piece(model: nn.Module, name: str, fn: Callable, modules: list[str]) -> Piece:
+    """A piece, its parameters counted in the model (fn must not hold the model)."""
+    return Piece(name, fn, modules, sum(p.numel() for n in modules for p in model.get_submodule(n).parameters()))
+
+
+def _mlp_pieces(model: MLP) -> list[Piece]:
+    first, head = model.layers[0], model.head
+    return (
+        [_piece(model, "layers.0", lambda x: first(x.flatten(1)), ["layers.0"])]
+        + [_piece(model, f"layers.{i}", model.layers[i], [f"layers.{i}"]) for i in range(1, len(model.layers))]
+        + [_piece(model, "head", head, ["head"])]
+    )
+
+
+def _lm_pieces(model: TransformerLM) -> list[Piece]:
+    if model.head.weight is model.tok.weight:
+        raise ConfigError(
+            "a tied output projection cannot be split from the token embedding across pipeline stages; "
+            "set model.tie_embeddings: false",
+            key="model.tie_embeddings",
+        )
+    tok, pos, ln, head = model.tok, model.pos, model.ln, model.head
+
+    def embed(idx: torch.Tensor) -> torch.Tensor:
+        return tok(idx) + pos(torch.arange(idx.shape[1], device=idx.device))
+
+    return (
+        [_piece(model, "embed", embed, ["tok", "pos"])]
+        + [_piece(model, f"blocks.{i}", b, [f"blocks.{i}"]) for i, b in enumerate(model.blocks)]
+        + [_piece(model, "head", lambda x: head(ln(x)), ["ln", "head"])]
+    )
+
+
+def _conv_pieces(model: CNN | ResNet) -> list[Piece]:
+    head = model.head
+    runs = [("stem", model.stem)] if isinstance(model, ResNet) else []
+    if isinstance(model, CNN):
+        runs += [(f"features.{i}", f) for i, f in enumerate(model.features)]
+    else:
+        runs += [(f"stages.{i}.{j}", b) for i, stage in enumerate(model.stages) for j, b in enumerate(stage)]
+    pooled_head = _piece(model, "head", lambda x: head(x.mean(dim=(2, 3))), ["head"])
+    return [_piece(model, n, m, [n]) for n, m in runs] + [pooled_head]
 
 
 def _sequence(seq: nn.Sequential, prefix: str) -> list[tuple[str, nn.Module]]:

@@ -3,6 +3,7 @@ room), and a table and plot of the results."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import statistics
@@ -59,35 +60,42 @@ def run(cfg: JobConfig, grid_items: list[str], seeds: int, parallel: int | None 
     try:
         width = parallel or _room(cfg)
         print(f"[shoal] sweep: {len(runs)} runs, {width} at a time", flush=True)
-
-        def one(i_run: tuple[int, tuple[str, dict[str, Any]]]) -> dict[str, Any]:
-            i, (label, updates) = i_run
-            run_cfg = cfg.replace(
-                {**updates, "run.dir": str(out / f"run-{i:03d}"), "run.overwrite": True, "log.progress": "none"}
-            )
-            summary = launcher.run(run_cfg, progress_stream=_Quiet())
-            print(
-                f"[shoal] sweep {i + 1}/{len(runs)} {label} seed={updates['seed']}: "
-                + ", ".join(f"{m} {summary[m]:.4g}" for m in METRICS if isinstance(summary.get(m), float)),
-                flush=True,
-            )
-            return {
-                "label": label,
-                "seed": updates["seed"],
-                "run_dir": str(out / f"run-{i:03d}"),
-                **{m: summary.get(m) for m in METRICS},
-            }
-
+        one = functools.partial(_one_run, cfg, out, len(runs))
         with ThreadPoolExecutor(max_workers=width) as pool:
             results = list(pool.map(one, enumerate(runs)))
     finally:
         conn.close()
     table = aggregate(results)
     report = {"grid": {k: v for k, v in grid}, "seeds": seeds, "runs": results, "table": table}
-    (out / "results.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    (out / "results.md").write_text(markdown(table) + "\n\n![sweep](sweep.png)\n")
-    plot(out / "sweep.png", table)
+    _write_report(out, report)
     return report
+
+
+def _write_report(out: Path, report: dict[str, Any]) -> None:
+    """results.json, results.md and sweep.png in the sweep's folder."""
+    (out / "results.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (out / "results.md").write_text(markdown(report["table"]) + "\n\n![sweep](sweep.png)\n")
+    plot(out / "sweep.png", report["table"])
+
+
+def _one_run(cfg: JobConfig, out: Path, total: int, i_run: tuple[int, tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """Runs one grid point and seed in out/run-NNN; returns its row of results."""
+    i, (label, updates) = i_run
+    run_cfg = cfg.replace(
+        {**updates, "run.dir": str(out / f"run-{i:03d}"), "run.overwrite": True, "log.progress": "none"}
+    )
+    summary = launcher.run(run_cfg, progress_stream=_Quiet())
+    print(
+        f"[shoal] sweep {i + 1}/{total} {label} seed={updates['seed']}: "
+        + ", ".join(f"{m} {summary[m]:.4g}" for m in METRICS if isinstance(summary.get(m), float)),
+        flush=True,
+    )
+    return {
+        "label": label,
+        "seed": updates["seed"],
+        "run_dir": str(out / f"run-{i:03d}"),
+        **{m: summary.get(m) for m in METRICS},
+    }
 
 
 def _room(cfg: JobConfig) -> int:

@@ -48,33 +48,44 @@ def run(source: Path, out: Path | None, opts: Options, say: Any = print) -> dict
     rows = [{"variant": "original", **measure(trained.model, trained.cfg, trained.spec, val)}]
     say(_line(rows[-1]))
     for s in opts.sparsities or ([0.0] if opts.quantize else []):
-        model = copy.deepcopy(trained.model)
-        name = f"{opts.method}-{s:g}" if s else "dense"
-        variant: dict[str, Any] = {"sparsity": s, "method": opts.method, "scope": opts.scope}
-        prune(model, s, opts.method, opts.scope)
-        if s:
-            _save(out / name, model, trained, variant)
-            rows.append({"variant": name, **measure(model, trained.cfg, trained.spec, val), "path": str(out / name)})
-            say(_line(rows[-1]))
-        if s and opts.finetune_steps:
-            model = _finetune(out / name, trained, opts, say)
-            name += f"-finetuned{opts.finetune_steps}"
-            variant["finetune_steps"] = opts.finetune_steps
-            _save(out / name, model, trained, variant)
-            rows.append({"variant": name, **measure(model, trained.cfg, trained.spec, val), "path": str(out / name)})
-            say(_line(rows[-1]))
-        if opts.quantize:
-            quantize(model, opts.quantize)
-            name += f"-int8-{opts.quantize}"
-            variant["quantize"] = opts.quantize
-            _save(out / name, model, trained, variant)
-            rows.append({"variant": name, **measure(model, trained.cfg, trained.spec, val), "path": str(out / name)})
-            say(_line(rows[-1]))
+        rows += _variants(trained, val, s, out, opts, say)
     report = {"source": str(trained.source), "rows": rows}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(_markdown(report))
     report["plot"] = str(_plot(rows, out / "tradeoff.png"))
     return report
+
+
+def _variants(trained: Trained, val: Any, s: float, out: Path, opts: Options, say: Any) -> list[dict[str, Any]]:
+    """The variants at sparsity s: pruned, then fine-tuned and/or quantised; each saved and measured (its row)."""
+    model = copy.deepcopy(trained.model)
+    name = f"{opts.method}-{s:g}" if s else "dense"
+    variant: dict[str, Any] = {"sparsity": s, "method": opts.method, "scope": opts.scope}
+    prune(model, s, opts.method, opts.scope)
+    rows = []
+    if s:
+        rows.append(_keep(out, name, model, trained, variant, val, say))
+    if s and opts.finetune_steps:
+        model = _finetune(out / name, trained, opts, say)
+        name += f"-finetuned{opts.finetune_steps}"
+        variant["finetune_steps"] = opts.finetune_steps
+        rows.append(_keep(out, name, model, trained, variant, val, say))
+    if opts.quantize:
+        quantize(model, opts.quantize)
+        name += f"-int8-{opts.quantize}"
+        variant["quantize"] = opts.quantize
+        rows.append(_keep(out, name, model, trained, variant, val, say))
+    return rows
+
+
+def _keep(
+    out: Path, name: str, model: torch.nn.Module, trained: Trained, variant: dict[str, Any], val: Any, say: Any
+) -> dict[str, Any]:
+    """Saves a variant in out/name and measures it; returns its row."""
+    _save(out / name, model, trained, variant)
+    row = {"variant": name, **measure(model, trained.cfg, trained.spec, val), "path": str(out / name)}
+    say(_line(row))
+    return row
 
 
 def _run_dir(checkpoint: Path) -> Path:
@@ -89,6 +100,18 @@ def _save(where: Path, model: torch.nn.Module, trained: Trained, variant: dict[s
 
 def _finetune(pruned: Path, trained: Trained, opts: Options, say: Any) -> torch.nn.Module:
     """Train the pruned weights for a few steps with Shoal's own loop (any strategy, any launcher), zeros kept."""
+    cfg = _finetune_config(pruned, trained, opts)
+    say(
+        f"[shoal] compress: fine-tuning {pruned.name} for {opts.finetune_steps} steps on {cfg.scaling.num_workers} rank(s)"
+    )
+    summary = launch(cfg)
+    if summary.get("status") != "completed":
+        raise ShoalError(f"shoal compress: the fine-tune ended {summary.get('status')}: {summary.get('error')}")
+    return load(pruned / "finetune").model
+
+
+def _finetune_config(pruned: Path, trained: Trained, opts: Options) -> Any:
+    """The job, from the pruned weights with their zeros kept, for --finetune-steps in pruned/finetune."""
     updates = {
         "model.weights": str(pruned / "model.pt"),
         "model.keep_sparsity": True,
@@ -100,14 +123,7 @@ def _finetune(pruned: Path, trained: Trained, opts: Options, say: Any) -> torch.
         "run.dir": str(pruned / "finetune"),
         "run.overwrite": True,
     }
-    cfg = trained.cfg.replace({**updates, **dict(parse_override(o) for o in opts.overrides or [])})
-    say(
-        f"[shoal] compress: fine-tuning {pruned.name} for {opts.finetune_steps} steps on {cfg.scaling.num_workers} rank(s)"
-    )
-    summary = launch(cfg)
-    if summary.get("status") != "completed":
-        raise ShoalError(f"shoal compress: the fine-tune ended {summary.get('status')}: {summary.get('error')}")
-    return load(pruned / "finetune").model
+    return trained.cfg.replace({**updates, **dict(parse_override(o) for o in opts.overrides or [])})
 
 
 def _line(row: dict[str, Any]) -> str:
@@ -120,8 +136,7 @@ def _line(row: dict[str, Any]) -> str:
 
 
 def _markdown(report: dict[str, Any]) -> str:
-    rows = report["rows"]
-    base = rows[0]
+    base = report["rows"][0]
     lines = [
         f"# shoal compress: {report['source']}",
         "",
@@ -131,13 +146,7 @@ def _markdown(report: dict[str, Any]) -> str:
         "| variant | val loss | val accuracy | size kB | x smaller | non-zero | latency ms | samples/s |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        acc = f"{r['val_accuracy']:.2%}" if "val_accuracy" in r else ""
-        lines.append(
-            f"| {r['variant']} | {r['val_loss']:.4f} | {acc} | {r['size_bytes'] / 1e3:,.1f} | "
-            f"{base['size_bytes'] / r['size_bytes']:.2f} | {r['nonzero']:,} / {r['parameters']:,} | "
-            f"{r['latency_ms']:.3f} | {r['samples_per_s']:,.0f} |"
-        )
+    lines += [_table_row(r, base) for r in report["rows"]]
     lines += [
         "",
         "Unstructured zeros shrink the file only once compressed (zip) or stored sparse; they cut compute "
@@ -146,6 +155,15 @@ def _markdown(report: dict[str, Any]) -> str:
         "![tradeoff](tradeoff.png)",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _table_row(r: dict[str, Any], base: dict[str, Any]) -> str:
+    acc = f"{r['val_accuracy']:.2%}" if "val_accuracy" in r else ""
+    return (
+        f"| {r['variant']} | {r['val_loss']:.4f} | {acc} | {r['size_bytes'] / 1e3:,.1f} | "
+        f"{base['size_bytes'] / r['size_bytes']:.2f} | {r['nonzero']:,} / {r['parameters']:,} | "
+        f"{r['latency_ms']:.3f} | {r['samples_per_s']:,.0f} |"
+    )
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> Path:

@@ -88,29 +88,35 @@ class Augment:
         if name == "noise":
             return lambda x, g: x + o["std"] * torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
         if name == "token_mask":
+            return _token_mask(o)
+        return _kornia_step(name, o, image=len(self.spec.input_shape) == 3)
 
-            def mask(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-                hit = torch.rand(x.shape, generator=g, device=x.device) < o["p"]
-                return torch.where(hit, torch.full_like(x, o["token"]), x)
 
-            return mask
-        import kornia.augmentation as K  # an optional extra (shoal[augment])
+def _token_mask(o: dict[str, Any]) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
+    def mask(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        hit = torch.rand(x.shape, generator=g, device=x.device) < o["p"]
+        return torch.where(hit, torch.full_like(x, o["token"]), x)
 
-        op = {
-            "crop": lambda: K.RandomCrop(tuple(o["size"]), padding=o["padding"]),
-            "hflip": lambda: K.RandomHorizontalFlip(p=o["p"]),
-            "rotate": lambda: K.RandomRotation(degrees=o["degrees"]),
-            "translate": lambda: K.RandomAffine(degrees=0.0, translate=(o["fraction"], o["fraction"])),
-            "color_jitter": lambda: K.ColorJitter(o["brightness"], o["contrast"], o["saturation"], o["hue"], p=1.0),
-            "erase": lambda: K.RandomErasing(scale=tuple(o["scale"]), p=o["p"]),
-        }[name]()
-        image = len(self.spec.input_shape) == 3
+    return mask
 
-        def apply(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-            view = x if image else x.reshape(len(x), 1, 1, -1)  # erase on any tensor: as a 1-row image
-            return op(view).reshape(x.shape)
 
-        return apply
+def _kornia_step(name: str, o: dict[str, Any], image: bool) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
+    import kornia.augmentation as K  # an optional extra (shoal[augment])
+
+    op = {
+        "crop": lambda: K.RandomCrop(tuple(o["size"]), padding=o["padding"]),
+        "hflip": lambda: K.RandomHorizontalFlip(p=o["p"]),
+        "rotate": lambda: K.RandomRotation(degrees=o["degrees"]),
+        "translate": lambda: K.RandomAffine(degrees=0.0, translate=(o["fraction"], o["fraction"])),
+        "color_jitter": lambda: K.ColorJitter(o["brightness"], o["contrast"], o["saturation"], o["hue"], p=1.0),
+        "erase": lambda: K.RandomErasing(scale=tuple(o["scale"]), p=o["p"]),
+    }[name]()
+
+    def apply(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        view = x if image else x.reshape(len(x), 1, 1, -1)  # erase on any tensor: as a 1-row image
+        return op(view).reshape(x.shape)
+
+    return apply
 
 
 def _mixup(x: torch.Tensor, y: torch.Tensor, alpha: float) -> tuple[torch.Tensor, Mixed]:

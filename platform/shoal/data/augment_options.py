@@ -26,56 +26,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 
 def parse(cfg: DataConfig, spec: DataSpec) -> list[tuple[str, dict[str, Any]]]:
     """(name, options) per data.augment entry, checked against the data's shape (ConfigError names the entry)."""
-    out = []
     image = len(spec.input_shape) == 3
-    for i, entry in enumerate(cfg.augment):
-        key = f"data.augment[{i}]"
-        if isinstance(entry, dict):
-            if len(entry) != 1:
-                raise ConfigError(f"one transform per entry, as {{name: {{options}}}} (got {entry})", key=key)
-            name, opts = next(iter(entry.items()))
-            opts = dict(opts or {})
-        else:
-            name, opts = entry, {}
-        if ":" in name:
-            out.append((name, {}))
-            continue
-        if name not in DEFAULTS:
-            allowed = ", ".join([*DEFAULTS, "package.module:fn"])
-            raise ConfigError(f"unknown transform {name!r}; one of {allowed}", key=key)
-        unknown = set(opts) - set(DEFAULTS[name]) - ({"size"} if name == "crop" else set())
-        if unknown:
-            raise ConfigError(
-                f"{name}: unknown option(s) {sorted(unknown)}; it takes {sorted(DEFAULTS[name])}", key=key
-            )
-        opts = {**DEFAULTS[name], **opts}
-        if spec.task == "lm" and name not in LM_OPS:
-            raise ConfigError(f"{name} transforms inputs, and lm inputs are token ids; use token_mask", key=key)
-        if name in LM_OPS and spec.task != "lm":
-            raise ConfigError(f"{name} is for lm data (token ids)", key=key)
-        if name in IMAGE_OPS and not image:
-            raise ConfigError(
-                f"{name} needs image inputs [C, H, W]; the data gives {list(spec.input_shape)} (noise and erase work "
-                "on any input)",
-                key=key,
-            )
-        if name == "crop":
-            size = list(opts.get("size") or spec.input_shape[1:])
-            if (
-                size[0] > spec.input_shape[1] + 2 * opts["padding"]
-                or size[1] > spec.input_shape[2] + 2 * opts["padding"]
-            ):
-                raise ConfigError(
-                    f"crop: size {size} is larger than the padded image {list(spec.input_shape[1:])} + 2 x "
-                    f"{opts['padding']}",
-                    key=key,
-                )
-            if size != list(spec.input_shape[1:]):
-                raise ConfigError(f"crop: size {size} would change the input shape {list(spec.input_shape)}", key=key)
-            opts["size"] = size
-        if name == "color_jitter" and (opts["saturation"] or opts["hue"]) and spec.input_shape[0] != 3:
-            raise ConfigError("color_jitter: saturation and hue need 3 colour channels", key=key)
-        out.append((name, opts))
+    out = [_entry(entry, f"data.augment[{i}]", spec, image) for i, entry in enumerate(cfg.augment)]
     for key, mix in (("data.mixup", cfg.mixup), ("data.cutmix", cfg.cutmix)):
         if mix is not None and spec.task != "classification":
             raise ConfigError("mixes class targets: classification data only", key=key)
@@ -85,3 +37,56 @@ def parse(cfg: DataConfig, spec: DataSpec) -> list[tuple[str, dict[str, Any]]]:
             key="data.cutmix",
         )
     return out
+
+
+def _entry(entry: Any, key: str, spec: DataSpec, image: bool) -> tuple[str, dict[str, Any]]:
+    """(name, options with the defaults filled in) of one entry, checked."""
+    if isinstance(entry, dict):
+        if len(entry) != 1:
+            raise ConfigError(f"one transform per entry, as {{name: {{options}}}} (got {entry})", key=key)
+        name, opts = next(iter(entry.items()))
+        opts = dict(opts or {})
+    else:
+        name, opts = entry, {}
+    if ":" in name:
+        return name, {}
+    if name not in DEFAULTS:
+        allowed = ", ".join([*DEFAULTS, "package.module:fn"])
+        raise ConfigError(f"unknown transform {name!r}; one of {allowed}", key=key)
+    unknown = set(opts) - set(DEFAULTS[name]) - ({"size"} if name == "crop" else set())
+    if unknown:
+        raise ConfigError(f"{name}: unknown option(s) {sorted(unknown)}; it takes {sorted(DEFAULTS[name])}", key=key)
+    opts = {**DEFAULTS[name], **opts}
+    _check_fits(name, opts, key, spec, image)
+    return name, opts
+
+
+def _check_fits(name: str, opts: dict[str, Any], key: str, spec: DataSpec, image: bool) -> None:
+    """The transform suits the data's task and shape; crop's size is filled in."""
+    if spec.task == "lm" and name not in LM_OPS:
+        raise ConfigError(f"{name} transforms inputs, and lm inputs are token ids; use token_mask", key=key)
+    if name in LM_OPS and spec.task != "lm":
+        raise ConfigError(f"{name} is for lm data (token ids)", key=key)
+    if name in IMAGE_OPS and not image:
+        raise ConfigError(
+            f"{name} needs image inputs [C, H, W]; the data gives {list(spec.input_shape)} (noise and erase work "
+            "on any input)",
+            key=key,
+        )
+    if name == "crop":
+        opts["size"] = _crop_size(opts, key, spec)
+    if name == "color_jitter" and (opts["saturation"] or opts["hue"]) and spec.input_shape[0] != 3:
+        raise ConfigError("color_jitter: saturation and hue need 3 colour channels", key=key)
+
+
+def _crop_size(opts: dict[str, Any], key: str, spec: DataSpec) -> list[int]:
+    """crop's size: the image's own, as a crop must keep the input shape."""
+    size = list(opts.get("size") or spec.input_shape[1:])
+    if size[0] > spec.input_shape[1] + 2 * opts["padding"] or size[1] > spec.input_shape[2] + 2 * opts["padding"]:
+        raise ConfigError(
+            f"crop: size {size} is larger than the padded image {list(spec.input_shape[1:])} + 2 x {opts['padding']}",
+            key=key,
+        )
+    if size != list(spec.input_shape[1:]):
+        raise ConfigError(f"crop: size {size} would change the input shape {list(spec.input_shape)}", key=key)
+    return size

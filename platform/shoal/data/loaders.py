@@ -110,26 +110,20 @@ class TrainStream:
         device: torch.device,
         augment: Any = None,
     ):
-        self.source = source
+        self.source, self.plan, self.world, self.device = source, plan, world, device
         self.augment = augment  # data.augment / mixup / cutmix (None: batches as read)
-        self.plan = plan
-        self.world = world
-        self.device = device
         self.batch_size = cfg.batch_size
         self.loader_workers = cfg.num_workers
-        self.epoch = 0
-        self.consumed = plan.fresh()
-        self.taken = 0  # batches taken since `consumed` was set
+        self._begin_epoch(0)
         self.skipped_samples = 0  # bad samples skipped under data.on_error=skip (this rank)
-        if plan.num_batches(self.consumed) == 0:
-            global_batch = world.world_size * self.batch_size
-            raise DataError(
-                f"data: {plan.n} training samples are fewer than one global batch "
-                f"(world size {world.world_size} x data.batch_size {self.batch_size} = {global_batch}); "
-                "lower data.batch_size or scaling.num_workers"
-            )
+        _check_plan(plan, world, self.batch_size, self.consumed)
         self._loader = self._make_loader(cfg, device)
         self._it: Iterator[Any] | None = None
+
+    def _begin_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.consumed = self.plan.fresh()
+        self.taken = 0  # batches taken since `consumed` was set
 
     def _make_loader(self, cfg: DataConfig, device: torch.device) -> torch.utils.data.DataLoader | None:
         pin = device.type == "cuda" if cfg.pin_memory == "auto" else bool(cfg.pin_memory)
@@ -156,18 +150,7 @@ class TrainStream:
         return self
 
     def __next__(self) -> Batch:
-        if self._it is None:
-            self._it = self._epoch_iter()
-        try:
-            item = next(self._it)
-        except StopIteration:
-            self.epoch += 1
-            self.consumed = self.plan.fresh()
-            self.taken = 0
-            self._it = self._epoch_iter()
-            item = next(self._it)
-        if isinstance(item, _Raised):
-            raise item.error
+        item = self._next_item()
         position = self.position() if self.augment is not None else 0  # the draws' key; only augmentation needs it
         self.taken += 1
         x, y = item[0].to(self.device, non_blocking=True), item[1].to(self.device, non_blocking=True)
@@ -178,6 +161,20 @@ class TrainStream:
                 x = self.augment.samples(x, self.epoch, position)
             x, y = self.augment.mix(x, y, self.epoch, position)
         return x, y
+
+    def _next_item(self) -> Any:
+        """The next batch as read, the next epoch begun when this one is done; a worker's error raised."""
+        if self._it is None:
+            self._it = self._epoch_iter()
+        try:
+            item = next(self._it)
+        except StopIteration:
+            self._begin_epoch(self.epoch + 1)
+            self._it = self._epoch_iter()
+            item = next(self._it)
+        if isinstance(item, _Raised):
+            raise item.error
+        return item
 
     def position(self) -> int:
         """Global samples taken this epoch before the next batch (the same whether or not the run was resumed)."""
@@ -200,6 +197,17 @@ class TrainStream:
         self.consumed = [tuple(c) for c in consumed] if isinstance(consumed, list) else int(consumed)
         self.taken = 0
         self._it = None
+
+
+def _check_plan(plan: Any, world: WorldInfo, batch_size: int, consumed: Any) -> None:
+    """The training split holds at least one global batch."""
+    if plan.num_batches(consumed) == 0:
+        global_batch = world.world_size * batch_size
+        raise DataError(
+            f"data: {plan.n} training samples are fewer than one global batch "
+            f"(world size {world.world_size} x data.batch_size {batch_size} = {global_batch}); "
+            "lower data.batch_size or scaling.num_workers"
+        )
 
 
 class EvalSet:
@@ -253,26 +261,27 @@ def open_splits(cfg: JobConfig) -> tuple[Any, Any]:
 
 def build_loaders(cfg: JobConfig, world: WorldInfo, device: torch.device) -> Loaders:
     """The train stream and validation split for this rank."""
-    if cfg.data.format == "shards":
-        train, val = open_shards(cfg.data)
-        plan: Any = partition.ShardPlan(
-            train.shard_counts,
-            cfg.seed,
-            cfg.data.shuffle,
-            cfg.data.shuffle_buffer,
-            world.rank,
-            world.world_size,
-            cfg.data.batch_size,
-        )
-    else:
-        train = build_memory_data(cfg.data, cfg.seed, "train")
-        val = build_memory_data(cfg.data, cfg.seed, "val") if cfg.data.val_fraction > 0 else None
-        plan = partition.MemoryPlan(
-            len(train), cfg.seed, cfg.data.shuffle, world.rank, world.world_size, cfg.data.batch_size
-        )
+    train, val = open_splits(cfg)
+    plan = _plan(cfg, train, world)
     augment = None
     if cfg.data.augment or cfg.data.mixup is not None or cfg.data.cutmix is not None:
         augment = Augment(cfg.data, train.spec, cfg.seed, world.rank)
     stream = TrainStream(train, plan, cfg.data, world, device, augment)
     evalset = EvalSet(val, world, cfg.data.batch_size, device) if val is not None and len(val) else None
     return Loaders(train=stream, val=evalset, spec=train.spec, world=world)
+
+
+def _plan(cfg: JobConfig, train: Any, world: WorldInfo) -> Any:
+    """The order this rank reads training samples in: by shard window for shards, by sample in memory."""
+    data = cfg.data
+    if data.format == "shards":
+        return partition.ShardPlan(
+            train.shard_counts,
+            cfg.seed,
+            data.shuffle,
+            data.shuffle_buffer,
+            world.rank,
+            world.world_size,
+            data.batch_size,
+        )
+    return partition.MemoryPlan(len(train), cfg.seed, data.shuffle, world.rank, world.world_size, data.batch_size)

@@ -53,19 +53,23 @@ def check_paths(cfg: DataConfig) -> None:
     if cfg.format != "shards" or cfg.path is None:
         return
     for key, value in (("data.path", cfg.path), ("data.val_path", cfg.val_path)):
-        if value is None or not is_local(value):
-            continue
-        path = Path(value).expanduser()
-        if key == "data.path" and path.is_dir():
-            read_manifest(
-                path / MANIFEST,
-                hint=f"data.path: {path} has no {MANIFEST}; write shards with `shoal shard` or give a pattern",
-            )
-            continue
-        _, missing = local_present(value, key)
-        if missing and cfg.on_error == "raise":
-            raise DataError(
-                f"shard {missing[0]}: missing ({len(missing)} of {len(expand(value))} shards of {key} are absent)"
-            )
+        if value is not None and is_local(value):
+            _check_path(key, value, cfg.on_error)
     if cfg.manifest and is_local(cfg.manifest):
         read_manifest(Path(cfg.manifest).expanduser(), hint=f"data.manifest: {cfg.manifest} not found")
+
+
+def _check_path(key: str, value: str, on_error: str) -> None:
+    """data.path's folder has a manifest; a pattern's files exist (unless data.on_error=skip)."""
+    path = Path(value).expanduser()
+    if key == "data.path" and path.is_dir():
+        read_manifest(
+            path / MANIFEST,
+            hint=f"data.path: {path} has no {MANIFEST}; write shards with `shoal shard` or give a pattern",
+        )
+        return
+    _, missing = local_present(value, key)
+    if missing and on_error == "raise":
+        raise DataError(
+            f"shard {missing[0]}: missing ({len(missing)} of {len(expand(value))} shards of {key} are absent)"
+        )

@@ -19,7 +19,7 @@ import math
 import os
 import tarfile
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,23 +68,44 @@ def open_shards(cfg: DataConfig) -> tuple[ShardSource, ShardSource | None]:
 
 
 def _open_pattern(pattern: str, cfg: DataConfig, decode: Callable | None, key: str) -> ShardSource:
-    urls = expand(pattern)
     local = is_local(pattern)
-    if local:
-        present, missing = local_present(pattern, key)
-        if missing and cfg.on_error == "raise":
-            raise DataError(f"shard {missing[0]}: missing ({len(missing)} of {len(urls)} shards of {key} are absent)")
-        if missing:
-            log.warning("data.on_error=skip: %d missing shards of %s skipped, first %s", len(missing), key, missing[0])
-            urls = present
-    manifest_path = (
-        Path(cfg.manifest).expanduser()
-        if cfg.manifest
-        else (Path(urls[0]).expanduser().parent / MANIFEST if local else None)
-    )
+    urls = _present_urls(pattern, cfg, key) if local else expand(pattern)
+    manifest_path = _manifest_path(cfg, urls, local)
     manifest = read_manifest(manifest_path) if manifest_path is not None and manifest_path.exists() else None
     if cfg.manifest and manifest is None:
         raise DataError(f"data.manifest: {cfg.manifest} not found")
+    shards = _pattern_shards(urls, local, manifest, manifest_path)
+    if manifest is None and decode is None:
+        raise ConfigError(
+            "shards without Shoal's manifest need a decode function 'package.module:fn' (sample dict -> (x, y))",
+            key="data.decode",
+        )
+    return ShardSource(shards, manifest, cfg, decode)
+
+
+def _present_urls(pattern: str, cfg: DataConfig, key: str) -> list[str]:
+    """The local files of the pattern; missing ones raise, or are skipped under data.on_error=skip."""
+    urls = expand(pattern)
+    present, missing = local_present(pattern, key)
+    if missing and cfg.on_error == "raise":
+        raise DataError(f"shard {missing[0]}: missing ({len(missing)} of {len(urls)} shards of {key} are absent)")
+    if missing:
+        log.warning("data.on_error=skip: %d missing shards of %s skipped, first %s", len(missing), key, missing[0])
+        return present
+    return urls
+
+
+def _manifest_path(cfg: DataConfig, urls: list[str], local: bool) -> Path | None:
+    """data.manifest, else the manifest beside local shards (None for URLs)."""
+    if cfg.manifest:
+        return Path(cfg.manifest).expanduser()
+    return Path(urls[0]).expanduser().parent / MANIFEST if local else None
+
+
+def _pattern_shards(
+    urls: list[str], local: bool, manifest: dict[str, Any] | None, manifest_path: Path | None
+) -> list[Shard]:
+    """The shards, their sample counts from the manifest, or counted when there is none."""
     known = _manifest_counts(manifest) if manifest else {}
     shards = []
     for url in urls:
@@ -93,12 +114,7 @@ def _open_pattern(pattern: str, cfg: DataConfig, decode: Callable | None, key: s
         if samples is None and manifest is not None:
             raise DataError(f"shard {name}: not listed in {manifest_path}")
         shards.append(Shard(url, name, samples if samples is not None else _count_samples(url, name)))
-    if manifest is None and decode is None:
-        raise ConfigError(
-            "shards without Shoal's manifest need a decode function 'package.module:fn' (sample dict -> (x, y))",
-            key="data.decode",
-        )
-    return ShardSource(shards, manifest, cfg, decode)
+    return shards
 
 
 def _split_shards(manifest: dict[str, Any], split: str, root: Path) -> list[Shard]:
@@ -119,44 +135,50 @@ def _count_samples(url: str, name: str) -> int:
 
 def _iter_groups(url: str, name: str, with_data: bool = True) -> Iterator[tuple[str, dict[str, Any]]]:
     """(key, {extension: bytes or (offset, size)}) of consecutive tar members sharing a key."""
-    try:
-        if is_local(url):
-            stream: Any = open(Path(url).expanduser(), "rb")
-        else:
-            # lazily: webdataset brings ~700 modules (seconds of a loaded rank's start) that local shards never use
-            from webdataset.gopen import gopen
-
-            stream = gopen(url, "rb")
-    except OSError as e:
-        raise DataError(f"shard {name}: cannot open ({e.strerror or e})") from None
-    key, group = None, {}
+    stream = _open_stream(url, name)
+    reached: list[str | None] = [None]  # the last key read, for the message on a corrupt tar
     try:
         with tarfile.open(fileobj=stream, mode="r|") as tf:
-            for member in tf:
-                if not member.isfile():
-                    continue
-                base = os.path.basename(member.name)
-                k, _, ext = base.partition(".")
-                if k != key and key is not None:
-                    yield key, group
-                    group = {}
-                key = k
-                if with_data:
-                    f = tf.extractfile(member)
-                    data = f.read() if f else b""
-                    if len(data) != member.size:
-                        raise DataError(
-                            f"shard {name}, sample {k}: truncated ({len(data)} of {member.size} bytes of .{ext})"
-                        )
-                    group[ext] = data
-                else:
-                    group[ext] = (member.offset_data, member.size)
+            key, group = yield from _tar_groups(tf, name, with_data, reached)
     except tarfile.TarError as e:
-        raise DataError(f"shard {name}, after sample {key}: corrupt or truncated tar ({e})") from None
+        raise DataError(f"shard {name}, after sample {reached[0]}: corrupt or truncated tar ({e})") from None
     finally:
         stream.close()
     if key is not None:
         yield key, group
+
+
+def _open_stream(url: str, name: str) -> Any:
+    try:
+        if is_local(url):
+            return open(Path(url).expanduser(), "rb")
+        # lazily: webdataset brings ~700 modules (seconds of a loaded rank's start) that local shards never use
+        from webdataset.gopen import gopen
+
+        return gopen(url, "rb")
+    except OSError as e:
+        raise DataError(f"shard {name}: cannot open ({e.strerror or e})") from None
+
+
+def _tar_groups(
+    tf: tarfile.TarFile, name: str, with_data: bool, reached: list[str | None]
+) -> Generator[tuple[str, dict[str, Any]], None, tuple[str | None, dict[str, Any]]]:
+    """_iter_groups' groups but the last, which it returns (yielded once the file is closed)."""
+    key, group = None, {}
+    for member in filter(tarfile.TarInfo.isfile, tf):
+        k, _, ext = os.path.basename(member.name).partition(".")
+        if k != key and key is not None:
+            yield key, group
+            group = {}
+        key = reached[0] = k
+        if with_data:
+            f = tf.extractfile(member)
+            group[ext] = data = f.read() if f else b""
+            if len(data) != member.size:
+                raise DataError(f"shard {name}, sample {k}: truncated ({len(data)} of {member.size} bytes of .{ext})")
+        else:
+            group[ext] = (member.offset_data, member.size)
+    return key, group
 
 
 class _LocalShard:
@@ -242,19 +264,10 @@ class ShardSource:
     def get_batch(self, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(x, y, samples skipped) for these ids; skipped only under data.on_error=skip."""
         ids = np.asarray(ids, dtype=np.int64)
-        shard = np.searchsorted(self.cum, ids, side="right") - 1
-        offset = ids - self.cum[shard]
-        block = offset // self.block_size
-        within = offset % self.block_size
-        # group the batch by block without a pass over the whole batch per block
-        key = shard * (self.n + 1) + block
-        order = np.argsort(key, kind="stable")
-        starts = np.flatnonzero(np.r_[True, key[order][1:] != key[order][:-1]])
-        ends = np.r_[starts[1:], len(order)]
+        shard, block, within, groups = self._locate(ids)
         x = y = None
         keep = np.ones(len(ids), dtype=bool)
-        for a, b in zip(starts.tolist(), ends.tolist()):
-            rows = order[a:b]
+        for rows in groups:
             got = self._block(int(shard[rows[0]]), int(block[rows[0]]))
             if got is None:
                 keep[rows] = False
@@ -265,9 +278,28 @@ class ShardSource:
                 y = np.empty((len(ids), *by.shape[1:]), dtype=by.dtype)
             x[rows] = bx[within[rows]]
             y[rows] = by[within[rows]]
+        return self._batch_tensors(len(ids), x, y, keep)
+
+    def _locate(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]:
+        """(shard, block, index within the block) of each id, and the batch's positions grouped by block."""
+        shard = np.searchsorted(self.cum, ids, side="right") - 1
+        offset = ids - self.cum[shard]
+        block = offset // self.block_size
+        # group the batch by block without a pass over the whole batch per block
+        key = shard * (self.n + 1) + block
+        order = np.argsort(key, kind="stable")
+        starts = np.flatnonzero(np.r_[True, key[order][1:] != key[order][:-1]])
+        ends = np.r_[starts[1:], len(order)]
+        groups = [order[a:b] for a, b in zip(starts.tolist(), ends.tolist())]
+        return shard, block, offset % self.block_size, groups
+
+    def _batch_tensors(
+        self, n: int, x: np.ndarray | None, y: np.ndarray | None, keep: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(x, y, samples skipped) of the gathered batch, the rows not kept dropped."""
         if x is None:
-            return _empty(self.spec), _empty_y(self.spec), len(ids)
-        skipped = int(len(ids) - keep.sum())
+            return _empty(self.spec), _empty_y(self.spec), n
+        skipped = int(n - keep.sum())
         if skipped:
             x, y = x[keep], y[keep]
         return _to_x(x, self.manifest), _to_y(y, self.spec), skipped
@@ -328,24 +360,17 @@ class ShardSource:
 
         A label past the model's outputs would otherwise end a rank with an IndexError deep in the loss.
         """
-        spec = self.spec
-
-        def where(name: str, n: int) -> str:
-            return f"{name}={n} in the manifest" if self.manifest else f"data.{name}={n}"
-
+        spec, at = self.spec, f"shard {shard.name}, sample {key}"
         if spec.task == "classification" and spec.num_classes and y.size:
-            _in_range(
-                y, spec.num_classes, f"shard {shard.name}, sample {key}: label", where("num_classes", spec.num_classes)
-            )
+            _in_range(y, spec.num_classes, f"{at}: label", self._where("num_classes", spec.num_classes))
         elif spec.task == "lm" and spec.vocab_size:
             for what, arr in (("token id", x), ("target token id", y)):
                 if arr.size:
-                    _in_range(
-                        arr,
-                        spec.vocab_size,
-                        f"shard {shard.name}, sample {key}: {what}",
-                        where("vocab_size", spec.vocab_size),
-                    )
+                    _in_range(arr, spec.vocab_size, f"{at}: {what}", self._where("vocab_size", spec.vocab_size))
+
+    def _where(self, name: str, n: int) -> str:
+        """Where a class count or vocabulary size was set, for the message."""
+        return f"{name}={n} in the manifest" if self.manifest else f"data.{name}={n}"
 
     def _decode_user(self, shard: Shard, key: str, members: dict[str, bytes]) -> tuple[np.ndarray, np.ndarray]:
         try:

@@ -55,25 +55,53 @@ class ShardOptions:
 
 def write_shards(table: Table, out_dir: Path, opts: ShardOptions, source: str, progress: bool = True) -> dict[str, Any]:
     """Shuffle, split and write the table; returns the manifest."""
-    import webdataset as wds  # loads torch: not at `shoal shard`'s start-up
-
-    if opts.block_size < 1:
-        raise ConfigError("--block-size must be >= 1")
-    if (out_dir / MANIFEST).exists() and not opts.overwrite:
-        raise DataError(f"{out_dir}: already holds shards ({MANIFEST}); pass --overwrite to replace them")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _prepare_out_dir(out_dir, opts)
     order = (
         np.random.Generator(np.random.PCG64([opts.seed, 0x5A2D])).permutation(table.n)
         if opts.shuffle
         else np.arange(table.n)
     )
-    n_val = int(round(table.n * opts.val_fraction))
-    splits = {
-        "train": order[n_val:] if opts.shuffle else order[: table.n - n_val],
-        "val": order[:n_val] if opts.shuffle else order[table.n - n_val :],
-    }
     x0, y0 = table.fetch(order[:1])
-    fields = {
+    manifest = _manifest(table, opts, source, _fields(table, x0, y0))
+    per_shard = _samples_per_shard(opts, x0[0].nbytes + y0[0].nbytes)
+    bar = _Progress(table.n, progress)
+    for split, ids in _splits(order, opts).items():
+        if len(ids):
+            shards = _write_split(table, out_dir, split, ids, per_shard, opts.block_size, bar)
+            manifest["splits"][split] = {"samples": int(len(ids)), "shards": shards}
+    bar.close()
+    _write_manifest(out_dir, manifest)
+    return manifest
+
+
+def _write_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
+    """Written last and renamed into place: a directory without one was not finished."""
+    tmp = out_dir / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    tmp.replace(out_dir / MANIFEST)
+
+
+def _prepare_out_dir(out_dir: Path, opts: ShardOptions) -> None:
+    if opts.block_size < 1:
+        raise ConfigError("--block-size must be >= 1")
+    if (out_dir / MANIFEST).exists() and not opts.overwrite:
+        raise DataError(f"{out_dir}: already holds shards ({MANIFEST}); pass --overwrite to replace them")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _splits(order: np.ndarray, opts: ShardOptions) -> dict[str, np.ndarray]:
+    """The sample order cut into train and validation ids."""
+    n = len(order)
+    n_val = int(round(n * opts.val_fraction))
+    return {
+        "train": order[n_val:] if opts.shuffle else order[: n - n_val],
+        "val": order[:n_val] if opts.shuffle else order[n - n_val :],
+    }
+
+
+def _fields(table: Table, x0: np.ndarray, y0: np.ndarray) -> dict[str, Any]:
+    """The manifest's dtype and shape of x and y, from a first sample."""
+    return {
         "x": {
             "dtype": x0.dtype.str,
             "shape": list(x0.shape[1:]),
@@ -81,9 +109,11 @@ def write_shards(table: Table, out_dir: Path, opts: ShardOptions, source: str, p
         },
         "y": {"dtype": y0.dtype.str, "shape": list(y0.shape[1:])},
     }
-    per_sample = x0[0].nbytes + y0[0].nbytes
-    per_shard = _samples_per_shard(opts, per_sample)
-    manifest: dict[str, Any] = {
+
+
+def _manifest(table: Table, opts: ShardOptions, source: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """The manifest without its splits, which write_shards fills in as it writes them."""
+    return {
         "format": PACKED,
         "source": source,
         "task": table.task,
@@ -97,32 +127,35 @@ def write_shards(table: Table, out_dir: Path, opts: ShardOptions, source: str, p
         "splits": {},
         **(table.extra or {}),
     }
-    bar = _Progress(table.n, progress)
-    for split, ids in splits.items():
-        if len(ids) == 0:
-            continue
-        shards = []
-        for s, start in enumerate(range(0, len(ids), per_shard)):
-            name = f"{split}-{s:06d}.tar"
-            chunk = ids[start : start + per_shard]
-            with wds.TarWriter(str(out_dir / name)) as sink:
-                for b in range(0, len(chunk), opts.block_size):
-                    x, y = table.fetch(chunk[b : b + opts.block_size])
-                    sink.write(
-                        {
-                            "__key__": f"{start + b:012d}",
-                            "x.bin": np.ascontiguousarray(x).tobytes(),
-                            "y.bin": np.ascontiguousarray(y).tobytes(),
-                        }
-                    )
-                    bar.advance(len(x))
-            shards.append({"name": name, "samples": int(len(chunk))})
-        manifest["splits"][split] = {"samples": int(len(ids)), "shards": shards}
-    bar.close()
-    tmp = out_dir / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    tmp.replace(out_dir / MANIFEST)
-    return manifest
+
+
+def _write_split(
+    table: Table, out_dir: Path, split: str, ids: np.ndarray, per_shard: int, block_size: int, bar: _Progress
+) -> list[dict[str, Any]]:
+    """Writes one split's shards; returns their manifest entries."""
+    shards = []
+    for s, start in enumerate(range(0, len(ids), per_shard)):
+        name = f"{split}-{s:06d}.tar"
+        chunk = ids[start : start + per_shard]
+        _write_shard(table, out_dir / name, chunk, start, block_size, bar)
+        shards.append({"name": name, "samples": int(len(chunk))})
+    return shards
+
+
+def _write_shard(table: Table, path: Path, chunk: np.ndarray, start: int, block_size: int, bar: _Progress) -> None:
+    import webdataset as wds  # loads torch: not at `shoal shard`'s start-up
+
+    with wds.TarWriter(str(path)) as sink:
+        for b in range(0, len(chunk), block_size):
+            x, y = table.fetch(chunk[b : b + block_size])
+            sink.write(
+                {
+                    "__key__": f"{start + b:012d}",
+                    "x.bin": np.ascontiguousarray(x).tobytes(),
+                    "y.bin": np.ascontiguousarray(y).tobytes(),
+                }
+            )
+            bar.advance(len(x))
 
 
 def _samples_per_shard(opts: ShardOptions, per_sample: int) -> int:
@@ -177,12 +210,21 @@ def load_source(
 ) -> Table:
     """The table for SOURCE: digits, synthetic, or a .npz, .csv, .jsonl, text file or image folder."""
     if source == "digits":
-        from shoal.data.memory import digits_arrays  # torch, as webdataset above
-
-        x, y = digits_arrays()
-        return _arrays(x, y, "classification", 10)
+        return _digits()
     if source == "synthetic":
         return _synthetic(num_samples, input_shape or [32], num_classes, task or "classification", seq_len, seed)
+    return _file(source, task, seq_len, label_column, image_size)
+
+
+def _digits() -> Table:
+    from shoal.data.memory import digits_arrays  # torch, as webdataset in _write_shard
+
+    x, y = digits_arrays()
+    return _arrays(x, y, "classification", 10)
+
+
+def _file(source: str, task: str | None, seq_len: int, label_column: str | None, image_size: Any) -> Table:
+    """The table of a file or image folder, by its suffix."""
     path = Path(source)
     if not path.exists():
         raise DataError(f"{source}: no such file or directory (or built-in data set: digits, synthetic)")
@@ -243,26 +285,8 @@ def _npz(path: Path, task: str | None) -> Table:
 
 
 def _csv(path: Path, label_column: str | None, task: str | None) -> Table:
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    if not rows:
-        raise DataError(f"{path}: empty CSV")
-    header = None
-    try:
-        [float(v) for v in rows[0]]
-    except ValueError:
-        header, rows = rows[0], rows[1:]
-    col = len(rows[0]) - 1
-    if label_column is not None:
-        col = (
-            header.index(label_column)
-            if header and label_column in header
-            else int(label_column)
-            if label_column.lstrip("-").isdigit()
-            else -2
-        )
-        if col == -2:
-            raise DataError(f"{path}: no column {label_column!r} (columns: {header})")
+    header, rows = _csv_rows(path)
+    col = _label_index(path, header, len(rows[0]), label_column)
     try:
         table = np.array(rows, dtype=np.float64)
     except ValueError as e:
@@ -271,6 +295,35 @@ def _csv(path: Path, label_column: str | None, task: str | None) -> Table:
     x = np.delete(table, col, axis=1).astype(np.float32)
     task, classes = _infer_task(y, task)
     return _arrays(x, _labels(y, task), task, classes, source=str(path))
+
+
+def _csv_rows(path: Path) -> tuple[list[str] | None, list[list[str]]]:
+    """(header or None when the first row is all numbers, data rows)."""
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        raise DataError(f"{path}: empty CSV")
+    try:
+        [float(v) for v in rows[0]]
+    except ValueError:
+        return rows[0], rows[1:]
+    return None, rows
+
+
+def _label_index(path: Path, header: list[str] | None, width: int, label_column: str | None) -> int:
+    """The label's column: --label-column by name or index, else the last."""
+    if label_column is None:
+        return width - 1
+    col = (
+        header.index(label_column)
+        if header and label_column in header
+        else int(label_column)
+        if label_column.lstrip("-").isdigit()
+        else -2
+    )
+    if col == -2:
+        raise DataError(f"{path}: no column {label_column!r} (columns: {header})")
+    return col
 
 
 def _jsonl(path: Path, task: str | None) -> Table:
@@ -318,27 +371,11 @@ def _check_text(path: Path, raw: bytes) -> None:
 
 
 def _images(path: Path, size: tuple[int, int] | None) -> Table:
-    classes = sorted(d.name for d in path.iterdir() if d.is_dir())
-    if not classes:
-        raise DataError(f"{path}: an image folder needs one subfolder per class")
-    files = [(f, c) for c, name in enumerate(classes) for f in sorted((path / name).iterdir()) if f.is_file()]
-    if not files:
-        raise DataError(f"{path}: no image files in the class subfolders")
+    classes, files = _image_files(path)
     with Image.open(files[0][0]) as first:
         mode = "RGB" if first.mode not in ("L", "1") else "L"
         size = size or first.size[::-1]
-
-    def load(f: Path) -> np.ndarray:
-        try:
-            with Image.open(f) as im:
-                im = im.convert(mode)
-                if im.size[::-1] != tuple(size):
-                    im = im.resize(size[::-1])
-                a = np.asarray(im, dtype=np.uint8)
-        except OSError as e:
-            raise DataError(f"{f}: not a readable image ({e})") from None
-        return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
-
+    load = _image_loader(mode, size)
     labels = np.array([c for _, c in files], dtype=np.int64)
 
     def fetch(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -354,18 +391,38 @@ def _images(path: Path, size: tuple[int, int] | None) -> Table:
     )
 
 
-def _synthetic(n: int, shape: list[int], classes: int, task: str, seq_len: int, seed: int) -> Table:
-    from shoal.data.memory import SyntheticData  # torch, as webdataset above
+def _image_files(path: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    """(class names, (file, class index) per image) of a folder of class subfolders."""
+    classes = sorted(d.name for d in path.iterdir() if d.is_dir())
+    if not classes:
+        raise DataError(f"{path}: an image folder needs one subfolder per class")
+    files = [(f, c) for c, name in enumerate(classes) for f in sorted((path / name).iterdir()) if f.is_file()]
+    if not files:
+        raise DataError(f"{path}: no image files in the class subfolders")
+    return classes, files
 
-    cfg = DataConfig(
-        dataset="synthetic",
-        num_samples=n,
-        input_shape=shape,
-        num_classes=classes,
-        task=task,
-        seq_len=seq_len,
-        val_fraction=0.0,
-    )
+
+def _image_loader(mode: str, size: Any) -> Callable[[Path], np.ndarray]:
+    """Reads an image as a [C, H, W] uint8 array in this colour mode and size."""
+
+    def load(f: Path) -> np.ndarray:
+        try:
+            with Image.open(f) as im:
+                im = im.convert(mode)
+                if im.size[::-1] != tuple(size):
+                    im = im.resize(size[::-1])
+                a = np.asarray(im, dtype=np.uint8)
+        except OSError as e:
+            raise DataError(f"{f}: not a readable image ({e})") from None
+        return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+
+    return load
+
+
+def _synthetic(n: int, shape: list[int], classes: int, task: str, seq_len: int, seed: int) -> Table:
+    from shoal.data.memory import SyntheticData  # torch, as webdataset in _write_shard
+
+    cfg = _synthetic_config(n, shape, classes, task, seq_len)
     data = SyntheticData(cfg, "train", seed, materialize=False)
 
     def fetch(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -378,6 +435,18 @@ def _synthetic(n: int, shape: list[int], classes: int, task: str, seq_len: int, 
         task=task,
         num_classes=classes if task == "classification" else 0,
         vocab_size=cfg.vocab_size if task == "lm" else 0,
+    )
+
+
+def _synthetic_config(n: int, shape: list[int], classes: int, task: str, seq_len: int) -> DataConfig:
+    return DataConfig(
+        dataset="synthetic",
+        num_samples=n,
+        input_shape=shape,
+        num_classes=classes,
+        task=task,
+        seq_len=seq_len,
+        val_fraction=0.0,
     )
 
 

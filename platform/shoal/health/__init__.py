@@ -38,31 +38,40 @@ class HealthMonitor:
         reduce: Reduce | None = None,
         layout: list[str] | None = None,
     ):
-        self.cfg = cfg
-        self.is_main = is_main
-        # a sharded model is measured by every rank together (each reduces its shards); otherwise by rank 0
-        self.reduce = reduce
-        self.layout = layout  # the whole model's layers when this rank holds some (pipeline stages)
+        self.cfg, self.is_main = cfg, is_main
+        # a sharded model is measured by every rank together (each reduces its shards), otherwise by rank 0;
+        # layout: the whole model's layers when this rank holds some (pipeline stages)
+        self.reduce, self.layout = reduce, layout
         self.path = run_dir / HEALTH_FILE if (run_dir is not None and is_main) else None
+        self._init_probes(model)
+        self._init_decisions(early_stopping, model, classes, overfit_remedies)
+        self._init_records()
+
+    def _init_probes(self, model: torch.nn.Module) -> None:
         self.groups = layers(model)
         self.updates = UpdateRatio()
-        self.activations = ActivationProbe(model) if (self.cfg.activations and is_main) else None
-        self.histograms = Histograms(model) if (self.cfg.histograms_every and is_main) else None
+        self.activations = ActivationProbe(model) if (self.cfg.activations and self.is_main) else None
+        self.histograms = Histograms(model) if (self.cfg.histograms_every and self.is_main) else None
+
+    def _init_decisions(
+        self, early_stopping: EarlyStopping | None, model: torch.nn.Module, classes: int, overfit_remedies: Any
+    ) -> None:
         self.stopper = policy.EarlyStopper(early_stopping, model)
-        self.rollback: policy.Rollback | None = (
-            None  # set by the job once its state exists (health.on_nonfinite=rollback)
-        )
+        # set by the job once its state exists (health.on_nonfinite=rollback)
+        self.rollback: policy.Rollback | None = None
         self.chance_loss = math.log(classes) if classes > 1 else None
         self.overfit_remedies = overfit_remedies  # what the data allow (augmentation, mixing), else the generic list
         self.reference: float | None = None
+        self.rollbacks = 0
+        self.last_good_step = 0  # last log step with a finite, non-diverged loss (rollback target bound)
+        self.probation = 0
+
+    def _init_records(self) -> None:
         self.grad_history: list[float] = []
         self.eval_train: list[float] = []
         self.eval_val: list[float] = []
         self.alerts: list[Alert] = []
         self.last_alert: dict[str, int] = {}
-        self.rollbacks = 0
-        self.last_good_step = 0  # last log step with a finite, non-diverged loss (rollback target bound)
-        self.probation = 0
         self.pending: dict[str, float] = {}  # measurements for the next metrics record
 
     # ---------------------------------------------------------------- measurements (rank 0)
@@ -131,21 +140,30 @@ class HealthMonitor:
             return self._on_trouble()
         if loss is None:
             return policy.CONTINUE
-        if self.reference is None and math.isfinite(loss):
-            self.reference = min(loss, self.chance_loss) if self.chance_loss else loss
-            self._raise(detectors.initial_loss(step, loss, self.chance_loss))
-        if step > self.cfg.warmup_steps and data_wait is not None:  # the first windows hold loader start-up
-            self._raise(detectors.input_bound(step, data_wait, self.cfg))
+        self._check_start_and_input(step, loss, data_wait)
         if not math.isfinite(loss):
             return policy.CONTINUE  # the non-finite step itself was handled
-        alert = detectors.divergence(step, loss, self.reference, self.cfg) if self.reference is not None else None
-        if alert is None and self.probation:
-            alert = self._probation(step, loss)
+        alert = self._loss_alert(step, loss)
         if alert is not None:
             self._raise(alert)
             return self._on_trouble()
         self.last_good_step = step
         return policy.CONTINUE
+
+    def _check_start_and_input(self, step: int, loss: float, data_wait: float | None) -> None:
+        """The first finite loss against chance; the input-bound share after the warm-up."""
+        if self.reference is None and math.isfinite(loss):
+            self.reference = min(loss, self.chance_loss) if self.chance_loss else loss
+            self._raise(detectors.initial_loss(step, loss, self.chance_loss))
+        if step > self.cfg.warmup_steps and data_wait is not None:  # the first windows hold loader start-up
+            self._raise(detectors.input_bound(step, data_wait, self.cfg))
+
+    def _loss_alert(self, step: int, loss: float) -> Alert | None:
+        """Divergence from the reference loss, or a rolled-back run that did not improve."""
+        alert = detectors.divergence(step, loss, self.reference, self.cfg) if self.reference is not None else None
+        if alert is None and self.probation:
+            alert = self._probation(step, loss)
+        return alert
 
     def _on_trouble(self) -> str:
         return policy.on_trouble(self.cfg.on_nonfinite, self.rollbacks, self.cfg.max_rollbacks)
@@ -172,14 +190,8 @@ class HealthMonitor:
             f"after rollback {self.rollbacks} the training loss ({loss:.4g}) did not improve on its starting value "
             f"{self.reference:.4g} within {PROBATION_LOGS} log lines"
         )
-        return Alert(
-            "divergence",
-            step,
-            message,
-            [],
-            {"loss": loss, "reference": self.reference},
-            detectors.REMEDIES["divergence"],
-        )
+        numbers = {"loss": loss, "reference": self.reference}
+        return Alert("divergence", step, message, [], numbers, detectors.REMEDIES["divergence"])
 
     def after_eval(self, step: int, train_loss: float, metrics: dict[str, float]) -> str:
         """Plateau and overfitting alerts; early stopping: CONTINUE or EARLY_STOP."""

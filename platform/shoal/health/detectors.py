@@ -111,19 +111,14 @@ def vanishing(step: int, layer_norms: list[tuple[str, float]], cfg: HealthConfig
     last_mean = statistics.fmean(n for _, n in last)
     dead = [name for name, n in layer_norms[: len(layer_norms) // 2 or 1] if n < cfg.vanishing_floor]
     ratio = first_mean / last_mean if last_mean > 0 else 0.0
-    if ratio < cfg.vanishing_ratio or dead:
-        names = dead or [name for name, _ in first]
-        return _alert(
-            "vanishing",
-            step,
-            f"gradients vanish towards the input: the first layers' gradient norm is {first_mean:.2e}, "
-            f"{ratio:.1e} of the last layers' ({last_mean:.2e}); {', '.join(names[:4])} barely learn",
-            names,
-            first_norm=first_mean,
-            last_norm=last_mean,
-            ratio=ratio,
-        )
-    return None
+    if not (ratio < cfg.vanishing_ratio or dead):
+        return None
+    names = dead or [name for name, _ in first]
+    message = (
+        f"gradients vanish towards the input: the first layers' gradient norm is {first_mean:.2e}, "
+        f"{ratio:.1e} of the last layers' ({last_mean:.2e}); {', '.join(names[:4])} barely learn"
+    )
+    return _alert("vanishing", step, message, names, first_norm=first_mean, last_norm=last_mean, ratio=ratio)
 
 
 def exploding(step: int, grad_norm: float, history: list[float], cfg: HealthConfig) -> Alert | None:

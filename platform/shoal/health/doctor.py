@@ -38,20 +38,22 @@ def diagnose(run_dir: Path) -> Path:
     summary = read_summary(run_dir) or {"status": "running (no summary.json yet)"}
     out = run_dir / "doctor"
     out.mkdir(exist_ok=True)
-    plots = [
-        p
-        for p in (
-            _plot_loss(records, out),
-            _plot_lr(records, out),
-            _plot_layers(records, out),
-            _plot_stages(records, out),
-            _plot_distributions(records, out),
-            _plot_gns(records, out),
-        )
-        if p is not None
-    ]
+    plots = _plots(records, out)
     (out / "report.md").write_text(_markdown(run_dir, summary, records, alerts, plots))
     return out / "report.md"
+
+
+def _plots(records: list[dict[str, Any]], out: Path) -> list[Path]:
+    """The plots these records allow, written to `out`."""
+    plots = (
+        _plot_loss(records, out),
+        _plot_lr(records, out),
+        _plot_layers(records, out),
+        _plot_stages(records, out),
+        _plot_distributions(records, out),
+        _plot_gns(records, out),
+    )
+    return [p for p in plots if p is not None]
 
 
 def _markdown(
@@ -64,9 +66,20 @@ def _markdown(
     lines = [f"# Shoal doctor: {run_dir.name}", "", f"Status: **{summary.get('status')}**"]
     if summary.get("error"):
         lines.append(f"Error: `{summary['error']}`")
+    lines += ["", "| figure | value |", "|---|---|", *_figure_rows(records)]
+    lines += ["", "## Alerts", "", *_alert_sections(alerts)]
+    verdict = batch_verdict(records)
+    if verdict:
+        lines += ["## Batch size and gradient noise", "", verdict, ""]
+    lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
+    return "\n".join(lines)
+
+
+def _figure_rows(records: list[dict[str, Any]]) -> list[str]:
+    """The report's table rows: the last logged step's and the last evaluation's figures."""
     last = next((r for r in reversed(records) if "loss" in r), {})
     last_eval = next((r for r in reversed(records) if "val_loss" in r), {})
-    lines += ["", "| figure | value |", "|---|---|"]
+    rows = []
     for key, value in (
         ("last logged step", last.get("step")),
         ("training loss", last.get("loss")),
@@ -77,12 +90,17 @@ def _markdown(
         ("skipped steps", last.get("skipped_steps")),
     ):
         if value is not None:
-            lines.append(f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |")
-    lines += ["", "## Alerts", ""]
+            rows.append(f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |")
+    return rows
+
+
+def _alert_sections(alerts: list[dict[str, Any]]) -> list[str]:
+    """A section per kind of alert: how often, the first one's message, where, and the usual remedies."""
     if not alerts:
-        lines.append(
+        return [
             "None: no vanishing or exploding gradients, NaN/Inf, divergence, plateau, overfitting or input-bound steps were seen."
-        )
+        ]
+    lines = []
     for kind in dict.fromkeys(a["kind"] for a in alerts):
         of_kind = [a for a in alerts if a["kind"] == kind]
         first = of_kind[0]
@@ -90,14 +108,21 @@ def _markdown(
         if first.get("where"):
             lines.append("Where: " + ", ".join(f"`{w}`" for w in first["where"][:8]))
         lines += ["Usual remedies: " + "; ".join(f"`{r}`" for r in REMEDIES.get(kind, [])), ""]
-    verdict = batch_verdict(records)
-    if verdict:
-        lines += ["## Batch size and gradient noise", "", verdict, ""]
-    lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
-    return "\n".join(lines)
+    return lines
 
 
 FAR = 4.0  # a global batch this many times below or above the noise scale is far from it
+
+
+BELOW = (
+    " The batch is far below it: steps are noisy, and a larger batch would need proportionally fewer "
+    "steps for almost the same samples (faster on more devices): raise data.batch_size or "
+    "train.grad_accum_steps towards it, or set train.batch_ramp: auto."
+)
+ABOVE = (
+    " The batch is far above it: past the critical batch each extra sample buys little progress per "
+    "step, so samples (compute) are wasted: lower train.grad_accum_steps or data.batch_size towards it."
+)
 
 
 def batch_verdict(records: list[dict[str, Any]]) -> str | None:
@@ -110,16 +135,9 @@ def batch_verdict(records: list[dict[str, Any]]) -> str | None:
         f"At step {last['step']} the gradient noise scale (gns) is {gns:,.0f} samples and the global batch {batch:,}."
     )
     if batch * FAR < gns:
-        return (
-            head + " The batch is far below it: steps are noisy, and a larger batch would need proportionally fewer "
-            "steps for almost the same samples (faster on more devices): raise data.batch_size or "
-            "train.grad_accum_steps towards it, or set train.batch_ramp: auto."
-        )
+        return head + BELOW
     if batch > FAR * gns:
-        return (
-            head + " The batch is far above it: past the critical batch each extra sample buys little progress per "
-            "step, so samples (compute) are wasted: lower train.grad_accum_steps or data.batch_size towards it."
-        )
+        return head + ABOVE
     return head + " The batch is near it: a good trade of time against samples."
 
 
@@ -200,19 +218,23 @@ def _plot_distributions(records: list[dict[str, Any]], out: Path) -> Path | None
     fig, ax = figure(len(kinds), cols, (3.2 * cols, 2.8 * len(kinds)))
     for i, kind in enumerate(kinds):
         for j, key in enumerate(layers[kind]):
-            pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), list) and len(r[key]) == 7]
-            a = ax[i][j]
-            steps = [s for s, _ in pts]
-            q = list(zip(*[v for _, v in pts]))
-            a.fill_between(steps, q[1], q[5], alpha=0.2, color="tab:blue", label="5-95%")
-            a.fill_between(steps, q[2], q[4], alpha=0.4, color="tab:blue", label="25-75%")
-            a.plot(steps, q[3], color="tab:blue", lw=1, label="median")
-            a.set_title(key.removeprefix("dist_"), fontsize=8)
-            a.tick_params(labelsize=7)
+            _plot_quantiles(ax[i][j], records, key)
         for j in range(len(layers[kind]), cols):
             ax[i][j].axis("off")
     ax[0][0].legend(fontsize=6)
     return save(fig, out / "distributions.png")
+
+
+def _plot_quantiles(a: Any, records: list[dict[str, Any]], key: str) -> None:
+    """One layer's distribution over time: the median and the 25-75% and 5-95% bands."""
+    pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), list) and len(r[key]) == 7]
+    steps = [s for s, _ in pts]
+    q = list(zip(*[v for _, v in pts]))
+    a.fill_between(steps, q[1], q[5], alpha=0.2, color="tab:blue", label="5-95%")
+    a.fill_between(steps, q[2], q[4], alpha=0.4, color="tab:blue", label="25-75%")
+    a.plot(steps, q[3], color="tab:blue", lw=1, label="median")
+    a.set_title(key.removeprefix("dist_"), fontsize=8)
+    a.tick_params(labelsize=7)
 
 
 def _plot_gns(records: list[dict[str, Any]], out: Path) -> Path | None:

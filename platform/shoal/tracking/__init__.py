@@ -87,33 +87,30 @@ def build(cfg: JobConfig, run_dir: Path, world_size: int, resumed: bool) -> Trac
     return Tracker(backends) if backends else None
 
 
+ARTIFACT_FILES = ("summary.json", "summary.rank0.json", "config.yaml", "health.jsonl", "metrics.jsonl")
+
+
 def _artifacts(run_dir: Path, summary: dict[str, Any] | None) -> list[tuple[Path, str]]:
     """(file, folder in the tracker) for what the run left: summary, config, doctor report, check report."""
-    if summary is not None:
-        if not (run_dir / rundir.SUMMARY).exists():  # under Ray the controller writes it after this: send ours
-            (run_dir / "summary.rank0.json").write_text(json.dumps(summary, indent=2, default=str))
+    if summary is not None and not (run_dir / rundir.SUMMARY).exists():
+        # under Ray the controller writes it after this: send ours
+        (run_dir / "summary.rank0.json").write_text(json.dumps(summary, indent=2, default=str))
+    _write_doctor_report(run_dir)
+    out = [(run_dir / name, "") for name in ARTIFACT_FILES if (run_dir / name).exists()]
+    for folder in ("doctor", "check"):
+        d = run_dir / folder
+        if d.is_dir():
+            out += [(p, folder) for p in sorted(d.iterdir()) if p.is_file()]
+    return out
+
+
+def _write_doctor_report(run_dir: Path) -> None:
     try:
         from shoal.health.doctor import diagnose  # loads torch: sweep, compare import this in the driver
 
         diagnose(run_dir)
     except Exception as e:  # a report that cannot be drawn never fails the run
         log.warning("tracking: the doctor report could not be written (%s)", e)
-    out = [
-        (p, "")
-        for p in (
-            run_dir / "summary.json",
-            run_dir / "summary.rank0.json",
-            run_dir / "config.yaml",
-            run_dir / "health.jsonl",
-            run_dir / "metrics.jsonl",
-        )
-        if p.exists()
-    ]
-    for folder in ("doctor", "check"):
-        d = run_dir / folder
-        if d.is_dir():
-            out += [(p, folder) for p in sorted(d.iterdir()) if p.is_file()]
-    return out
 
 
 def group(cfg: JobConfig, name: str) -> JobConfig:

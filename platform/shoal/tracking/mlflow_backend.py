@@ -67,24 +67,38 @@ class MLflowBackend:
     def _ready(self) -> str:
         """The run's id, after creating the run (or setting a resumed one RUNNING) and sending the config, if that has
         not happened yet. Runs in the sender's thread only, so calls never race."""
-        from mlflow.entities import Param  # optional, as in _client
-
         if self.tags is None:
-            self.tags = tags(self.cfg, self.world_size)
-            if self.c.parent_run_id:
-                self.tags["mlflow.parentRunId"] = self.c.parent_run_id
-            if "git.commit" in self.tags:
-                self.tags["mlflow.source.git.commit"] = self.tags["git.commit"]
+            self.tags = self._run_tags()
         if self.run_id is None:
-            run = self.client.create_run(
-                _experiment(self.client, self.c.experiment), run_name=self.c.run_name or self.cfg.name, tags=self.tags
-            )
-            self.run_id = run.info.run_id
-            save_id(self.run_dir, "mlflow_run_id", self.run_id)
-            self.params = [Param(k, str(v)) for k, v in flatten(self.cfg.to_dict()).items()]
+            self._create_run()
         elif self.resuming:
             self.client.update_run(self.run_id, status="RUNNING")
             self.resuming = False
+        self._send_params()
+        return self.run_id
+
+    def _run_tags(self) -> dict[str, str]:
+        """The run's tags, with MLflow's own names for the parent run and the commit."""
+        run_tags = tags(self.cfg, self.world_size)
+        if self.c.parent_run_id:
+            run_tags["mlflow.parentRunId"] = self.c.parent_run_id
+        if "git.commit" in run_tags:
+            run_tags["mlflow.source.git.commit"] = run_tags["git.commit"]
+        return run_tags
+
+    def _create_run(self) -> None:
+        """Creates the run, saves its id in the run directory and queues the config as params."""
+        from mlflow.entities import Param  # optional, as in _client
+
+        run = self.client.create_run(
+            _experiment(self.client, self.c.experiment), run_name=self.c.run_name or self.cfg.name, tags=self.tags
+        )
+        self.run_id = run.info.run_id
+        save_id(self.run_dir, "mlflow_run_id", self.run_id)
+        self.params = [Param(k, str(v)) for k, v in flatten(self.cfg.to_dict()).items()]
+
+    def _send_params(self) -> None:
+        """The config's params not yet sent, 100 a call; given up (one warning) when the server refuses them."""
         while self.params:
             try:
                 self.client.log_batch(self.run_id, params=self.params[:100])
@@ -95,7 +109,6 @@ class MLflowBackend:
                 self.params = []
                 break
             del self.params[:100]
-        return self.run_id
 
     def log(self, step: int, numbers: dict[str, float]) -> None:
         from mlflow.entities import Metric  # optional, as in _client

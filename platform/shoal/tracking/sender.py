@@ -17,7 +17,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,24 +86,30 @@ class Sender:
             try:
                 item.send()
             except Exception as e:  # a tracker's failure is never the run's
-                self._warn(e)
-                self.failed = e
-                if self.failing_since is None:
-                    self.failing_since = time.monotonic()
-                pause = next(retries, None)
-                if pause is None:
-                    self.down = True
-                    if not unanswered(e):  # the tracker answered, with an error: this call will not go through
-                        self._drop(item)
-                        return
-                    pause = PROBE_S  # not answering: keep the call (and those behind it) until it answers
-                self._pause(pause)
+                if not self._failed(item, e, retries):
+                    return
                 continue
             if self.down and not self.said_back:
                 self.said_back = True
                 log.info("%s: the tracker answers again; sending what was queued", self.name)
             self.down, self.failing_since = False, None
             return
+
+    def _failed(self, item: _Call, e: Exception, retries: Iterator[float]) -> bool:
+        """Notes a failed call and pauses before its next try; False when the call is dropped instead."""
+        self._warn(e)
+        self.failed = e
+        if self.failing_since is None:
+            self.failing_since = time.monotonic()
+        pause = next(retries, None)
+        if pause is None:
+            self.down = True
+            if not unanswered(e):  # the tracker answered, with an error: this call will not go through
+                self._drop(item)
+                return False
+            pause = PROBE_S  # not answering: keep the call (and those behind it) until it answers
+        self._pause(pause)
+        return True
 
     def _pause(self, seconds: float) -> None:
         if self.closing.is_set():
@@ -138,25 +144,9 @@ class Sender:
         """Send what is queued; give up once the tracker has not answered for down_s since start (time.monotonic(),
         default now), or at start + timeout_s. False, after one warning line, if something was not sent."""
         self.stop()
-        start = time.monotonic() if start is None else start
-        why = ""
-        while self.thread.is_alive():
-            now = time.monotonic()
-            since = self.failing_since
-            if since is not None and now - max(since, start) >= down_s:
-                why = f"{self.hint} ({_first_line(self.failed)}); gave up after {down_s:g} s at the end of the run"
-                break
-            if now - start >= timeout_s:
-                why = f"still sending after {timeout_s:g} s at the end of the run; gave up"
-                break
-            self.thread.join(0.05)
+        why = self._wait_sent(timeout_s, down_s, time.monotonic() if start is None else start)
         if self.thread.is_alive():
-            self.gave_up.set()
-            self._wake.set()
-            with self.queue.mutex:
-                left = [c for c in (self.current, *self.queue.queue) if c is not None]
-            for c in left:
-                self._drop(c)
+            self._give_up()
         elif self.dropped or self.lost:
             why = f"some calls failed during the run (last: {_first_line(self.failed)})"
         else:
@@ -166,6 +156,27 @@ class Sender:
             not_sent.append(f"nor {', '.join(dict.fromkeys(self.lost))}")
         log.warning("%s: %s: %s", self.name, why, ", ".join(not_sent))
         return False
+
+    def _wait_sent(self, timeout_s: float, down_s: float, start: float) -> str:
+        """Waits for the thread to send the queue; why it stopped waiting before it had ('' when it had)."""
+        while self.thread.is_alive():
+            now = time.monotonic()
+            since = self.failing_since
+            if since is not None and now - max(since, start) >= down_s:
+                return f"{self.hint} ({_first_line(self.failed)}); gave up after {down_s:g} s at the end of the run"
+            if now - start >= timeout_s:
+                return f"still sending after {timeout_s:g} s at the end of the run; gave up"
+            self.thread.join(0.05)
+        return ""
+
+    def _give_up(self) -> None:
+        """Stops the thread's sending; what it still held counts as not sent."""
+        self.gave_up.set()
+        self._wake.set()
+        with self.queue.mutex:
+            left = [c for c in (self.current, *self.queue.queue) if c is not None]
+        for c in left:
+            self._drop(c)
 
 
 def _first_line(e: BaseException | None) -> str:
