@@ -295,7 +295,9 @@ def test_a_training_run_started_before_its_server_is_logged_in_full(mlflow_serve
             "shoal",
             "worker",
             QUICKSTART,
-            *tiny_overrides(run, **{"train.max_steps": 1_000_000, "train.eval_every": 0, "log.every": 50}),
+            *tiny_overrides(
+                run, **{"train.max_steps": 1_000_000, "train.eval_every": 0, "log.every": 500, "health.every": 500}
+            ),
             f"log.mlflow.tracking_uri={late.url}",
             "log.mlflow.experiment=late_run",
         ],
@@ -305,19 +307,23 @@ def test_a_training_run_started_before_its_server_is_logged_in_full(mlflow_serve
         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])},
     )
     try:
+        # a record every 500 steps (log and health alike, about one a second here): the backlog of the minutes the server was down is
+        # sent in seconds once it is up, so the end of the run has little left to send on a slow machine too
         wait_for("the tracker's first failure", lambda: "log.mlflow: the tracking server" in out.read_text(), 90)
         time.sleep(2 * sum(RETRY_PAUSES))  # the quick retries of the run's creation are long spent when it comes up
         assert run_id_of(run) is None and train.poll() is None
         late.open()
         wait_for("the run to be created", lambda: run_id_of(run) is not None, 60)
         client = MlflowClient(server_url)
-        wait_for("the first records", lambda: 50 in {m.step for m in client.get_metric_history(run_id_of(run), "loss")})
+        wait_for(
+            "the first records", lambda: 500 in {m.step for m in client.get_metric_history(run_id_of(run), "loss")}
+        )
         train.send_signal(signal.SIGTERM)  # a graceful stop: checkpoint, summary, the tracker's flush
         assert train.wait(timeout=120) == 143, out.read_text()[-3000:]
         run_id = run_id_of(run)
         assert client.get_run(run_id).info.status == "FINISHED"
         want = [(r["step"], r["loss"]) for r in metrics_of(run) if "loss" in r]
-        assert len(want) >= 2 and want[0][0] == 50
+        assert len(want) >= 2 and want[0][0] == 500
         assert sorted((m.step, m.value) for m in client.get_metric_history(run_id, "loss")) == want
         assert "gave up" not in out.read_text()
     finally:

@@ -10,7 +10,7 @@ from typing import Any
 from shoal.errors import ShoalError
 
 RESTART, RAISE = "restart", "raise"
-COLLECTIVE_WORDS = ("gloo", "NCCL", "Connection reset", "Connection closed", "timed out")
+COLLECTIVE_WORDS = ("gloo", "NCCL", "Connection reset", "Connection closed", "Broken pipe", "timed out")
 DIED = "WorkerDied"  # RankError.kind of a rank whose process is gone
 
 

@@ -14,7 +14,7 @@ from typing import Any
 from shoal.config import JobConfig, config_from_dict
 from shoal.controller.failure import RankError, RankStatus
 from shoal.dist import ranks_env_from_counts
-from shoal.errors import ClusterError, ShoalError
+from shoal.errors import ClusterError
 from shoal.imports import import_object
 from shoal.run import Hooks, Run
 
@@ -82,10 +82,13 @@ class RankActor:
             with self.lock:
                 self.result, self.state = result, "done"
         except BaseException as exc:  # reported to the driver, which stops the group
-            if not isinstance(exc, ShoalError):
+            error = RankError.raised(self.rank, exc)
+            # a user's mistake is one line at the driver; a failed collective is a peer's failure seen from here
+            # (its message still reaches the driver): only a rank's own crash prints its traceback
+            if not (error.user_error or error.in_collective):
                 print(traceback.format_exc(), file=sys.stderr, flush=True)
             with self.lock:
-                self.error, self.state = RankError.raised(self.rank, exc), "failed"
+                self.error, self.state = error, "failed"
 
     def _step(self, step: int) -> None:
         self.step = step
