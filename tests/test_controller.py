@@ -10,7 +10,17 @@ import pytest
 
 from shoal.config import load_config
 from shoal.controller.controller import Controller, State
-from shoal.controller.failure import RAISE, RESTART, Failure, HangWatch, RankError, RankStatus, decide, root_cause
+from shoal.controller.failure import (
+    RAISE,
+    RESTART,
+    Failure,
+    HangWatch,
+    RankError,
+    RankState,
+    RankStatus,
+    decide,
+    root_cause,
+)
 from shoal.controller.worker_group import order_by_node
 from shoal.errors import ShoalError, WorkerFailed
 
@@ -20,7 +30,9 @@ QUICKSTART = REPO / "configs" / "quickstart.yaml"
 
 
 def failed(rank: int, kind: str, message: str, user: bool = False) -> RankStatus:
-    return RankStatus("failed", error=RankError(rank, kind, message, user_error=user, exit_code=2 if user else 1))
+    return RankStatus(
+        RankState.FAILED, error=RankError(rank, kind, message, user_error=user, exit_code=2 if user else 1)
+    )
 
 
 @pytest.mark.parametrize(
@@ -50,15 +62,15 @@ def test_root_cause_prefers_user_errors_then_dead_processes_then_own_errors_over
 
 def test_hang_watch_names_the_rank_that_stopped_stepping_or_answering():
     watch = HangWatch(2, hang_timeout_s=3.0, timeout_s=10.0, now=0.0)
-    assert watch.check([RankStatus("running", step=1), RankStatus("running", step=1)], now=1.0) is None
+    assert watch.check([RankStatus(RankState.RUNNING, step=1), RankStatus(RankState.RUNNING, step=1)], now=1.0) is None
     assert (
-        watch.check([RankStatus("running", step=2), RankStatus("running", step=1)], now=3.5) is None
+        watch.check([RankStatus(RankState.RUNNING, step=2), RankStatus(RankState.RUNNING, step=1)], now=3.5) is None
     )  # rank 1 moved at t=1
-    hung = watch.check([RankStatus("running", step=3), RankStatus("running", step=1)], now=4.5)
+    hung = watch.check([RankStatus(RankState.RUNNING, step=3), RankStatus(RankState.RUNNING, step=1)], now=4.5)
     assert hung is not None and hung.rank == 1 and "made no progress for 3s at step 1" in hung.message
     silent = HangWatch(1, None, timeout_s=10.0, now=0.0)
-    assert silent.check([RankStatus("running", unanswered=True)], now=5.0) is None
-    lost = silent.check([RankStatus("running", unanswered=True)], now=11.0)
+    assert silent.check([RankStatus(RankState.RUNNING, unanswered=True)], now=5.0) is None
+    lost = silent.check([RankStatus(RankState.RUNNING, unanswered=True)], now=11.0)
     assert lost is not None and "did not answer for 10s" in lost.message
 
 
@@ -95,8 +107,8 @@ def controller(tmp_path, groups: list[ScriptedGroup], **overrides) -> Controller
     return Controller(cfg, tmp_path, lambda: next(made), io.StringIO(), poll_s=0.0, grace_s=0.0)
 
 
-DONE = RankStatus("done", step=5, result={"status": "completed", "steps": 5})
-RUN = RankStatus("running", step=1)
+DONE = RankStatus(RankState.DONE, step=5, result={"status": "completed", "steps": 5})
+RUN = RankStatus(RankState.RUNNING, step=1)
 BOOM = failed(1, "RuntimeError", "boom")
 
 

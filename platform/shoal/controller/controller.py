@@ -17,7 +17,17 @@ from typing import Any, NoReturn, Protocol
 
 from shoal import rundir
 from shoal.config import JobConfig
-from shoal.controller.failure import RAISE, Failure, GroupFailed, HangWatch, RankError, RankStatus, decide, root_cause
+from shoal.controller.failure import (
+    RAISE,
+    Failure,
+    GroupFailed,
+    HangWatch,
+    RankError,
+    RankState,
+    RankStatus,
+    decide,
+    root_cause,
+)
 from shoal.errors import ShoalError, WorkerFailed
 from shoal.progress import Progress
 from shoal.signals import StopOnSignal
@@ -152,7 +162,7 @@ class Controller:
                     hung = hang.check(polls, time.monotonic())
                     if hung is not None:
                         raise GroupFailed(hung)
-                    if all(p.state == "done" for p in polls):
+                    if all(p.state == RankState.DONE for p in polls):
                         return {**(polls[0].result or {}), "exit_code": signals.exit_code}
                     time.sleep(self.poll_s)
         finally:

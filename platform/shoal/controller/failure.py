@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 from shoal.errors import ShoalError
@@ -39,11 +40,20 @@ class RankError:
         return any(w in self.message for w in COLLECTIVE_WORDS)
 
 
+class RankState(str, Enum):
+    """Where one rank's actor stands."""
+
+    IDLE = "idle"  # created, not yet running the job
+    RUNNING = "running"
+    DONE = "done"  # returned its summary
+    FAILED = "failed"  # raised, or its process died
+
+
 @dataclass(frozen=True)
 class RankStatus:
     """One rank's answer to a poll."""
 
-    state: str  # running | done | failed
+    state: RankState
     step: int = -1  # last finished step
     records: list[dict[str, Any]] = field(default_factory=list)  # metrics records since the last poll (rank 0)
     result: dict[str, Any] | None = None  # the rank's summary once done
@@ -111,7 +121,7 @@ class HangWatch:
                     )
                 continue
             self.answered[rank] = now
-            if s.step != self.steps[rank] or s.state != "running":
+            if s.step != self.steps[rank] or s.state != RankState.RUNNING:
                 self.steps[rank], self.moved[rank] = s.step, now
             elif self.hang_timeout_s and now - self.moved[rank] > self.hang_timeout_s:
                 return Failure(

@@ -12,7 +12,7 @@ import traceback
 from typing import Any
 
 from shoal.config import JobConfig, config_from_dict
-from shoal.controller.failure import RankError, RankStatus
+from shoal.controller.failure import RankError, RankState, RankStatus
 from shoal.dist import ranks_env_from_counts
 from shoal.errors import ClusterError
 from shoal.imports import import_object
@@ -34,7 +34,7 @@ class RankActor:
     def __init__(self, rank: int) -> None:
         self.rank = rank
         self.records: list[dict[str, Any]] = []
-        self.state = "idle"
+        self.state = RankState.IDLE
         self.result: dict[str, Any] | None = None
         self.error: RankError | None = None
         self.stop = threading.Event()
@@ -67,7 +67,7 @@ class RankActor:
         if os.path.isdir(cwd):
             os.chdir(cwd)  # relative paths in the config mean the same as on the driver
         sys.path[:0] = [p for p in sys_path if p not in sys.path]
-        self.state = "running"
+        self.state = RankState.RUNNING
         args = (config_from_dict(cfg), resume, entry, extra)
         threading.Thread(target=self._train, args=args, daemon=True, name="shoal-train").start()
 
@@ -80,7 +80,7 @@ class RankActor:
             run = Run(cfg, resume, Hooks(self._report, self.stop, self._step, self._mark), under_controller=True)
             result = train(run, **extra)
             with self.lock:
-                self.result, self.state = result, "done"
+                self.result, self.state = result, RankState.DONE
         except BaseException as exc:  # reported to the driver, which stops the group
             error = RankError.raised(self.rank, exc)
             # a user's mistake is one line at the driver; a failed collective is a peer's failure seen from here
@@ -88,7 +88,7 @@ class RankActor:
             if not (error.user_error or error.in_collective):
                 print(traceback.format_exc(), file=sys.stderr, flush=True)
             with self.lock:
-                self.error, self.state = error, "failed"
+                self.error, self.state = error, RankState.FAILED
 
     def _step(self, step: int) -> None:
         self.step = step
@@ -182,13 +182,13 @@ class WorkerGroup:
         out: list[RankStatus] = []
         for rank, ref in enumerate(refs):
             if ref not in ready:
-                out.append(RankStatus("running", unanswered=True))
+                out.append(RankStatus(RankState.RUNNING, unanswered=True))
                 continue
             try:
                 out.append(ray.get(ref))
             except ray.exceptions.RayActorError as e:
                 reason = str(e).strip().splitlines()[0] if str(e).strip() else "the process died"
-                out.append(RankStatus("failed", error=RankError.died(rank, reason)))
+                out.append(RankStatus(RankState.FAILED, error=RankError.died(rank, reason)))
         return out
 
     def request_stop(self) -> None:
