@@ -6,6 +6,7 @@ save and stop.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,8 +43,13 @@ class Gradients:
     count: int  # elements it is summed over
     rows: int  # samples this rank read
     grad_norm: torch.Tensor  # global norm before clipping
-    ok: bool  # every gradient finite, on every rank
+    norm: float  # the same, read once on the host
     data_s: float
+
+    @property
+    def ok(self) -> bool:
+        """Every gradient finite, on every rank."""
+        return math.isfinite(self.norm)
 
 
 def train_step(job: Job) -> StepResult:
@@ -55,7 +61,7 @@ def train_step(job: Job) -> StepResult:
     job.gns.arm(step)
     g = compute_gradients(job, step)
     job.batch.adapt(job.gns.observe(step, g.grad_norm, g.rows, job.precision.scale))  # auto ramp: at estimates
-    job.health.observe_gradients(step, float(g.grad_norm))
+    job.health.observe_gradients(step, g.norm)
     lr = job.schedule.apply(opt, step, job.batch.lr_factor(step))
     if g.ok:
         job.extras.before_step(step)
@@ -84,9 +90,12 @@ def compute_gradients(job: Job, step: int) -> Gradients:
     grad_norm = job.strategy.clip(job.params)
     # The agreement: the norm comes from reduced gradients, and a non-finite loss or gradient on any
     # rank made them NaN on every rank (forward_backward spreads it), so every rank reads the same
-    # answer here and skips or steps together, with no collective of its own.
-    ok = bool(torch.isfinite(grad_norm))
-    return Gradients(loss_sum, job.strategy.counted(counts), sum(y.shape[0] for _, y in batches), grad_norm, ok, data_s)
+    # answer here and skips or steps together, with no collective of its own. This is the step's one
+    # host read (the skip decision needs it before the optimizer runs); everything else stays on device.
+    norm = float(grad_norm)
+    return Gradients(
+        loss_sum, job.strategy.counted(counts), sum(y.shape[0] for _, y in batches), grad_norm, norm, data_s
+    )
 
 
 @torch.no_grad()

@@ -68,12 +68,13 @@ class NoiseScale:
         return self._estimate() if step % self.estimate_every == 0 else None
 
     def _add(self, local_sq: torch.Tensor, global_sq: torch.Tensor, b: int) -> None:
-        if not (torch.isfinite(local_sq) and torch.isfinite(global_sq)):
-            return
+        """A measured step's terms; a non-finite one adds nothing (decided on device: no host read)."""
         big = b * self.world_size
         g2 = (big * global_sq - b * local_sq) / (big - b)
         trace = (local_sq - global_sq) / (1.0 / b - 1.0 / big)
-        self.sums += torch.stack([g2.double(), trace.double(), torch.ones((), dtype=torch.float64, device=self.device)])
+        terms = torch.stack([g2.double(), trace.double(), torch.ones((), dtype=torch.float64, device=self.device)])
+        finite = torch.isfinite(local_sq) & torch.isfinite(global_sq)
+        self.sums += torch.where(finite, terms, torch.zeros_like(terms))
 
     def _estimate(self) -> float | None:
         """Average the interval's terms over the ranks (one small all-reduce) into the moving averages."""

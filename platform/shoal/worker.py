@@ -5,6 +5,7 @@ launcher: the Ray rank actor, `torchrun -m shoal worker` and a plain `shoal work
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 from collections.abc import Callable
@@ -47,6 +48,10 @@ def run_worker(
             if run.hooks.stop is not None:
                 job.stop_requested = run.hooks.stop
             _restore(job, run.resume_target(), world)
+            # What start-up built lives for the whole run: frozen, the collector's full passes during
+            # training no longer walk it (a loop of a plain script does not pay for Shoal's imports).
+            gc.collect()
+            gc.freeze()
             run.hooks.mark("built")
             run.open_record(job.counters.step)
             if world.is_main:
@@ -55,6 +60,7 @@ def run_worker(
             named = {**run.names(), "strategy": run.cfg.strategy, "precision": run.cfg.train.precision}
             return run.finish({**summary, **named, "device": str(device)})
     finally:
+        gc.unfreeze()  # the run's objects may go now (a process that trains again, a test)
         if job is not None:
             job.strategy.close()
         dist.destroy_process_group()

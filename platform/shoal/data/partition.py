@@ -89,8 +89,11 @@ class EpochOrder:
         positions = np.asarray(positions, dtype=np.int64)
         if not self.window:
             return self._base(positions)
-        out = np.empty_like(positions)
         windows = positions // self.window
+        if len(windows) and windows.min() == windows.max():  # a batch's positions are a span: usually one window
+            w = int(windows[0])
+            return self._base(w * self.window + self._window_perm(w)[positions - w * self.window])
+        out = np.empty_like(positions)
         for w in np.unique(windows):
             sel = windows == w
             out[sel] = w * self.window + self._window_perm(int(w))[positions[sel] - w * self.window]

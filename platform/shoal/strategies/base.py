@@ -121,7 +121,10 @@ class Strategy(abc.ABC):
 
     def clip(self, params: list[nn.Parameter]) -> torch.Tensor:
         """Measure the global norm (identical on every rank: it comes from reduced values), then clip by
-        train.clip_grad_norm or clip_grad_value if it is finite."""
+        train.clip_grad_norm or clip_grad_value.
+
+        No host read here: a non-finite norm leaves zero or NaN gradients behind, and that step is
+        skipped (the step's one read of the norm decides it), so the clipped values are never used."""
         cfg = self.cfg.train
         grads = [p.grad for p in params if p.grad is not None]
         if not self.grads_bytes:
@@ -132,11 +135,11 @@ class Strategy(abc.ABC):
             norm = torch.nn.utils.get_total_norm(grads, foreach=True).double()
         else:
             norm = torch.zeros((), device=self.device, dtype=torch.float64)
-        if torch.isfinite(norm):
-            if cfg.clip_grad_norm is not None:
-                torch.nn.utils.clip_grads_with_norm_(params, cfg.clip_grad_norm, norm)
-            elif cfg.clip_grad_value is not None:
-                torch.nn.utils.clip_grad_value_(params, cfg.clip_grad_value)
+        if cfg.clip_grad_norm is not None:
+            # the coefficient in the gradients' own dtype: a float64 one sends _foreach_mul_ down its slow path
+            torch.nn.utils.clip_grads_with_norm_(params, cfg.clip_grad_norm, norm.to(grads[0].dtype) if grads else norm)
+        elif cfg.clip_grad_value is not None:
+            torch.nn.utils.clip_grad_value_(params, cfg.clip_grad_value)
         return norm
 
 
