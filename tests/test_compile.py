@@ -1,7 +1,7 @@
-"""train.compile on real 2-rank gloo groups: compiled runs give the eager losses under allreduce (the whole model)
-and fsdp (each block, activation-checkpointed, compiled before sharding); a checkpoint moves from a compiled run to
-an eager one and back; checkpoints and exports keep the eager model's keys; the first step's compile time reaches
-startup.json; without a compiler, validate and train say what to install.
+"""train.compile on real 2-rank gloo groups: compiled runs give the eager losses under allreduce (the whole model),
+fsdp (each block, activation-checkpointed, compiled before sharding) and 2 pipeline stages (each block); a
+checkpoint moves from a compiled run to an eager one and back; checkpoints and exports keep the eager model's keys;
+the first step's compile time reaches the start-up marks; without a compiler, validate and train say what to install.
 
 Each configuration is compiled once per module (torch.compile takes tens of seconds per model on a small CPU);
 the tests share those runs. Losses agree within TOLERANCE: inductor fuses and reorders float32 arithmetic, so
@@ -60,12 +60,16 @@ def job(run_dir: Path, strategy: str, compile: str | bool, **updates) -> dict:
 
 
 def train_on_rank(cfg_dict: dict) -> dict:
-    """One rank's run; its summary and how long torch.compile worked in this process."""
+    """One rank's run: its summary, its start-up marks as the controller gets them (name, seconds: None for a
+    time, a figure for a duration) and how long torch.compile worked in this process."""
     from shoal.models import compile_seconds
+    from shoal.run import Hooks, Run
     from shoal.worker import run_worker
 
-    summary = run_worker(config_from_dict(cfg_dict))
-    return {"summary": summary, "compile_s": compile_seconds()}
+    marks: list[tuple[str, float | None]] = []
+    hooks = Hooks(mark=lambda name, seconds=None: marks.append((name, seconds)))
+    summary = run_worker(Run(config_from_dict(cfg_dict), hooks=hooks))
+    return {"summary": summary, "marks": marks, "compile_s": compile_seconds()}
 
 
 def trained(cfg_dict: dict) -> dict:
@@ -104,8 +108,20 @@ def fsdp(tmp_path_factory) -> dict:
     }
 
 
-def test_compiled_runs_give_the_eager_losses_under_allreduce_and_fsdp(allreduce, fsdp):
-    for runs in (allreduce, fsdp):
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory) -> dict:
+    """Eager and compiled (blocks) over 2 pipeline stages (stages call the blocks, never the model's forward)."""
+    need_system("g++")
+    root = tmp_path_factory.mktemp("pipeline")
+    stages = {"parallel.pipeline_stages": 2, "parallel.microbatches": 2}
+    return {
+        "eager": trained(job(root / "eager", "allreduce", False, **stages)),
+        "compiled": trained(job(root / "compiled", "allreduce", "blocks", **stages)),
+    }
+
+
+def test_compiled_runs_give_the_eager_losses_under_allreduce_fsdp_and_pipeline_stages(allreduce, fsdp, pipeline):
+    for runs in (allreduce, fsdp, pipeline):
         eager, compiled = runs["eager"], runs["compiled"]
         assert len(eager["losses"]) == len(compiled["losses"]) == STEPS
         assert compiled["losses"] == pytest.approx(eager["losses"], **TOLERANCE)
@@ -145,19 +161,19 @@ def test_checkpoints_and_exports_of_compiled_runs_have_the_eager_models_keys(all
         model.load_state_dict(torch.load(tmp_path / f"{name}.pt", weights_only=True))  # strict: every key
 
 
-def test_the_first_steps_compile_time_is_marked_before_the_first_step(tmp_path):
-    """compile_s reaches the rank's marks (the controller writes them to startup.json) ahead of first_step."""
-    from shoal.run import Hooks, Run
+def test_the_first_steps_compile_time_is_marked_before_the_first_step(allreduce):
+    """compile_s reaches the rank's marks (the controller writes rank 0's to startup.json) ahead of first_step."""
     from shoal.startup import Startup
-    from shoal.worker import run_worker
 
-    need_system("g++")
-    marks: list[tuple[str, float | None]] = []
-    cfg = config_from_dict(job(tmp_path / "run", "allreduce", "model", **{"train.max_steps": 2}))
-    run_worker(Run(cfg, hooks=Hooks(mark=lambda name, seconds=None: marks.append((name, seconds)))))
-    names = [name for name, _ in marks]
-    assert names == ["torch_imported", "process_group", "built", "compile_s", "first_step"]
+    marks = allreduce["compiled"]["marks"]
+    assert [name for name, _ in marks] == ["torch_imported", "process_group", "built", "compile_s", "first_step"]
     assert dict(marks)["compile_s"] > 0 and dict(marks)["first_step"] is None  # a duration; the stages are times
+    assert [name for name, _ in allreduce["eager"]["marks"]] == [
+        "torch_imported",
+        "process_group",
+        "built",
+        "first_step",
+    ]
     startup = Startup()
     startup.add_rank(0, {"first_step": startup.origin + 5.0, "compile_s": 3.5})
     assert startup.as_dict()["ranks"]["0"] == {"first_step": 5.0, "compile_s": 3.5}  # a duration stays one
