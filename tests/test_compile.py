@@ -179,26 +179,24 @@ def test_the_first_steps_compile_time_is_marked_before_the_first_step(allreduce)
     assert startup.as_dict()["ranks"]["0"] == {"first_step": 5.0, "compile_s": 3.5}  # a duration stays one
 
 
-@pytest.mark.parametrize("command", ["validate", "worker"])
-def test_without_a_compiler_validate_and_train_say_what_to_install(tmp_path, command):
-    proc = shoal_cli(
-        command,
-        str(QUICKSTART),
-        *tiny_overrides(tmp_path / "run", **{"train.compile": "blocks", "train.max_steps": 2}),
-        env={"CXX": str(tmp_path / "no-such-g++")},
-    )
+def error_line(proc) -> str:
+    """The one error line of a refused command (exit 2, no traceback)."""
     assert proc.returncode == 2, proc.stderr[-1500:]
-    assert "train.compile: torch.compile needs a C++ compiler (g++)" in proc.stderr
-    assert "apt-get install g++" in proc.stderr and "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("shoal: error")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-1500:]
+    return lines[0]
+
+
+def test_without_a_compiler_validate_and_train_say_what_to_install(tmp_path):
+    args = [str(QUICKSTART), *tiny_overrides(tmp_path / "run", **{"train.compile": "blocks", "train.max_steps": 2})]
+    env = {"CXX": str(tmp_path / "no-such-g++")}  # the compiler inductor would call, named and absent
+    said = error_line(shoal_cli("validate", *args, env=env))
+    assert "train.compile: torch.compile needs a C++ compiler (g++)" in said and "apt-get install g++" in said
+    assert error_line(shoal_cli("train", *args, env=env)) == said  # before any Ray process
+    assert error_line(shoal_cli("worker", *args, env=env)) == said  # a rank by torchrun checks it too
 
 
 def test_compiling_the_whole_model_under_pipeline_stages_is_a_config_error(tmp_path):
-    proc = shoal_cli(
-        "validate",
-        str(QUICKSTART),
-        *tiny_overrides(tmp_path / "run", **{"train.compile": "model", "parallel.pipeline_stages": 2}),
-    )
-    assert proc.returncode == 2, proc.stderr[-1500:]
-    assert "train.compile: model compiles the model's whole forward" in proc.stderr and "use train.compile: blocks" in (
-        proc.stderr
-    )
+    overrides = {"train.compile": "model", "parallel.pipeline_stages": 2}
+    said = error_line(shoal_cli("validate", str(QUICKSTART), *tiny_overrides(tmp_path / "run", **overrides)))
+    assert "train.compile: model compiles the model's whole forward" in said and "use train.compile: blocks" in said
