@@ -365,7 +365,7 @@ def compile_seconds() -> float | None:
     """Seconds torch.compile has spent in this process so far (TorchDynamo's own timers: the forward graphs and
     the backward's), or None where this torch does not keep them."""
     try:
-        from torch._dynamo.utils import calculate_time_spent  # private: this torch's own timing of its compiler
+        from torch._dynamo.utils import calculate_time_spent  # only train.compile jobs ask (a private torch module)
 
         return round(calculate_time_spent()["total_wall_time"], 3)
     except Exception:  # a torch without these timers: no figure rather than a wrong one

@@ -4,7 +4,7 @@
 second and without torch: the run directory, the data paths, the checkpoint to resume from, that
 model.target, data.decode and parallel.split_fn can be found (found, not imported: the user's module runs
 in the ranks only), the trackers' packages, data.augment against the data's shape, the world's layout, and
-train.compile's C++ compiler.
+the compiler train.compile needs.
 `shoal validate` runs `check` and then `check_model`: the model built on the meta device (no memory, no
 data) and checked as the ranks would check it (freeze patterns, fsdp units, pipeline splits, the output
 size against the data). So `shoal train` never refuses what `shoal validate` passed."""

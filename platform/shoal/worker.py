@@ -65,7 +65,7 @@ def _step_done(run: Run, world: WorldInfo) -> Callable[[int], None]:
     compile_s, and a log line): torch compiles lazily, inside the first forward and backward."""
     if not run.cfg.train.compile:
         return run.hooks.step_done
-    from shoal.models import compile_seconds  # torch: loaded by now (the job is built)
+    from shoal.models import compile_seconds  # loads torch, which this module keeps out of the CLI and the driver
 
     def step_done(step: int) -> None:
         if not run.hooks.stepped:
