@@ -34,6 +34,7 @@ SYSTEM_PACKAGES = {  # program -> what to install (pip cannot): the README's Dev
     "chromium": "Debian's chromium (apt-get install -y --no-install-recommends chromium)",
     "sbatch": "Debian's slurmctld slurmd slurm-client munge (apt-get install -y --no-install-recommends slurmctld "
     "slurmd slurm-client munge)",
+    "g++": "Debian's g++ (apt-get install -y --no-install-recommends g++), the C++ compiler torch.compile calls",
 }
 
 

@@ -65,4 +65,4 @@ def test_a_missing_system_package_skips_with_what_to_install_unless_ci_requires_
 def test_ci_requires_the_system_packages_it_installs():
     ci = (REPO / ".ci" / "run").read_text()
     assert "export SHOAL_REQUIRE_SYSTEM_DEPS=1" in ci
-    assert "chromium" in ci and "slurmctld" in ci
+    assert "chromium" in ci and "slurmctld" in ci and "install -y -qq --no-install-recommends g++" in ci

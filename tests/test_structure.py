@@ -19,7 +19,7 @@ PACKAGE = REPO / "platform" / "shoal"
 # The package's units, lowest first. A unit may import from its own layer and the layers below it, never from
 # one above. New modules are placed here when they land.
 LAYERS = [
-    {"errors", "imports", "progress", "signals", "startup", "plots"},  # no Shoal imports of their own
+    {"errors", "imports", "progress", "signals", "startup", "plots", "toolchain"},  # no Shoal imports of their own
     {"config"},  # the typed job and its rules
     {"dist", "cluster", "rundir", "dcp", "state", "weights", "checkpoint", "metrics", "precision"},
     {"data", "models", "losses", "optim", "batch", "gns", "health", "trained", "report", "tracking"},

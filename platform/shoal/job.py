@@ -22,7 +22,7 @@ from shoal.health.detectors import overfitting_remedies
 from shoal.health.policy import Rollback
 from shoal.losses import Loss
 from shoal.metrics import Window
-from shoal.models import apply_freeze, build_model, checkpoint_activations, trainable
+from shoal.models import apply_freeze, build_model, checkpoint_activations, compile_in_place, trainable
 from shoal.optim import Schedule, StepExtras, build_optimizer
 from shoal.precision import Precision
 from shoal.state import (
@@ -137,7 +137,7 @@ def prepared_model(
     cfg: JobConfig, data: Loaders, loss_fn: Loss, device: torch.device
 ) -> tuple[nn.Module, SparsityMasks, list[str]]:
     """The model on its device, before the strategy wraps it: weights loaded, sparsity masks taken, parameters
-    frozen, activation checkpointing in place."""
+    frozen, activation checkpointing in place, then compiled (train.compile: before DDP wraps or fsdp shards it)."""
     model = build_model(cfg.model, data.spec, loss_fn.out_features())
     if cfg.model.weights:
         load_weights(model, cfg.model.weights)
@@ -147,6 +147,7 @@ def prepared_model(
     checkpoint_activations(
         model, cfg.train.activation_checkpointing, cfg.train.activation_checkpointing_every, cfg.fsdp.units or None
     )
+    compile_in_place(model, cfg.train.compile, device.type == "cpu", cfg.fsdp.units or None)
     return model, sparsity, frozen
 
 

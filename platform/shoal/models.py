@@ -14,6 +14,7 @@ from shoal.config import ModelConfig
 from shoal.data.spec import DataSpec
 from shoal.errors import ConfigError, ShoalError
 from shoal.imports import import_object
+from shoal.toolchain import missing
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,
@@ -339,6 +340,36 @@ def _recomputed(forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Ten
         return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
     return run
+
+
+def compile_in_place(model: nn.Module, mode: str | bool, on_cpu: bool, patterns: list[str] | None = None) -> list[str]:
+    """train.compile: torch.compile the model's forward (model) or each block's (blocks); returns what was compiled.
+
+    nn.Module.compile() compiles a module's call in place (no OptimizedModule around it), so parameter names,
+    checkpoints and exports carry no `_orig_mod.` prefix. A block checkpointed by checkpoint_activations is
+    compiled with its recomputation; fsdp shards the compiled blocks afterwards. The graphs are built lazily,
+    at the first step (compile_seconds measures it).
+    """
+    if not mode:
+        return []
+    problem = missing(on_cpu)
+    if problem:
+        raise ConfigError(problem, key="train.compile")
+    chosen = [("", model)] if mode == "model" else blocks(model, patterns)
+    for _, module in chosen:
+        module.compile()
+    return [n or "model" for n, _ in chosen]
+
+
+def compile_seconds() -> float | None:
+    """Seconds torch.compile has spent in this process so far (TorchDynamo's own timers: the forward graphs and
+    the backward's), or None where this torch does not keep them."""
+    try:
+        from torch._dynamo.utils import calculate_time_spent  # only train.compile jobs ask (a private torch module)
+
+        return round(calculate_time_spent()["total_wall_time"], 3)
+    except Exception:  # a torch without these timers: no figure rather than a wrong one
+        return None
 
 
 class Piece:

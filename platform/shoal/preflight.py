@@ -3,7 +3,8 @@
 `check` is what `shoal train` (and `shoal worker`, `shoal submit`) run before anything starts, in about a
 second and without torch: the run directory, the data paths, the checkpoint to resume from, that
 model.target, data.decode and parallel.split_fn can be found (found, not imported: the user's module runs
-in the ranks only), the trackers' packages, data.augment against the data's shape, and the world's layout.
+in the ranks only), the trackers' packages, data.augment against the data's shape, the world's layout, and
+the compiler train.compile needs.
 `shoal validate` runs `check` and then `check_model`: the model built on the meta device (no memory, no
 data) and checked as the ranks would check it (freeze patterns, fsdp units, pipeline splits, the output
 size against the data). So `shoal train` never refuses what `shoal validate` passed."""
@@ -20,6 +21,7 @@ from shoal.data.locate import check_paths
 from shoal.data.spec import describe
 from shoal.errors import CheckpointError, ConfigError, ShoalError
 from shoal.imports import locate_object
+from shoal.toolchain import missing
 
 
 def check(cfg: JobConfig, *, resume: bool = False, local_files: bool = True) -> Path:
@@ -53,6 +55,7 @@ def check(cfg: JobConfig, *, resume: bool = False, local_files: bool = True) -> 
     rundir.check(path, cfg, resume)
     if local_files:
         check_paths(cfg.data)
+        check_compiler(cfg)
         if cfg.checkpoint.resume_from and not resume:
             check_checkpoint_dir(Path(cfg.checkpoint.resume_from).expanduser())
     return path
@@ -79,7 +82,7 @@ def check_model(cfg: JobConfig) -> None:
     except Exception:  # not buildable without real memory: the ranks check it
         return
     apply_freeze(model, cfg.model.freeze)
-    if cfg.strategy == "fsdp" or cfg.train.activation_checkpointing != "none":
+    if cfg.strategy == "fsdp" or cfg.train.activation_checkpointing != "none" or cfg.train.compile == "blocks":
         blocks(model, cfg.fsdp.units or None)
     if cfg.parallel.pipeline_stages > 1:
         from shoal.strategies.pipeline import stage_chain, stage_starts  # torch, as above
@@ -108,6 +111,14 @@ def check_trackers(cfg: JobConfig) -> None:
     for section in ("mlflow", "wandb"):
         if getattr(cfg.log, section) is not None and not installed(section):
             raise ConfigError(f"needs the {section} package: pip install 'shoal[{section}]'", key=f"log.{section}")
+
+
+def check_compiler(cfg: JobConfig) -> None:
+    """train.compile needs the compiler inductor calls (and Python's headers) where the ranks run: this machine,
+    for local files."""
+    problem = missing(cfg.scaling.on_cpu) if cfg.train.compile else None
+    if problem:
+        raise ConfigError(problem, key="train.compile")
 
 
 def installed(module: str) -> bool:

@@ -23,7 +23,7 @@ from shoal.metrics import MetricsWriter
 log = logging.getLogger("shoal")
 
 
-def _unmarked(name: str) -> None:
+def _unmarked(name: str, seconds: float | None = None) -> None:
     pass
 
 
@@ -34,7 +34,8 @@ class Hooks:
     report: Callable[[dict[str, Any]], None] | None = None  # rank 0's metrics records (progress display)
     stop: threading.Event | None = None  # set: stop at the next step boundary, agreed by every rank
     on_step: Callable[[int], None] | None = None  # every finished step (the controller's hang watch)
-    mark: Callable[[str], None] = _unmarked  # start-up stages as they end (startup.json)
+    # start-up stages as they end (startup.json); with seconds, a duration named *_s (compile_s)
+    mark: Callable[..., None] = _unmarked
     stepped: bool = field(default=False, init=False)
 
     def step_done(self, step: int) -> None:

@@ -1,6 +1,7 @@
 """Where start-up time goes: wall-clock marks of the driver and of each rank, written to RUN_DIR/startup.json.
 
-Marks are seconds since the driver process started. The driver also records which modules it had
+Marks are seconds since the driver process started; a rank's marks named *_s are durations instead
+(compile_s: seconds torch.compile took in the first step). The driver also records which modules it had
 loaded when the ranks started: the promise is that it never loads torch or the user's model module.
 """
 
@@ -42,8 +43,8 @@ class Startup:
         self.modules = {n: n in sys.modules for n in names}
 
     def add_rank(self, rank: int, marks: dict[str, float]) -> None:
-        """A rank's wall-clock marks, as seconds since the driver started."""
-        self.ranks[rank] = {k: round(v - self.origin, 3) for k, v in marks.items()}
+        """A rank's wall-clock marks, as seconds since the driver started (its *_s durations as they are)."""
+        self.ranks[rank] = {k: v if k.endswith("_s") else round(v - self.origin, 3) for k, v in marks.items()}
 
     def as_dict(self) -> dict[str, Any]:
         return {

@@ -56,7 +56,7 @@ def run_worker(
             run.open_record(job.counters.step)
             if world.is_main:
                 log.info("run directory %s; %d rank(s) on %s, backend %s", run.dir, world.world_size, device, backend)
-            summary = train(job, run.log, run.hooks.step_done)
+            summary = train(job, run.log, _step_done(run, world))
             named = {**run.names(), "strategy": run.cfg.strategy, "precision": run.cfg.train.precision}
             return run.finish({**summary, **named, "device": str(device)})
     finally:
@@ -64,6 +64,25 @@ def run_worker(
         if job is not None:
             job.strategy.close()
         dist.destroy_process_group()
+
+
+def _step_done(run: Run, world: WorldInfo) -> Callable[[int], None]:
+    """The run's step hook; with train.compile, the first step also records how long compiling took (startup.json's
+    compile_s, and a log line): torch compiles lazily, inside the first forward and backward."""
+    if not run.cfg.train.compile:
+        return run.hooks.step_done
+    from shoal.models import compile_seconds  # loads torch, which this module keeps out of the CLI and the driver
+
+    def step_done(step: int) -> None:
+        if not run.hooks.stepped:
+            seconds = compile_seconds()
+            if seconds is not None:
+                run.hooks.mark("compile_s", seconds)
+                if world.is_main:
+                    log.info("train.compile: %s compiled in %.1f s of the first step", run.cfg.train.compile, seconds)
+        run.hooks.step_done(step)
+
+    return step_done
 
 
 def _join_group(run: Run) -> tuple[WorldInfo, Any, str]:

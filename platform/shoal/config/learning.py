@@ -304,6 +304,11 @@ class TrainConfig(Section):
     modules fsdp.units names for your own model."""
     activation_checkpointing_every: int = Field(2, ge=1)
     """every_n: checkpoint blocks 0, n, 2n, ..."""
+    compile: Literal[False, "model", "blocks"] = False
+    """torch.compile: false (eager), model (the whole forward) or blocks (each repeated block on its own, as TorchTitan
+    does: activation checkpointing's blocks, compiled with their recomputation, before fsdp shards them; the only
+    choice with pipeline stages). In place: parameter names, checkpoints and exports are eager's, and runs resume
+    across the setting. Compiles at the first step (startup.json: compile_s); needs g++ where the ranks run."""
     batch_ramp: BatchRamp | None = None
     """Grow the global batch during training: {start, end, steps, lr_scaling} or auto (see Batch size); leave
     train.grad_accum_steps at 1, the ramp sets the accumulation count."""

@@ -77,6 +77,14 @@ def _pipeline_pieces(cfg: JobConfig) -> None:
         )
 
 
+def compile_fits(cfg: JobConfig) -> None:
+    if cfg.train.compile == "model" and cfg.parallel.pipeline_stages > 1:
+        raise ValueError(
+            "train.compile: model compiles the model's whole forward, which pipeline stages never call (each "
+            "stage runs its own blocks); use train.compile: blocks"
+        )
+
+
 def static_graph(cfg: JobConfig) -> None:
     if cfg.ddp.static_graph and cfg.train.grad_accum_steps > 1:
         # DDP's static graph and no_sync() do not mix: an internal assert, or AllReduce silently stops
@@ -148,6 +156,7 @@ RULES: list[Rule] = [
     fp16_needs_cuda,
     fsdp,
     pipeline,
+    compile_fits,
     static_graph,
     batch_ramp,
     keep_sparsity,

@@ -58,7 +58,7 @@ class RankStatus:
     records: list[dict[str, Any]] = field(default_factory=list)  # metrics records since the last poll (rank 0)
     result: dict[str, Any] | None = None  # the rank's summary once done
     error: RankError | None = None  # once failed
-    marks: dict[str, float] = field(default_factory=dict)  # start-up stages, wall clock
+    marks: dict[str, float] = field(default_factory=dict)  # start-up stages, wall clock (and *_s durations)
     unanswered: bool = False  # the poll timed out (node lost?)
 
 

@@ -93,8 +93,8 @@ class RankActor:
     def _step(self, step: int) -> None:
         self.step = step
 
-    def _mark(self, name: str) -> None:
-        self.marks[name] = time.time()
+    def _mark(self, name: str, seconds: float | None = None) -> None:
+        self.marks[name] = time.time() if seconds is None else seconds
 
     def _report(self, record: dict[str, Any]) -> None:
         with self.lock:

@@ -340,18 +340,24 @@ def stage_starts(chain: list[Piece], cfg: Any, times: Callable[[], list[float]] 
 
 
 def measured_times(model: nn.Module, chain: list[Piece], cfg: Any, device: torch.device) -> list[float]:
-    """Forward and backward seconds of each piece on a sample batch, measured on rank 0 (every rank takes its numbers)."""
+    """Forward and backward seconds of each piece on a sample batch, measured on rank 0 (every rank takes its numbers).
+    Compiled blocks (train.compile) are timed on a second pass: the first one compiles them."""
     times: list[float] | None = None
     if dist.get_rank() == 0:
         x, _ = next(build_loaders(cfg, WorldInfo(), device).train)
-        times = []
-        h = x
-        for p in chain:
-            h = h.detach().requires_grad_(h.is_floating_point())
-            t = time.perf_counter()
-            out = p.fn(h)
-            out.float().sum().backward()
-            times.append(time.perf_counter() - t)
-            h = out
+        for _ in range(2 if cfg.train.compile else 1):
+            times = _piece_times(chain, x)
         model.zero_grad(set_to_none=True)
     return broadcast_object(times)  # type: ignore[return-value]
+
+
+def _piece_times(chain: list[Piece], x: torch.Tensor) -> list[float]:
+    times, h = [], x
+    for p in chain:
+        h = h.detach().requires_grad_(h.is_floating_point())
+        t = time.perf_counter()
+        out = p.fn(h)
+        out.float().sum().backward()
+        times.append(time.perf_counter() - t)
+        h = out
+    return times
