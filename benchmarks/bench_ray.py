@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import psutil
+
 from _common import machine, median, table
 
 REPO = Path(__file__).resolve().parents[1]

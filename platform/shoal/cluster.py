@@ -51,6 +51,7 @@ class Cluster:
         if self.temp_dir:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
         if self.lease is not None:
+            _rank_env.clear()
             self.lease.release()  # the keeper's idle clock starts now
         if self.token_file is not None:
             self.token_file.unlink(missing_ok=True)
@@ -210,19 +211,23 @@ def _join_env(token: str) -> None:
 def _init_kept(state: dict[str, Any], held: keeper.Lease) -> Cluster:
     import ray
 
-    # the ranks see this run's environment, as in a cluster this run started (the kept node's processes
-    # have the environment of the run that started it)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k not in PER_PROCESS_ENV}
-    ray.init(
-        address=state["gcs"],
-        logging_level=logging.WARNING,
-        log_to_driver=True,
-        runtime_env={"env_vars": env},
-    )
+    global _rank_env
+    ray.init(address=state["gcs"], logging_level=logging.WARNING, log_to_driver=True)
+    # The kept node's processes have the environment of the run that started it; the ranks take on this
+    # run's, as in a cluster this run started. (A runtime_env would do it too, but its workers cannot be
+    # the ones Ray has ready: a second or more of start-up.)
+    _rank_env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k not in PER_PROCESS_ENV}
     return Cluster(embedded=True, owns_connection=True, lease=held)
 
 
 PER_PROCESS_ENV = frozenset({"CUDA_VISIBLE_DEVICES", "PWD", "OLDPWD", "SHLVL", "_"})
+_rank_env: dict[str, str] = {}
+
+
+def rank_env() -> dict[str, str]:
+    """What a rank actor sets in its environment as it starts: this run's environment on the kept cluster,
+    nothing on a cluster whose processes already have it (embedded) or should not (a remote one)."""
+    return dict(_rank_env)
 
 
 def own_token() -> str:
