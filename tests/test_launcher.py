@@ -271,7 +271,7 @@ def test_a_running_embedded_job_listens_on_loopback_only_and_starts_no_dashboard
         for k, v in os.environ.items()
         if k not in ("RANK", "WORLD_SIZE", "RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")
     }
-    env["PYTHONPATH"] = str(TESTS)
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])  # this checkout's shoal
     run = tmp_path / "run"
     proc = subprocess.Popen(
         [
