@@ -25,8 +25,7 @@ from typing import Any
 
 from shoal import keeper
 from shoal.errors import ClusterError
-
-LOOPBACK = "127.0.0.1"
+from shoal.raynode import LOOPBACK, start_node
 
 
 @dataclass
@@ -124,51 +123,12 @@ def _token_file() -> Path:
     path = keeper.state_dir() / f"token-{os.getpid()}"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(own_token())
+        f.write(os.environ["RAY_AUTH_TOKEN"])
     return path
 
 
 def _dashboard_note(url: str, token_in: Path) -> str:
     return f"[shoal] Ray dashboard: {url} on this machine only (sign in with the token in {token_in})"
-
-
-def start_node(num_cpus: int, dashboard: bool, temp_dir: str) -> Any:
-    """Start a Ray head node on loopback with only what a local run needs (see the module's docstring).
-
-    Ray's reaper and the kernel's parent-death signal stop the node's processes with the process that
-    started it, however that one ends.
-    """
-    from ray._private.parameter import RayParams
-
-    params = RayParams(
-        node_ip_address=LOOPBACK,
-        num_cpus=num_cpus,
-        include_dashboard=dashboard,
-        dashboard_host=LOOPBACK,
-        # a port of its own: Ray's default (8265) is taken by any other cluster on the machine, and its
-        # retries cost start-up seconds
-        dashboard_port=None if dashboard else free_port(),
-        temp_dir=temp_dir,
-        no_monitor=True,  # the autoscaler's monitor: nothing to scale on one machine
-        include_log_monitor=True,  # forwards the ranks' output to the driver
-    )
-    return _lean_node_class()(params, head=True, shutdown_at_exit=False, spawn_reaper=True)
-
-
-def _lean_node_class() -> type:
-    """Ray's Node, without the API server (dashboard.py) when the dashboard is off.
-
-    Ray starts that process even with include_dashboard=False (with its usage-stats module only) and waits
-    for it to publish its URL; with usage stats off it serves nothing a local run uses.
-    """
-    from ray._private.node import Node
-
-    class LeanNode(Node):
-        def start_api_server(self, *, include_dashboard: bool | None, raise_on_failure: bool) -> None:
-            if include_dashboard:
-                super().start_api_server(include_dashboard=include_dashboard, raise_on_failure=raise_on_failure)
-
-    return LeanNode
 
 
 def _join_kept(dashboard: bool, keep_alive_s: float) -> tuple[Cluster | None, str]:
@@ -184,7 +144,7 @@ def _join_kept(dashboard: bool, keep_alive_s: float) -> tuple[Cluster | None, st
     try:
         if held.state is None:
             _auth_env(None)  # a fresh token, inherited by the keeper
-            keeper.start(held, key, num_cpus, dashboard, keep_alive_s)
+            keeper.start(held, key, os.environ["RAY_AUTH_TOKEN"], num_cpus, dashboard, keep_alive_s)
             import ray  # noqa: F401  (while the keeper starts the node)
 
             state = keeper.wait_started(held)
@@ -230,11 +190,6 @@ def rank_env() -> dict[str, str]:
     return dict(_rank_env)
 
 
-def own_token() -> str:
-    """This process's cluster token (the keeper writes it to the state file)."""
-    return os.environ["RAY_AUTH_TOKEN"]
-
-
 def _auth_env(address: str | None) -> None:
     """Token authentication for the connection about to be made (before `import ray`).
 
@@ -249,13 +204,6 @@ def _auth_env(address: str | None) -> None:
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # node IP = loopback (Ray's laptop mode)
     elif "RAY_AUTH_MODE" not in os.environ and read_token(None):
         os.environ["RAY_AUTH_MODE"] = "token"
-
-
-def free_port() -> int:
-    """A free TCP port on loopback."""
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:

@@ -130,17 +130,20 @@ def keeper_alive(state: dict[str, Any]) -> bool:
         return False
 
 
-def start(held: Lease, key: str, num_cpus: int, dashboard: bool, keep_alive_s: float) -> None:
-    """Start the keeper; the caller holds the lease and has put the new cluster's token in the environment."""
+def start(held: Lease, key: str, token: str, num_cpus: int, dashboard: bool, keep_alive_s: float) -> None:
+    """Start the keeper; the caller holds the lease and has put the new cluster's token in the environment
+    (for Ray's processes)."""
     log = os.open(held.folder / LOG, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     command = [sys.executable, "-m", "shoal.keeper", "--key", key, "--num-cpus", str(num_cpus)]
     command += ["--keep-alive-s", str(keep_alive_s), *(["--dashboard"] if dashboard else [])]
     try:
         held.keeper = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, cwd=held.folder
+            command, stdin=subprocess.PIPE, stdout=log, stderr=log, start_new_session=True, cwd=held.folder, text=True
         )
     finally:
         os.close(log)
+    held.keeper.stdin.write(token)  # type: ignore[union-attr]  (for the state file; never on a command line)
+    held.keeper.stdin.close()  # type: ignore[union-attr]
 
 
 def wait_started(held: Lease, timeout_s: float = START_TIMEOUT_S) -> dict[str, Any]:
@@ -208,9 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(sig, _raise_stop)
     folder = state_dir()
+    token = sys.stdin.read().strip()
     try:
         with _node(args.num_cpus, args.dashboard) as (node, temp_dir):
-            write_state(folder, _state_of(node, args.key, temp_dir))
+            write_state(folder, _state_of(node, args.key, token, temp_dir))
             _watch(folder, node, args.keep_alive_s)
     except _Stop:
         pass
@@ -223,12 +227,12 @@ def main(argv: list[str] | None = None) -> int:
 def _node(num_cpus: int, dashboard: bool) -> Iterator[tuple[Any, str]]:
     import shutil
 
-    from shoal import cluster
+    from shoal.raynode import start_node
 
     temp_dir = tempfile.mkdtemp(prefix="shoal-ray-")
     node = None
     try:
-        node = cluster.start_node(num_cpus, dashboard, temp_dir)
+        node = start_node(num_cpus, dashboard, temp_dir)
         yield node, temp_dir
     finally:
         with contextlib.suppress(_Stop):
@@ -239,16 +243,14 @@ def _node(num_cpus: int, dashboard: bool) -> Iterator[tuple[Any, str]]:
             shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _state_of(node: Any, key: str, temp_dir: str) -> dict[str, Any]:
-    from shoal import cluster
-
+def _state_of(node: Any, key: str, token: str, temp_dir: str) -> dict[str, Any]:
     me = psutil.Process()
     return {
         "pid": me.pid,
         "started": me.create_time(),
         "host": socket.gethostname(),
         "gcs": node.gcs_address,
-        "token": cluster.own_token(),
+        "token": token,
         "dashboard": f"http://{node.webui_url}" if node.webui_url else None,
         "temp_dir": temp_dir,
         "key": key,
