@@ -1,20 +1,25 @@
 """Time from typing the command to the end of the first optimizer step, and where it goes.
 
-`shoal train` (embedded Ray cluster, 2 workers), `shoal train` joining a Ray cluster that is already
-running (`scaling.address`, started once by this script with `ray start --head`) and
-`torchrun --nproc_per_node=2 -m shoal worker`, on the quickstart job; rounds alternate so all see
-the same machine. The first step's end is the wall-clock `time` of the first record in
-metrics.jsonl (log.every=1). The breakdown comes from the run's startup.json: the driver's stages
-(imports and checks, ray.init, placing the group, starting the ranks) and rank 0's (actor ready,
-torch imported, process group, job built, first step), as seconds since the command started.
+On the quickstart job (2 workers), rounds alternate so all see the same machine:
+- `shoal train`, first run: no local cluster is up (`shoal down` before it), so it starts the one it keeps
+  up for the next run (scaling.keep_alive_s, the default);
+- `shoal train`, next run: joins the cluster the first run left up;
+- `shoal train scaling.keep_alive_s=0`: an embedded cluster of its own, stopped with the run;
+- `torchrun --standalone --nproc_per_node=2 -m shoal worker`.
+The first step's end is the wall-clock `time` of the first record in metrics.jsonl (log.every=1). The
+breakdown comes from the run's startup.json: the driver's stages (imports and checks, the cluster ready,
+placing the group, starting the ranks) and rank 0's (actor ready, torch imported, process group, job built,
+first step), as seconds since the command started. The kept cluster lives in a state folder of this
+script's own (SHOAL_STATE_DIR) and is stopped at the end.
 
-    python benchmarks/bench_startup.py [--rounds 3]
+    python benchmarks/bench_startup.py [--rounds 5]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -22,11 +27,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import machine, median, start_ray_head, stop_ray_head, table
+from _common import machine, median, table
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
 COMMON = ["train.max_steps=20", "log.every=1", "log.progress=none"]
+FIRST, NEXT, OWN, TORCHRUN = (
+    "shoal train, first run (starts the kept cluster)",
+    "shoal train, next run (joins it)",
+    "shoal train, scaling.keep_alive_s=0 (a cluster of its own)",
+    "torchrun -m shoal worker",
+)
 STAGES = [
     "checked",
     "ray_ready",
@@ -58,58 +69,64 @@ def run(cmd: list[str], run_dir: Path) -> tuple[float, float, dict[str, float]]:
     return first["time"] - start, end - start, stages
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=3)
-    args = p.parse_args()
+def commands(r: int, tmp: Path) -> dict[str, tuple[list[str], Path]]:
+    """Round r's commands and their run directories, in the order they run."""
     shoal_bin = str(Path(sys.executable).with_name("shoal"))
     torchrun_bin = str(Path(sys.executable).with_name("torchrun"))
-    names = ["shoal train (embedded Ray)", "shoal train (running Ray cluster)", "torchrun -m shoal worker"]
-    results: dict[str, list[tuple[float, float, dict[str, float]]]] = {n: [] for n in names}
+    dirs = {name: tmp / f"{i}-{r}" for i, name in enumerate((FIRST, NEXT, OWN, TORCHRUN))}
+    train = [shoal_bin, "train", str(QUICKSTART), *COMMON]
+    return {
+        FIRST: ([*train, f"run.dir={dirs[FIRST]}"], dirs[FIRST]),
+        NEXT: ([*train, f"run.dir={dirs[NEXT]}"], dirs[NEXT]),
+        OWN: ([*train, f"run.dir={dirs[OWN]}", "scaling.keep_alive_s=0"], dirs[OWN]),
+        TORCHRUN: (
+            [torchrun_bin, "--standalone", "--nproc_per_node=2", "-m", "shoal", "worker", str(QUICKSTART), *COMMON]
+            + [f"run.dir={dirs[TORCHRUN]}"],
+            dirs[TORCHRUN],
+        ),
+    }
+
+
+def shoal_down() -> None:
+    subprocess.run([str(Path(sys.executable).with_name("shoal")), "down"], capture_output=True, check=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=5)
+    args = p.parse_args()
+    results: dict[str, list[tuple[float, float, dict[str, float]]]] = {n: [] for n in (FIRST, NEXT, OWN, TORCHRUN)}
     tmp = Path(tempfile.mkdtemp(prefix="shoal-bench-"))
-    (tmp / "ray").mkdir()
-    head, address = start_ray_head(tmp / "ray", num_cpus=2)
+    os.environ["SHOAL_STATE_DIR"] = str(tmp / "state")  # never the user's kept cluster
+    os.environ.pop("RAY_ADDRESS", None)
+    loads = [os.getloadavg()[0]]
     try:
         for r in range(args.rounds):
-            d1, d2, d3 = tmp / f"ray-{r}", tmp / f"joined-{r}", tmp / f"tr-{r}"
-            results[names[0]].append(
-                run([shoal_bin, "train", str(QUICKSTART), *COMMON, f"run.dir={d1}", "scaling.address=null"], d1)
-            )
-            results[names[1]].append(
-                run([shoal_bin, "train", str(QUICKSTART), *COMMON, f"run.dir={d2}", f"scaling.address={address}"], d2)
-            )
-            results[names[2]].append(
-                run(
-                    [
-                        torchrun_bin,
-                        "--standalone",
-                        "--nproc_per_node=2",
-                        "-m",
-                        "shoal",
-                        "worker",
-                        str(QUICKSTART),
-                        *COMMON,
-                        f"run.dir={d3}",
-                    ],
-                    d3,
-                )
-            )
+            shoal_down()  # the first run finds no cluster up
+            for name, (cmd, run_dir) in commands(r, tmp).items():
+                results[name].append(run(cmd, run_dir))
+            loads.append(os.getloadavg()[0])
             print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1][0]:.2f} s" for k, v in results.items()), flush=True)
     finally:
-        stop_ray_head(head)
+        shoal_down()
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"\nquickstart, 2 workers; {machine()}")
+    report(results, loads)
+
+
+def report(results: dict[str, list[tuple[float, float, dict[str, float]]]], loads: list[float]) -> None:
+    print(f"\nquickstart, 2 workers; {machine()}; 1-minute load average {min(loads):.2f}-{max(loads):.2f}")
     rows = [[k, median([a for a, _, _ in v]), median([b for _, b, _ in v])] for k, v in results.items()]
     print(table(["command", "to first step (s, median)", "whole run (s, median)"], rows))
-    torchrun = rows[2][1]
-    print(f"\nembedded / torchrun: {rows[0][1] / torchrun:.2f}; joined / torchrun: {rows[1][1] / torchrun:.2f}")
-    print("\nwhere the embedded run's start-up goes (seconds since the command started, median):")
-    stage_rows = []
-    for stage in STAGES:
-        values = [s[stage] for _, _, s in results[names[0]] if stage in s]
-        if values:
-            stage_rows.append([stage, median(values)])
-    print(table(["stage", "s"], stage_rows))
+    torchrun = rows[-1][1]
+    print("\n" + "; ".join(f"{name} / torchrun: {first / torchrun:.2f}" for name, first, _ in rows[:-1]))
+    for name in (FIRST, NEXT):
+        print(f"\nwhere '{name}' goes (seconds since the command started, median):")
+        stage_rows = []
+        for stage in STAGES:
+            values = [s[stage] for _, _, s in results[name] if stage in s]
+            if values:
+                stage_rows.append([stage, median(values)])
+        print(table(["stage", "s"], stage_rows))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,18 @@ REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 DIST_ENV = ENV_KEYS  # the torchrun variables shoal.dist reads
 
+# A local cluster a `shoal train` of this session keeps up (scaling.keep_alive_s) lives in a state folder of the
+# session's own, never the user's, and stops with the session (pytest_sessionfinish).
+SESSION_STATE_DIR = tempfile.mkdtemp(prefix="shoal-state-")
+os.environ["SHOAL_STATE_DIR"] = SESSION_STATE_DIR
+
+
+def pytest_sessionfinish(session, exitstatus):
+    from shoal import keeper
+
+    keeper.stop()
+    shutil.rmtree(SESSION_STATE_DIR, ignore_errors=True)
+
 
 def pytest_collection_modifyitems(config, items):
     import torch

@@ -215,7 +215,8 @@ def test_embedded_cluster_is_private_and_cleaned_up(ray_cluster, tmp_path):
         "RAY_AUTH_TOKEN": None,
         "HOME": str(tmp_path / "home"),
     }
-    proc = shoal_cli("train", *tiny_overrides(tmp_path / "run", **{"train.max_steps": 30}), cwd=tmp_path, env=env)
+    overrides = tiny_overrides(tmp_path / "run", **{"train.max_steps": 30, "scaling.keep_alive_s": 0})
+    proc = shoal_cli("train", *overrides, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "oken authentication" not in proc.stdout + proc.stderr  # Ray's notice stays out of the user's output
     assert not (tmp_path / "home" / ".ray").exists()  # the cluster's token is its own, not written into the home
@@ -243,6 +244,19 @@ def _listeners(root_pid: int) -> list[tuple[str, str, int]]:
     return out
 
 
+def _command_lines(root_pid: int) -> list[str]:
+    import psutil
+
+    root = psutil.Process(root_pid)
+    out = []
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            out.append(" ".join(p.cmdline()))
+        except psutil.Error:
+            continue
+    return out
+
+
 def _loopback(address: str) -> bool:
     import ipaddress
 
@@ -251,16 +265,23 @@ def _loopback(address: str) -> bool:
     return (mapped or ip).is_loopback
 
 
-def test_a_running_embedded_job_listens_on_loopback_only(tmp_path):
+def test_a_running_embedded_job_listens_on_loopback_only_and_starts_no_dashboard(tmp_path):
     env = {
         k: v
         for k, v in os.environ.items()
         if k not in ("RANK", "WORLD_SIZE", "RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")
     }
-    env["PYTHONPATH"] = str(TESTS)
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])  # this checkout's shoal
     run = tmp_path / "run"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "shoal", "train", str(QUICKSTART), *tiny_overrides(run, **{"train.max_steps": 100000})],
+        [
+            sys.executable,
+            "-m",
+            "shoal",
+            "train",
+            str(QUICKSTART),
+            *tiny_overrides(run, **{"train.max_steps": 100000, "scaling.keep_alive_s": 0}),
+        ],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,
@@ -278,6 +299,11 @@ def test_a_running_embedded_job_listens_on_loopback_only(tmp_path):
         assert len([1 for name, _, _ in listening if "RankActor" in name or name.startswith("ray::")]) >= 2
         exposed = [(name, ip, port) for name, ip, port in listening if not _loopback(ip)]
         assert not exposed, f"listening beyond loopback: {exposed}"
+        # only what a local run needs: no API server / dashboard, no autoscaler monitor; the log monitor
+        # that forwards the ranks' output stays
+        lines = _command_lines(proc.pid)
+        assert not [c for c in lines if "dashboard/dashboard.py" in c or "autoscaler/_private/monitor.py" in c]
+        assert [c for c in lines if "log_monitor.py" in c]
     finally:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)

@@ -2,9 +2,12 @@
 
 Shoal's own (embedded) cluster listens on loopback only and uses token authentication with a token
 of its own: nothing it opens is reachable from the network, and no other process on the machine
-can join it without the token. Joining a real cluster (scaling.address or RAY_ADDRESS) uses the
-cluster's addresses and its token (--token-file, RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
-~/.ray/auth_token).
+can join it without the token. It starts only what a local run needs: the GCS, the raylet (which
+always starts Ray's dashboard agent and runtime-env agent) and the log monitor that forwards the ranks'
+output; no autoscaler monitor, and no API server (dashboard.py) unless scaling.dashboard asks for the
+dashboard. With scaling.keep_alive_s > 0 it outlives the run for the next one (shoal.keeper). Joining a
+real cluster (scaling.address or RAY_ADDRESS) uses the cluster's addresses and its token (--token-file,
+RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token).
 """
 
 from __future__ import annotations
@@ -18,10 +21,11 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from shoal import keeper
 from shoal.errors import ClusterError
-
-LOOPBACK = "127.0.0.1"
+from shoal.raynode import LOOPBACK, start_node
 
 
 @dataclass
@@ -31,14 +35,25 @@ class Cluster:
     embedded: bool
     owns_connection: bool
     temp_dir: str | None = None
+    node: Any = None  # the Ray node this process started (an embedded cluster that stops with the run)
+    lease: keeper.Lease | None = None  # this run's hold on the kept cluster it joined or started
+    note: str = ""  # what the user should know about the cluster (lines), or ""
+    token_file: Path | None = None  # the embedded dashboard's sign-in token, removed with the cluster
 
     def close(self) -> None:
         import ray
 
         if self.owns_connection and ray.is_initialized():
             ray.shutdown()
+        if self.node is not None:
+            self.node.kill_all_processes(check_alive=False, allow_graceful=True, wait=True)
         if self.temp_dir:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
+        if self.lease is not None:
+            _rank_env.clear()
+            self.lease.release()  # the keeper's idle clock starts now
+        if self.token_file is not None:
+            self.token_file.unlink(missing_ok=True)
 
 
 def requested_address(address: str | None) -> str | None:
@@ -63,13 +78,20 @@ def _own_hosts() -> set[str]:
     return hosts
 
 
-def connect(address: str | None, dashboard: bool = False) -> Cluster:
-    """Join `address` (see requested_address), reuse this process's connection, or start an embedded cluster."""
+def connect(address: str | None, dashboard: bool = False, keep_alive_s: float = 0.0) -> Cluster:
+    """Join `address` (see requested_address), reuse this process's connection, join or start the kept local
+    cluster (keep_alive_s > 0), or start an embedded cluster that stops with this run."""
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # one line per rank, not "[repeated 2x]"
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not sys.stdout.isatty():
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     address = requested_address(address)
+    note = ""
+    if address is None and keep_alive_s > 0 and "ray" not in sys.modules:  # the token must precede `import ray`
+        kept, note = _join_kept(dashboard, keep_alive_s)
+        if kept is not None:
+            kept.note = note
+            return kept
     if "ray" not in sys.modules:  # Ray's core reads these when it loads
         _auth_env(address)
     import ray
@@ -87,19 +109,85 @@ def connect(address: str | None, dashboard: bool = False) -> Cluster:
         return Cluster(embedded=False, owns_connection=True)
     # A new cluster of our own, in its own temp dir: never attach by accident to another on this machine.
     temp_dir = tempfile.mkdtemp(prefix="shoal-ray-")
-    ray.init(
-        address="local",
-        num_cpus=os.cpu_count() or 1,
-        include_dashboard=dashboard,
-        dashboard_host=LOOPBACK,
-        # a port of its own: Ray's default (8265) is taken by any other cluster on the machine, and its
-        # retries cost start-up seconds
-        dashboard_port=None if dashboard else free_port(),
-        _temp_dir=temp_dir,
-        logging_level=logging.WARNING,
-        log_to_driver=True,
-    )
-    return Cluster(embedded=True, owns_connection=True, temp_dir=temp_dir)
+    node = start_node(os.cpu_count() or 1, dashboard, temp_dir)
+    ray.init(address=node.address, logging_level=logging.WARNING, log_to_driver=True)
+    conn = Cluster(embedded=True, owns_connection=True, temp_dir=temp_dir, node=node, note=note)
+    if dashboard:
+        conn.token_file = _token_file()
+        conn.note = "\n".join(filter(None, [note, _dashboard_note(f"http://{node.webui_url}", conn.token_file)]))
+    return conn
+
+
+def _token_file() -> Path:
+    """The token a browser signs in to the embedded dashboard with, in a file only this user can read."""
+    path = keeper.state_dir() / f"token-{os.getpid()}"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(os.environ["RAY_AUTH_TOKEN"])
+    return path
+
+
+def _dashboard_note(url: str, token_in: Path) -> str:
+    return f"[shoal] Ray dashboard: {url} on this machine only (sign in with the token in {token_in})"
+
+
+def _join_kept(dashboard: bool, keep_alive_s: float) -> tuple[Cluster | None, str]:
+    """Join the kept local cluster, starting it if none is up; (None, why) when this run needs its own."""
+    num_cpus = os.cpu_count() or 1
+    key = keeper.cluster_key(num_cpus, dashboard)
+    try:
+        held = keeper.lease(key)
+    except ClusterError as e:
+        return None, f"[shoal] {e}: this run starts a Ray cluster of its own"
+    if held is None:
+        return None, "[shoal] the kept local Ray cluster is in use or of another kind: this run starts its own"
+    try:
+        if held.state is None:
+            _auth_env(None)  # a fresh token, inherited by the keeper
+            keeper.start(held, key, os.environ["RAY_AUTH_TOKEN"], num_cpus, dashboard, keep_alive_s)
+            import ray  # noqa: F401  (while the keeper starts the node)
+
+            state = keeper.wait_started(held)
+            how = f"started a local Ray cluster that stays up {keep_alive_s:g} s after the run for the next one"
+        else:
+            state = held.state
+            how = "joined the local Ray cluster an earlier run left up"
+        _join_env(state["token"])
+        note = f"[shoal] {how} (`shoal down` stops it; scaling.keep_alive_s: 0 turns this off)"
+        if state.get("dashboard"):
+            note += "\n" + _dashboard_note(state["dashboard"], held.folder / keeper.STATE)
+        return _init_kept(state, held), note
+    except BaseException:
+        held.release()
+        raise
+
+
+def _join_env(token: str) -> None:
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN"] = token
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
+
+def _init_kept(state: dict[str, Any], held: keeper.Lease) -> Cluster:
+    import ray
+
+    global _rank_env
+    ray.init(address=state["gcs"], logging_level=logging.WARNING, log_to_driver=True)
+    # The kept node's processes have the environment of the run that started it; the ranks take on this
+    # run's, as in a cluster this run started. (A runtime_env would do it too, but its workers cannot be
+    # the ones Ray has ready: a second or more of start-up.)
+    _rank_env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k not in PER_PROCESS_ENV}
+    return Cluster(embedded=True, owns_connection=True, lease=held)
+
+
+PER_PROCESS_ENV = frozenset({"CUDA_VISIBLE_DEVICES", "PWD", "OLDPWD", "SHLVL", "_"})
+_rank_env: dict[str, str] = {}
+
+
+def rank_env() -> dict[str, str]:
+    """What a rank actor sets in its environment as it starts: this run's environment on the kept cluster,
+    nothing on a cluster whose processes already have it (embedded) or should not (a remote one)."""
+    return dict(_rank_env)
 
 
 def _auth_env(address: str | None) -> None:
@@ -116,13 +204,6 @@ def _auth_env(address: str | None) -> None:
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # node IP = loopback (Ray's laptop mode)
     elif "RAY_AUTH_MODE" not in os.environ and read_token(None):
         os.environ["RAY_AUTH_MODE"] = "token"
-
-
-def free_port() -> int:
-    """A free TCP port on loopback."""
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:

@@ -42,7 +42,9 @@ def run_both(cfg: JobConfig, budget: str, target_loss: float | None = None) -> d
     out.mkdir(parents=True, exist_ok=True)
 
     cfg = tracking.group(cfg, f"compare {base.name}")  # both strategies under one parent run / group
-    conn = cluster.connect(cfg.scaling.address, cfg.scaling.dashboard)
+    conn = cluster.connect(cfg.scaling.address, cfg.scaling.dashboard, cfg.scaling.keep_alive_s)
+    if conn.note:
+        print(conn.note, flush=True)
     runs: dict[str, dict[str, Any]] = {}
     try:
         for strategy in STRATEGIES:

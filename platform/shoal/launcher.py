@@ -26,8 +26,10 @@ def run(cfg: JobConfig, *, resume: bool = False, progress_stream: Any = None) ->
         cfg, resume=resume, local_files=cluster.on_this_machine(address)
     )  # a typo fails before Ray starts
     startup.mark("checked")
-    conn = cluster.connect(address, cfg.scaling.dashboard)
+    conn = cluster.connect(address, cfg.scaling.dashboard, cfg.scaling.keep_alive_s)
     startup.mark("ray_ready")
+    if conn.note:
+        print(conn.note, file=out, flush=True)
     try:
         make_group = group_of(cfg)
         cfg = rundir.prepare(path, cfg, resume)

@@ -56,7 +56,9 @@ def run(cfg: JobConfig, grid_items: list[str], seeds: int, parallel: int | None 
     out = rundir.resolve(cfg) / "sweep"
     out.mkdir(parents=True, exist_ok=True)
     cfg = tracking.group(cfg, f"sweep {out.parent.name}")  # one parent run (MLflow) / group (W&B) for all
-    conn = cluster.connect(cfg.scaling.address, cfg.scaling.dashboard)
+    conn = cluster.connect(cfg.scaling.address, cfg.scaling.dashboard, cfg.scaling.keep_alive_s)
+    if conn.note:
+        print(conn.note, flush=True)
     try:
         width = parallel or _room(cfg)
         print(f"[shoal] sweep: {len(runs)} runs, {width} at a time", flush=True)

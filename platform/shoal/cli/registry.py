@@ -19,6 +19,7 @@ COMMANDS: tuple[Registers, ...] = (
     run.TRAIN,
     run.WORKER,
     run.VALIDATE,
+    run.DOWN,
     remote.SUBMIT,
     remote.JOBS,
     tuning.COMPARE,

@@ -96,6 +96,17 @@ def validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def down(args: argparse.Namespace) -> int:
+    from shoal import keeper
+
+    state = keeper.stop()
+    if state is None:
+        say("[shoal] no local Ray cluster is up")
+    else:
+        say(f"[shoal] stopped the local Ray cluster at {state['gcs']} (keeper pid {state['pid']})")
+    return 0
+
+
 TRAIN = Command(
     "train", "train with N DDP workers started by Ray (default: the bundled quickstart)", _train_args, train
 )
@@ -107,4 +118,10 @@ VALIDATE = Command(
     "run every check that needs only the config and files; print the resolved config or the first error",
     _validate_args,
     validate,
+)
+DOWN = Command(
+    "down",
+    "stop the local Ray cluster that `shoal train` keeps up for the next run (scaling.keep_alive_s)",
+    lambda p: None,
+    down,
 )

@@ -33,7 +33,10 @@ class ScalingConfig(Section):
     timeout_s: float = Field(300.0, gt=0)
     """Collective timeout: a lost rank fails the job after this long, not after torch's 30-minute default."""
     dashboard: bool = False
-    """Start the Ray dashboard (and Jobs API) with the embedded cluster, on 127.0.0.1 only."""
+    """Start the Ray dashboard (and Jobs API) with the embedded cluster, on 127.0.0.1 only, behind the cluster's token."""
+    keep_alive_s: float = Field(300.0, ge=0)
+    """Seconds the embedded cluster stays up after a run for the next `shoal train` to join (it starts in a
+    fraction of the time); `shoal down` stops it sooner. 0 = a cluster of the run's own, stopped with it."""
     max_failures: int = Field(0, ge=0)
     """Restarts allowed for the whole job: a rank that dies, fails or hangs restarts every worker from the latest checkpoint."""
     hang_timeout_s: float | None = Field(None, gt=0)

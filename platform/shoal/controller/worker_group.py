@@ -11,6 +11,7 @@ import time
 import traceback
 from typing import Any
 
+from shoal import cluster
 from shoal.config import JobConfig, config_from_dict
 from shoal.controller.failure import RankError, RankState, RankStatus
 from shoal.dist import ranks_env_from_counts
@@ -31,7 +32,8 @@ PASSTHROUGH_ENV = (
 class RankActor:
     """One rank in its own process; training runs in a thread so `poll` answers meanwhile."""
 
-    def __init__(self, rank: int) -> None:
+    def __init__(self, rank: int, env: dict[str, str] | None = None) -> None:
+        os.environ.update(env or {})  # before torch loads: the run's environment on a kept cluster
         self.rank = rank
         self.records: list[dict[str, Any]] = []
         self.state = RankState.IDLE
@@ -154,7 +156,7 @@ class WorkerGroup:
                 num_gpus=s.gpus_per_worker,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=b),
                 max_concurrency=4,
-            ).remote(rank)
+            ).remote(rank, cluster.rank_env())
             for rank, b in enumerate(bundles)
         ]
 
