@@ -83,6 +83,9 @@ def connect(address: str | None, dashboard: bool = False, keep_alive_s: float = 
     cluster (keep_alive_s > 0), or start an embedded cluster that stops with this run."""
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # one line per rank, not "[repeated 2x]"
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray starts its workers at nice 15, below every other process: training ranks would give their cores
+    # to the driver, Ray's daemons and anything else that runs. A cluster Shoal starts runs them at 0.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     if not sys.stdout.isatty():
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     address = requested_address(address)
