@@ -83,10 +83,11 @@ def _column_args(p: argparse.ArgumentParser) -> None:
     """Which columns of a columnar source (parquet, Arrow, datasets, CSV, JSONL) become x and y."""
     p.add_argument(
         "--x-columns",
-        nargs="+",
+        action="append",
         default=None,
-        metavar="NAME",
-        help="feature columns: numbers or lists of numbers of one size (default: every column but the label)",
+        metavar="A,B,...",
+        help="feature columns, comma-separated or repeated: numbers or lists of numbers of one size "
+        "(default: every column but the label)",
     )
     p.add_argument(
         "--label-column",
@@ -134,7 +135,9 @@ def _columns(args: argparse.Namespace) -> Columns:
     from shoal.data.columns import Columns
 
     x = tuple(n for arg in args.x_columns for n in arg.split(",") if n) if args.x_columns else None
-    return Columns(x=x, label=args.label_column, text=args.text_column, image=args.image_column, split_key=args.split_key)
+    return Columns(
+        x=x, label=args.label_column, text=args.text_column, image=args.image_column, split_key=args.split_key
+    )
 
 
 def _shard_options(args: argparse.Namespace) -> ShardOptions:

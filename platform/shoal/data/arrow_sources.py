@@ -173,7 +173,7 @@ def arrow_files(source: str, files: list[Path], features: dict[str, Any] | None 
             except (OSError, pa.ArrowException) as e:
                 raise DataError(f"{f}: corrupt or unreadable Arrow data ({_short(e)})") from None
 
-    rows = sum(r.num_rows for r in map(_open_arrow, files)) if all(sniff(f) == "arrow" for f in files) else None
+    rows = sum(map(_file_rows, files)) if all(sniff(f) == "arrow" for f in files) else None
     return Batches(source, schema, read, rows, sum(f.stat().st_size for f in files), features or {})
 
 
@@ -183,6 +183,12 @@ def _open_arrow(path: Path) -> Any:
         return ipc.open_file(source) if sniff(path) == "arrow" else ipc.open_stream(source)
     except (OSError, pa.ArrowException) as e:
         raise DataError(f"{path}: not a readable Arrow IPC / Feather file ({_short(e)})") from None
+
+
+def _file_rows(path: Path) -> int:
+    """Rows of an Arrow IPC file, from its memory-mapped batches (nothing is copied)."""
+    reader = _open_arrow(path)
+    return sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
 
 
 def _ipc_batches(reader: Any) -> Iterator[pa.RecordBatch]:

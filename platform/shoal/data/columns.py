@@ -11,7 +11,7 @@ feature stops the conversion with one line naming it and what was found.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -51,18 +51,37 @@ class Plan:
 def plan(schema: pa.Schema, cols: Columns, task: str | None, source: str) -> Plan:
     """The reading plan for this schema, the user's columns checked against it."""
     names = schema.names
+    if (
+        cols.label
+        and cols.label not in names
+        and cols.label.lstrip("-").isdigit()
+        and abs(int(cols.label)) < len(names) + (cols.label[0] == "-")
+    ):
+        cols = replace(cols, label=names[int(cols.label)])  # an index, as CSV users give it
     for flag, name in _named(cols):
         if name not in names:
             raise DataError(f"{source}: no column {name!r} ({flag}); its columns are: {', '.join(names)}")
     text = cols.text or ("text" if task == "lm" and "text" in names else None)
     if text:
-        _need_type(schema, text, pa.types.is_string(schema.field(text).type) or pa.types.is_large_string(schema.field(text).type), "text (strings)", source)
+        _need_type(
+            schema,
+            text,
+            pa.types.is_string(schema.field(text).type) or pa.types.is_large_string(schema.field(text).type),
+            "text (strings)",
+            source,
+        )
         return Plan("text", [text], None, "lm")
     image = cols.image or (None if cols.x else _image_like(schema))
     label = _label_column(schema, cols, image, source)
     label_task = _label_task(schema.field(label), task, source)
     if image:
-        _need_type(schema, image, _is_image(schema.field(image).type), "encoded images (binary, or a struct with 'bytes')", source)
+        _need_type(
+            schema,
+            image,
+            _is_image(schema.field(image).type),
+            "encoded images (binary, or a struct with 'bytes')",
+            source,
+        )
         return Plan("image", [image], label, label_task)
     x = list(cols.x) if cols.x else [n for n in names if n not in (label, cols.split_key)]
     if not x:
@@ -112,7 +131,9 @@ def _label_task(f: pa.Field, task: str | None, source: str) -> str:
         if task == "regression" and not pa.types.is_integer(t):
             raise DataError(f"{source}: label column {f.name!r} holds {f.type}; regression needs numbers")
         return task or "classification"
-    raise DataError(f"{source}: label column {f.name!r} holds {f.type}; a label must be an integer, a string or a float")
+    raise DataError(
+        f"{source}: label column {f.name!r} holds {f.type}; a label must be an integer, a string or a float"
+    )
 
 
 def _is_scalar_number(t: pa.DataType) -> bool:
@@ -261,5 +282,7 @@ def key_hashes(arr: pa.Array, seed: int) -> np.ndarray:
     if pa.types.is_integer(arr.type):
         return mix64(arr.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64).view(np.uint64) ^ salt)
     keys = [str(v).encode() for v in arr.to_pylist()]
-    digests = b"".join(hashlib.blake2b(k, digest_size=8, salt=(seed % 2**64).to_bytes(8, "little")).digest() for k in keys)
+    digests = b"".join(
+        hashlib.blake2b(k, digest_size=8, salt=(seed % 2**64).to_bytes(8, "little")).digest() for k in keys
+    )
     return np.frombuffer(digests, dtype="<u8").copy()

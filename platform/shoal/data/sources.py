@@ -109,7 +109,12 @@ def columnar(
 
     scaled = p.mode == "image" or p.uint8
     return Stream(
-        chunks, p.task, x_scale=1 / 255 if scaled else None, rows=batches.rows, nbytes=batches.nbytes, labels=labels,
+        chunks,
+        p.task,
+        x_scale=1 / 255 if scaled else None,
+        rows=batches.rows,
+        nbytes=batches.nbytes,
+        labels=labels,
         extra={"columns": _columns_entry(p, cols)},
     )
 
@@ -238,9 +243,7 @@ def _text(path: Path, seq_len: int) -> Stream:
                     yield chunk
         check(b"", final=True)
 
-    return Stream(
-        chunks, "lm", vocab_size=256, extra={"tokenizer": "bytes"}, rows=(size - 1) // seq_len, nbytes=size
-    )
+    return Stream(chunks, "lm", vocab_size=256, extra={"tokenizer": "bytes"}, rows=(size - 1) // seq_len, nbytes=size)
 
 
 def _check_text_start(path: Path) -> None:

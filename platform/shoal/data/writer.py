@@ -28,8 +28,8 @@ from rich.progress import Progress
 
 from shoal import __version__
 from shoal.data.locate import MANIFEST, PACKED
-from shoal.data.sink import ShardSink
 from shoal.data.shuffle import Spill, bucket_count
+from shoal.data.sink import ShardSink
 from shoal.data.sources import load_source
 from shoal.data.stream import Chunk, Stream
 from shoal.errors import ConfigError, DataError
@@ -50,7 +50,9 @@ class ShardOptions:
     shuffle_memory: int = 256 << 20  # bytes of rows the shuffle's pass 2 holds at once
 
 
-def write_shards(stream: Stream, out_dir: Path, opts: ShardOptions, source: str, progress: bool = True) -> dict[str, Any]:
+def write_shards(
+    stream: Stream, out_dir: Path, opts: ShardOptions, source: str, progress: bool = True
+) -> dict[str, Any]:
     """Read, shuffle, split and write the stream; returns the manifest."""
     _prepare_out_dir(out_dir, opts)
     bar = _Progress(progress)
@@ -202,7 +204,10 @@ def _manifest(
         "fields": fields,
         "seed": opts.seed,
         "shuffled": opts.shuffle,
-        "split": {"by": "key" if "split_key" in extra.get("columns", {}) else "position", "val_fraction": opts.val_fraction},
+        "split": {
+            "by": "key" if "split_key" in extra.get("columns", {}) else "position",
+            "val_fraction": opts.val_fraction,
+        },
         "shoal_version": __version__,
         "splits": {},
         **extra,
