@@ -14,7 +14,6 @@ while also shuffling and writing shards). Peak RSS is each process's maximum res
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys
@@ -52,15 +51,22 @@ def generate(path: Path, fmt: str, megabytes: int) -> int:
     return rows
 
 
+# the measured command runs under a small parent: Linux carries a process's peak RSS across exec, so a
+# child forked from this (numpy-loaded) process would count its memory too
+WRAPPER = (
+    "import os, subprocess, sys; p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL); "
+    "_, s, u = os.wait4(p.pid, 0); print(u.ru_maxrss); sys.exit(os.waitstatus_to_exitcode(s))"
+)
+
+
 def timed(cmd: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MiB) of a child process."""
+    """(wall seconds, peak RSS in MiB) of a command."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.run([sys.executable, "-c", WRAPPER, *cmd], capture_output=True, text=True)
     wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr.read().decode()[-2000:]}")
-    return wall, usage.ru_maxrss / 1024
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr[-2000:]}")
+    return wall, int(proc.stdout.split()[-1]) / 1024
 
 
 def measure(source: Path, fmt: str, out: Path, rounds: int) -> dict[str, list[float]]:

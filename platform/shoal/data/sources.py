@@ -51,6 +51,43 @@ def load_source(
 ) -> Stream:
     """The stream SOURCE names: a built-in set, a file, a directory or a glob of columnar files."""
     cols = columns or Columns(label=label_column)
+    stream = _stream(source, cols, num_samples, input_shape, num_classes, task, seq_len, image_size, seed)
+    if "columns" not in stream.extra:
+        _no_columns_named(source, cols)
+    return stream
+
+
+def _no_columns_named(source: str, cols: Columns) -> None:
+    """Column options on a source without named columns (except a CSV-style --label-column) are a mistake."""
+    named = [
+        flag
+        for flag, value in (
+            ("--x-columns", cols.x),
+            ("--text-column", cols.text),
+            ("--image-column", cols.image),
+            ("--split-key", cols.split_key),
+            ("--label-column", cols.label),
+        )
+        if value
+    ]
+    if named:
+        raise DataError(
+            f"{source}: {named[0]} names a column, and this source has none (columns are read from parquet, Arrow, "
+            "Hugging Face datasets, CSV and JSONL sources)"
+        )
+
+
+def _stream(
+    source: str,
+    cols: Columns,
+    num_samples: int,
+    input_shape: list[int] | None,
+    num_classes: int,
+    task: str | None,
+    seq_len: int,
+    image_size: Any,
+    seed: int,
+) -> Stream:
     if source == "digits":
         return _digits()
     if source == "synthetic":

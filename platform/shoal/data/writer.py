@@ -144,7 +144,7 @@ def _pass_two(spill: Spill, out_dir: Path, opts: ShardOptions, lut: np.ndarray |
 
 def _routed(spill: Spill, opts: ShardOptions) -> Iterator[tuple[str, np.ndarray]]:
     """(split, rows) in write order: by key, part 0 then part 1; by position, cut at the val count."""
-    if spill.rows(1):
+    if 1 in spill.counts:  # split by key: part 1 is the validation split, however small
         yield from (("train", rows) for rows in spill.read(0))
         yield from (("val", rows) for rows in spill.read(1))
         return
