@@ -120,6 +120,19 @@ def test_class_names_reach_shoal_check(tmp_path, digits):
     assert "| 3 | c3 |" in (tmp_path / "check" / "report.md").read_text()
 
 
+def test_the_run_report_lists_the_class_names(tmp_path, digits):
+    from shoal import report
+
+    x, y = digits
+    shard(*_parquet(tmp_path / "d.parquet", x, y), str(tmp_path / "out"))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
+    (run / "config.yaml").write_text(f"data:\n  format: shards\n  path: {tmp_path / 'out'}\n")
+    page = report.write(run).read_text()
+    assert "<h2>Classes</h2>" in page and "c7" in page
+
+
 def test_hub_parquet_layout_reads_the_train_split_and_classlabel_names(tmp_path):
     from datasets import ClassLabel, Dataset, Features, Sequence, Value
 
