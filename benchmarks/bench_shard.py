@@ -2,11 +2,14 @@
 
 For each format (CSV, parquet) and size a source of 64 float features plus an integer label is
 generated once. Each round runs, alternating which goes first, in fresh processes:
-- the baseline: pyarrow alone reads and decodes the whole file (`pyarrow.csv.read_csv` /
-  `pyarrow.parquet.read_table`, its multi-threaded readers), what a user would otherwise run;
+- the baselines: pyarrow alone reads and decodes the whole file, into one table (`read_csv` /
+  `read_table`, its multi-threaded readers) and as a stream of batches (`open_csv` /
+  `ParquetFile.iter_batches`, what bounded memory allows), what a user would otherwise run;
 - `shoal shard FILE OUT` (default options: shuffled, 10% validation, 256 MB of shuffle memory).
-The ratio is the baseline's time / shard's time (so >= 0.5 is the goal: at least half pyarrow's rate
-while also shuffling and writing shards). Peak RSS is each process's maximum resident set (wait4).
+The ratio is the faster baseline's wall time / shard's per round (and the same of CPU seconds, steadier
+on a shared machine) (>= 0.5 is the goal: at least half
+pyarrow's rate while also shuffling and writing shards). Peak RSS is each process's maximum resident
+set (wait4, under a small parent).
 
     python benchmarks/bench_shard.py [--sizes 150,1500] [--formats csv,parquet] [--rounds 3] [--work DIR]
 """
@@ -29,10 +32,15 @@ import pyarrow.parquet as pq
 from _common import machine, median, table
 
 DIM = 64
-BASELINE = {
-    "csv": "import pyarrow.csv as c, sys; t = c.read_csv(sys.argv[1]); print(t.num_rows)",
-    "parquet": "import pyarrow.parquet as p, sys; t = p.read_table(sys.argv[1]); print(t.num_rows)",
+BASELINES = {  # (format, kind) -> pyarrow reading and decoding the whole file, as a user would
+    ("csv", "table"): "import pyarrow.csv as c, sys; print(c.read_csv(sys.argv[1]).num_rows)",
+    ("csv", "stream"): "import pyarrow.csv as c, sys; print(sum(b.num_rows for b in c.open_csv(sys.argv[1])))",
+    ("parquet", "table"): "import pyarrow.parquet as p, sys; print(p.read_table(sys.argv[1]).num_rows)",
+    ("parquet", "stream"): (
+        "import pyarrow.parquet as p, sys; print(sum(b.num_rows for b in p.ParquetFile(sys.argv[1]).iter_batches()))"
+    ),
 }
+KINDS = ("table", "stream", "shard")
 
 
 def generate(path: Path, fmt: str, megabytes: int) -> int:
@@ -55,34 +63,67 @@ def generate(path: Path, fmt: str, megabytes: int) -> int:
 # child forked from this (numpy-loaded) process would count its memory too
 WRAPPER = (
     "import os, subprocess, sys; p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL); "
-    "_, s, u = os.wait4(p.pid, 0); print(u.ru_maxrss); sys.exit(os.waitstatus_to_exitcode(s))"
+    "_, s, u = os.wait4(p.pid, 0); print(u.ru_maxrss, u.ru_utime + u.ru_stime); sys.exit(os.waitstatus_to_exitcode(s))"
 )
 
 
-def timed(cmd: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MiB) of a command."""
+def timed(cmd: list[str]) -> tuple[float, float, float]:
+    """(wall seconds, peak RSS in MiB, CPU seconds) of a command."""
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", WRAPPER, *cmd], capture_output=True, text=True)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr[-2000:]}")
-    return wall, int(proc.stdout.split()[-1]) / 1024
+    rss, cpu = proc.stdout.split()[-2:]
+    return wall, int(rss) / 1024, float(cpu)
 
 
 def measure(source: Path, fmt: str, out: Path, rounds: int) -> dict[str, list[float]]:
-    runs: dict[str, list[float]] = {"base_s": [], "base_rss": [], "shard_s": [], "shard_rss": []}
+    runs: dict[str, list[float]] = {f"{k}_{m}": [] for k in KINDS for m in ("s", "rss", "cpu")}
     for r in range(rounds):
-        order = ["base", "shard"] if r % 2 == 0 else ["shard", "base"]
-        for what in order:
-            if what == "base":
-                wall, rss = timed([sys.executable, "-c", BASELINE[fmt], str(source)])
-            else:
+        for kind in KINDS[r % 3 :] + KINDS[: r % 3]:  # each goes first in turn
+            if kind == "shard":
                 shutil.rmtree(out, ignore_errors=True)
-                wall, rss = timed([sys.executable, "-m", "shoal", "shard", str(source), str(out)])
-            runs[f"{what}_s"].append(wall)
-            runs[f"{what}_rss"].append(rss)
+                wall, rss, cpu = timed([sys.executable, "-m", "shoal", "shard", str(source), str(out)])
+            else:
+                wall, rss, cpu = timed([sys.executable, "-c", BASELINES[(fmt, kind)], str(source)])
+            for m, v in (("s", wall), ("rss", rss), ("cpu", cpu)):
+                runs[f"{kind}_{m}"].append(v)
     shutil.rmtree(out, ignore_errors=True)
     return runs
+
+
+def row(fmt: str, size: float, rows: int, runs: dict[str, list[float]]) -> list[str]:
+    """The table row of one source: rates, the ratio against the faster baseline, peaks."""
+    best = [min(t, s) for t, s in zip(runs["table_s"], runs["stream_s"])]
+    ratios = [b / s for b, s in zip(best, runs["shard_s"])]
+    cpu = [min(t, s) / c for t, s, c in zip(runs["table_cpu"], runs["stream_cpu"], runs["shard_cpu"])]
+
+    def rate(kind: str) -> str:
+        t = median(runs[f"{kind}_s"])
+        cpu_s = median(runs[f"{kind}_cpu"])
+        return f"{rows / t:,.0f} rows/s, {size / t:.1f} MB/s, {cpu_s:.1f} CPU s, {max(runs[f'{kind}_rss']):,.0f} MiB"
+
+    return [
+        fmt,
+        f"{size:,.0f} MB, {rows:,} rows",
+        rate("shard"),
+        rate("table"),
+        rate("stream"),
+        f"{median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})",
+        f"{median(cpu):.2f}",
+    ]
+
+
+HEADERS = [
+    "format",
+    "source",
+    "shoal shard (rate, CPU, peak RSS)",
+    "pyarrow table",
+    "pyarrow stream",
+    "wall-time ratio",
+    "CPU-time ratio",
+]
 
 
 def main() -> None:
@@ -100,33 +141,10 @@ def main() -> None:
             source = work / f"source-{mb}.{fmt}"
             rows = generate(source, fmt, mb) if not source.exists() else pq_or_csv_rows(source, fmt)
             size = source.stat().st_size / 1e6
-            runs = measure(source, fmt, work / "out", args.rounds)
-            base, shard = median(runs["base_s"]), median(runs["shard_s"])
-            ratios = [b / s for b, s in zip(runs["base_s"], runs["shard_s"])]
-            rows_out.append(
-                [
-                    fmt,
-                    f"{size:,.0f} MB, {rows:,} rows",
-                    f"{rows / shard:,.0f} rows/s, {size / shard:.1f} MB/s",
-                    f"{rows / base:,.0f} rows/s, {size / base:.1f} MB/s",
-                    f"{median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})",
-                    f"{max(runs['shard_rss']):,.0f} MiB",
-                    f"{max(runs['base_rss']):,.0f} MiB",
-                ]
-            )
-            print(
-                table(
-                    ["format", "source", "shoal shard", "pyarrow read", "ratio", "shard peak RSS", "pyarrow peak RSS"],
-                    rows_out[-1:],
-                ),
-                flush=True,
-            )
+            rows_out.append(row(fmt, size, rows, measure(source, fmt, work / "out", args.rounds)))
+            print(table(HEADERS, rows_out[-1:]), flush=True)
     print(f"\n{machine()}, {args.rounds} rounds, medians\n")
-    print(
-        table(
-            ["format", "source", "shoal shard", "pyarrow read", "ratio", "shard peak RSS", "pyarrow peak RSS"], rows_out
-        )
-    )
+    print(table(HEADERS, rows_out))
 
 
 def pq_or_csv_rows(source: Path, fmt: str) -> int:

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from shoal.errors import DataError
 
-BATCH_ROWS = 65_536
+BATCH_BYTES = 4 << 20  # a parquet batch's decoded size: a few of them are in memory at once (stream.prefetch)
 # CSV and JSONL read per block: pyarrow's streaming readers run fastest and smallest near 512 KiB
 # (8 MiB blocks took 3x the memory and more time), widened for rows too long for it
 BLOCK_BYTES = 512 << 10
@@ -138,10 +138,11 @@ def parquet_files(source: str, files: list[Path]) -> Batches:
 
     def read(columns: list[str] | None, floats: Any = ()) -> Iterator[tuple[pa.RecordBatch, str]]:
         for f, pf in zip(files, opened):
+            rows = _batch_rows(pf)
             for g in range(pf.num_row_groups):
                 where = f"{f}, row group {g}"
                 try:
-                    for batch in pf.iter_batches(batch_size=BATCH_ROWS, row_groups=[g], columns=columns):
+                    for batch in pf.iter_batches(batch_size=rows, row_groups=[g], columns=columns):
                         yield batch, where
                 except (OSError, pa.ArrowException) as e:
                     raise DataError(f"{where}: corrupt or unreadable ({_short(e)})") from None
@@ -150,9 +151,17 @@ def parquet_files(source: str, files: list[Path]) -> Batches:
     return Batches(source, schema, read, rows, sum(f.stat().st_size for f in files), _schema_features(schema))
 
 
+def _batch_rows(pf: pq.ParquetFile) -> int:
+    """Rows per batch for about BATCH_BYTES decoded (wide rows, images, get fewer)."""
+    meta = pf.metadata
+    size = sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups))
+    per_row = max(1.0, size / max(1, meta.num_rows))
+    return int(min(65_536, max(16, BATCH_BYTES // per_row)))
+
+
 def _open_parquet(path: Path) -> pq.ParquetFile:
     try:
-        return pq.ParquetFile(path, memory_map=True)
+        return pq.ParquetFile(path)  # not memory-mapped: mapped pages count in the process's RSS
     except (OSError, pa.ArrowException) as e:
         raise DataError(f"{path}: not a readable parquet file ({_short(e)})") from None
 
@@ -179,17 +188,19 @@ def arrow_files(source: str, files: list[Path], features: dict[str, Any] | None 
     return Batches(source, schema, read, rows, sum(f.stat().st_size for f in files), features or {})
 
 
-def _open_arrow(path: Path) -> Any:
+def _open_arrow(path: Path, mapped: bool = False) -> Any:
+    """A reader of the file; read, not mapped (mapped pages would count in RSS as they are touched),
+    except to count rows, which touches only the batches' headers."""
     try:
-        source = pa.memory_map(str(path))
+        source = pa.memory_map(str(path)) if mapped else pa.OSFile(str(path))
         return ipc.open_file(source) if sniff(path) == "arrow" else ipc.open_stream(source)
     except (OSError, pa.ArrowException) as e:
         raise DataError(f"{path}: not a readable Arrow IPC / Feather file ({_short(e)})") from None
 
 
 def _file_rows(path: Path) -> int:
-    """Rows of an Arrow IPC file, from its memory-mapped batches (nothing is copied)."""
-    reader = _open_arrow(path)
+    """Rows of an Arrow IPC file, from its memory-mapped batches (nothing is copied or read but headers)."""
+    reader = _open_arrow(path, mapped=True)
     return sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
 
 

@@ -24,7 +24,7 @@ from PIL import Image
 from shoal.config import DataConfig
 from shoal.data import arrow_sources as arrow
 from shoal.data.columns import Columns, FeatureReader, Labels, Plan, class_names, key_hashes, plan
-from shoal.data.stream import Chunk, Stream, random_access
+from shoal.data.stream import Chunk, Stream, prefetch, random_access
 from shoal.errors import DataError
 
 TEXT_SUFFIXES = ("", ".txt", ".text", ".md", ".rst")
@@ -139,7 +139,7 @@ def columnar(
 
     def chunks() -> Iterator[Chunk]:
         row0 = 0
-        for batch, where in batches.read(p.needed(cols), floats):
+        for batch, where in prefetch(batches.read(p.needed(cols), floats), depth=2):
             keys = key_hashes(batch.column(cols.split_key), seed) if cols.split_key else None
             yield Chunk(x_of(batch, where, row0), labels.y(batch.column(p.label), where, row0), keys)
             row0 += batch.num_rows

@@ -8,9 +8,11 @@ iterated once; what only the whole pass can tell (the class count, string labels
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import numpy as np
 
@@ -56,3 +58,51 @@ def random_access(
             yield Chunk(x, y)
 
     return chunks
+
+
+T = TypeVar("T")
+_END = object()
+
+
+def prefetch(items: Iterator[T], depth: int = 3) -> Iterator[T]:
+    """The items, produced by a thread up to `depth` ahead: pyarrow decodes with the GIL released, so
+    parsing the next batch overlaps this thread's work on the last. An error is raised here, in order."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not _put(q, item, stop):
+                    return
+        except BaseException as e:  # handed to the consumer, which raises it
+            _put(q, _Raised(e), stop)
+            return
+        _put(q, _END, stop)
+
+    thread = threading.Thread(target=produce, name="shoal-prefetch", daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not _END:
+            if isinstance(item, _Raised):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+class _Raised:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+def _put(q: queue.Queue, item: Any, stop: threading.Event) -> bool:
+    """Put unless the consumer has gone; False once it has."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
