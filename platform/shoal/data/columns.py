@@ -51,13 +51,8 @@ class Plan:
 def plan(schema: pa.Schema, cols: Columns, task: str | None, source: str) -> Plan:
     """The reading plan for this schema, the user's columns checked against it."""
     names = schema.names
-    if (
-        cols.label
-        and cols.label not in names
-        and cols.label.lstrip("-").isdigit()
-        and abs(int(cols.label)) < len(names) + (cols.label[0] == "-")
-    ):
-        cols = replace(cols, label=names[int(cols.label)])  # an index, as CSV users give it
+    if cols.label and cols.label not in names and _index(cols.label, len(names)) is not None:
+        cols = replace(cols, label=names[_index(cols.label, len(names))])  # an index, as CSV users give it
     for flag, name in _named(cols):
         if name not in names:
             raise DataError(f"{source}: no column {name!r} ({flag}); its columns are: {', '.join(names)}")
@@ -89,6 +84,15 @@ def plan(schema: pa.Schema, cols: Columns, task: str | None, source: str) -> Pla
     for name in x:
         _need_type(schema, name, _is_numeric(schema.field(name).type), "numbers or lists of numbers", source)
     return Plan("features", x, label, label_task, uint8=all(_leaf(schema.field(n).type) == pa.uint8() for n in x))
+
+
+def _index(text: str, n: int) -> int | None:
+    """A column index among n ('0', '-1'), or None when the text is not one."""
+    try:
+        i = int(text)
+    except ValueError:
+        return None
+    return i if -n <= i < n else None
 
 
 def _named(cols: Columns) -> list[tuple[str, str]]:
@@ -177,10 +181,19 @@ class FeatureReader:
 
     def x(self, batch: pa.RecordBatch, where: str, row0: int) -> np.ndarray:
         dtype = np.uint8 if self.plan.uint8 else np.float32
-        parts = [self._column(batch.column(name), name, where, row0).astype(dtype, copy=False) for name in self.plan.x]
+        parts = [self._column(batch.column(name), name, where, row0) for name in self.plan.x]
         if len(parts) == 1:
-            return parts[0] if parts[0].ndim > 1 else parts[0][:, None]
-        return np.concatenate([p.reshape(len(p), -1) for p in parts], axis=1)
+            x = parts[0].astype(dtype, copy=False)
+            return x if x.ndim > 1 else x[:, None]
+        if all(p.ndim == 1 for p in parts):  # numbers, one a column: one stacked transpose (3x a column loop)
+            return np.stack(parts).T.astype(dtype, order="C")
+        widths = [int(np.prod(p.shape[1:])) for p in parts]
+        out = np.empty((batch.num_rows, sum(widths)), dtype=dtype)
+        at = 0
+        for p, w in zip(parts, widths):  # each column written into place once, cast on the way
+            out[:, at : at + w] = p.reshape(len(p), w)
+            at += w
+        return out
 
     def _column(self, arr: pa.Array, name: str, where: str, row0: int) -> np.ndarray:
         values, shape = _values(arr, name, where, row0)

@@ -30,8 +30,13 @@ class ShardSink:
         self.mtime = int(time.time())
 
     def write(self, rows: np.ndarray) -> None:
-        if len(self.pending):
-            rows = np.concatenate([self.pending, rows])
+        if len(self.pending):  # complete the pending block only, not a copy of the whole chunk
+            k = self.block_size - len(self.pending)
+            head, rows = np.concatenate([self.pending, rows[:k]]), rows[k:]
+            if len(head) < self.block_size:
+                self.pending = head
+                return
+            self._block(head)
         whole = len(rows) - len(rows) % self.block_size
         for start in range(0, whole, self.block_size):
             self._block(rows[start : start + self.block_size])
@@ -54,7 +59,7 @@ class ShardSink:
             self._next_shard()
         key = f"{self.written:012d}"
         for field in ("x", "y"):
-            self._member(f"{key}.{field}.bin", np.ascontiguousarray(rows[field]).tobytes())
+            self._member(f"{key}.{field}.bin", memoryview(np.ascontiguousarray(rows[field])).cast("B"))
         self.shards[-1]["samples"] += len(rows)
         self.written += len(rows)
 
@@ -73,7 +78,7 @@ class ShardSink:
         self.tar.close()
         self.tar = None
 
-    def _member(self, name: str, data: bytes) -> None:
+    def _member(self, name: str, data: memoryview) -> None:
         assert self.tar is not None
         self.tar.write(ustar_header(name, len(data), self.mtime))
         self.tar.write(data)
