@@ -55,7 +55,7 @@ def _shard_args(p: argparse.ArgumentParser) -> None:
         "--shuffle-memory",
         default="256MB",
         metavar="SIZE",
-        help="rows the external shuffle holds in memory at once (default 256MB; more memory, fewer passes)",
+        help="rows the external shuffle holds in memory at once (default 256MB; a bucket bigger than this is split again)",
     )
     p.add_argument(
         "--split-key",
