@@ -59,7 +59,8 @@ class Spill:
             counts[0] += len(rows)
             return
         salt = np.uint64(self.seed * 0x2545F4914F6CDD1D % 2**64)
-        bucket = (mix64(positions.astype(np.uint64) ^ salt) % np.uint64(self.buckets)).astype(np.int64)
+        # uint16 keys (MAX_BUCKETS fits): numpy's stable sort of them is a radix sort, O(n)
+        bucket = (mix64(positions.astype(np.uint64) ^ salt) % np.uint64(self.buckets)).astype(np.uint16)
         order = np.argsort(bucket, kind="stable")
         per = np.bincount(bucket, minlength=self.buckets)
         ordered = rows[order]
