@@ -185,13 +185,6 @@ def test_negative_labels_are_refused_naming_the_source_and_label(tmp_path):
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
-def _parquet(path) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    pq.write_table(pa.table({"x": [1.0, 2.0, 3.0], "y": [0, 1, 0]}), path)
-
-
 def _png(path) -> None:
     from PIL import Image
 
@@ -201,7 +194,6 @@ def _png(path) -> None:
 @pytest.mark.parametrize(
     "name, make, needle",
     [
-        ("data.parquet", _parquet, ".parquet files are not a source"),
         ("weights.pt", lambda p: torch.save({"w": torch.zeros(3)}, p), ".pt files are not a source"),
         ("picture.png", _png, ".png files are not a source"),
         ("archive.zip", lambda p: p.write_bytes(b"PK\x03\x04" + bytes(60)), ".zip files are not a source"),

@@ -14,6 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from shoal.errors import ShoalError
 from shoal.health.doctor import diagnose, read_alerts, series
 from shoal.metrics import read_metrics
@@ -63,6 +65,7 @@ def _run_page(run_dir: Path) -> str:
         _alerts(read_alerts(run_dir)),
         "<h2>Check findings</h2>",
         _findings(run_dir / "check" / "report.json"),
+        _classes(run_dir),
         "<h2>Throughput and memory</h2>",
         _throughput(summary),
         "<h2>Checkpoints</h2>",
@@ -214,6 +217,30 @@ def _findings(path: Path) -> str:
         for f in findings
     ]
     return "<ul id='findings'>" + "".join(items) + "</ul>"
+
+
+def _classes(run_dir: Path) -> str:
+    """The class names the shards' manifest keeps (string labels, image folders), with the check's counts."""
+    names, counts = _class_names(run_dir), None
+    check = run_dir / "check" / "report.json"
+    if check.exists():
+        numbers = json.loads(check.read_text()).get("numbers", {})
+        names, counts = numbers.get("class_names") or names, numbers.get("classes")
+    if not names:
+        return ""
+    rows = [[i, name, counts[i] if counts and i < len(counts) else ""] for i, name in enumerate(names)]
+    return "<h2>Classes</h2>" + _table(["id", "name", "training samples"], rows, "classes")
+
+
+def _class_names(run_dir: Path) -> list[str] | None:
+    """From the run's config: data.path's manifest, when it is a local shard directory."""
+    try:
+        cfg = yaml.safe_load((run_dir / CONFIG).read_text()) or {}
+        path = Path(str((cfg.get("data") or {}).get("path") or "")).expanduser()
+        manifest = json.loads((path / "manifest.json").read_text()) if path.is_dir() else {}
+    except (OSError, ValueError, yaml.YAMLError, AttributeError):
+        return None
+    return manifest.get("classes")
 
 
 def _throughput(summary: dict[str, Any]) -> str:

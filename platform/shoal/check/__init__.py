@@ -43,6 +43,9 @@ def run(cfg: Any, out: Path, say: Any = print) -> Result:
     scanned = data.scan(cfg, train_src, val_src, spec)
     scan_s = time.perf_counter() - start
     found, numbers = _data_and_config_findings(cfg, scanned, spec)
+    names = (getattr(train_src, "manifest", None) or {}).get("classes")
+    if names:
+        numbers["class_names"] = list(names)
     probed, base = _model_findings(cfg, spec, scanned, _labels_ok(found), say)
     found += probed.findings
     numbers.update(model=probed.numbers, baselines=base, scan_seconds=scan_s, seconds=time.perf_counter() - start)
@@ -86,6 +89,8 @@ def summary_lines(result: Result) -> list[str]:
     ]
     lines += [f"  PROBLEM {f.area}: {f.kind}: {f.message}\n          fix: {f.fix}" for f in bad]
     lines += [f"  note    {f.area}: {f.kind}: {f.message}" for f in rest]
+    if n.get("class_names"):
+        lines.append(f"  classes: {class_line(n['class_names'], n.get('classes'))}")
     line = baseline_line(n.get("baselines", {}))
     if line:
         lines.append(f"  baselines: {line}")
@@ -116,6 +121,7 @@ def _markdown(
     lines = [f"# shoal check: {name}", ""]
     lines.append(f"**{len(problems(found))} problem(s)**, {len(notes(found))} note(s).\n")
     lines += _findings_table("Problems", problems(found)) + _findings_table("Notes", notes(found))
+    lines += _classes_table(numbers.get("class_names"), numbers.get("classes"))
     lines += _features_table(numbers.get("features"))
     lines += _listed("Baselines", numbers.get("baselines"))
     lines += _listed("Model on one batch", numbers.get("model", {}))
@@ -128,6 +134,26 @@ def _findings_table(title: str, group: list[Finding]) -> list[str]:
         return []
     lines = [f"## {title}", "", "| area | finding | what | fix |", "|---|---|---|---|"]
     lines += [f"| {f.area} | {f.kind} | {_cell(f.message)} | {_cell(f.fix)} |" for f in group]
+    return lines + [""]
+
+
+def class_line(names: list[str], counts: list[int] | None, shown: int = 12) -> str:
+    """'0 cat (312), 1 dog (300), ...': the class ids by name, with their training counts when scanned."""
+    parts = [
+        f"{i} {name}" + (f" ({counts[i]:,})" if counts and i < len(counts) else "") for i, name in enumerate(names)
+    ]
+    more = f", ... ({len(names) - shown} more)" if len(names) > shown else ""
+    return ", ".join(parts[:shown]) + more
+
+
+def _classes_table(names: list[str] | None, counts: list[int] | None) -> list[str]:
+    if not names:
+        return []
+    lines = ["## Classes (training split)", "", "| id | name | samples |", "|---|---|---|"]
+    lines += [
+        f"| {i} | {_cell(str(name))} | {counts[i] if counts and i < len(counts) else ''} |"
+        for i, name in enumerate(names)
+    ]
     return lines + [""]
 
 

@@ -15,6 +15,7 @@ from shoal.cli.output import note, say
 from shoal.errors import ShoalError
 
 if TYPE_CHECKING:
+    from shoal.data.columns import Columns
     from shoal.data.writer import ShardOptions, Table
 
 
@@ -36,7 +37,8 @@ def _shard_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "source",
         metavar="SOURCE",
-        help="digits | synthetic | a .npz, .csv, .jsonl or text file | a folder of class subfolders of images",
+        help="digits | synthetic | a parquet or Arrow/Feather file, directory or glob | a Hugging Face datasets "
+        "directory | a .npz, .csv, .jsonl or text file | a folder of class subfolders of images",
     )
     p.add_argument("out_dir", metavar="OUT_DIR")
     size = p.add_mutually_exclusive_group()
@@ -49,7 +51,20 @@ def _shard_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffle before writing")
     p.add_argument("--no-shuffle", action="store_true", help="keep the source's order")
     p.add_argument("--overwrite", action="store_true", help="replace shards already in OUT_DIR")
+    p.add_argument(
+        "--shuffle-memory",
+        default="256MB",
+        metavar="SIZE",
+        help="rows the external shuffle holds in memory at once (default 256MB; a bucket bigger than this is split again)",
+    )
+    p.add_argument(
+        "--split-key",
+        default=None,
+        metavar="COLUMN",
+        help="split train/val by a hash of this column, so a record keeps its split as the data grows",
+    )
     _source_args(p)
+    _column_args(p)
 
 
 def _source_args(p: argparse.ArgumentParser) -> None:
@@ -61,8 +76,27 @@ def _source_args(p: argparse.ArgumentParser) -> None:
         "--task", choices=["classification", "regression", "lm"], default=None, help="task (default: inferred)"
     )
     p.add_argument("--seq-len", type=int, default=64, help="text and synthetic lm: tokens per sample")
-    p.add_argument("--label-column", default=None, help="CSV: label column name or index (default: the last)")
     p.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("H", "W"), help="images: resize to H x W")
+
+
+def _column_args(p: argparse.ArgumentParser) -> None:
+    """Which columns of a columnar source (parquet, Arrow, datasets, CSV, JSONL) become x and y."""
+    p.add_argument(
+        "--x-columns",
+        action="append",
+        default=None,
+        metavar="A,B,...",
+        help="feature columns, comma-separated or repeated: numbers or lists of numbers of one size "
+        "(default: every column but the label)",
+    )
+    p.add_argument(
+        "--label-column",
+        default=None,
+        metavar="NAME",
+        help="label column: integers, or strings made class ids (default: 'label', else 'y', else the last)",
+    )
+    p.add_argument("--text-column", default=None, metavar="NAME", help="a column of documents for a language model")
+    p.add_argument("--image-column", default=None, metavar="NAME", help="a column of encoded images (bytes)")
 
 
 def shard(args: argparse.Namespace) -> int:
@@ -92,6 +126,17 @@ def _source_table(args: argparse.Namespace) -> Table:
         label_column=args.label_column,
         image_size=tuple(args.image_size) if args.image_size else None,
         seed=args.seed,
+        columns=_columns(args),
+    )
+
+
+def _columns(args: argparse.Namespace) -> Columns:
+    """--x-columns and friends; names may also be given comma-separated."""
+    from shoal.data.columns import Columns
+
+    x = tuple(n for arg in args.x_columns for n in arg.split(",") if n) if args.x_columns else None
+    return Columns(
+        x=x, label=args.label_column, text=args.text_column, image=args.image_column, split_key=args.split_key
     )
 
 
@@ -107,6 +152,7 @@ def _shard_options(args: argparse.Namespace) -> ShardOptions:
         seed=args.seed,
         val_fraction=args.val_fraction,
         overwrite=args.overwrite,
+        shuffle_memory=parse_bytes(args.shuffle_memory, "--shuffle-memory"),
     )
 
 

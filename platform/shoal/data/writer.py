@@ -1,45 +1,41 @@
-"""`shoal shard SOURCE OUT_DIR`: write a data set as webdataset tar shards plus manifest.json.
+"""`shoal shard SOURCE OUT_DIR`: write a data set as webdataset tar shards plus manifest.json, in bounded memory.
 
-Sources: a .npz file (arrays x and y), a folder of images in class subfolders, a CSV or JSONL
-file, a text file (byte tokens cut into fixed-length blocks for a language model), or a built-in
-data set (digits, synthetic). Samples are shuffled with a seed, split into train and validation,
-and packed `block_size` to a tar key (see shards.py). The manifest is written last: a directory
-without one was not finished.
+The source (sources.py) is read once, front to back, as chunks of rows; pass 1 spills them into the
+external shuffle's buckets on disk (shuffle.py) as they arrive, pass 2 reads the buckets back as a
+uniform permutation and hands the rows to one sink per split (sink.py), which packs them
+`block_size` to a tar key. Memory holds a chunk, a bucket (at most --shuffle-memory) and a block,
+never the data set. The validation split is the first --val-fraction of the shuffled order (the
+last of the source's order with --no-shuffle), or, with --split-key, the rows whose key hashes
+below the fraction, so a record stays in its split as the data set grows. The manifest is written
+last: a directory without one was not finished.
 """
 
 from __future__ import annotations
 
-import csv
 import json
+import os
 import re
+import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from rich.progress import Progress
 
 from shoal import __version__
-from shoal.config import DataConfig
 from shoal.data.locate import MANIFEST, PACKED
+from shoal.data.shuffle import Spill, bucket_count
+from shoal.data.sink import ShardSink
+from shoal.data.sources import load_source
+from shoal.data.stream import Chunk, Stream
 from shoal.errors import ConfigError, DataError
 
-
-@dataclass
-class Table:
-    """A whole source: fetch(idx) -> (x, y) arrays, plus what the manifest says about it."""
-
-    n: int
-    fetch: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
-    task: str
-    num_classes: int = 0
-    vocab_size: int = 0
-    x_scale: float | None = None
-    extra: dict[str, Any] | None = None
+__all__ = ["ShardOptions", "Stream", "Table", "load_source", "parse_bytes", "write_shards"]
+Table = Stream  # the name this module's callers knew
 
 
 @dataclass
@@ -51,27 +47,119 @@ class ShardOptions:
     seed: int = 0
     val_fraction: float = 0.1
     overwrite: bool = False
+    shuffle_memory: int = 256 << 20  # bytes of rows the shuffle's pass 2 holds at once
 
 
-def write_shards(table: Table, out_dir: Path, opts: ShardOptions, source: str, progress: bool = True) -> dict[str, Any]:
-    """Shuffle, split and write the table; returns the manifest."""
+def write_shards(
+    stream: Stream, out_dir: Path, opts: ShardOptions, source: str, progress: bool = True
+) -> dict[str, Any]:
+    """Read, shuffle, split and write the stream; returns the manifest."""
     _prepare_out_dir(out_dir, opts)
-    order = (
-        np.random.Generator(np.random.PCG64([opts.seed, 0x5A2D])).permutation(table.n)
-        if opts.shuffle
-        else np.arange(table.n)
-    )
-    x0, y0 = table.fetch(order[:1])
-    manifest = _manifest(table, opts, source, _fields(table, x0, y0))
-    per_shard = _samples_per_shard(opts, x0[0].nbytes + y0[0].nbytes)
-    bar = _Progress(table.n, progress)
-    for split, ids in _splits(order, opts).items():
-        if len(ids):
-            shards = _write_split(table, out_dir, split, ids, per_shard, opts.block_size, bar)
-            manifest["splits"][split] = {"samples": int(len(ids)), "shards": shards}
-    bar.close()
+    bar = _Progress(progress)
+    spill = None
+    try:
+        spill = _pass_one(stream, out_dir / f".spill-{os.getpid()}", opts, bar, source)
+        lut, classes, names = stream.labels.finish() if stream.labels else (None, stream.num_classes, None)
+        manifest = _manifest(stream, opts, source, spill.dtype, classes, names)
+        manifest["splits"] = _pass_two(spill, out_dir, opts, lut, bar)
+    finally:
+        if spill is not None:
+            spill.close()
+        bar.close()
     _write_manifest(out_dir, manifest)
     return manifest
+
+
+def _pass_one(stream: Stream, root: Path, opts: ShardOptions, bar: _Progress, source: str) -> Spill:
+    """Every row of the source in the spill's buckets (validation rows in part 1 when split by key)."""
+    spill, done = None, 0
+    bar.phase("reading", stream.rows)
+    threshold = np.uint64(min(2**64 - 1, int(opts.val_fraction * 2**64)))
+    try:
+        for chunk in stream.chunks():
+            if spill is None:
+                dtype = _row_dtype(chunk)
+                estimate = stream.rows * dtype.itemsize if stream.rows else stream.nbytes
+                buckets = bucket_count(estimate, opts.shuffle_memory)
+                spill = Spill(root, dtype, buckets, opts.seed, opts.shuffle, opts.shuffle_memory)
+            rows, positions = _rows(chunk, spill.dtype, source), np.arange(done, done + len(chunk.x), dtype=np.uint64)
+            if chunk.keys is None:
+                spill.add(rows, positions)
+            else:
+                val = chunk.keys < threshold
+                spill.add(rows[~val], positions[~val], 0)
+                spill.add(rows[val], positions[val], 1)
+            done += len(rows)
+            bar.advance(len(rows))
+    except BaseException:
+        if spill is not None:
+            spill.close()
+        shutil.rmtree(root, ignore_errors=True)
+        raise
+    if spill is None or not done:
+        raise DataError(f"{source}: holds no samples")
+    return spill
+
+
+def _row_dtype(chunk: Chunk) -> np.dtype:
+    """One row as a record: x and y of the first chunk's dtypes and shapes."""
+    return np.dtype([("x", chunk.x.dtype, chunk.x.shape[1:]), ("y", chunk.y.dtype, chunk.y.shape[1:])])
+
+
+def _rows(chunk: Chunk, dtype: np.dtype, source: str) -> np.ndarray:
+    if len(chunk.x) != len(chunk.y):
+        raise DataError(f"{source}: x has {len(chunk.x)} samples, y has {len(chunk.y)}")
+    if chunk.x.shape[1:] != dtype["x"].shape:
+        raise DataError(
+            f"{source}: samples of shape {list(chunk.x.shape[1:])} after samples of {list(dtype['x'].shape)}; "
+            "every sample needs the same shape"
+        )
+    rows = np.empty(len(chunk.x), dtype=dtype)
+    rows["x"], rows["y"] = chunk.x, chunk.y
+    return rows
+
+
+def _pass_two(spill: Spill, out_dir: Path, opts: ShardOptions, lut: np.ndarray | None, bar: _Progress) -> dict:
+    """The spilled rows, permuted, into the train and val sinks; returns the manifest's splits."""
+    per_shard = _samples_per_shard(opts, spill.dtype.itemsize)
+    sinks = {s: ShardSink(out_dir, s, per_shard, opts.block_size, spill.dtype) for s in ("train", "val")}
+    bar.phase("writing shards", spill.rows(0) + spill.rows(1))
+    try:
+        for split, rows in _routed(spill, opts):
+            if lut is not None:
+                rows["y"] = lut[rows["y"]]
+            sinks[split].write(rows)
+            bar.advance(len(rows))
+    except BaseException:
+        for sink in sinks.values():
+            sink.abort()
+        raise
+    splits = {}
+    for split, sink in sinks.items():
+        shards = sink.close()
+        if shards:
+            splits[split] = {"samples": sum(s["samples"] for s in shards), "shards": shards}
+    return splits
+
+
+def _routed(spill: Spill, opts: ShardOptions) -> Iterator[tuple[str, np.ndarray]]:
+    """(split, rows) in write order: by key, part 0 then part 1; by position, cut at the val count."""
+    if 1 in spill.counts:  # split by key: part 1 is the validation split, however small
+        yield from (("train", rows) for rows in spill.read(0))
+        yield from (("val", rows) for rows in spill.read(1))
+        return
+    n = spill.rows(0)
+    n_val = int(round(n * opts.val_fraction))
+    first, cut = ("val", n_val) if opts.shuffle else ("train", n - n_val)
+    second = "train" if first == "val" else "val"
+    done = 0
+    for rows in spill.read(0):
+        k = max(0, min(len(rows), cut - done))
+        if k:
+            yield first, rows[:k]
+        if k < len(rows):
+            yield second, rows[k:]
+        done += len(rows)
 
 
 def _write_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
@@ -87,75 +175,43 @@ def _prepare_out_dir(out_dir: Path, opts: ShardOptions) -> None:
     if (out_dir / MANIFEST).exists() and not opts.overwrite:
         raise DataError(f"{out_dir}: already holds shards ({MANIFEST}); pass --overwrite to replace them")
     out_dir.mkdir(parents=True, exist_ok=True)
+    # the old manifest goes first: a conversion that fails midway must not leave it naming half-written shards
+    (out_dir / MANIFEST).unlink(missing_ok=True)
 
 
-def _splits(order: np.ndarray, opts: ShardOptions) -> dict[str, np.ndarray]:
-    """The sample order cut into train and validation ids."""
-    n = len(order)
-    n_val = int(round(n * opts.val_fraction))
-    return {
-        "train": order[n_val:] if opts.shuffle else order[: n - n_val],
-        "val": order[:n_val] if opts.shuffle else order[n - n_val :],
-    }
-
-
-def _fields(table: Table, x0: np.ndarray, y0: np.ndarray) -> dict[str, Any]:
-    """The manifest's dtype and shape of x and y, from a first sample."""
-    return {
+def _manifest(
+    stream: Stream, opts: ShardOptions, source: str, dtype: np.dtype, classes: int, names: list[str] | None
+) -> dict[str, Any]:
+    """The manifest without its splits, which write_shards fills in once they are written."""
+    fields = {
         "x": {
-            "dtype": x0.dtype.str,
-            "shape": list(x0.shape[1:]),
-            **({"scale": table.x_scale} if table.x_scale else {}),
+            "dtype": dtype["x"].base.str,
+            "shape": list(dtype["x"].shape),
+            **({"scale": stream.x_scale} if stream.x_scale else {}),
         },
-        "y": {"dtype": y0.dtype.str, "shape": list(y0.shape[1:])},
+        "y": {"dtype": dtype["y"].base.str, "shape": list(dtype["y"].shape)},
     }
-
-
-def _manifest(table: Table, opts: ShardOptions, source: str, fields: dict[str, Any]) -> dict[str, Any]:
-    """The manifest without its splits, which write_shards fills in as it writes them."""
+    extra = dict(stream.extra)
+    if names:
+        extra["classes"] = names
     return {
         "format": PACKED,
         "source": source,
-        "task": table.task,
-        "num_classes": table.num_classes or None,
-        "vocab_size": table.vocab_size or None,
+        "task": stream.task,
+        "num_classes": (classes or stream.num_classes) if stream.task == "classification" else None,
+        "vocab_size": stream.vocab_size or None,
         "block_size": opts.block_size,
         "fields": fields,
         "seed": opts.seed,
         "shuffled": opts.shuffle,
+        "split": {
+            "by": "key" if "split_key" in extra.get("columns", {}) else "position",
+            "val_fraction": opts.val_fraction,
+        },
         "shoal_version": __version__,
         "splits": {},
-        **(table.extra or {}),
+        **extra,
     }
-
-
-def _write_split(
-    table: Table, out_dir: Path, split: str, ids: np.ndarray, per_shard: int, block_size: int, bar: _Progress
-) -> list[dict[str, Any]]:
-    """Writes one split's shards; returns their manifest entries."""
-    shards = []
-    for s, start in enumerate(range(0, len(ids), per_shard)):
-        name = f"{split}-{s:06d}.tar"
-        chunk = ids[start : start + per_shard]
-        _write_shard(table, out_dir / name, chunk, start, block_size, bar)
-        shards.append({"name": name, "samples": int(len(chunk))})
-    return shards
-
-
-def _write_shard(table: Table, path: Path, chunk: np.ndarray, start: int, block_size: int, bar: _Progress) -> None:
-    import webdataset as wds  # loads torch: not at `shoal shard`'s start-up
-
-    with wds.TarWriter(str(path)) as sink:
-        for b in range(0, len(chunk), block_size):
-            x, y = table.fetch(chunk[b : b + block_size])
-            sink.write(
-                {
-                    "__key__": f"{start + b:012d}",
-                    "x.bin": np.ascontiguousarray(x).tobytes(),
-                    "y.bin": np.ascontiguousarray(y).tobytes(),
-                }
-            )
-            bar.advance(len(x))
 
 
 def _samples_per_shard(opts: ShardOptions, per_sample: int) -> int:
@@ -167,287 +223,40 @@ def _samples_per_shard(opts: ShardOptions, per_sample: int) -> int:
 
 
 class _Progress:
-    """A bar on a terminal, a line every few seconds otherwise."""
+    """A bar on a terminal, a line every few seconds otherwise; one phase at a time."""
 
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.done, self.enabled = total, 0, enabled
-        self.bar = None
-        self.last = time.monotonic()
+    def __init__(self, enabled: bool):
+        self.enabled, self.bar, self.task = enabled, None, None
+        self.label, self.total, self.done, self.last = "", None, 0, time.monotonic()
         if enabled and sys.stdout.isatty():
             self.bar = Progress()
             self.bar.start()
-            self.task = self.bar.add_task("writing shards", total=total)
+
+    def phase(self, label: str, total: int | None) -> None:
+        if self.label:
+            self._line()
+        self.label, self.total, self.done = label, total, 0
+        if self.bar is not None:
+            self.task = self.bar.add_task(label, total=total)
 
     def advance(self, n: int) -> None:
         self.done += n
         if self.bar is not None:
             self.bar.update(self.task, completed=self.done)
         elif self.enabled and time.monotonic() - self.last > 5:
-            print(f"[shoal] wrote {self.done:,}/{self.total:,} samples", flush=True)
+            self._line()
+
+    def _line(self) -> None:
+        if self.enabled and self.bar is None:
+            of = f"/{self.total:,}" if self.total else ""
+            print(f"[shoal] {self.label}: {self.done:,}{of} samples", flush=True)
             self.last = time.monotonic()
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
-        elif self.enabled:
-            print(f"[shoal] wrote {self.done:,}/{self.total:,} samples", flush=True)
-
-
-# ---------------------------------------------------------------- sources
-
-
-def load_source(
-    source: str,
-    *,
-    num_samples: int = 100_000,
-    input_shape: list[int] | None = None,
-    num_classes: int = 10,
-    task: str | None = None,
-    seq_len: int = 64,
-    label_column: str | None = None,
-    image_size: tuple[int, int] | None = None,
-    seed: int = 0,
-) -> Table:
-    """The table for SOURCE: digits, synthetic, or a .npz, .csv, .jsonl, text file or image folder."""
-    if source == "digits":
-        return _digits()
-    if source == "synthetic":
-        return _synthetic(num_samples, input_shape or [32], num_classes, task or "classification", seq_len, seed)
-    return _file(source, task, seq_len, label_column, image_size)
-
-
-def _digits() -> Table:
-    from shoal.data.memory import digits_arrays  # torch, as webdataset in _write_shard
-
-    x, y = digits_arrays()
-    return _arrays(x, y, "classification", 10)
-
-
-def _file(source: str, task: str | None, seq_len: int, label_column: str | None, image_size: Any) -> Table:
-    """The table of a file or image folder, by its suffix."""
-    path = Path(source)
-    if not path.exists():
-        raise DataError(f"{source}: no such file or directory (or built-in data set: digits, synthetic)")
-    if path.is_dir():
-        return _images(path, image_size)
-    suffix = path.suffix.lower()
-    if suffix == ".npz":
-        return _npz(path, task)
-    if suffix == ".csv":
-        return _csv(path, label_column, task)
-    if suffix in (".jsonl", ".ndjson"):
-        return _jsonl(path, task)
-    if suffix in TEXT_SUFFIXES:
-        return _text(path, seq_len)
-    raise DataError(f"{path}: {suffix or 'this'} files are not a source `shoal shard` reads; it accepts {ACCEPTED}")
-
-
-TEXT_SUFFIXES = ("", ".txt", ".text", ".md", ".rst")
-ACCEPTED = (
-    "digits, synthetic, a .npz (arrays x and y), .csv, .jsonl or .ndjson file, a UTF-8 text file "
-    f"({', '.join(s or 'no suffix' for s in TEXT_SUFFIXES)}), or a folder of class subfolders of images"
-)
-
-
-def _arrays(x: np.ndarray, y: np.ndarray, task: str, num_classes: int = 0, source: str = "", **kw: Any) -> Table:
-    if len(x) != len(y):
-        raise DataError(f"x has {len(x)} samples, y has {len(y)}")
-    if task == "classification" and len(y) and y.min() < 0:
-        i = int(np.argmin(y))
-        raise DataError(
-            f"{source}: sample {i} has label {int(y[i])}; class labels must be integers 0, 1, ..., C-1 (remap them before sharding)"
-        )
-    return Table(n=len(x), fetch=lambda idx: (x[idx], y[idx]), task=task, num_classes=num_classes, **kw)
-
-
-def _infer_task(y: np.ndarray, task: str | None) -> tuple[str, int]:
-    if task:
-        return task, int(y.max()) + 1 if task == "classification" else 0
-    if np.issubdtype(y.dtype, np.integer) or (y.ndim == 1 and np.all(np.mod(y, 1) == 0)):
-        return "classification", int(y.max()) + 1
-    return "regression", 0
-
-
-def _labels(y: np.ndarray, task: str) -> np.ndarray:
-    return y.astype(np.int64) if task == "classification" else y.astype(np.float32)
-
-
-def _npz(path: Path, task: str | None) -> Table:
-    with np.load(path) as data:
-        if "x" not in data or "y" not in data:
-            raise DataError(f"{path}: a .npz source needs arrays 'x' and 'y' (has {sorted(data.files)})")
-        x, y = data["x"], data["y"]
-    task, classes = _infer_task(y, task)
-    x = x.astype(np.float32) if x.dtype.kind == "f" else x
-    return _arrays(
-        x, _labels(y, task), task, classes, source=str(path), x_scale=1 / 255 if x.dtype == np.uint8 else None
-    )
-
-
-def _csv(path: Path, label_column: str | None, task: str | None) -> Table:
-    header, rows = _csv_rows(path)
-    col = _label_index(path, header, len(rows[0]), label_column)
-    try:
-        table = np.array(rows, dtype=np.float64)
-    except ValueError as e:
-        raise DataError(f"{path}: every value must be a number ({e})") from None
-    y = table[:, col]
-    x = np.delete(table, col, axis=1).astype(np.float32)
-    task, classes = _infer_task(y, task)
-    return _arrays(x, _labels(y, task), task, classes, source=str(path))
-
-
-def _csv_rows(path: Path) -> tuple[list[str] | None, list[list[str]]]:
-    """(header or None when the first row is all numbers, data rows)."""
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    if not rows:
-        raise DataError(f"{path}: empty CSV")
-    try:
-        [float(v) for v in rows[0]]
-    except ValueError:
-        return rows[0], rows[1:]
-    return None, rows
-
-
-def _label_index(path: Path, header: list[str] | None, width: int, label_column: str | None) -> int:
-    """The label's column: --label-column by name or index, else the last."""
-    if label_column is None:
-        return width - 1
-    col = (
-        header.index(label_column)
-        if header and label_column in header
-        else int(label_column)
-        if label_column.lstrip("-").isdigit()
-        else -2
-    )
-    if col == -2:
-        raise DataError(f"{path}: no column {label_column!r} (columns: {header})")
-    return col
-
-
-def _jsonl(path: Path, task: str | None) -> Table:
-    xs, ys = [], []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                xs.append(obj["x"])
-                ys.append(obj["y"])
-            except (ValueError, KeyError, TypeError) as e:
-                raise DataError(f"{path}:{i}: each line must be a JSON object with 'x' and 'y' ({e})") from None
-    y = np.array(ys)
-    task, classes = _infer_task(y, task)
-    return _arrays(np.array(xs, dtype=np.float32), _labels(y, task), task, classes, source=str(path))
-
-
-def _text(path: Path, seq_len: int) -> Table:
-    raw = path.read_bytes()
-    _check_text(path, raw)
-    data = np.frombuffer(raw, dtype=np.uint8)
-    n = (len(data) - 1) // seq_len
-    if n < 1:
-        raise DataError(f"{path}: {len(data)} bytes of text make no block of {seq_len + 1} tokens (lower --seq-len)")
-
-    def fetch(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        rows = idx[:, None] * seq_len + np.arange(seq_len + 1)[None, :]
-        seq = data[rows]
-        return seq[:, :-1], seq[:, 1:]
-
-    return Table(n=n, fetch=fetch, task="lm", vocab_size=256, extra={"tokenizer": "bytes"})
-
-
-def _check_text(path: Path, raw: bytes) -> None:
-    """Text means UTF-8 without NUL bytes: a binary file given by mistake is refused, not trained on as bytes."""
-    nul = raw.find(b"\0")
-    if nul >= 0:
-        raise DataError(f"{path}: holds a NUL byte at offset {nul}, so it is binary, not text; {ACCEPTED}")
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (invalid byte at offset {e.start}); {ACCEPTED}") from None
-
-
-def _images(path: Path, size: tuple[int, int] | None) -> Table:
-    classes, files = _image_files(path)
-    with Image.open(files[0][0]) as first:
-        mode = "RGB" if first.mode not in ("L", "1") else "L"
-        size = size or first.size[::-1]
-    load = _image_loader(mode, size)
-    labels = np.array([c for _, c in files], dtype=np.int64)
-
-    def fetch(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return np.stack([load(files[i][0]) for i in idx]), labels[idx]
-
-    return Table(
-        n=len(files),
-        fetch=fetch,
-        task="classification",
-        num_classes=len(classes),
-        x_scale=1 / 255,
-        extra={"classes": classes},
-    )
-
-
-def _image_files(path: Path) -> tuple[list[str], list[tuple[Path, int]]]:
-    """(class names, (file, class index) per image) of a folder of class subfolders."""
-    classes = sorted(d.name for d in path.iterdir() if d.is_dir())
-    if not classes:
-        raise DataError(f"{path}: an image folder needs one subfolder per class")
-    files = [(f, c) for c, name in enumerate(classes) for f in sorted((path / name).iterdir()) if f.is_file()]
-    if not files:
-        raise DataError(f"{path}: no image files in the class subfolders")
-    return classes, files
-
-
-def _image_loader(mode: str, size: Any) -> Callable[[Path], np.ndarray]:
-    """Reads an image as a [C, H, W] uint8 array in this colour mode and size."""
-
-    def load(f: Path) -> np.ndarray:
-        try:
-            with Image.open(f) as im:
-                im = im.convert(mode)
-                if im.size[::-1] != tuple(size):
-                    im = im.resize(size[::-1])
-                a = np.asarray(im, dtype=np.uint8)
-        except OSError as e:
-            raise DataError(f"{f}: not a readable image ({e})") from None
-        return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
-
-    return load
-
-
-def _synthetic(n: int, shape: list[int], classes: int, task: str, seq_len: int, seed: int) -> Table:
-    from shoal.data.memory import SyntheticData  # torch, as webdataset in _write_shard
-
-    cfg = _synthetic_config(n, shape, classes, task, seq_len)
-    data = SyntheticData(cfg, "train", seed, materialize=False)
-
-    def fetch(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        x, y = data.get_batch(np.asarray(idx, dtype=np.int64))
-        return x.numpy(), y.numpy()
-
-    return Table(
-        n=n,
-        fetch=fetch,
-        task=task,
-        num_classes=classes if task == "classification" else 0,
-        vocab_size=cfg.vocab_size if task == "lm" else 0,
-    )
-
-
-def _synthetic_config(n: int, shape: list[int], classes: int, task: str, seq_len: int) -> DataConfig:
-    return DataConfig(
-        dataset="synthetic",
-        num_samples=n,
-        input_shape=shape,
-        num_classes=classes,
-        task=task,
-        seq_len=seq_len,
-        val_fraction=0.0,
-    )
+        else:
+            self._line()
 
 
 def parse_bytes(text: str, option: str = "--bytes-per-shard") -> int:

@@ -1,0 +1,159 @@
+"""`shoal shard` against pyarrow reading the same file: rows/s, MB/s and peak RSS at two source sizes.
+
+For each format (CSV, parquet) and size a source of 64 float features plus an integer label is
+generated once. Each round runs, alternating which goes first, in fresh processes:
+- the baselines: pyarrow alone reads and decodes the whole file, into one table (`read_csv` /
+  `read_table`, its multi-threaded readers) and as a stream of batches (`open_csv` /
+  `ParquetFile.iter_batches`, what bounded memory allows), what a user would otherwise run;
+- `shoal shard FILE OUT` (default options: shuffled, 10% validation, 256 MB of shuffle memory).
+The ratio is the faster baseline's wall time / shard's per round (and the same of CPU seconds, steadier
+on a shared machine) (>= 0.5 is the goal: at least half
+pyarrow's rate while also shuffling and writing shards). Peak RSS is each process's maximum resident
+set (wait4, under a small parent).
+
+    python benchmarks/bench_shard.py [--sizes 150,1500] [--formats csv,parquet] [--rounds 3] [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+
+from _common import machine, median, table
+
+DIM = 64
+BASELINES = {  # (format, kind) -> pyarrow reading and decoding the whole file, as a user would
+    ("csv", "table"): "import pyarrow.csv as c, sys; print(c.read_csv(sys.argv[1]).num_rows)",
+    ("csv", "stream"): "import pyarrow.csv as c, sys; print(sum(b.num_rows for b in c.open_csv(sys.argv[1])))",
+    ("parquet", "table"): "import pyarrow.parquet as p, sys; print(p.read_table(sys.argv[1]).num_rows)",
+    ("parquet", "stream"): (
+        "import pyarrow.parquet as p, sys; print(sum(b.num_rows for b in p.ParquetFile(sys.argv[1]).iter_batches()))"
+    ),
+}
+KINDS = ("table", "stream", "shard")
+
+
+def generate(path: Path, fmt: str, megabytes: int) -> int:
+    """A source of about this many MB; returns its rows."""
+    rng = np.random.default_rng(0)
+    names = [f"f{j}" for j in range(DIM)] + ["label"]
+    schema = pa.schema([(n, pa.float32()) for n in names[:-1]] + [("label", pa.int32())])
+    writer = pa_csv.CSVWriter(str(path), schema) if fmt == "csv" else pq.ParquetWriter(str(path), schema)
+    rows = 0
+    with writer:
+        while not path.exists() or path.stat().st_size < megabytes * 1e6:
+            x = np.round(rng.standard_normal((100_000, DIM)), 3).astype(np.float32)
+            label = rng.integers(0, 10, len(x), dtype=np.int32)
+            writer.write(pa.record_batch([*(pa.array(x[:, j]) for j in range(DIM)), pa.array(label)], schema=schema))
+            rows += len(x)
+    return rows
+
+
+# the measured command runs under a small parent: Linux carries a process's peak RSS across exec, so a
+# child forked from this (numpy-loaded) process would count its memory too
+WRAPPER = (
+    "import os, subprocess, sys; p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL); "
+    "_, s, u = os.wait4(p.pid, 0); print(u.ru_maxrss, u.ru_utime + u.ru_stime); sys.exit(os.waitstatus_to_exitcode(s))"
+)
+
+
+def timed(cmd: list[str]) -> tuple[float, float, float]:
+    """(wall seconds, peak RSS in MiB, CPU seconds) of a command."""
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", WRAPPER, *cmd], capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr[-2000:]}")
+    rss, cpu = proc.stdout.split()[-2:]
+    return wall, int(rss) / 1024, float(cpu)
+
+
+def measure(source: Path, fmt: str, out: Path, rounds: int) -> dict[str, list[float]]:
+    runs: dict[str, list[float]] = {f"{k}_{m}": [] for k in KINDS for m in ("s", "rss", "cpu")}
+    for r in range(rounds):
+        for kind in KINDS[r % 3 :] + KINDS[: r % 3]:  # each goes first in turn
+            if kind == "shard":
+                shutil.rmtree(out, ignore_errors=True)
+                wall, rss, cpu = timed([sys.executable, "-m", "shoal", "shard", str(source), str(out)])
+            else:
+                wall, rss, cpu = timed([sys.executable, "-c", BASELINES[(fmt, kind)], str(source)])
+            for m, v in (("s", wall), ("rss", rss), ("cpu", cpu)):
+                runs[f"{kind}_{m}"].append(v)
+    shutil.rmtree(out, ignore_errors=True)
+    return runs
+
+
+def row(fmt: str, size: float, rows: int, runs: dict[str, list[float]]) -> list[str]:
+    """The table row of one source: rates, the ratio against the faster baseline, peaks."""
+    best = [min(t, s) for t, s in zip(runs["table_s"], runs["stream_s"])]
+    ratios = [b / s for b, s in zip(best, runs["shard_s"])]
+    cpu = [min(t, s) / c for t, s, c in zip(runs["table_cpu"], runs["stream_cpu"], runs["shard_cpu"])]
+
+    def rate(kind: str) -> str:
+        t = median(runs[f"{kind}_s"])
+        cpu_s = median(runs[f"{kind}_cpu"])
+        return f"{rows / t:,.0f} rows/s, {size / t:.1f} MB/s, {cpu_s:.1f} CPU s, {max(runs[f'{kind}_rss']):,.0f} MiB"
+
+    return [
+        fmt,
+        f"{size:,.0f} MB, {rows:,} rows",
+        rate("shard"),
+        rate("table"),
+        rate("stream"),
+        f"{median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})",
+        f"{median(cpu):.2f}",
+    ]
+
+
+HEADERS = [
+    "format",
+    "source",
+    "shoal shard (rate, CPU, peak RSS)",
+    "pyarrow table",
+    "pyarrow stream",
+    "wall-time ratio",
+    "CPU-time ratio",
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="150,1500", help="source sizes in MB, comma-separated")
+    ap.add_argument("--formats", default="csv,parquet")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--work", default=None, help="directory for the sources and shards (default: a temporary one)")
+    args = ap.parse_args()
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench_shard_"))
+    work.mkdir(parents=True, exist_ok=True)
+    rows_out = []
+    for fmt in args.formats.split(","):
+        for mb in map(int, args.sizes.split(",")):
+            source = work / f"source-{mb}.{fmt}"
+            rows = generate(source, fmt, mb) if not source.exists() else pq_or_csv_rows(source, fmt)
+            size = source.stat().st_size / 1e6
+            rows_out.append(row(fmt, size, rows, measure(source, fmt, work / "out", args.rounds)))
+            print(table(HEADERS, rows_out[-1:]), flush=True)
+    print(f"\n{machine()}, {args.rounds} rounds, medians\n")
+    print(table(HEADERS, rows_out))
+
+
+def pq_or_csv_rows(source: Path, fmt: str) -> int:
+    """Rows of a source generated by an earlier run (kept with --work)."""
+    if fmt == "parquet":
+        return pq.ParquetFile(source).metadata.num_rows
+    with open(source, "rb") as f:
+        return sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 24), b"")) - 1
+
+
+if __name__ == "__main__":
+    main()
