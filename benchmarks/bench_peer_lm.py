@@ -116,10 +116,18 @@ def job_yaml(shards: Path, steps: int, seed: int, run_dir: Path, workers: int, s
         node = job
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = json.loads(value) if value[:1] in "0123456789[{-tfn" else value
+        node[leaf] = yaml_value(value)
     path = run_dir.parent / f"{run_dir.name}.json"  # JSON is YAML
     path.write_text(json.dumps(job))
     return path
+
+
+def yaml_value(text: str):
+    """A --set value as YAML would read it: a number, true/false/null, a list, else the string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
 
 
 def shoal(mode: str, shards: Path, steps: int, seed: int, work: Path, sets: list[str]) -> tuple[list, float]:
