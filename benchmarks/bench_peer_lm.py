@@ -97,7 +97,7 @@ def plain(bin_path: Path, steps: int, seed: int, out: Path) -> None:
     out.write_text(json.dumps({"marks": marks, "tail_loss": float(tail) / min(100, steps)}))
 
 
-def job_yaml(shards: Path, steps: int, seed: int, run_dir: Path, workers: int, sets: list[str]) -> Path:
+def job_yaml(shards: Path, steps: int, seed: int, run_dir: Path, workers: int) -> Path:
     """Shoal's job: the same model, optimizer, clipping and schedule; defaults for the rest."""
     job = {
         "seed": seed,
@@ -110,32 +110,17 @@ def job_yaml(shards: Path, steps: int, seed: int, run_dir: Path, workers: int, s
         "log": {"progress": "none"},
         "run": {"dir": str(run_dir)},
     }
-    for item in sets:
-        key, value = item.split("=", 1)
-        *parents, leaf = key.split(".")
-        node = job
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = yaml_value(value)
     path = run_dir.parent / f"{run_dir.name}.json"  # JSON is YAML
     path.write_text(json.dumps(job))
     return path
-
-
-def yaml_value(text: str):
-    """A --set value as YAML would read it: a number, true/false/null, a list, else the string."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
 
 
 def shoal(mode: str, shards: Path, steps: int, seed: int, work: Path, sets: list[str]) -> tuple[list, float]:
     """(clock at each metrics record as (step, time), last logged loss) of one Shoal run in its own process."""
     run_dir = work / f"{mode}-{seed}"
     workers = 2 if mode == "train2" else 1
-    job = job_yaml(shards, steps, seed, run_dir, workers, sets)
-    command = ["worker", str(job)] if mode == "worker" else ["train", str(job)]
+    job = job_yaml(shards, steps, seed, run_dir, workers)
+    command = ["worker" if mode == "worker" else "train", str(job), *sets]  # Shoal's own KEY=VALUE overrides
     proc = subprocess.run([sys.executable, "-m", "shoal", *command], cwd=HERE, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"shoal {' '.join(command)} failed:\n{proc.stderr[-3000:]}")
