@@ -190,6 +190,9 @@ def test_pieces_cut_between_lines_and_in_long_lines(monkeypatch):
     assert "".join(got) == text and len(got) > 4
     assert all(p[-1] == "\n" and not p[-2].isspace() for p in got[:2])  # between two lines of text only
     assert max(map(len, got)) <= 40
+    rows = list(tokens.row(text))  # a row held whole: the same cuts
+    assert [t for t, _ in rows] == got and [end for _, end in rows] == [False] * (len(got) - 1) + [True]
+    assert list(tokens.row("short")) == [("short", True)]
 
 
 def test_train_on_tokenised_shards_beats_the_unigram_baseline(corpus, tmp_path):

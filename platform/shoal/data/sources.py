@@ -203,7 +203,9 @@ def _text_column(batches: arrow.Batches, p: Plan, seq_len: int, tokenizer: Vocab
 
     def documents() -> Iterator[Item]:
         for batch, _ in batches.read(p.x):
-            yield from ((d, True) for d in batch.column(0).to_pylist() if d is not None)
+            for d in batch.column(0).to_pylist():
+                if d is not None:
+                    yield from tokens.row(d)
 
     coder = tokenizer or Bytes()
     return _coded(documents, coder, seq_len, batches.source, batches.nbytes, {"columns": {"text": p.x[0]}})
