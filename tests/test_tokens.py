@@ -159,6 +159,27 @@ def test_jsonl_column_trains_a_tokenizer_and_shards_through_it(tmp_path):
     assert len(got) >= len(docs) - 1 and got == docs[: len(got)]
 
 
+def test_directory_of_text_files_as_bytes_with_task_lm(corpus, tmp_path):
+    root, docs = corpus
+    shard(
+        str(root / "docs"),
+        str(tmp_path / "b"),
+        "--task",
+        "lm",
+        "--seq-len",
+        "64",
+        "--no-shuffle",
+        "--val-fraction",
+        "0",
+    )
+    ids, manifest = token_sequence(tmp_path / "b")
+    assert (
+        manifest["tokenizer"] == "bytes" and manifest["vocab_size"] == 256 and manifest["fields"]["x"]["dtype"] == "|u1"
+    )
+    whole = "".join(d + "\n" for d in docs).encode()  # a newline after each document, as a text column's
+    assert ids.astype(np.uint8).tobytes() == whole[: len(ids)] and len(whole) - len(ids) < 64
+
+
 def test_ids_are_stored_in_the_smallest_unsigned_type():
     assert [tokens.id_dtype(n) for n in (2, 256, 257, 300, 65536, 65537, 128_256)] == [
         np.uint8,

@@ -35,7 +35,7 @@ BPE_EOT = "<|endoftext|>"
 # a document is encoded in pieces of about this many characters: encode_batch runs longest on long
 # inputs (64K-character pieces took twice as long as 1K ones, or as the same text's lines)
 PIECE_CHARS = 1 << 10
-BATCH_CHARS = 4 << 20  # characters per encode_batch call: pieces enough for every thread
+BATCH_CHARS = 1 << 20  # characters per encode_batch call: a thousand pieces to share among its threads
 BATCH_PIECES = 8192  # and at most this many pieces (short rows of a text column)
 LONG_LINE = 16 << 10  # text without a line end this long is cut at a space
 # a cut between two lines, where neither side is whitespace: byte-level BPE (GPT-2's pre-tokenizer,
