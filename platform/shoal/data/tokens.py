@@ -2,7 +2,7 @@
 blocks of token ids, and `shoal tokenizer train`'s byte-level BPE.
 
 A document (a text file, a file of a directory, a row of a text column) is encoded in pieces of
-about PIECE_CHARS cut at line ends, about BATCH_CHARS of them at a time through `encode_batch` (its
+about PIECE_CHARS cut at line ends, through `encode_batch` in batches of about BATCH_CHARS (its
 threads share out a batch), the end-of-text id after its last piece. The ids of consecutive documents
 are packed into blocks of seq_len + 1 tokens (x the first seq_len, y shifted by one, consecutive
 blocks sharing one token: no padding), in the smallest unsigned type that holds the vocabulary.
