@@ -12,11 +12,22 @@ pyarrow's rate while also shuffling and writing shards). Peak RSS is each proces
 set (wait4, under a small parent).
 
     python benchmarks/bench_shard.py [--sizes 150,1500] [--formats csv,parquet] [--rounds 3] [--work DIR]
+
+`--tokens` measures text instead: `shoal shard SOURCE OUT --tokenizer T` tokens/s against the same
+tokenizer's `encode_batch` on the same text (read in batches of about 4 MB, its ids taken, what a
+user's own loop runs) with the same threads (RAYON_NUM_THREADS, TOKENIZERS_PARALLELISM=true, set
+for both), alternated, medians (>= 0.8 is the goal). The source is generated (sentences of a
+10,000-word vocabulary) as one text file (one document, cut at line ends) and as a parquet text
+column (a document a row), and a byte-level BPE of --vocab-size is trained on its first MB by
+`shoal tokenizer train`.
+
+    python benchmarks/bench_shard.py --tokens [--sizes 30] [--formats txt,parquet] [--rounds 3] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -67,10 +78,11 @@ WRAPPER = (
 )
 
 
-def timed(cmd: list[str]) -> tuple[float, float, float]:
-    """(wall seconds, peak RSS in MiB, CPU seconds) of a command."""
+def timed(cmd: list[str], env: dict | None = None) -> tuple[float, float, float]:
+    """(wall seconds, peak RSS in MiB, CPU seconds) of a command (these variables set for it)."""
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", WRAPPER, *cmd], capture_output=True, text=True)
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run([sys.executable, "-c", WRAPPER, *cmd], capture_output=True, text=True, env=full_env)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr[-2000:]}")
@@ -128,13 +140,20 @@ HEADERS = [
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", default="150,1500", help="source sizes in MB, comma-separated")
-    ap.add_argument("--formats", default="csv,parquet")
+    ap.add_argument("--sizes", default=None, help="source sizes in MB, comma-separated (default 150,1500; 30 text)")
+    ap.add_argument("--formats", default=None, help="default csv,parquet (txt,parquet with --tokens)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--work", default=None, help="directory for the sources and shards (default: a temporary one)")
+    ap.add_argument("--tokens", action="store_true", help="text through a tokenizer against its encode_batch")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="--tokens: the tokenizer's threads")
+    ap.add_argument("--vocab-size", type=int, default=8192, help="--tokens: the BPE's vocabulary")
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_shard_"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.tokens:
+        tokens_main(args, work)
+        return
+    args.sizes, args.formats = args.sizes or "150,1500", args.formats or "csv,parquet"
     rows_out = []
     for fmt in args.formats.split(","):
         for mb in map(int, args.sizes.split(",")):
@@ -145,6 +164,121 @@ def main() -> None:
             print(table(HEADERS, rows_out[-1:]), flush=True)
     print(f"\n{machine()}, {args.rounds} rounds, medians\n")
     print(table(HEADERS, rows_out))
+
+
+# ---------------------------------------------------------------- --tokens
+
+# the user's loop: the text in batches of about 4 MB through encode_batch, every id taken
+ENCODE_BATCH = {
+    "txt": (
+        "import sys; from tokenizers import Tokenizer; t = Tokenizer.from_file(sys.argv[2]); n = 0\n"
+        "with open(sys.argv[1]) as f:\n"
+        "    while lines := f.readlines(4 << 20):\n"
+        "        n += sum(len(e.ids) for e in t.encode_batch(lines, add_special_tokens=False))\n"
+        "print(n)"
+    ),
+    "parquet": (
+        "import sys, pyarrow.parquet as pq; from tokenizers import Tokenizer; t = Tokenizer.from_file(sys.argv[2])\n"
+        "n = 0\n"
+        "for b in pq.ParquetFile(sys.argv[1]).iter_batches(columns=['text']):\n"
+        "    n += sum(len(e.ids) for e in t.encode_batch(b.column(0).to_pylist(), add_special_tokens=False))\n"
+        "print(n)"
+    ),
+}
+TOKEN_KINDS = ("encode_batch", "shard")
+
+
+def text_source(path: Path, fmt: str, megabytes: int) -> None:
+    """Generated sentences over a 10,000-word vocabulary (Zipf-distributed), as a text file or a parquet
+    text column of documents of 20-200 lines."""
+    rng = np.random.default_rng(0)
+    letters = np.array(list("etaoinshrdlcumwfgypbvkjxqz"))
+    words = ["".join(rng.choice(letters, size=rng.integers(2, 10))) for _ in range(10_000)]
+    weights = 1 / np.arange(1, len(words) + 1)
+    weights /= weights.sum()
+    docs, size = [], 0
+    while size < megabytes * 1e6:
+        lengths = rng.integers(4, 20, size=int(rng.integers(20, 200)))
+        ids = iter(rng.choice(len(words), size=int(lengths.sum()), p=weights).tolist())
+        lines = (" ".join(words[next(ids)] for _ in range(k)).capitalize() + "." for k in lengths)
+        docs.append("\n".join(lines) + "\n")
+        size += len(docs[-1])
+    if fmt == "txt":
+        path.write_text("".join(docs))
+    else:
+        pq.write_table(pa.table({"text": docs}), path, row_group_size=256)
+
+
+def token_run(kind: str, fmt: str, source: Path, tok: Path, out: Path, env: dict) -> tuple[float, float, float]:
+    if kind == "shard":
+        shutil.rmtree(out, ignore_errors=True)
+        cmd = [sys.executable, "-m", "shoal", "shard", str(source), str(out), "--tokenizer", str(tok)]
+        cmd += ["--seq-len", "1024"]
+    else:
+        cmd = [sys.executable, "-c", ENCODE_BATCH[fmt], str(source), str(tok)]
+    return timed(cmd, env)
+
+
+def token_count(fmt: str, source: Path, tok: Path, env: dict) -> int:
+    out = subprocess.run(
+        [sys.executable, "-c", ENCODE_BATCH[fmt], str(source), str(tok)],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(out.stdout.split()[-1])
+
+
+def tokens_main(args: argparse.Namespace, work: Path) -> None:
+    env = {"RAYON_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "true"}
+    headers = ["source", "shoal shard --tokenizer", "encode_batch", "wall-time ratio", "CPU-time ratio"]
+    out_rows = []
+    for fmt in (args.formats or "txt,parquet").split(","):
+        for mb in map(int, (args.sizes or "30").split(",")):
+            source = work / f"text-{mb}.{fmt}"
+            if not source.exists():
+                text_source(source, fmt, mb)
+            tok = work / f"tok-{mb}.json"
+            if not tok.exists():
+                sample = work / "sample.txt"
+                sample.write_text(_first_mb(source, fmt))
+                cmd = ["tokenizer", "train", str(sample), "--vocab-size", str(args.vocab_size), "--out", str(tok)]
+                subprocess.run([sys.executable, "-m", "shoal", *cmd], check=True, capture_output=True)
+            n = token_count(fmt, source, tok, env)
+            runs: dict[str, list[float]] = {f"{k}_{m}": [] for k in TOKEN_KINDS for m in ("s", "rss", "cpu")}
+            for r in range(args.rounds):
+                for kind in TOKEN_KINDS[r % 2 :] + TOKEN_KINDS[: r % 2]:
+                    for m, v in zip(("s", "rss", "cpu"), token_run(kind, fmt, source, tok, work / "out", env)):
+                        runs[f"{kind}_{m}"].append(v)
+            out_rows.append(_token_row(fmt, source, n, runs))
+            print(table(headers, out_rows[-1:]), flush=True)
+    print(f"\n{machine()}, {args.threads} tokenizer threads, {args.rounds} rounds, medians\n")
+    print(table(headers, out_rows))
+
+
+def _first_mb(source: Path, fmt: str) -> str:
+    if fmt == "txt":
+        with open(source) as f:
+            return f.read(1 << 20)
+    return "".join(pq.ParquetFile(source).read_row_group(0).column("text").to_pylist())[: 1 << 20]
+
+
+def _token_row(fmt: str, source: Path, n: int, runs: dict[str, list[float]]) -> list[str]:
+    ratios = [b / s for b, s in zip(runs["encode_batch_s"], runs["shard_s"])]
+    cpu = [b / s for b, s in zip(runs["encode_batch_cpu"], runs["shard_cpu"])]
+
+    def rate(kind: str) -> str:
+        t = median(runs[f"{kind}_s"])
+        return f"{n / t:,.0f} tokens/s, {median(runs[f'{kind}_cpu']):.1f} CPU s, {max(runs[f'{kind}_rss']):,.0f} MiB"
+
+    return [
+        f"{fmt}, {source.stat().st_size / 1e6:,.0f} MB, {n:,} tokens",
+        rate("shard"),
+        rate("encode_batch"),
+        f"{median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})",
+        f"{median(cpu):.2f}",
+    ]
 
 
 def pq_or_csv_rows(source: Path, fmt: str) -> int:

@@ -115,3 +115,19 @@ def test_plain_worker_without_torchrun_is_world_size_one(tmp_path):
 def test_python_dash_m_shoal_is_the_console_script():
     proc = subprocess.run([sys.executable, "-m", "shoal", "--version"], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.startswith("shoal ")
+
+
+def test_tokenizer_train_writes_a_tokenizer_shard_reads(tmp_path):
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
+    lines = [" ".join(words[(i * k) % len(words)] for k in range(1, 9)) for i in range(400)]
+    (tmp_path / "corpus.txt").write_text("\n".join(lines) + "\n")
+    proc = shoal_cli("tokenizer", "train", "corpus.txt", "--vocab-size", "300", "--out", "tok.json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads((tmp_path / "tok.json").read_text())
+    assert doc["model"]["type"] == "BPE" and doc["pre_tokenizer"]["type"] == "ByteLevel"
+    assert [t["content"] for t in doc["added_tokens"]] == ["<|endoftext|>"]
+    vocab = len(doc["model"]["vocab"])
+    assert 257 <= vocab <= 300 and f"wrote tok.json: a vocabulary of {vocab} tokens" in proc.stdout
+    shard = shoal_cli("shard", "corpus.txt", "out", "--tokenizer", "tok.json", "--seq-len", "16", cwd=tmp_path)
+    assert shard.returncode == 0, shard.stderr
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["vocab_size"] == vocab

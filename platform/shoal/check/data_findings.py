@@ -81,11 +81,11 @@ def _out_of_range(stats: SplitStats, spec: DataSpec) -> Finding | None:
         return None
     n = spec.classes
     lo, hi = stats.range_seen
-    what = "token ids" if spec.task == "lm" else "labels"
+    what, bound = ("token ids", f"vocab_size={n}") if spec.task == "lm" else ("labels", str(n))
     return Finding(
         "labels_out_of_range",
         "data",
-        f"{stats.out_of_range:,} {stats.name} samples have {what} outside [0, {n}) (seen {lo:g}..{hi:g}), "
+        f"{stats.out_of_range:,} {stats.name} samples have {what} outside [0, {bound}) (seen {lo:g}..{hi:g}), "
         f"e.g. {', '.join(stats.out_of_range_at[:3])}",
         _out_of_range_fix(spec, lo, hi),
         numbers={"count": stats.out_of_range, "min": lo, "max": hi, "classes": n},

@@ -16,6 +16,7 @@ from shoal.errors import ShoalError
 
 if TYPE_CHECKING:
     from shoal.data.columns import Columns
+    from shoal.data.tokens import Vocabulary
     from shoal.data.writer import ShardOptions, Table
 
 
@@ -65,6 +66,7 @@ def _shard_args(p: argparse.ArgumentParser) -> None:
     )
     _source_args(p)
     _column_args(p)
+    _text_args(p)
 
 
 def _source_args(p: argparse.ArgumentParser) -> None:
@@ -99,12 +101,34 @@ def _column_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-column", default=None, metavar="NAME", help="a column of encoded images (bytes)")
 
 
+def _text_args(p: argparse.ArgumentParser) -> None:
+    """How text becomes token ids (default: UTF-8 bytes, vocabulary 256)."""
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        metavar="PATH",
+        help="a Hugging Face `tokenizers` tokenizer.json, or a directory holding one, to encode text with",
+    )
+    p.add_argument(
+        "--eot-token",
+        default=None,
+        metavar="TOKEN",
+        help="the token put after each document (default: the tokenizer's <|endoftext|>, </s>, <eos>, [SEP] "
+        "or <|end_of_text|>)",
+    )
+
+
 def shard(args: argparse.Namespace) -> int:
     from shoal.data.writer import write_shards
 
     if not 0 <= args.val_fraction < 1:
         raise ShoalError(f"--val-fraction: must be in [0, 1) (got {args.val_fraction})")
-    table = _source_table(args)
+    if args.eot_token and not args.tokenizer:
+        raise ShoalError("--eot-token: only with --tokenizer (bytes end a document with a newline)")
+    tokenizer = _tokenizer(args)
+    table = _source_table(args, tokenizer)
+    if tokenizer is not None:
+        _copy_tokenizer(tokenizer, args)
     manifest = write_shards(table, Path(args.out_dir), _shard_options(args), source=args.source)
     for split, info in manifest["splits"].items():
         say(f"[shoal] {split}: {info['samples']:,} samples in {len(info['shards'])} shards")
@@ -112,7 +136,16 @@ def shard(args: argparse.Namespace) -> int:
     return 0
 
 
-def _source_table(args: argparse.Namespace) -> Table:
+def _tokenizer(args: argparse.Namespace) -> Vocabulary | None:
+    """--tokenizer's tokenizer and its end-of-text id (None: text as bytes)."""
+    if not args.tokenizer:
+        return None
+    from shoal.data.tokens import load_tokenizer
+
+    return load_tokenizer(args.tokenizer, args.eot_token)
+
+
+def _source_table(args: argparse.Namespace, tokenizer: Vocabulary | None = None) -> Table:
     """The samples SOURCE names, read or made."""
     from shoal.data.writer import load_source
 
@@ -127,7 +160,18 @@ def _source_table(args: argparse.Namespace) -> Table:
         image_size=tuple(args.image_size) if args.image_size else None,
         seed=args.seed,
         columns=_columns(args),
+        tokenizer=tokenizer,
     )
+
+
+def _copy_tokenizer(tokenizer: Vocabulary, args: argparse.Namespace) -> None:
+    """The tokenizer beside the shards, before them (the manifest, written last, names it and its hash);
+    not into a finished directory, which the writer refuses to replace without --overwrite."""
+    from shoal.data.locate import MANIFEST
+
+    out = Path(args.out_dir)
+    if args.overwrite or not (out / MANIFEST).exists():
+        tokenizer.write_copy(out)
 
 
 def _columns(args: argparse.Namespace) -> Columns:

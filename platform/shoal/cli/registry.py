@@ -6,7 +6,7 @@ import argparse
 from typing import Protocol
 
 from shoal import k8s
-from shoal.cli import data, model, reference, remote, reports, run, tuning
+from shoal.cli import data, model, reference, remote, reports, run, tokenizer, tuning
 
 
 class Registers(Protocol):
@@ -33,6 +33,7 @@ COMMANDS: tuple[Registers, ...] = (
     model.EXPORT,
     model.COMPRESS,
     data.SHARD,
+    tokenizer,  # `shoal tokenizer train`: tokenizer.add_parser
     k8s,  # `shoal k8s render`: k8s.add_parser; imports yaml only, no torch/ray
     reference.CONFIG_REFERENCE,
 )

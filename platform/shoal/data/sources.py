@@ -4,9 +4,10 @@ Files by their first bytes: parquet (PAR1), Arrow IPC / Feather (ARROW1, or an I
 Hugging Face writes it); then by suffix: .npz, .csv, .jsonl / .ndjson, text. Directories: a
 Hugging Face `datasets` directory (save_to_disk's output, or parquet files as the Hub lays them
 out), a directory of parquet or Arrow files, else a folder of images in class subfolders. A glob
-pattern of parquet or Arrow files. And the built-in sets digits and synthetic. Nothing is read
-whole: columnar files and CSV/JSONL stream record batches, text streams in pieces, images one
-file at a time (.npz arrays are in memory by their nature).
+pattern of parquet or Arrow files. And the built-in sets digits and synthetic. With a tokenizer
+(or task lm) a directory without parquet or Arrow files is a directory of text files, each one a
+document. Nothing is read whole: columnar files and CSV/JSONL stream record batches, text streams
+in pieces (tokens.py encodes them), images one file at a time (.npz arrays are in memory by their nature).
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ import pyarrow as pa
 from PIL import Image
 
 from shoal.data import arrow_sources as arrow
+from shoal.data import tokens
 from shoal.data.columns import Columns, FeatureReader, Labels, Plan, class_names, key_hashes, plan
 from shoal.data.stream import Chunk, Stream, prefetch, random_access
+from shoal.data.tokens import Bytes, Coder, Item, Vocabulary
 from shoal.errors import DataError
 
 TEXT_SUFFIXES = ("", ".txt", ".text", ".md", ".rst")
@@ -47,12 +50,20 @@ def load_source(
     image_size: tuple[int, int] | None = None,
     seed: int = 0,
     columns: Columns | None = None,
+    tokenizer: Vocabulary | None = None,
 ) -> Stream:
-    """The stream SOURCE names: a built-in set, a file, a directory or a glob of columnar files."""
+    """The stream SOURCE names: a built-in set, a file, a directory or a glob of columnar files; text
+    through the tokenizer when one is given (else as bytes)."""
     cols = columns or Columns(label=label_column)
-    stream = _stream(source, cols, num_samples, input_shape, num_classes, task, seq_len, image_size, seed)
+    task = task or ("lm" if tokenizer else None)
+    stream = _stream(source, cols, num_samples, input_shape, num_classes, task, seq_len, image_size, seed, tokenizer)
     if "columns" not in stream.extra:
         _no_columns_named(source, cols)
+    if tokenizer is not None and not isinstance(stream.extra.get("tokenizer"), dict):
+        raise DataError(
+            f"{source}: --tokenizer encodes text (a text file, a directory of them, or a --text-column), and this "
+            f"source is {stream.task} data"
+        )
     return stream
 
 
@@ -86,6 +97,7 @@ def _stream(
     seq_len: int,
     image_size: Any,
     seed: int,
+    tokenizer: Vocabulary | None,
 ) -> Stream:
     if source == "digits":
         return _digits()
@@ -93,30 +105,34 @@ def _stream(
         return _synthetic(num_samples, input_shape or [32], num_classes, task or "classification", seq_len, seed)
     path = Path(source)
     if not path.exists() and any(c in source for c in "*?["):
-        return columnar(arrow.pattern(source), cols, task, seq_len, image_size, seed)
+        return columnar(arrow.pattern(source), cols, task, seq_len, image_size, seed, tokenizer)
     if not path.exists():
         raise DataError(f"{source}: no such file or directory (or built-in data set: digits, synthetic)")
     if path.is_dir():
         batches = arrow.directory(path)
-        return columnar(batches, cols, task, seq_len, image_size, seed) if batches else _images(path, image_size)
-    return _file(path, cols, task, seq_len, image_size, seed)
+        if batches:
+            return columnar(batches, cols, task, seq_len, image_size, seed, tokenizer)
+        return _text_dir(path, seq_len, tokenizer) if task == "lm" else _images(path, image_size)
+    return _file(path, cols, task, seq_len, image_size, seed, tokenizer)
 
 
-def _file(path: Path, cols: Columns, task: str | None, seq_len: int, image_size: Any, seed: int) -> Stream:
+def _file(
+    path: Path, cols: Columns, task: str | None, seq_len: int, image_size: Any, seed: int, tokenizer: Vocabulary | None
+) -> Stream:
     kind = arrow.sniff(path)
     suffix = path.suffix.lower()
     if kind == "parquet":
-        return columnar(arrow.parquet_files(str(path), [path]), cols, task, seq_len, image_size, seed)
+        return columnar(arrow.parquet_files(str(path), [path]), cols, task, seq_len, image_size, seed, tokenizer)
     if kind is not None:
-        return columnar(arrow.arrow_files(str(path), [path]), cols, task, seq_len, image_size, seed)
+        return columnar(arrow.arrow_files(str(path), [path]), cols, task, seq_len, image_size, seed, tokenizer)
     if suffix == ".npz":
         return _npz(path, task)
     if suffix == ".csv":
-        return columnar(arrow.csv_file(path), cols, task, seq_len, image_size, seed)
+        return columnar(arrow.csv_file(path), cols, task, seq_len, image_size, seed, tokenizer)
     if suffix in (".jsonl", ".ndjson"):
-        return columnar(arrow.jsonl_file(path), cols, task, seq_len, image_size, seed)
+        return columnar(arrow.jsonl_file(path), cols, task, seq_len, image_size, seed, tokenizer)
     if suffix in TEXT_SUFFIXES:
-        return _text(path, seq_len)
+        return _text(path, seq_len, tokenizer)
     raise DataError(f"{path}: {suffix or 'this'} files are not a source `shoal shard` reads; it accepts {ACCEPTED}")
 
 
@@ -124,14 +140,25 @@ def _file(path: Path, cols: Columns, task: str | None, seq_len: int, image_size:
 
 
 def columnar(
-    batches: arrow.Batches, cols: Columns, task: str | None, seq_len: int, image_size: Any, seed: int
+    batches: arrow.Batches,
+    cols: Columns,
+    task: str | None,
+    seq_len: int,
+    image_size: Any,
+    seed: int,
+    tokenizer: Vocabulary | None = None,
 ) -> Stream:
     """A stream of the columns the plan picks from a columnar source's record batches."""
     p = plan(batches.schema, cols, task, batches.source)
     if p.mode == "text":
         if cols.split_key:
             raise DataError("--split-key: not with text (a block of tokens spans documents); the split is by position")
-        return _text_column(batches, p, seq_len)
+        return _text_column(batches, p, seq_len, tokenizer)
+    if tokenizer is not None:
+        raise DataError(
+            f"{batches.source}: --tokenizer needs a column of documents: name it with --text-column (its columns "
+            f"are: {', '.join(batches.schema.names)})"
+        )
     labels = Labels(p.label or "", p.task, class_names(batches.features, p.label or ""))
     x_of = _ImageColumn(p.x[0], image_size).x if p.mode == "image" else FeatureReader(p, batches.source).x
     floats = [n for n in p.x if _scalar_number(batches.schema.field(n).type)] if p.mode == "features" else []
@@ -169,19 +196,18 @@ def _columns_entry(p: Plan, cols: Columns) -> dict[str, Any]:
     return entry
 
 
-def _text_column(batches: arrow.Batches, p: Plan, seq_len: int) -> Stream:
-    """The documents of a text column as UTF-8 bytes, a newline after each, cut into blocks."""
+def _text_column(batches: arrow.Batches, p: Plan, seq_len: int, tokenizer: Vocabulary | None) -> Stream:
+    """The documents of a text column, one a row, through the tokenizer (an end-of-text id after each)
+    or as UTF-8 bytes (a newline after each), cut into blocks."""
 
-    def chunks() -> Iterator[Chunk]:
-        cut = _ByteBlocks(seq_len)
+    def documents() -> Iterator[Item]:
         for batch, _ in batches.read(p.x):
-            docs = [d for d in batch.column(0).to_pylist() if d is not None]
-            chunk = cut.add("".join(d + "\n" for d in docs).encode())
-            if chunk is not None:
-                yield chunk
+            for d in batch.column(0).to_pylist():
+                if d is not None:
+                    yield from tokens.row(d)
 
-    extra = {"tokenizer": "bytes", "columns": {"text": p.x[0]}}
-    return Stream(chunks, "lm", vocab_size=256, extra=extra, nbytes=batches.nbytes)
+    coder = tokenizer or Bytes()
+    return _coded(documents, coder, seq_len, batches.source, batches.nbytes, {"columns": {"text": p.x[0]}})
 
 
 class _ImageColumn:
@@ -245,41 +271,121 @@ def _npz(path: Path, task: str | None) -> Stream:
     return _arrays(x, y, task, classes, source=str(path), x_scale=scale, nbytes=path.stat().st_size)
 
 
-class _ByteBlocks:
-    """Bytes in, blocks of seq_len + 1 byte tokens out (x the first seq_len, y the last), consecutive
-    blocks sharing one byte: the blocks a whole file gives, cut as its pieces arrive."""
-
-    def __init__(self, seq_len: int):
-        self.seq_len, self.buf = seq_len, b""
-
-    def add(self, data: bytes) -> Chunk | None:
-        self.buf += data
-        n = (len(self.buf) - 1) // self.seq_len
-        if n < 1:
-            return None
-        arr = np.frombuffer(self.buf, dtype=np.uint8, count=n * self.seq_len + 1)
-        rows = np.lib.stride_tricks.sliding_window_view(arr, self.seq_len + 1)[:: self.seq_len].copy()
-        self.buf = self.buf[n * self.seq_len :]
-        return Chunk(rows[:, :-1], rows[:, 1:])
-
-
-def _text(path: Path, seq_len: int) -> Stream:
+def _text(path: Path, seq_len: int, tokenizer: Vocabulary | None) -> Stream:
+    """A text file: through the tokenizer, one document; as bytes, the file's bytes as they are."""
     size = path.stat().st_size
+    _check_text_start(path)
+    if tokenizer is not None:
+        return _coded(lambda: tokens.document(_text_bytes(path)), tokenizer, seq_len, str(path), size)
     if (size - 1) // seq_len < 1:
         raise DataError(f"{path}: {size} bytes of text make no block of {seq_len + 1} tokens (lower --seq-len)")
-    _check_text_start(path)
 
     def chunks() -> Iterator[Chunk]:
-        cut, check = _ByteBlocks(seq_len), _TextCheck(path)
-        with open(path, "rb") as f:
-            while piece := f.read(TEXT_PIECE):
-                check(piece)
-                chunk = cut.add(piece)
-                if chunk is not None:
-                    yield chunk
-        check(b"", final=True)
+        cut = tokens.Blocks(seq_len, np.dtype(np.uint8))
+        for piece in _text_bytes(path):
+            chunk = cut.add(np.frombuffer(piece, dtype=np.uint8))
+            if chunk is not None:
+                yield chunk
 
     return Stream(chunks, "lm", vocab_size=256, extra={"tokenizer": "bytes"}, rows=(size - 1) // seq_len, nbytes=size)
+
+
+def _text_dir(path: Path, seq_len: int, tokenizer: Vocabulary | None) -> Stream:
+    """A directory of text files, each a document, in the sorted order of their paths."""
+    files = text_files(path)
+
+    def documents() -> Iterator[Item]:
+        for f in files:
+            yield from tokens.document(_text_bytes(f))
+
+    size = sum(f.stat().st_size for f in files)
+    return _coded(documents, tokenizer or Bytes(), seq_len, str(path), size, {"documents": len(files)})
+
+
+def text_files(path: Path) -> list[Path]:
+    """The text files under a directory (by suffix, hidden ones left out), sorted by their paths."""
+    found = {}
+    for f in path.rglob("*"):
+        rel = f.relative_to(path)
+        if f.suffix.lower() in TEXT_SUFFIXES and not any(p.startswith(".") for p in rel.parts) and f.is_file():
+            found[rel.as_posix()] = f
+    if not found:
+        raise DataError(
+            f"{path}: no text files ({', '.join(s or 'no suffix' for s in TEXT_SUFFIXES)}), parquet or Arrow files"
+        )
+    return [found[k] for k in sorted(found)]
+
+
+def _coded(
+    documents: Callable[[], Iterator[Item]], coder: Coder, seq_len: int, source: str, nbytes: int, extra: Any = None
+) -> Stream:
+    """The blocks of documents through a coder, encoded by a thread ahead of the writer (encode_batch
+    releases the GIL, so tokenising overlaps the writer's spilling)."""
+
+    def chunks() -> Iterator[Chunk]:
+        yield from prefetch(tokens.blocks(documents(), coder, seq_len, source), depth=2)
+
+    entry = coder.entry() if isinstance(coder, Vocabulary) else "bytes"
+    extra = {"tokenizer": entry, **(extra or {})}
+    return Stream(chunks, "lm", vocab_size=coder.size, extra=extra, nbytes=nbytes)
+
+
+def text_documents(source: str, text_column: str | None = None) -> Iterator[str]:
+    """A corpus's text in pieces, for `shoal tokenizer train`: a text file, a directory of them, or the
+    text column of a columnar source (parquet, Arrow, Hugging Face datasets, CSV, JSONL; a glob of them)."""
+    path = Path(source)
+    if not path.exists() and any(c in source for c in "*?["):
+        batches: arrow.Batches | None = arrow.pattern(source)
+    elif not path.exists():
+        raise DataError(f"{source}: no such file or directory")
+    elif path.is_dir():
+        batches = arrow.directory(path)
+    else:
+        batches = _file_batches(path)
+    if batches is not None:
+        return _column_texts(batches, text_column)
+    files = text_files(path) if path.is_dir() else [path]
+    if path.is_file():
+        _check_text_start(path)
+    return (piece for f in files for piece in tokens.pieces(_text_bytes(f)))
+
+
+def _file_batches(path: Path) -> arrow.Batches | None:
+    """A file's record batches when it is columnar; None for a text file; an error for anything else."""
+    kind, suffix = arrow.sniff(path), path.suffix.lower()
+    if kind == "parquet":
+        return arrow.parquet_files(str(path), [path])
+    if kind is not None:
+        return arrow.arrow_files(str(path), [path])
+    if suffix == ".csv":
+        return arrow.csv_file(path)
+    if suffix in (".jsonl", ".ndjson"):
+        return arrow.jsonl_file(path)
+    if suffix in TEXT_SUFFIXES:
+        return None
+    raise DataError(f"{path}: not a text corpus (text files, or parquet, Arrow, CSV or JSONL with --text-column)")
+
+
+def _column_texts(batches: arrow.Batches, text_column: str | None) -> Iterator[str]:
+    """The documents of the text column (checked before the first is read)."""
+    names = batches.schema.names
+    if text_column is None and "text" not in names:
+        raise DataError(
+            f"{batches.source}: no column 'text'; name the documents' column with --text-column "
+            f"(its columns are: {', '.join(names)})"
+        )
+    p = plan(batches.schema, Columns(text=text_column), "lm", batches.source)
+    return (d for batch, _ in batches.read(p.x) for d in batch.column(0).to_pylist() if d is not None)
+
+
+def _text_bytes(path: Path) -> Iterator[bytes]:
+    """A text file's bytes in pieces of TEXT_PIECE, each checked to be text as it is read."""
+    check = _TextCheck(path)
+    with open(path, "rb") as f:
+        while piece := f.read(TEXT_PIECE):
+            check(piece)
+            yield piece
+    check(b"", final=True)
 
 
 def _check_text_start(path: Path) -> None:

@@ -1,0 +1,335 @@
+"""Text through a real tokenizer: a byte-level BPE trained by `shoal tokenizer train` on a generated
+corpus; shards of its ids decode back to every document; the transformer_lm trains on them below the
+unigram baseline; `shoal check` and the loader find ids past the vocabulary; bad tokenizers exit 2."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from test_data_writer import read_all, rows, shard
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+from shoal.config import DataConfig, load_config
+from shoal.data import tokens
+from shoal.data.shards import open_shards
+from shoal.dist import WorldInfo
+from shoal.errors import DataError
+
+from conftest import shoal_cli
+
+DETERMINERS = ["the", "a", "every", "some"]
+ADJECTIVES = ["red", "quick", "lazy", "small", "old", "bright", "quiet"]
+NOUNS = ["cat", "dog", "fox", "bird", "horse", "river", "garden", "teacher", "engine", "window"]
+VERBS = ["sees", "follows", "likes", "finds", "watches", "carries", "ignores"]
+
+
+def sentence(rng: random.Random) -> str:
+    """det [adj] noun verb det noun: a grammar a model with context predicts far better than word counts."""
+    words = [rng.choice(DETERMINERS), *([rng.choice(ADJECTIVES)] if rng.random() < 0.5 else [])]
+    words += [rng.choice(NOUNS), rng.choice(VERBS), rng.choice(DETERMINERS), rng.choice(NOUNS)]
+    return " ".join(words).capitalize() + "."
+
+
+def documents(n: int, lines: int, seed: int = 0) -> list[str]:
+    """n documents of generated lines (some ending without a newline, one with blank lines and a non-ASCII word)."""
+    rng = random.Random(seed)
+    docs = ["\n".join(sentence(rng) for _ in range(rng.randint(lines // 2, lines))) for _ in range(n)]
+    docs = [d + "\n" if i % 3 else d for i, d in enumerate(docs)]
+    docs[1] = docs[1].replace(".\n", ".\n\n  ", 3) + "Café über naïve.\n"
+    return docs
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A directory of generated documents, one a file, and the BPE `shoal tokenizer train` makes on it."""
+    root = tmp_path_factory.mktemp("corpus")
+    docs = documents(24, 60)
+    (root / "docs").mkdir()
+    for i, doc in enumerate(docs):
+        (root / "docs" / f"doc{i:03d}.txt").write_text(doc)
+    (root / "docs" / ".hidden.txt").write_text("not a document")
+    (root / "tok").mkdir()  # --out a directory: DIR/tokenizer.json, as `--tokenizer DIR` reads it
+    proc = shoal_cli("tokenizer", "train", str(root / "docs"), "--vocab-size", "400", "--out", str(root / "tok"))
+    assert proc.returncode == 0, proc.stderr
+    vocab = Tokenizer.from_file(str(root / "tok" / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+    assert f"a vocabulary of {vocab} tokens" in proc.stdout and "computing the merges" in proc.stdout
+    return root, docs
+
+
+def token_sequence(out_dir) -> tuple[np.ndarray, dict]:
+    """The ids of unshuffled shards in order: the blocks concatenated, each one's shared first token once."""
+    x, y, manifest = read_all(out_dir)
+    return np.concatenate([x.reshape(-1), y[-1, -1:]]), manifest
+
+
+def decoded(out_dir, tokenizer: Tokenizer) -> list[str]:
+    """The documents every end-of-text id closes, decoded (the unfinished tail after the last is left out)."""
+    ids, manifest = token_sequence(out_dir)
+    eot = manifest["tokenizer"]["eot_id"]
+    ends = np.flatnonzero(ids == eot)
+    starts = np.r_[0, ends[:-1] + 1]
+    return [tokenizer.decode(ids[a:b].tolist(), skip_special_tokens=False) for a, b in zip(starts, ends)]
+
+
+def test_trained_tokenizer_is_byte_level_bpe_with_end_of_text(corpus):
+    root, docs = corpus
+    tok = Tokenizer.from_file(str(root / "tok" / "tokenizer.json"))
+    assert 300 <= tok.get_vocab_size(with_added_tokens=True) <= 400
+    assert tok.token_to_id("<|endoftext|>") is not None
+    assert tok.decode(tok.encode(docs[1]).ids) == docs[1]  # byte level: every text round-trips
+    assert len(tok.encode(docs[0]).ids) < len(docs[0].encode()) / 2  # merges learnt: fewer ids than bytes
+
+
+def test_directory_of_text_files_decodes_back_to_every_document(corpus, tmp_path):
+    root, docs = corpus
+    out = tmp_path / "out"
+    args = ["--tokenizer", str(root / "tok"), "--seq-len", "32", "--no-shuffle", "--val-fraction", "0"]
+    shard(str(root / "docs"), str(out), *args)
+    manifest = json.loads((out / "manifest.json").read_text())
+    tok = Tokenizer.from_file(str(root / "tok" / "tokenizer.json"))
+    got = decoded(out, tok)
+    assert len(got) >= len(docs) - 1 and got == docs[: len(got)]  # the last may be cut by the final block
+    assert manifest["fields"]["x"] == {"dtype": "<u2", "shape": [32]} and manifest["task"] == "lm"
+    assert manifest["vocab_size"] == tok.get_vocab_size(with_added_tokens=True) and manifest["documents"] == len(docs)
+    entry = manifest["tokenizer"]
+    assert entry["file"] == "tokenizer.json" and entry["special"] == {"<|endoftext|>": entry["eot_id"]}
+    copied = (out / "tokenizer.json").read_bytes()
+    assert copied == (root / "tok" / "tokenizer.json").read_bytes()
+    assert entry["sha256"] == tokens.hashlib.sha256(copied).hexdigest()
+
+
+def test_one_text_file_is_one_document_encoded_in_pieces_like_the_whole(corpus, tmp_path, monkeypatch):
+    root, docs = corpus
+    text = "".join(docs)
+    (tmp_path / "all.txt").write_text(text)
+    monkeypatch.setattr(tokens, "PIECE_CHARS", 300)  # many pieces, cut at line ends, a few to a batch
+    monkeypatch.setattr(tokens, "BATCH_CHARS", 2000)
+    shard(str(tmp_path / "all.txt"), str(tmp_path / "out"), "--tokenizer", str(root / "tok" / "tokenizer.json"))
+    tok = Tokenizer.from_file(str(root / "tok" / "tokenizer.json"))
+    shard(str(tmp_path / "all.txt"), str(tmp_path / "plain"), "--tokenizer", str(root / "tok"), "--no-shuffle")
+    ids, manifest = token_sequence(tmp_path / "plain")  # train, then val: the file's order
+    whole = tok.encode(text, add_special_tokens=False).ids + [manifest["tokenizer"]["eot_id"]]
+    assert ids.tolist() == whole[: len(ids)] and len(whole) - len(ids) < 64
+    shuffled = read_all(tmp_path / "out")[0]
+    assert rows(shuffled) == rows(read_all(tmp_path / "plain")[0])  # the same blocks, shuffled and split
+
+
+def test_text_column_rows_are_documents_and_shuffled_blocks_are_the_same_multiset(corpus, tmp_path):
+    root, docs = corpus
+    pq.write_table(pa.table({"id": list(range(len(docs))), "body": docs}), tmp_path / "d.parquet", row_group_size=5)
+    tok_args = ["--tokenizer", str(root / "tok"), "--text-column", "body", "--seq-len", "16"]
+    shard(str(tmp_path / "d.parquet"), str(tmp_path / "plain"), *tok_args, "--no-shuffle", "--val-fraction", "0")
+    got = decoded(tmp_path / "plain", Tokenizer.from_file(str(root / "tok" / "tokenizer.json")))
+    assert len(got) >= len(docs) - 1 and got == docs[: len(got)]
+    assert json.loads((tmp_path / "plain" / "manifest.json").read_text())["columns"] == {"text": "body"}
+    shard(str(tmp_path / "d.parquet"), str(tmp_path / "mixed"), *tok_args, "--seed", "3")
+    plain, mixed = read_all(tmp_path / "plain"), read_all(tmp_path / "mixed")
+    assert rows(np.c_[plain[0], plain[1]]) == rows(np.c_[mixed[0], mixed[1]])
+    assert not np.array_equal(plain[0], mixed[0])
+
+
+def test_jsonl_column_trains_a_tokenizer_and_shards_through_it(tmp_path):
+    docs = documents(6, 10, seed=1)
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"t": d, "n": i}) + "\n" for i, d in enumerate(docs)))
+    out = tmp_path / "tok.json"
+    proc = shoal_cli(
+        "tokenizer", "train", str(tmp_path / "d.jsonl"), "--text-column", "t", "--vocab-size", "300", "--out", str(out)
+    )
+    assert proc.returncode == 0, proc.stderr
+    shard(
+        str(tmp_path / "d.jsonl"),
+        str(tmp_path / "s"),
+        "--tokenizer",
+        str(out),
+        "--text-column",
+        "t",
+        "--seq-len",
+        "8",
+        "--no-shuffle",
+        "--val-fraction",
+        "0",
+    )
+    got = decoded(tmp_path / "s", Tokenizer.from_file(str(out)))
+    assert len(got) >= len(docs) - 1 and got == docs[: len(got)]
+
+
+def test_directory_of_text_files_as_bytes_with_task_lm(corpus, tmp_path):
+    root, docs = corpus
+    shard(
+        str(root / "docs"),
+        str(tmp_path / "b"),
+        "--task",
+        "lm",
+        "--seq-len",
+        "64",
+        "--no-shuffle",
+        "--val-fraction",
+        "0",
+    )
+    ids, manifest = token_sequence(tmp_path / "b")
+    assert (
+        manifest["tokenizer"] == "bytes" and manifest["vocab_size"] == 256 and manifest["fields"]["x"]["dtype"] == "|u1"
+    )
+    whole = "".join(d + "\n" for d in docs).encode()  # a newline after each document, as a text column's
+    assert ids.astype(np.uint8).tobytes() == whole[: len(ids)] and len(whole) - len(ids) < 64
+
+
+def test_ids_are_stored_in_the_smallest_unsigned_type():
+    assert [tokens.id_dtype(n) for n in (2, 256, 257, 300, 65536, 65537, 128_256)] == [
+        np.uint8,
+        np.uint8,
+        np.uint16,
+        np.uint16,
+        np.uint16,
+        np.uint32,
+        np.uint32,
+    ]
+
+
+def test_blocks_are_the_whole_sequence_cut_as_it_arrives():
+    ids = np.arange(1000, dtype=np.uint16)
+    whole = tokens.Blocks(10, ids.dtype).add(ids)
+    cut = tokens.Blocks(10, ids.dtype)
+    parts = [cut.add(ids[a:b]) for a, b in [(0, 3), (3, 4), (4, 250), (250, 999), (999, 1000)]]
+    x = np.concatenate([p.x for p in parts if p is not None])
+    assert np.array_equal(x, whole.x) and np.array_equal(whole.x[1:, 0], whole.y[:-1, -1])  # one shared token
+    assert whole.x.shape == (99, 10) and np.array_equal(whole.y[:, :], whole.x + 1)
+
+
+def test_pieces_cut_between_lines_and_in_long_lines(monkeypatch):
+    monkeypatch.setattr(tokens, "PIECE_CHARS", 8)
+    monkeypatch.setattr(tokens, "LONG_LINE", 40)
+    text = "alpha beta\ngamma  \ndelta\n\n epsilon\nzeta " + "word " * 30 + "x" * 100 + "\nend"
+    raw = text.encode()
+    got = list(tokens.pieces(raw[i : i + 7] for i in range(0, len(raw), 7)))
+    assert "".join(got) == text and len(got) > 4
+    assert all(p[-1] == "\n" and not p[-2].isspace() for p in got[:2])  # between two lines of text only
+    assert max(map(len, got)) <= 40
+    rows = list(tokens.row(text))  # a row held whole: the same cuts
+    assert [t for t, _ in rows] == got and [end for _, end in rows] == [False] * (len(got) - 1) + [True]
+    assert list(tokens.row("short")) == [("short", True)]
+
+
+def test_train_on_tokenised_shards_beats_the_unigram_baseline(corpus, tmp_path):
+    from shoal.engine import train
+    from shoal.job import build_job
+
+    root, _ = corpus
+    out = tmp_path / "s"
+    shard(str(root / "docs"), str(out), "--tokenizer", str(root / "tok"), "--seq-len", "32", "--val-fraction", "0.1")
+    manifest = json.loads((out / "manifest.json").read_text())
+    train_set, val_set = open_shards(DataConfig(format="shards", path=str(out)))
+    unigram = _unigram_loss(train_set, val_set, manifest["vocab_size"])
+    cfg = load_config(None, [
+        "data.format=shards", f"data.path={out}", "data.batch_size=32", "model.name=transformer_lm",
+        "model.width=32", "model.depth=1", "model.heads=2", "scaling.num_workers=1", "train.max_steps=80",
+        "train.eval_every=80", "optim.lr=0.03", "schedule.warmup_steps=5", "log.tensorboard=false",
+        f"run.dir={tmp_path / 'run'}",
+    ])  # fmt: skip
+    job = build_job(cfg, WorldInfo(), torch.device("cpu"))
+    embeddings = [m for m in job.strategy.bare_model.modules() if isinstance(m, torch.nn.Embedding)]
+    assert embeddings[0].num_embeddings == manifest["vocab_size"]  # the vocabulary from the manifest
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a model this small trains 10x faster on one thread of a shared machine
+    try:
+        val_loss = train(job, lambda r: None)["val_loss"]
+    finally:
+        torch.set_num_threads(threads)
+    assert val_loss < unigram - 0.3, (val_loss, unigram)
+
+
+def _unigram_loss(train_set, val_set, vocab: int) -> float:
+    """Cross-entropy of the training split's token frequencies on the validation targets (shoal check's)."""
+    y_train = train_set.get_batch(np.arange(len(train_set)))[1].numpy().reshape(-1)
+    y_val = val_set.get_batch(np.arange(len(val_set)))[1].numpy().reshape(-1)
+    p = (np.bincount(y_train, minlength=vocab) + 1.0) / (len(y_train) + vocab)
+    return float(-np.log(p[y_val]).mean())
+
+
+def test_ids_past_the_vocabulary_are_found_by_check_and_the_loader(corpus, tmp_path):
+    from shoal import check
+
+    root, _ = corpus
+    out = tmp_path / "s"
+    shard(str(root / "docs"), str(out), "--tokenizer", str(root / "tok"), "--seq-len", "32", "--val-fraction", "0")
+    manifest = json.loads((out / "manifest.json").read_text())
+    high = int(read_all(out)[0].max())
+    manifest["vocab_size"] = high  # the shards hold id `high`, one past the vocabulary the manifest states
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    cfg = load_config(None, ["data.format=shards", f"data.path={out}", "model.name=transformer_lm",
+                             "model.width=16", "model.depth=1", "model.heads=2"])  # fmt: skip
+    result = check.run(cfg, tmp_path / "check", say=lambda *_: None)
+    finding = next(f for f in result.findings if f.kind == "labels_out_of_range")
+    assert f"token ids outside [0, vocab_size={high})" in finding.message and "train-000000.tar#" in finding.message
+    assert "vocab_size" in finding.fix
+    train_set, _ = open_shards(DataConfig(format="shards", path=str(out)))
+    with pytest.raises(DataError, match=rf"shard train-000000.*is outside \[0, {high}\) \(vocab_size={high} in the"):
+        train_set.get_batch(np.arange(len(train_set)))
+
+
+def _one_line_error(proc) -> str:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    return lines[0]
+
+
+def _main_error(argv: list[str], capsys) -> str:
+    """`shoal ARGV` in this process: exit 2 and its one line (the subprocess cases check for tracebacks)."""
+    from shoal.cli import main
+
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, (code, err)
+    return err[0]
+
+
+def test_bad_tokenizers_exit_2_naming_the_file(corpus, tmp_path, capsys, monkeypatch):
+    root, _ = corpus
+    docs = str(root / "docs")
+    (tmp_path / "broken.json").write_text('{"version": "1.0", "model": ')
+    (tmp_path / "empty").mkdir()
+    no_eot = Tokenizer(models.BPE())
+    no_eot.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    no_eot.train_from_iterator(["a b c"], trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>"]))
+    no_eot.save(str(tmp_path / "noeot.json"))
+    cases = [
+        ([docs, "o1", "--tokenizer", str(tmp_path / "missing.json")], "missing.json: no such tokenizer file"),
+        ([docs, "o2", "--tokenizer", str(tmp_path / "broken.json")], "broken.json: not a readable `tokenizers`"),
+        ([docs, "o3", "--tokenizer", str(tmp_path / "empty")], "empty: holds no tokenizer.json"),
+        ([docs, "o4", "--tokenizer", str(tmp_path / "noeot.json")], "noeot.json: no end-of-text token"),
+        ([docs, "o5", "--tokenizer", str(tmp_path / "noeot.json"), "--eot-token", "<eos>"], "'<eos>' is not in"),
+        ([docs, "o6", "--eot-token", "<pad>"], "--eot-token: only with --tokenizer"),
+        (["digits", "o7", "--tokenizer", str(root / "tok")], "--tokenizer encodes text"),
+    ]
+    monkeypatch.chdir(tmp_path)
+    for argv, needle in cases:
+        line = _main_error(["shard", *argv], capsys)
+        assert needle in line, line
+    for argv, needle in cases[0], cases[3]:  # the command itself: one line, no traceback
+        assert needle in _one_line_error(shoal_cli("shard", *argv, cwd=tmp_path))
+    assert "--eot-token" in _main_error(["shard", *cases[3][0]], capsys)
+    shard(docs, "o8", "--tokenizer", str(tmp_path / "noeot.json"), "--eot-token", "<pad>")
+    assert json.loads((tmp_path / "o8" / "manifest.json").read_text())["tokenizer"]["special"] == {"<pad>": 0}
+
+
+def test_tokenizer_train_bad_input_exits_2(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("some text\n")
+    (tmp_path / "d.npz").write_bytes(b"PK")
+    cases = [
+        ([str(tmp_path / "a.txt"), "--vocab-size", "100"], "--vocab-size: at least 257"),
+        ([str(tmp_path / "nope.txt"), "--vocab-size", "300"], "nope.txt: no such file or directory"),
+        ([str(tmp_path / "d.npz"), "--vocab-size", "300"], "d.npz: not a text corpus"),
+    ]
+    for argv, needle in cases:
+        assert needle in _main_error(["tokenizer", "train", *argv, "--out", str(tmp_path / "t.json")], capsys)
+    assert "--vocab-size" in _one_line_error(
+        shoal_cli("tokenizer", "train", *cases[0][0], "--out", str(tmp_path / "t.json"))
+    )
+    assert not (tmp_path / "t.json").exists()
