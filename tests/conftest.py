@@ -297,9 +297,10 @@ def s3_server(tmp_path_factory):
 def s3(s3_server, monkeypatch, request):
     """A fresh bucket on the session's S3 server, with the AWS variables that reach it set in this process (and
     so in the ranks and commands it starts). Returns (server, bucket)."""
+    import hashlib
     import re
 
     for key, value in s3_server.env().items():
         monkeypatch.setenv(key, value)
-    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-")
-    return s3_server, s3_server.bucket(f"t-{name}-{os.getpid() % 1000}")
+    name = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:40].strip("-")
+    return s3_server, s3_server.bucket(f"{name}-{hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:8]}")

@@ -93,16 +93,17 @@ class Store:
     def __init__(self, options: Mapping[str, Any] | None = None):
         self.options = dict(options or {})
         self._fs: Any = None
+        self._pid = 0
 
-    def __getstate__(
-        self,
-    ) -> dict[str, Any]:  # the filesystem holds an event loop and sockets: each process opens its own
-        return {"options": self.options, "_fs": None}
+    def __getstate__(self) -> dict[str, Any]:
+        """Without the filesystem: it holds an event loop and sockets, and each process opens its own."""
+        return {"options": self.options, "_fs": None, "_pid": 0}
 
     @property
     def fs(self) -> Any:
-        if self._fs is None:
-            self._fs = filesystem(self.options)
+        # a forked loader worker inherits the parent's filesystem, whose event loop thread did not come along
+        if self._fs is None or self._pid != os.getpid():
+            self._fs, self._pid = filesystem(self.options), os.getpid()
         return self._fs
 
     def read(self, url: str, start: int | None = None, end: int | None = None) -> bytes:
