@@ -8,8 +8,8 @@ shards without a manifest get their member index the tar way instead: the header
 reader through a read-ahead file (a request per header at most, never the members' data).
 
 Consecutive blocks are fetched together, up to the blocks of one shuffle window (the reader's plan needs
-all of them within the window anyway), so a request carries about a window's bytes, and a reader holds
-at most one span.
+all of them within the window anyway) and at most MAX_SPAN bytes, so a request carries about a window's
+bytes, and a reader holds at most two spans.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from __future__ import annotations
 import math
 import os
 import tarfile
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +29,7 @@ from shoal.errors import DataError
 
 BLOCK = 512
 SCAN_READ_AHEAD = 64 << 10  # bytes per request of a header scan
-MAX_SPAN = 64 << 20  # bytes one request fetches at most
+MAX_SPAN = 16 << 20  # bytes one request fetches at most
 
 
 @dataclass(frozen=True)
@@ -35,13 +37,6 @@ class Layout:
     """Where the blocks of a packed shard lie: every block's [start, end) in the tar file."""
 
     starts: np.ndarray  # [blocks + 1] byte offsets
-
-    def span(self, b: int, want: int) -> tuple[int, int]:
-        """Blocks [b, e) to fetch: `want` blocks from b, fewer at the shard's end or past MAX_SPAN bytes."""
-        end = min(len(self.starts) - 1, b + max(1, want))
-        while end > b + 1 and self.starts[end] - self.starts[b] > MAX_SPAN:
-            end -= 1
-        return b, end
 
 
 def packed_layout(samples: int, block_size: int, fields: dict[str, dict[str, Any]]) -> Layout:
@@ -69,18 +64,26 @@ Group = tuple[str, dict[str, bytes]]
 
 
 class RangedShard:
-    """The key groups of one shard behind an s3:// URL, fetched by byte range."""
+    """The key groups of one shard behind an s3:// URL, fetched by byte range a span at a time.
+
+    Spans are aligned (span k holds blocks [k * n, (k + 1) * n)), so the blocks of a window, which lie in
+    at most two spans of a shard, are fetched once each; the reader holds its last two spans."""
 
     def __init__(self, url: str, name: str, store: Store, layout: Layout | None, span_blocks: int):
         self.url, self.name, self.store = url, name, store
-        self.layout, self.span_blocks = layout, span_blocks
+        self.layout, self.span_blocks = layout, max(1, span_blocks)
         self.index: list[tuple[str, dict[str, tuple[int, int]]]] | None = None
-        self.held: dict[int, Group] = {}  # the last span's groups
+        self.held: OrderedDict[int, dict[int, Group]] = OrderedDict()  # span -> its groups, the latest last
 
     def group(self, i: int) -> Group:
-        if i not in self.held:
-            self.held = self._fetch(i)
-        return self.held[i]
+        for groups in self.held.values():
+            if i in groups:
+                return groups[i]
+        groups = self._fetch(i)
+        self.held[i // self.span_blocks] = groups
+        while len(self.held) > 2:
+            self.held.popitem(last=False)
+        return groups[i]
 
     def _fetch(self, i: int) -> dict[int, Group]:
         if self.index is None and self.layout is not None:
@@ -92,36 +95,38 @@ class RangedShard:
             self.index = scan_index(self.store, self.url, self.name)
         return self._fetch_indexed(i)
 
+    def _span(self, i: int, count: int, sizes: Callable[[int, int], int]) -> tuple[int, int]:
+        """Blocks [b, e) of the aligned span holding block i, fewer where the span would pass MAX_SPAN bytes."""
+        n = self.span_blocks
+        b, e = i // n * n, min(count, (i // n + 1) * n)
+        if sizes(b, e) > MAX_SPAN:  # oversized blocks: a span of one, still aligned
+            b, e = i, i + 1
+        return b, e
+
     def _fetch_packed(self, i: int) -> dict[int, Group]:
         assert self.layout is not None
-        if i >= len(self.layout.starts) - 1:
+        starts = self.layout.starts
+        if i >= len(starts) - 1:
             raise _LayoutMismatch
-        b, e = self.layout.span(i, self.span_blocks)
-        lo = int(self.layout.starts[b])
+        b, e = self._span(i, len(starts) - 1, lambda b, e: int(starts[e] - starts[b]))
+        lo = int(starts[b])
         try:
-            data = memoryview(self.store.read(self.url, lo, int(self.layout.starts[e])))
+            data = memoryview(self.store.read(self.url, lo, int(starts[e])))
         except DataError:  # past the object's end, say: the scan says truncated, or fails again on a real error
             raise _LayoutMismatch from None
-        out = {}
-        for k in range(b, e):
-            s, t = int(self.layout.starts[k]) - lo, int(self.layout.starts[k + 1]) - lo
-            out[k] = parse_group(data[s:t])
-        return out
+        return {k: parse_group(data[int(starts[k]) - lo : int(starts[k + 1]) - lo]) for k in range(b, e)}
 
     def _fetch_indexed(self, i: int) -> dict[int, Group]:
-        assert self.index is not None
-        if i >= len(self.index):
-            raise DataError(
-                f"shard {self.name}: holds {len(self.index)} entries, the manifest promises more (truncated?)"
-            )
-        e = i + 1
-        lo = min(off for off, _ in self.index[i][1].values())
-        while e < len(self.index) and e - i < self.span_blocks and _end(self.index[e]) - lo <= MAX_SPAN:
-            e += 1
-        data = memoryview(self.store.read(self.url, lo, _end(self.index[e - 1])))
+        index = self.index
+        assert index is not None
+        if i >= len(index):
+            raise DataError(f"shard {self.name}: holds {len(index)} entries, the manifest promises more (truncated?)")
+        b, e = self._span(i, len(index), lambda b, e: _end(index[e - 1]) - _start(index[b]))
+        lo = _start(index[b])
+        data = memoryview(self.store.read(self.url, lo, _end(index[e - 1])))
         out = {}
-        for k in range(i, e):
-            key, members = self.index[k]
+        for k in range(b, e):
+            key, members = index[k]
             out[k] = key, {ext: bytes(data[off - lo : off - lo + size]) for ext, (off, size) in members.items()}
             for ext, (_, size) in members.items():
                 if len(out[k][1][ext]) != size:
@@ -129,6 +134,10 @@ class RangedShard:
                         f"shard {self.name}, sample {key}: truncated ({len(out[k][1][ext])} of {size} bytes of .{ext})"
                     )
         return out
+
+
+def _start(entry: tuple[str, dict[str, tuple[int, int]]]) -> int:
+    return min(off for off, _ in entry[1].values())
 
 
 def _end(entry: tuple[str, dict[str, tuple[int, int]]]) -> int:
