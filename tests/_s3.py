@@ -91,7 +91,12 @@ class S3Server:
         (root / "data").mkdir()
         self.log = open(root / "weed.log", "w")
         self.proc = subprocess.Popen(
-            [weed, "mini", *args], stdout=self.log, stderr=subprocess.STDOUT, cwd=root, start_new_session=True
+            [weed, "mini", *args],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            cwd=root,
+            env={**os.environ, "TMPDIR": str(root)},  # its grpc sockets go to the temporary directory, not /tmp
+            start_new_session=True,
         )
         self.endpoint = f"http://127.0.0.1:{self.s3_port}"
 
