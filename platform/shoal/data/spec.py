@@ -60,7 +60,7 @@ def from_manifest(manifest: dict[str, Any] | None, cfg: DataConfig) -> DataSpec:
     )
 
 
-def local_manifest(cfg: DataConfig) -> dict[str, Any] | None:
+def readable_manifest(cfg: DataConfig) -> dict[str, Any] | None:
     """The manifest of local or s3:// shards, when there is one to read (None for memory data and streamed URLs)."""
     if cfg.format != "shards" or cfg.path is None:
         return None
@@ -76,7 +76,7 @@ def local_manifest(cfg: DataConfig) -> dict[str, Any] | None:
 
 def describe(cfg: DataConfig) -> tuple[DataSpec, int | None]:
     """(spec, training samples) as far as they are known without reading samples (the driver's view)."""
-    manifest = local_manifest(cfg)
+    manifest = readable_manifest(cfg)
     if manifest is not None:
         split = manifest["splits"].get("train", {})
         samples = split.get("samples") or sum(int(s["samples"]) for s in split.get("shards", []))
