@@ -67,6 +67,11 @@ def _csv(path, x, y):
 
 def _val_accuracy(shards, run_dir) -> float:
     """The quickstart MLP trained on the shards in this process (one rank); its validation accuracy."""
+    return _trained(shards, run_dir)["val_accuracy"]
+
+
+def _trained(shards, run_dir, *extra: str) -> dict:
+    """The summary of the quickstart MLP trained on the shards in this process (one rank)."""
     from shoal.engine import train
     from shoal.job import build_job
 
@@ -80,9 +85,10 @@ def _val_accuracy(shards, run_dir) -> float:
             "train.eval_every=200",
             "log.tensorboard=false",
             f"run.dir={run_dir}",
+            *extra,
         ],
     )
-    return train(build_job(cfg, WorldInfo(), torch.device("cpu")), lambda r: None)["val_accuracy"]
+    return train(build_job(cfg, WorldInfo(), torch.device("cpu")), lambda r: None)
 
 
 @pytest.fixture(scope="module")
@@ -303,6 +309,36 @@ def test_text_column_and_image_column(tmp_path):
     gx, gy, m = read_all(tmp_path / "img")
     assert m["classes"] == ["bright", "dark"] and gx.shape == (10, 3, 4, 5) and m["fields"]["x"]["scale"] == 1 / 255
     assert ((gx[:, 0].mean(axis=(1, 2)) > 0.5) == (gy == 0)).all()
+
+
+def test_an_image_column_trains_with_augmentation(tmp_path, digits):
+    """Digits stored as Hugging Face stores images (PNG bytes in an Image feature): shards of [1, 8, 8] uint8
+    pixels scaled to [0, 1], trained with crop and rotate, which change the batches and keep the accuracy."""
+    import io
+
+    from datasets import Dataset
+    from datasets import Image as ImageFeature
+    from PIL import Image
+
+    x, y = digits
+
+    def png(pixels: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray((pixels.reshape(8, 8) * 255 / max(1e-9, pixels.max())).astype(np.uint8)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    images = [{"bytes": png(p), "path": None} for p in x]
+    Dataset.from_dict({"image": images, "label": [NAMES[c] for c in y]}).cast_column(
+        "image", ImageFeature()
+    ).save_to_disk(str(tmp_path / "hf"))
+    shard(str(tmp_path / "hf"), str(tmp_path / "out"), "--val-fraction", "0.2", "--block-size", "32")
+    gx, _, manifest = read_all(tmp_path / "out")
+    assert gx.shape == (len(x), 1, 8, 8) and manifest["columns"] == {"image": "image", "label": "label"}
+    augment = 'data.augment=[{"crop": {"padding": 1}}, {"rotate": {"degrees": 10}}]'
+    plain = _trained(tmp_path / "out", tmp_path / "plain")
+    augmented = _trained(tmp_path / "out", tmp_path / "aug", augment)
+    assert plain["train_loss"] != augmented["train_loss"]  # the augmented run trained on other pixels
+    assert plain["val_accuracy"] > 0.85 and augmented["val_accuracy"] > 0.8, (plain, augmented)
 
 
 # ---------------------------------------------------------------- bounded memory at size

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import braceexpand
 
-from shoal.config import DataConfig
 from shoal.data import storage
 from shoal.errors import DataError
+
+if TYPE_CHECKING:  # the config's pydantic models take a second to build: not at `shoal shard`'s start
+    from shoal.config import DataConfig
 
 MANIFEST = "manifest.json"
 PACKED = "shoal-packed-v1"

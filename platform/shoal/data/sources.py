@@ -21,7 +21,6 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from shoal.config import DataConfig
 from shoal.data import arrow_sources as arrow
 from shoal.data.columns import Columns, FeatureReader, Labels, Plan, class_names, key_hashes, plan
 from shoal.data.stream import Chunk, Stream, prefetch, random_access
@@ -371,6 +370,7 @@ def _image_loader(mode: str, size: Any) -> Callable[[Any, str], np.ndarray]:
 
 
 def _synthetic(n: int, shape: list[int], classes: int, task: str, seq_len: int, seed: int) -> Stream:
+    from shoal.config import DataConfig  # pydantic's models: built only for this source
     from shoal.data.memory import SyntheticData  # loads torch, as in _digits
 
     cfg = DataConfig(
