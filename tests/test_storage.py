@@ -235,3 +235,21 @@ def test_id_shards_read_from_s3_by_pattern_with_the_manifest_beside_them(s3, tmp
     server.filesystem().rm(f"{bucket}/ids/train-000002.tar")
     with pytest.raises(DataError, match="train-000002.tar: missing"):
         open_shards(shards_cfg(f"s3://{bucket}/ids/train-{{000000..000003}}.tar").data)
+
+
+def test_storage_options_reach_s3fs_and_a_truncated_shard_is_named(s3, tmp_path, monkeypatch):
+    server, bucket = s3
+    path = write_id_shards(tmp_path / "ids", [40, 40], block=4)
+    data = (path / "train-000001.tar").read_bytes()
+    (path / "train-000001.tar").write_bytes(data[: len(data) // 2])  # cut inside a block
+    server.filesystem().put(str(path) + "/", f"{bucket}/ids/", recursive=True)
+    monkeypatch.delenv("AWS_ENDPOINT_URL")  # the endpoint now comes from data.storage_options alone
+    cfg = shards_cfg(f"s3://{bucket}/ids", **{"data.storage_options": {"endpoint_url": server.endpoint}})
+    source, _ = open_shards(cfg.data)
+    assert source.get_batch(np.arange(40))[1].tolist() == list(range(40))
+    with pytest.raises(DataError, match=r"shard train-000001.tar.*(truncated|corrupt)"):
+        source.get_batch(np.arange(40, 80))
+    skip, _ = open_shards(cfg.replace({"data.on_error": "skip"}).data)
+    local, _ = open_shards(shards_cfg(str(path), **{"data.on_error": "skip"}).data)
+    got, expected = skip.get_batch(np.arange(80)), local.get_batch(np.arange(80))
+    assert got[2] == expected[2] > 0 and torch.equal(got[1], expected[1])  # skipped as the local file is
