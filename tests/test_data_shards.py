@@ -438,3 +438,78 @@ def test_a_model_with_fewer_outputs_than_classes_is_a_config_error(tmp_path):
     line = _one_line_error(proc)
     assert elapsed < ERROR_WITHIN_S, f"the output-size error took {elapsed:.1f} s"
     assert "model.target: the model gives 5 outputs per sample but the data has 10 classes (labels 0..9)" in line
+
+
+# ---------------------------------------------------------------- shards in object storage (tests/_s3.py's server)
+
+DIGITS_SHARDS = REPO / "configs" / "digits-shards.yaml"
+
+
+def digits_in_s3(s3, tmp_path) -> tuple[str, str]:
+    """(local directory, s3:// prefix) of the same digits shards."""
+    server, bucket = s3
+    local = tmp_path / "digits"
+    proc = shoal_cli(
+        "shard", "digits", str(local), "--val-fraction", "0.2", "--samples-per-shard", "256", "--block-size", "32"
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    server.filesystem().put(str(local) + "/", f"{bucket}/digits/", recursive=True)
+    return str(local), f"s3://{bucket}/digits"
+
+
+def train_on_rank(cfg_dict: dict) -> dict:
+    from shoal.worker import run_worker
+
+    return run_worker(config_from_dict(cfg_dict))
+
+
+def logged(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_ranks_from_s3_train_exactly_as_from_local_files(s3, tmp_path):
+    local, url = digits_in_s3(s3, tmp_path)
+
+    def job(path: str, run: str) -> dict:
+        over = {"data.path": path, "train.max_steps": 30, "train.eval_every": 15, "log.every": 1}
+        return load_config(DIGITS_SHARDS, tiny_overrides(tmp_path / run, **over, **{"data.num_workers": 1})).to_dict()
+
+    from_local = spawn_ranks(train_on_rank, 2, job(local, "local"), timeout_s=300)[0]
+    from_s3 = spawn_ranks(train_on_rank, 2, job(url, "s3"), timeout_s=300)[0]
+    assert from_local["status"] == from_s3["status"] == "completed" and from_s3["world_size"] == 2
+    a, b = logged(tmp_path / "local"), logged(tmp_path / "s3")
+    losses = [r["loss"] for r in a if "loss" in r]
+    assert len(losses) == 30 and max(losses) - min(losses) > 0.1  # it learned: the losses compared are not flat
+    assert [(r.get("loss"), r.get("val_loss")) for r in a] == [(r.get("loss"), r.get("val_loss")) for r in b]
+
+
+def test_resume_mid_epoch_from_s3_is_the_uninterrupted_run(s3, tmp_path):
+    import threading
+
+    from shoal.checkpoint import find_latest
+    from shoal.worker import run_worker
+
+    _, url = digits_in_s3(s3, tmp_path)  # 1437 training samples: 44 steps an epoch at batch 32
+
+    def run(name: str, resume: bool = False, stop_after: int | None = None) -> dict:
+        over = {"data.path": url, "train.max_steps": 70, "train.eval_every": 35, "log.every": 5}
+        cfg = load_config(DIGITS_SHARDS, tiny_overrides(tmp_path / name, **over))
+        stop = threading.Event()
+
+        def report(record: dict) -> None:
+            if stop_after is not None and record["step"] >= stop_after:
+                stop.set()
+
+        return run_worker(cfg, resume=resume, report=report, stop=stop)
+
+    run("straight")
+    stopped = run("resumed", stop_after=20)
+    assert stopped["status"] == "preempted" and 20 <= stopped["steps"] < 44  # stopped inside the first epoch
+    resumed = run("resumed", resume=True)
+    assert resumed["status"] == "completed" and resumed["steps"] == 70
+    a, b = (torch.load(find_latest(tmp_path / n) / "model.pt", weights_only=True) for n in ("straight", "resumed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    keys = ("step", "epoch", "samples", "loss", "val_loss", "val_accuracy")
+    assert [{k: r.get(k) for k in keys} for r in logged(tmp_path / "straight")] == [
+        {k: r.get(k) for k in keys} for r in logged(tmp_path / "resumed")
+    ]

@@ -27,8 +27,9 @@ from shoal.toolchain import missing
 def check(cfg: JobConfig, *, resume: bool = False, local_files: bool = True) -> Path:
     """Raise the first problem as a one-line ShoalError; returns the resolved run directory.
 
-    local_files=False skips the data and checkpoint paths: on a cluster of other machines they are
-    the nodes' paths, not this one's (the ranks check them where they read them).
+    local_files=False skips the local data and checkpoint paths: on a cluster of other machines they are
+    the nodes' paths, not this one's (the ranks check them where they read them). s3:// data is checked
+    either way: a URL names the same objects from every machine.
     """
     for key, target in (
         ("model.target", cfg.model.target),
@@ -53,8 +54,8 @@ def check(cfg: JobConfig, *, resume: bool = False, local_files: bool = True) -> 
         )
     path = rundir.resolve(cfg)
     rundir.check(path, cfg, resume)
+    check_paths(cfg.data, local=local_files)  # s3:// data is checked from any machine
     if local_files:
-        check_paths(cfg.data)
         check_compiler(cfg)
         if cfg.checkpoint.resume_from and not resume:
             check_checkpoint_dir(Path(cfg.checkpoint.resume_from).expanduser())

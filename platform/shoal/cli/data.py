@@ -41,7 +41,7 @@ def _shard_args(p: argparse.ArgumentParser) -> None:
         help="digits | synthetic | a parquet or Arrow/Feather file, directory or glob | a Hugging Face datasets "
         "directory | a .npz, .csv, .jsonl or text file | a folder of class subfolders of images",
     )
-    p.add_argument("out_dir", metavar="OUT_DIR")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="a directory, or s3://bucket/prefix (see Object storage)")
     size = p.add_mutually_exclusive_group()
     size.add_argument(
         "--samples-per-shard", type=int, default=None, metavar="N", help="samples per shard (default 10000)"
@@ -119,6 +119,7 @@ def _text_args(p: argparse.ArgumentParser) -> None:
 
 
 def shard(args: argparse.Namespace) -> int:
+    from shoal.data import storage
     from shoal.data.writer import write_shards
 
     if not 0 <= args.val_fraction < 1:
@@ -126,14 +127,47 @@ def shard(args: argparse.Namespace) -> int:
     if args.eot_token and not args.tokenizer:
         raise ShoalError("--eot-token: only with --tokenizer (bytes end a document with a newline)")
     tokenizer = _tokenizer(args)
+    if storage.is_remote(args.out_dir):
+        return _shard_to_storage(args, tokenizer)
     table = _source_table(args, tokenizer)
     if tokenizer is not None:
         _copy_tokenizer(tokenizer, args)
     manifest = write_shards(table, Path(args.out_dir), _shard_options(args), source=args.source)
+    _said(manifest, str(Path(args.out_dir) / "manifest.json"))
+    return 0
+
+
+def _shard_to_storage(args: argparse.Namespace, tokenizer: Vocabulary | None) -> int:
+    """OUT_DIR in object storage: written to a local staging directory, then uploaded shard by shard,
+    the manifest last. The bucket and credentials are checked before the source is read."""
+    import shutil
+    import tempfile
+
+    from shoal.data import storage
+    from shoal.data.locate import MANIFEST
+    from shoal.data.writer import write_shards
+
+    url = args.out_dir.rstrip("/")
+    store = storage.Store()
+    before = storage.prepare_prefix(store, url, MANIFEST, args.overwrite)
+    staging = Path(tempfile.mkdtemp(prefix="shoal-shard-"))  # $TMPDIR: it holds the shards until uploaded
+    try:
+        table = _source_table(args, tokenizer)
+        extra = [tokenizer.write_copy(staging).name] if tokenizer is not None else []
+        manifest = write_shards(table, staging, _shard_options(args), source=args.source)
+        names = extra + [s["name"] for split in manifest["splits"].values() for s in split["shards"]]
+        say(f"[shoal] uploading {len(names)} shards to {url}")
+        storage.publish(store, staging, url, names, MANIFEST, before if args.overwrite else set())
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    _said(manifest, storage.join(url, MANIFEST))
+    return 0
+
+
+def _said(manifest: dict, where: str) -> None:
     for split, info in manifest["splits"].items():
         say(f"[shoal] {split}: {info['samples']:,} samples in {len(info['shards'])} shards")
-    say(f"[shoal] wrote {Path(args.out_dir) / 'manifest.json'}")
-    return 0
+    say(f"[shoal] wrote {where}")
 
 
 def _tokenizer(args: argparse.Namespace) -> Vocabulary | None:

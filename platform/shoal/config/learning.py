@@ -62,11 +62,17 @@ class DataConfig(Section):
     """Where samples come from: memory (a built-in data set in each process) or shards (webdataset tar files, streamed)."""
     path: str | None = None
     """shards: a directory written by `shoal shard` (with manifest.json), a brace pattern such as
-    "data/train-{000000..000127}.tar", or any URL webdataset opens (http://, s3 via pipe:, pipe:CMD)."""
+    "data/train-{000000..000127}.tar", either of them in object storage as s3://bucket/prefix (read by ranged
+    requests; see Object storage), or any URL webdataset streams (http://, pipe:CMD)."""
     val_path: str | None = None
     """shards: validation shards when data.path is not a `shoal shard` directory (which holds its own split)."""
     manifest: str | None = None
-    """shards: manifest.json for a pattern or URL (counts without scanning); default: the one beside local shards."""
+    """shards: manifest.json for a pattern or URL (counts without scanning); default: the one beside local or s3://
+    shards."""
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    """shards in s3://: options for fsspec's s3fs (endpoint_url, client_kwargs, config_kwargs, ...) over those from the
+    AWS_* environment. Secrets belong in the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE), not
+    here: the config is saved in the run directory."""
     decode: str | None = None
     """shards: "package.module:fn" turning a sample into (x, y); for Shoal's packed shards it gets and returns whole blocks."""
     on_error: Literal["raise", "skip"] = "raise"

@@ -7,9 +7,11 @@ key: one member per field (`<key>.x.bin`, `<key>.y.bin`) holding the raw bytes o
 per sample.
 
 Local shards are read at random by block: the tar headers are scanned once per reader and
-blocks are read with seek + read. URLs (http://, pipe:CMD, anything webdataset's gopen opens)
-are streamed forward. Either way a reader holds at most a few windows of blocks in memory, so
-its memory does not grow with the data set.
+blocks are read with seek + read. Shards in object storage (s3://) are read at random too, by
+ranged GET requests (ranged.py): a packed shard's block offsets follow from its manifest, and a
+request fetches the blocks of one shuffle window. Other URLs (http://, pipe:CMD, anything
+webdataset's gopen opens) are streamed forward. Either way a reader holds at most a few windows
+of blocks in memory, so its memory does not grow with the data set.
 """
 
 from __future__ import annotations
@@ -28,12 +30,15 @@ import numpy as np
 import torch
 
 from shoal.config import DataConfig
-from shoal.data.locate import MANIFEST, expand, is_local, local_present, read_manifest
+from shoal.data.locate import MANIFEST, directory_manifest, expand, find_manifest, is_local, join, parent, present
+from shoal.data.ranged import RangedShard, packed_layout, scan_index
 from shoal.data.spec import DataSpec, from_manifest
+from shoal.data.storage import Store, is_remote
 from shoal.errors import ConfigError, DataError
 from shoal.imports import import_object
 
 log = logging.getLogger("shoal")
+REMOTE_READERS = 4  # s3:// shards a source keeps a reader (and its last span of blocks) for
 
 
 @dataclass(frozen=True)
@@ -49,15 +54,11 @@ class Shard:
 def open_shards(cfg: DataConfig) -> tuple[ShardSource, ShardSource | None]:
     """The train and validation sources data.path (and data.val_path) name."""
     assert cfg.path is not None
-    path = Path(cfg.path).expanduser()
     decode = import_object(cfg.decode, "data.decode") if cfg.decode else None
-    if is_local(cfg.path) and path.is_dir():
-        manifest = read_manifest(
-            path / MANIFEST,
-            hint=f"data.path: {path} has no {MANIFEST}; write shards with `shoal shard` or give a pattern",
-        )
-        train = ShardSource(_split_shards(manifest, "train", path), manifest, cfg, decode)
-        val_shards = _split_shards(manifest, "val", path) if "val" in manifest["splits"] else []
+    manifest = directory_manifest(cfg.path, cfg.storage_options)
+    if manifest is not None:
+        train = ShardSource(_split_shards(manifest, "train", cfg.path), manifest, cfg, decode)
+        val_shards = _split_shards(manifest, "val", cfg.path) if "val" in manifest["splits"] else []
         val = ShardSource(val_shards, manifest, cfg, decode) if val_shards else None
         if cfg.val_path:
             val = _open_pattern(cfg.val_path, cfg, decode, key="data.val_path")
@@ -68,13 +69,13 @@ def open_shards(cfg: DataConfig) -> tuple[ShardSource, ShardSource | None]:
 
 
 def _open_pattern(pattern: str, cfg: DataConfig, decode: Callable | None, key: str) -> ShardSource:
-    local = is_local(pattern)
-    urls = _present_urls(pattern, cfg, key) if local else expand(pattern)
-    manifest_path = _manifest_path(cfg, urls, local)
-    manifest = read_manifest(manifest_path) if manifest_path is not None and manifest_path.exists() else None
+    checked = is_local(pattern) or is_remote(pattern)
+    urls = _present_urls(pattern, cfg, key) if checked else expand(pattern)
+    manifest_at = _manifest_location(cfg, urls, checked)
+    manifest = find_manifest(manifest_at, cfg.storage_options) if manifest_at is not None else None
     if cfg.manifest and manifest is None:
         raise DataError(f"data.manifest: {cfg.manifest} not found")
-    shards = _pattern_shards(urls, local, manifest, manifest_path)
+    shards = _pattern_shards(urls, manifest, manifest_at, cfg)
     if manifest is None and decode is None:
         raise ConfigError(
             "shards without Shoal's manifest need a decode function 'package.module:fn' (sample dict -> (x, y))",
@@ -84,49 +85,60 @@ def _open_pattern(pattern: str, cfg: DataConfig, decode: Callable | None, key: s
 
 
 def _present_urls(pattern: str, cfg: DataConfig, key: str) -> list[str]:
-    """The local files of the pattern; missing ones raise, or are skipped under data.on_error=skip."""
+    """The files or objects of the pattern; missing ones raise, or are skipped under data.on_error=skip."""
     urls = expand(pattern)
-    present, missing = local_present(pattern, key)
+    found, missing = present(pattern, key, cfg.storage_options)
     if missing and cfg.on_error == "raise":
         raise DataError(f"shard {missing[0]}: missing ({len(missing)} of {len(urls)} shards of {key} are absent)")
     if missing:
         log.warning("data.on_error=skip: %d missing shards of %s skipped, first %s", len(missing), key, missing[0])
-        return present
+        return found
     return urls
 
 
-def _manifest_path(cfg: DataConfig, urls: list[str], local: bool) -> Path | None:
-    """data.manifest, else the manifest beside local shards (None for URLs)."""
+def _manifest_location(cfg: DataConfig, urls: list[str], checked: bool) -> str | None:
+    """data.manifest, else the manifest beside local or s3:// shards (None for streamed URLs)."""
     if cfg.manifest:
-        return Path(cfg.manifest).expanduser()
-    return Path(urls[0]).expanduser().parent / MANIFEST if local else None
+        return cfg.manifest
+    return join(parent(urls[0]), MANIFEST) if checked else None
 
 
 def _pattern_shards(
-    urls: list[str], local: bool, manifest: dict[str, Any] | None, manifest_path: Path | None
+    urls: list[str], manifest: dict[str, Any] | None, manifest_at: str | None, cfg: DataConfig
 ) -> list[Shard]:
     """The shards, their sample counts from the manifest, or counted when there is none."""
     known = _manifest_counts(manifest) if manifest else {}
     shards = []
     for url in urls:
-        name = os.path.basename(url.split("::")[-1].rstrip("|").split()[-1]) if not local else Path(url).name
+        name = _name(url)
         samples = known.get(name)
         if samples is None and manifest is not None:
-            raise DataError(f"shard {name}: not listed in {manifest_path}")
-        shards.append(Shard(url, name, samples if samples is not None else _count_samples(url, name)))
+            raise DataError(f"shard {name}: not listed in {manifest_at}")
+        shards.append(Shard(url, name, samples if samples is not None else _count_samples(url, name, cfg)))
     return shards
 
 
-def _split_shards(manifest: dict[str, Any], split: str, root: Path) -> list[Shard]:
-    return [Shard(str(root / s["name"]), s["name"], int(s["samples"])) for s in manifest["splits"][split]["shards"]]
+def _name(url: str) -> str:
+    """A shard's file name, for messages and the manifest's counts."""
+    if is_local(url):
+        return Path(url).name
+    if is_remote(url):
+        return url.rstrip("/").rsplit("/", 1)[-1]
+    return os.path.basename(url.split("::")[-1].rstrip("|").split()[-1])
+
+
+def _split_shards(manifest: dict[str, Any], split: str, root: str) -> list[Shard]:
+    return [Shard(join(root, s["name"]), s["name"], int(s["samples"])) for s in manifest["splits"][split]["shards"]]
 
 
 def _manifest_counts(manifest: dict[str, Any]) -> dict[str, int]:
     return {s["name"]: int(s["samples"]) for split in manifest["splits"].values() for s in split["shards"]}
 
 
-def _count_samples(url: str, name: str) -> int:
+def _count_samples(url: str, name: str, cfg: DataConfig) -> int:
     """Samples (tar keys) in a shard without a manifest: one pass over its headers."""
+    if is_remote(url):
+        return len(scan_index(Store(cfg.storage_options), url, name))
     return sum(1 for _ in _iter_groups(url, name, with_data=False))
 
 
@@ -249,6 +261,7 @@ class ShardSource:
         # enough decoded blocks for two shuffle windows: memory is bounded, not proportional to the data
         self.capacity = 2 * math.ceil(cfg.shuffle_buffer / self.block_size) + 4
         self.spec = from_manifest(manifest, cfg)
+        self.store, self.window = Store(cfg.storage_options), cfg.shuffle_buffer
         self._readers: dict[int, Any] = {}
         self._cache: OrderedDict[tuple[int, int], Any] = OrderedDict()
         self._warned: set[str] = set()
@@ -313,11 +326,7 @@ class ShardSource:
 
     def _read_block(self, s: int, b: int, check: bool = True) -> tuple[np.ndarray, np.ndarray]:
         shard = self.shards[s]
-        reader = self._readers.get(s)
-        if reader is None:
-            reader = _LocalShard(shard) if is_local(shard.url) else _StreamShard(shard)
-            self._readers[s] = reader
-        key, members = reader.group(b)
+        key, members = self._reader(s).group(b)
         if self.manifest is None:
             x, y = self._decode_user(shard, key, members)
         else:
@@ -329,6 +338,31 @@ class ShardSource:
         if check:
             self._check_range(shard, key, x, y)
         return x, y
+
+    def _reader(self, s: int) -> Any:
+        """Shard s's reader: by seek for a file, by ranged GET for s3://, forward for other URLs."""
+        reader = self._readers.pop(s, None)
+        if reader is None:
+            shard = self.shards[s]
+            if is_local(shard.url):
+                reader = _LocalShard(shard)
+            elif is_remote(shard.url):
+                layout = self._layout(shard)
+                reader = RangedShard(
+                    shard.url, shard.name, self.store, layout, math.ceil(self.window / self.block_size)
+                )
+            else:
+                reader = _StreamShard(shard)
+        self._readers[s] = reader  # the most recent last: remote readers beyond a few are let go
+        while is_remote(self.shards[s].url) and len(self._readers) > REMOTE_READERS:
+            self._readers.pop(next(iter(self._readers)))
+        return reader
+
+    def _layout(self, shard: Shard) -> Any:
+        """Where a packed shard's blocks lie, from the manifest (None without one: its headers are read)."""
+        if self.manifest is None:
+            return None
+        return packed_layout(shard.samples, self.block_size, self.manifest["fields"])
 
     def _check_range(self, shard: Shard, key: str, x: np.ndarray, y: np.ndarray) -> None:
         """Class labels in [0, num_classes) and token ids in [0, vocab_size): one min/max per block.

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from shoal.config import DataConfig
-from shoal.data.locate import MANIFEST, expand, is_local, read_manifest
+from shoal.data.locate import MANIFEST, expand, find_manifest, is_directory, is_local, join, parent
+from shoal.data.storage import is_remote
 
 DIGITS_SAMPLES = 1797
 
@@ -60,27 +60,27 @@ def from_manifest(manifest: dict[str, Any] | None, cfg: DataConfig) -> DataSpec:
     )
 
 
-def local_manifest(cfg: DataConfig) -> dict[str, Any] | None:
-    """The manifest of local shards, when there is one to read here (None for memory data and URLs)."""
+def readable_manifest(cfg: DataConfig) -> dict[str, Any] | None:
+    """The manifest of local or s3:// shards, when there is one to read (None for memory data and streamed URLs)."""
     if cfg.format != "shards" or cfg.path is None:
         return None
     if cfg.manifest:
-        path = Path(cfg.manifest).expanduser() if is_local(cfg.manifest) else None
-    elif is_local(cfg.path):
-        root = Path(cfg.path).expanduser()
-        path = root / MANIFEST if root.is_dir() else Path(expand(cfg.path)[0]).expanduser().parent / MANIFEST
-    else:
-        path = None
-    return read_manifest(path) if path is not None and path.exists() else None
+        readable = is_local(cfg.manifest) or is_remote(cfg.manifest)
+        return find_manifest(cfg.manifest, cfg.storage_options) if readable else None
+    if is_directory(cfg.path):
+        return find_manifest(join(cfg.path, MANIFEST), cfg.storage_options)
+    if is_local(cfg.path) or is_remote(cfg.path):
+        return find_manifest(join(parent(expand(cfg.path)[0]), MANIFEST), cfg.storage_options)
+    return None
 
 
 def describe(cfg: DataConfig) -> tuple[DataSpec, int | None]:
     """(spec, training samples) as far as they are known without reading samples (the driver's view)."""
-    manifest = local_manifest(cfg)
+    manifest = readable_manifest(cfg)
     if manifest is not None:
         split = manifest["splits"].get("train", {})
         samples = split.get("samples") or sum(int(s["samples"]) for s in split.get("shards", []))
-        return from_manifest(manifest, cfg), int(samples) if cfg.path and Path(cfg.path).expanduser().is_dir() else None
+        return from_manifest(manifest, cfg), int(samples) if cfg.path and is_directory(cfg.path) else None
     if cfg.format == "memory":
         total = DIGITS_SAMPLES if cfg.dataset == "digits" else cfg.num_samples
         return from_config(cfg), total - int(round(total * cfg.val_fraction))
