@@ -333,3 +333,16 @@ def test_tokenizer_train_bad_input_exits_2(tmp_path, capsys):
         shoal_cli("tokenizer", "train", *cases[0][0], "--out", str(tmp_path / "t.json"))
     )
     assert not (tmp_path / "t.json").exists()
+
+
+def test_tokenised_shards_written_to_s3_carry_their_tokenizer(corpus, s3):
+    server, bucket = s3
+    root, _ = corpus
+    url = f"s3://{bucket}/lm"
+    proc = shoal_cli("shard", str(root / "docs"), url, "--tokenizer", str(root / "tok"), "--seq-len", "32")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fs = server.filesystem()
+    manifest = json.loads(fs.cat_file(f"{bucket}/lm/manifest.json"))
+    copied = fs.cat_file(f"{bucket}/lm/{manifest['tokenizer']['file']}")
+    assert copied == (root / "tok" / "tokenizer.json").read_bytes()
+    assert manifest["tokenizer"]["sha256"] == tokens.hashlib.sha256(copied).hexdigest()
