@@ -346,3 +346,22 @@ def test_tokenised_shards_written_to_s3_carry_their_tokenizer(corpus, s3):
     copied = fs.cat_file(f"{bucket}/lm/{manifest['tokenizer']['file']}")
     assert copied == (root / "tok" / "tokenizer.json").read_bytes()
     assert manifest["tokenizer"]["sha256"] == tokens.hashlib.sha256(copied).hexdigest()
+
+
+def test_an_npz_of_token_ids_becomes_lm_blocks_with_its_vocabulary(tmp_path):
+    ids = np.random.default_rng(0).integers(0, 1000, 5000).astype(np.int64)
+    np.savez(tmp_path / "ids.npz", tokens=ids, vocab_size=np.array(1024))
+    shard(str(tmp_path / "ids.npz"), str(tmp_path / "out"), "--seq-len", "32", "--no-shuffle", "--val-fraction", "0")
+    got, manifest = token_sequence(tmp_path / "out")
+    assert manifest["task"] == "lm" and manifest["vocab_size"] == 1024 and manifest["fields"]["x"]["dtype"] == "<u2"
+    assert got.tolist() == ids[: len(got)].tolist() and len(ids) - len(got) < 32
+
+    blocks = ids[: 32 * 100].reshape(100, 32)
+    np.savez(tmp_path / "xy.npz", x=blocks[:, :-1], y=blocks[:, 1:])
+    shard(str(tmp_path / "xy.npz"), str(tmp_path / "xy"), "--task", "lm", "--val-fraction", "0")
+    assert json.loads((tmp_path / "xy" / "manifest.json").read_text())["vocab_size"] == int(blocks.max()) + 1
+
+    np.savez(tmp_path / "bad.npz", tokens=ids, vocab_size=np.array(500))
+    proc = shoal_cli("shard", str(tmp_path / "bad.npz"), str(tmp_path / "bad"))
+    assert proc.returncode == 2 and "outside the vocabulary ('vocab_size' 500)" in proc.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "bad" / "manifest.json").exists()

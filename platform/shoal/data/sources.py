@@ -126,7 +126,7 @@ def _file(
     if kind is not None:
         return columnar(arrow.arrow_files(str(path), [path]), cols, task, seq_len, image_size, seed, tokenizer)
     if suffix == ".npz":
-        return _npz(path, task)
+        return _npz(path, task, seq_len)
     if suffix == ".csv":
         return columnar(arrow.csv_file(path), cols, task, seq_len, image_size, seed, tokenizer)
     if suffix in (".jsonl", ".ndjson"):
@@ -259,16 +259,48 @@ def _infer_task(y: np.ndarray, task: str | None) -> tuple[str, int]:
     return "regression", 0
 
 
-def _npz(path: Path, task: str | None) -> Stream:
+def _npz(path: Path, task: str | None, seq_len: int) -> Stream:
+    """Arrays x and y, or token ids: a 1-D `tokens` array (with an optional scalar `vocab_size`), as
+    small-GPT scripts keep their tokenised corpus, cut into --seq-len blocks."""
     with np.load(path) as data:
+        vocab = int(data["vocab_size"]) if "vocab_size" in data else 0
+        if "tokens" in data:
+            return _token_array(data["tokens"], vocab, seq_len, path)
         if "x" not in data or "y" not in data:
-            raise DataError(f"{path}: a .npz source needs arrays 'x' and 'y' (has {sorted(data.files)})")
+            raise DataError(f"{path}: a .npz source needs arrays 'x' and 'y', or 'tokens' (has {sorted(data.files)})")
         x, y = data["x"], data["y"]
+    if task == "lm":
+        vocab = _vocab_of(np.concatenate([x.reshape(-1), y.reshape(-1)]), vocab, path)
+        dtype = tokens.id_dtype(vocab)
+        return _arrays(x.astype(dtype), y.astype(dtype), "lm", source=str(path), vocab_size=vocab)
     task, classes = _infer_task(y, task)
     x = x.astype(np.float32) if x.dtype.kind == "f" else x
     y = y.astype(np.int64) if task == "classification" else y.astype(np.float32)
     scale = 1 / 255 if x.dtype == np.uint8 else None
     return _arrays(x, y, task, classes, source=str(path), x_scale=scale, nbytes=path.stat().st_size)
+
+
+def _token_array(ids: np.ndarray, vocab: int, seq_len: int, path: Path) -> Stream:
+    """A 1-D array of token ids as packed lm blocks, the vocabulary its `vocab_size` or max id + 1."""
+    if ids.ndim != 1 or ids.dtype.kind not in "iu":
+        raise DataError(
+            f"{path}: 'tokens' must be a 1-D array of integer ids (got {ids.dtype} of shape {list(ids.shape)})"
+        )
+    vocab = _vocab_of(ids, vocab, path)
+    chunk = tokens.Blocks(seq_len, tokens.id_dtype(vocab)).add(ids.astype(tokens.id_dtype(vocab)))
+    if chunk is None:
+        raise DataError(f"{path}: {len(ids)} tokens make no block of {seq_len + 1} (lower --seq-len)")
+    return _arrays(chunk.x, chunk.y, "lm", source=str(path), vocab_size=vocab, extra={"tokenizer": "ids"})
+
+
+def _vocab_of(ids: np.ndarray, vocab: int, path: Path) -> int:
+    """The vocabulary given (checked to hold every id), else the largest id + 1."""
+    if len(ids) and ids.min() < 0:
+        raise DataError(f"{path}: token id {int(ids.min())} is negative; ids must be 0, 1, ..., vocab_size - 1")
+    top = int(ids.max()) + 1 if len(ids) else 1
+    if vocab and top > vocab:
+        raise DataError(f"{path}: token id {top - 1} is outside the vocabulary ('vocab_size' {vocab})")
+    return vocab or top
 
 
 def _text(path: Path, seq_len: int, tokenizer: Vocabulary | None) -> Stream:
