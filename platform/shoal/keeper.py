@@ -37,7 +37,7 @@ from shoal.errors import ClusterError
 STATE = "cluster.json"
 LOCK = "cluster.lock"
 LOG = "keeper.log"
-POLL_S = 0.5
+POLL_S = 2.0  # the idle clock's resolution: a few seconds against a keep-alive of minutes
 LOCK_WAIT_S = 1.0  # how long a run waits for the keeper's own brief look at the lock
 START_TIMEOUT_S = 120.0
 

@@ -34,7 +34,8 @@ from shoal.signals import StopOnSignal
 from shoal.startup import Startup
 
 log = logging.getLogger("shoal")
-POLL_S = 0.25
+POLL_S = 0.25  # until rank 0's first step: start-up marks and early failures show at once
+TRAINING_POLL_S = 1.0  # then: each poll is a call into every rank, taken from training's CPU
 FAILURE_GRACE_S = 1.0  # after a failure, wait this long for the root cause to report too
 
 
@@ -164,7 +165,7 @@ class Controller:
                         raise GroupFailed(hung)
                     if all(p.state == RankState.DONE for p in polls):
                         return {**(polls[0].result or {}), "exit_code": signals.exit_code}
-                    time.sleep(self.poll_s)
+                    time.sleep(max(self.poll_s, TRAINING_POLL_S) if "first_step" in polls[0].marks else self.poll_s)
         finally:
             progress.close()
 
