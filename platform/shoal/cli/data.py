@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from shoal.cli.command import Command, config_args, load_job, out_arg, out_path
 from shoal.cli.output import note, say
@@ -16,7 +16,7 @@ from shoal.errors import ShoalError
 
 if TYPE_CHECKING:
     from shoal.data.columns import Columns
-    from shoal.data.writer import ShardOptions, Table
+    from shoal.data.writer import ShardOptions
 
 
 def _check_args(p: argparse.ArgumentParser) -> None:
@@ -55,7 +55,7 @@ def _shard_args(p: argparse.ArgumentParser) -> None:
         "--shuffle-memory",
         default="256MB",
         metavar="SIZE",
-        help="rows the external shuffle holds in memory at once (default 256MB; a bucket bigger than this is split again)",
+        help="rows the external shuffle holds in memory at once, per worker (default 256MB; a bucket bigger than this is split again)",
     )
     p.add_argument(
         "--split-key",
@@ -63,8 +63,31 @@ def _shard_args(p: argparse.ArgumentParser) -> None:
         metavar="COLUMN",
         help="split train/val by a hash of this column, so a record keeps its split as the data grows",
     )
+    _parallel_args(p)
     _source_args(p)
     _column_args(p)
+
+
+def _parallel_args(p: argparse.ArgumentParser) -> None:
+    """How many processes convert, and where."""
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="convert with N processes, each reading some pieces of the source and writing its own shards "
+        "(default 1; with --ray, the cluster's CPUs); the samples and their order are the same for every N",
+    )
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="run the conversion as Ray tasks of one CPU each: on the cluster at ADDRESS (or RAY_ADDRESS), else on "
+        "a local one started for it; SOURCE and OUT_DIR must be on storage every node sees (put --ray after "
+        "OUT_DIR, or write --ray=ADDRESS)",
+    )
 
 
 def _source_args(p: argparse.ArgumentParser) -> None:
@@ -100,24 +123,25 @@ def _column_args(p: argparse.ArgumentParser) -> None:
 
 
 def shard(args: argparse.Namespace) -> int:
-    from shoal.data.writer import write_shards
+    from functools import partial
+
+    from shoal.data.writer import check_options, load_source, write_shards
 
     if not 0 <= args.val_fraction < 1:
         raise ShoalError(f"--val-fraction: must be in [0, 1) (got {args.val_fraction})")
-    table = _source_table(args)
-    manifest = write_shards(table, Path(args.out_dir), _shard_options(args), source=args.source)
+    opts = _shard_options(args)
+    check_options(opts)
+    reopen = partial(load_source, args.source, **_source_kwargs(args))  # the same source, in another process
+    manifest = write_shards(reopen(), Path(args.out_dir), opts, source=args.source, reopen=reopen)
     for split, info in manifest["splits"].items():
         say(f"[shoal] {split}: {info['samples']:,} samples in {len(info['shards'])} shards")
     say(f"[shoal] wrote {Path(args.out_dir) / 'manifest.json'}")
     return 0
 
 
-def _source_table(args: argparse.Namespace) -> Table:
-    """The samples SOURCE names, read or made."""
-    from shoal.data.writer import load_source
-
-    return load_source(
-        args.source,
+def _source_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """load_source's options for the samples SOURCE names, read or made."""
+    return dict(
         num_samples=args.num_samples,
         input_shape=args.input_shape,
         num_classes=args.num_classes,
@@ -153,6 +177,8 @@ def _shard_options(args: argparse.Namespace) -> ShardOptions:
         val_fraction=args.val_fraction,
         overwrite=args.overwrite,
         shuffle_memory=parse_bytes(args.shuffle_memory, "--shuffle-memory"),
+        workers=args.workers,
+        ray=args.ray,
     )
 
 

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from shoal.data.shuffle import mix64
+from shoal.data.stream import LabelsSeen
 from shoal.errors import DataError
 
 
@@ -235,7 +236,8 @@ def _no_nulls(arr: pa.Array, name: str, where: str, row0: int) -> None:
 
 class Labels:
     """Class ids of a label column: strings coded in order of first appearance and renumbered in sorted
-    order once the pass is over (finish); integers checked >= 0; floats passed on for regression."""
+    order once every reader's pass is over (merge_labels); integers checked >= 0; floats passed on for
+    regression."""
 
     def __init__(self, column: str, task: str, names: list[str] | None = None):
         self.column, self.task, self.preset = column, task, names
@@ -267,18 +269,24 @@ class Labels:
         lut = np.array([self.index.setdefault(v, len(self.index)) for v in enc.dictionary.to_pylist()], np.int64)
         return lut[enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)] if len(lut) else np.zeros(0, np.int64)
 
-    def finish(self) -> tuple[np.ndarray | None, int, list[str] | None]:
-        if self.task == "regression":
-            return None, 0, None
-        if self.index:
-            names = sorted(self.index)
-            lut = np.empty(len(names), np.int64)
-            for new, name in enumerate(names):
-                lut[self.index[name]] = new
-            return lut, len(names), names
-        if self.preset:
-            return None, max(len(self.preset), self.max + 1), list(self.preset)
-        return None, self.max + 1, None
+    def seen(self) -> LabelsSeen:
+        return LabelsSeen(self.task, list(self.index), self.max, self.preset)
+
+
+def merge_labels(seen: list[LabelsSeen]) -> tuple[list[np.ndarray | None], int, list[str] | None]:
+    """The final class ids of labels read by several readers: (per reader, its id -> final id table or None;
+    the class count; the class names or None). String names are numbered in sorted order, whoever saw them."""
+    first = seen[0]
+    if first.task == "regression":
+        return [None] * len(seen), 0, None
+    names = sorted(set().union(*(s.names for s in seen)))
+    if names:
+        final = {name: i for i, name in enumerate(names)}
+        return [np.array([final[n] for n in s.names], np.int64) for s in seen], len(names), names
+    top = max(s.max for s in seen)
+    if first.preset:
+        return [None] * len(seen), max(len(first.preset), top + 1), list(first.preset)
+    return [None] * len(seen), top + 1, None
 
 
 def class_names(features: dict[str, Any], column: str) -> list[str] | None:
