@@ -214,8 +214,8 @@ def _values(arr: pa.Array, name: str, where: str, row0: int) -> tuple[np.ndarray
     _no_nulls(arr, name, where, row0)
     t = arr.type
     if _is_scalar_number(t):
-        return arr.to_numpy(zero_copy_only=False), ()
-    lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False) if len(arr) else np.zeros(0, np.int64)
+        return numbers(arr), ()
+    lengths = numbers(pc.list_value_length(arr)) if len(arr) else np.zeros(0, np.int64)
     size = int(lengths[0]) if len(lengths) else t.list_size if pa.types.is_fixed_size_list(t) else 0
     odd = np.flatnonzero(lengths != size)
     if len(odd):
@@ -226,6 +226,17 @@ def _values(arr: pa.Array, name: str, where: str, row0: int) -> tuple[np.ndarray
         )
     inner, shape = _values(arr.flatten(), name, where, row0)
     return inner.reshape(len(arr), size, *shape), (size, *shape)
+
+
+def numbers(arr: pa.Array) -> np.ndarray:
+    """A column of integers or floats without nulls as a (read-only) numpy view of its buffer. pyarrow's own
+    to_numpy imports pandas on its first call: half a second of CPU in every process that converts."""
+    t = arr.type
+    if arr.null_count or not (pa.types.is_integer(t) or pa.types.is_floating(t)):
+        return arr.to_numpy(zero_copy_only=False)
+    kind = "f" if pa.types.is_floating(t) else "i" if pa.types.is_signed_integer(t) else "u"
+    dtype = np.dtype(f"<{kind}{t.byte_width}")
+    return np.frombuffer(arr.buffers()[1], dtype=dtype, count=len(arr), offset=arr.offset * dtype.itemsize)
 
 
 def _no_nulls(arr: pa.Array, name: str, where: str, row0: int) -> None:
@@ -254,7 +265,7 @@ class Labels:
         t = arr.type.value_type if pa.types.is_dictionary(arr.type) else arr.type
         if pa.types.is_string(t) or pa.types.is_large_string(t):
             return self._strings(arr)
-        ids = arr.to_numpy(zero_copy_only=False).astype(np.int64)
+        ids = numbers(arr).astype(np.int64)
         if len(ids) and ids.min() < 0:
             r = int(np.argmin(ids))
             raise DataError(
@@ -267,7 +278,7 @@ class Labels:
     def _strings(self, arr: pa.Array) -> np.ndarray:
         enc = arr if pa.types.is_dictionary(arr.type) else pc.dictionary_encode(arr)
         lut = np.array([self.index.setdefault(v, len(self.index)) for v in enc.dictionary.to_pylist()], np.int64)
-        return lut[enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)] if len(lut) else np.zeros(0, np.int64)
+        return lut[numbers(enc.indices).astype(np.int64)] if len(lut) else np.zeros(0, np.int64)
 
     def seen(self) -> LabelsSeen:
         return LabelsSeen(self.task, list(self.index), self.max, self.preset)
@@ -301,7 +312,7 @@ def key_hashes(arr: pa.Array, seed: int) -> np.ndarray:
         arr = arr.combine_chunks()
     salt = np.uint64(seed * 0x9E3779B97F4A7C15 % 2**64)
     if pa.types.is_integer(arr.type):
-        return mix64(arr.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64).view(np.uint64) ^ salt)
+        return mix64(numbers(arr.fill_null(0)).astype(np.int64).view(np.uint64) ^ salt)
     keys = [str(v).encode() for v in arr.to_pylist()]
     digests = b"".join(
         hashlib.blake2b(k, digest_size=8, salt=(seed % 2**64).to_bytes(8, "little")).digest() for k in keys

@@ -26,6 +26,7 @@ import numpy as np
 
 MAX_BUCKETS = 256  # open files per part; a larger source splits its buckets again in pass 2
 CHUNK_BYTES = 8 << 20  # rows handed on per chunk in pass 2
+BUCKET_BYTES = 16 << 20  # a bucket's size at most, below MAX_BUCKETS of them
 
 
 def mix64(values: np.ndarray) -> np.ndarray:
@@ -39,8 +40,10 @@ def mix64(values: np.ndarray) -> np.ndarray:
 
 
 def bucket_count(estimated_bytes: int, memory: int) -> int:
-    """Buckets so that each holds about half the memory allowed (room for the estimate to be low)."""
-    return int(min(MAX_BUCKETS, max(1, math.ceil(2 * estimated_bytes / max(1, memory)))))
+    """Buckets so that each holds about half the memory allowed (room for the estimate to be low), and at most
+    BUCKET_BYTES: pass 2's tasks share out buckets, so even a source far smaller than the memory has a few."""
+    wanted = max(2 * estimated_bytes / max(1, memory), estimated_bytes / BUCKET_BYTES)
+    return int(min(MAX_BUCKETS, max(1, math.ceil(wanted))))
 
 
 PIECE_SHIFT = np.uint64(40)  # a row's position: piece << 40 | row within the piece (a piece holds < 2**40 rows)
