@@ -91,6 +91,8 @@ class Processes(_Elsewhere):
         super().__init__(root)
         self.workers = workers
         self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        for _ in range(workers):  # each submit starts a process: they import while the driver checks the source
+            self.pool.submit(warm_up)
 
     def run(self, fn: Callable[[Any, Report], Any], tasks: Sequence[Any], bar: Bar) -> list[Any]:
         files = self._progress_files(len(tasks))
@@ -118,6 +120,10 @@ class Processes(_Elsewhere):
             p.join(timeout=10)
 
 
+def warm_up() -> None:
+    import shoal.data.sources  # noqa: F401  (what every task imports first, loaded before the first arrives)
+
+
 def _result(future: Future) -> Any:
     from concurrent.futures.process import BrokenProcessPool
 
@@ -134,18 +140,30 @@ class RayTasks(_Elsewhere):
     `shoal train` starts its own, with `workers` CPUs (this machine's count when not given)."""
 
     def __init__(self, address: str | None, workers: int | None, root: Path):
+        super().__init__(root)
+        self.address, self.asked = address, workers
+        self.conn: Any = None
+        self.refs: list[Any] = []
+
+    @property
+    def workers(self) -> int:
+        """Tasks at a time: as asked, else the cluster's CPUs (connecting first, once the source is checked)."""
+        self._connect()
+        return self.asked or max(1, int(self.ray.cluster_resources().get("CPU", 1)))
+
+    def _connect(self) -> None:
+        if self.conn is not None:
+            return
         from shoal import cluster
 
-        super().__init__(root)
-        self.conn = cluster.connect(address, num_cpus=workers or os.cpu_count() or 1)
+        self.conn = cluster.connect(self.address, num_cpus=self.asked or os.cpu_count() or 1)
         import ray  # Ray only for --ray: keeps it out of the driver's start-up otherwise
 
         self.ray = ray
-        self.workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         self.task = ray.remote(num_cpus=1, max_retries=0)(run_elsewhere)
-        self.refs: list[Any] = []
 
     def run(self, fn: Callable[[Any, Report], Any], tasks: Sequence[Any], bar: Bar) -> list[Any]:
+        self._connect()
         files = self._progress_files(len(tasks))
         marker = str(self.root / MARKER)
         self.refs = [self.task.remote(fn, t, str(f), marker) for t, f in zip(tasks, files)]
@@ -162,6 +180,8 @@ class RayTasks(_Elsewhere):
         return results
 
     def close(self) -> None:
+        if self.conn is None:
+            return
         for ref in self.refs:  # a failure left these running
             self.ray.cancel(ref, force=True)
         self.conn.close()

@@ -76,10 +76,10 @@ def write_shards(
         raise DataError(f"{out_dir}: already holds shards ({MANIFEST}); pass --overwrite to replace them")
     assert reopen is not None or (opts.ray is None and (opts.workers or 1) == 1), "other processes reopen the source"
     root = out_dir / f".spill-{os.getpid()}"
-    lay = _layout(stream, out_dir, root, opts, source)  # a bad source fails here, before OUT_DIR is touched
-    tasks = runner(opts.workers, opts.ray, root)
+    tasks = runner(opts.workers, opts.ray, root)  # local processes start now; Ray is joined once the source is read
     bar = _Progress(progress)
     try:
+        lay = _layout(stream, out_dir, root, opts, source)  # a bad source fails here, before OUT_DIR is touched
         _prepare_out_dir(out_dir, opts)
         root.mkdir()
         (root / MARKER).write_text(f"{os.getpid()}\n")
