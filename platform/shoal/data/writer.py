@@ -70,7 +70,8 @@ def write_shards(
     reopen: Callable[[], Stream] | None = None,
 ) -> dict[str, Any]:
     """Read, shuffle, split and write the stream; returns the manifest. `reopen` opens the same stream again
-    in another process (a picklable callable): needed with more than one worker or with Ray."""
+    in another process (a picklable callable): needed with more than one worker or with Ray. Local workers
+    are spawned: a script that calls this with workers > 1 runs it under `if __name__ == "__main__":`."""
     check_options(opts)
     if (out_dir / MANIFEST).exists() and not opts.overwrite:
         raise DataError(f"{out_dir}: already holds shards ({MANIFEST}); pass --overwrite to replace them")
