@@ -11,7 +11,13 @@ on a shared machine) (>= 0.5 is the goal: at least half
 pyarrow's rate while also shuffling and writing shards). Peak RSS is each process's maximum resident
 set (wait4, under a small parent).
 
+With --workers 1,2 it measures instead `shoal shard FILE OUT --workers N` for each N on the same file,
+alternating which N goes first each round: rows/s (median) and the speed-up over the first N (the
+median of the per-round ratios). On a machine of C cores the speed-up is at most about C, less what the
+driver's planning, the spawned processes' start (about a second) and the shared disk take.
+
     python benchmarks/bench_shard.py [--sizes 150,1500] [--formats csv,parquet] [--rounds 3] [--work DIR]
+    python benchmarks/bench_shard.py --workers 1,2 [--sizes 150] [--formats csv,parquet] [--rounds 5]
 
 `--tokens` measures text instead: `shoal shard SOURCE OUT --tokenizer T` tokens/s against the same
 tokenizer's `encode_batch` on the same text (read in batches of about 4 MB, its ids taken, what a
@@ -105,6 +111,26 @@ def measure(source: Path, fmt: str, out: Path, rounds: int) -> dict[str, list[fl
     return runs
 
 
+def measure_workers(source: Path, out: Path, rounds: int, workers: list[int]) -> dict[int, list[float]]:
+    """Wall seconds of `shoal shard --workers N` per round, for each N, each going first in turn."""
+    runs: dict[int, list[float]] = {w: [] for w in workers}
+    for r in range(rounds):
+        for w in workers[r % len(workers) :] + workers[: r % len(workers)]:
+            shutil.rmtree(out, ignore_errors=True)
+            wall, _, _ = timed([sys.executable, "-m", "shoal", "shard", str(source), str(out), "--workers", str(w)])
+            runs[w].append(wall)
+    shutil.rmtree(out, ignore_errors=True)
+    return runs
+
+
+def workers_row(fmt: str, size: float, rows: int, runs: dict[int, list[float]]) -> list[str]:
+    """rows/s for each N, and each N's speed-up over the first (median of the rounds' ratios)."""
+    first, *rest = runs
+    rates = [f"{rows / median(runs[w]):,.0f} rows/s" for w in runs]
+    speedups = [f"{median([a / b for a, b in zip(runs[first], runs[w])]):.2f}x" for w in rest]
+    return [fmt, f"{size:,.0f} MB, {rows:,} rows", *rates, *speedups]
+
+
 def row(fmt: str, size: float, rows: int, runs: dict[str, list[float]]) -> list[str]:
     """The table row of one source: rates, the ratio against the faster baseline, peaks."""
     best = [min(t, s) for t, s in zip(runs["table_s"], runs["stream_s"])]
@@ -143,6 +169,7 @@ def main() -> None:
     ap.add_argument("--sizes", default=None, help="source sizes in MB, comma-separated (default 150,1500; 30 text)")
     ap.add_argument("--formats", default=None, help="default csv,parquet (txt,parquet with --tokens)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--workers", default=None, help="e.g. 1,2: compare `shoal shard --workers N` instead")
     ap.add_argument("--work", default=None, help="directory for the sources and shards (default: a temporary one)")
     ap.add_argument("--tokens", action="store_true", help="text through a tokenizer against its encode_batch")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="--tokens: the tokenizer's threads")
@@ -154,16 +181,24 @@ def main() -> None:
         tokens_main(args, work)
         return
     args.sizes, args.formats = args.sizes or "150,1500", args.formats or "csv,parquet"
+    workers = [int(w) for w in args.workers.split(",")] if args.workers else None
+    headers = HEADERS if workers is None else ["format", "source", *(f"--workers {w}" for w in workers)]
+    headers += [f"speed-up {w} vs {workers[0]}" for w in workers[1:]] if workers else []
     rows_out = []
     for fmt in args.formats.split(","):
         for mb in map(int, args.sizes.split(",")):
             source = work / f"source-{mb}.{fmt}"
             rows = generate(source, fmt, mb) if not source.exists() else pq_or_csv_rows(source, fmt)
             size = source.stat().st_size / 1e6
-            rows_out.append(row(fmt, size, rows, measure(source, fmt, work / "out", args.rounds)))
-            print(table(HEADERS, rows_out[-1:]), flush=True)
+            if workers:
+                rows_out.append(
+                    workers_row(fmt, size, rows, measure_workers(source, work / "out", args.rounds, workers))
+                )
+            else:
+                rows_out.append(row(fmt, size, rows, measure(source, fmt, work / "out", args.rounds)))
+            print(table(headers, rows_out[-1:]), flush=True)
     print(f"\n{machine()}, {args.rounds} rounds, medians\n")
-    print(table(HEADERS, rows_out))
+    print(table(headers, rows_out))
 
 
 # ---------------------------------------------------------------- --tokens

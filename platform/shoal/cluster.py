@@ -78,9 +78,12 @@ def _own_hosts() -> set[str]:
     return hosts
 
 
-def connect(address: str | None, dashboard: bool = False, keep_alive_s: float = 0.0) -> Cluster:
+def connect(
+    address: str | None, dashboard: bool = False, keep_alive_s: float = 0.0, num_cpus: int | None = None
+) -> Cluster:
     """Join `address` (see requested_address), reuse this process's connection, join or start the kept local
-    cluster (keep_alive_s > 0), or start an embedded cluster that stops with this run."""
+    cluster (keep_alive_s > 0), or start an embedded cluster that stops with this run (of num_cpus CPUs, else
+    this machine's count)."""
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # one line per rank, not "[repeated 2x]"
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Ray starts its workers at nice 15, below every other process: training ranks would give their cores
@@ -117,7 +120,7 @@ def connect(address: str | None, dashboard: bool = False, keep_alive_s: float = 
         return Cluster(embedded=False, owns_connection=True)
     # A new cluster of our own, in its own temp dir: never attach by accident to another on this machine.
     temp_dir = tempfile.mkdtemp(prefix="shoal-ray-")
-    node = start_node(os.cpu_count() or 1, dashboard, temp_dir)
+    node = start_node(num_cpus or os.cpu_count() or 1, dashboard, temp_dir)
     ray.init(address=node.address, logging_level=logging.WARNING, log_to_driver=True)
     conn = Cluster(embedded=True, owns_connection=True, temp_dir=temp_dir, node=node, note=note)
     if dashboard:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from shoal.cli.command import Command, config_args, load_job, out_arg, out_path
 from shoal.cli.output import note, say
@@ -17,7 +17,7 @@ from shoal.errors import ShoalError
 if TYPE_CHECKING:
     from shoal.data.columns import Columns
     from shoal.data.tokens import Vocabulary
-    from shoal.data.writer import ShardOptions, Table
+    from shoal.data.writer import ShardOptions
 
 
 def _check_args(p: argparse.ArgumentParser) -> None:
@@ -56,7 +56,7 @@ def _shard_args(p: argparse.ArgumentParser) -> None:
         "--shuffle-memory",
         default="256MB",
         metavar="SIZE",
-        help="rows the external shuffle holds in memory at once (default 256MB; a bucket bigger than this is split again)",
+        help="rows the external shuffle holds in memory at once, per worker (default 256MB; a bucket bigger than this is split again)",
     )
     p.add_argument(
         "--split-key",
@@ -64,9 +64,32 @@ def _shard_args(p: argparse.ArgumentParser) -> None:
         metavar="COLUMN",
         help="split train/val by a hash of this column, so a record keeps its split as the data grows",
     )
+    _parallel_args(p)
     _source_args(p)
     _column_args(p)
     _text_args(p)
+
+
+def _parallel_args(p: argparse.ArgumentParser) -> None:
+    """How many processes convert, and where."""
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="convert with N processes, each reading some pieces of the source and writing its own shards "
+        "(default 1; with --ray, the cluster's CPUs); the samples and their order are the same for every N",
+    )
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="run the conversion as Ray tasks of one CPU each: on the cluster at ADDRESS (or RAY_ADDRESS), else on "
+        "a local one started for it; SOURCE and OUT_DIR must be on storage every node sees (put --ray after "
+        "OUT_DIR, or write --ray=ADDRESS)",
+    )
 
 
 def _source_args(p: argparse.ArgumentParser) -> None:
@@ -120,24 +143,35 @@ def _text_args(p: argparse.ArgumentParser) -> None:
 
 def shard(args: argparse.Namespace) -> int:
     from shoal.data import storage
-    from shoal.data.writer import write_shards
+    from shoal.data.writer import check_options
 
     if not 0 <= args.val_fraction < 1:
         raise ShoalError(f"--val-fraction: must be in [0, 1) (got {args.val_fraction})")
     if args.eot_token and not args.tokenizer:
         raise ShoalError("--eot-token: only with --tokenizer (bytes end a document with a newline)")
+    opts = _shard_options(args)
+    check_options(opts)
     tokenizer = _tokenizer(args)
     if storage.is_remote(args.out_dir):
-        return _shard_to_storage(args, tokenizer)
-    table = _source_table(args, tokenizer)
-    if tokenizer is not None:
-        _copy_tokenizer(tokenizer, args)
-    manifest = write_shards(table, Path(args.out_dir), _shard_options(args), source=args.source)
-    _said(manifest, str(Path(args.out_dir) / "manifest.json"))
+        return _shard_to_storage(args, opts, tokenizer)
+    out = Path(args.out_dir)
+    if tokenizer is not None and (args.overwrite or not (out / "manifest.json").exists()):
+        tokenizer.write_copy(out)  # before the shards: the manifest, written last, names it and its hash
+    _said(_write(args, opts, out), str(out / "manifest.json"))
     return 0
 
 
-def _shard_to_storage(args: argparse.Namespace, tokenizer: Vocabulary | None) -> int:
+def _write(args: argparse.Namespace, opts: ShardOptions, out: Path) -> dict:
+    """The conversion into the local directory `out`; returns the manifest."""
+    from functools import partial
+
+    from shoal.data.writer import load_source, write_shards
+
+    reopen = partial(load_source, args.source, **_source_kwargs(args))  # the same source, in another process
+    return write_shards(reopen(), out, opts, source=args.source, reopen=reopen)
+
+
+def _shard_to_storage(args: argparse.Namespace, opts: ShardOptions, tokenizer: Vocabulary | None) -> int:
     """OUT_DIR in object storage: written to a local staging directory, then uploaded shard by shard,
     the manifest last. The bucket and credentials are checked before the source is read."""
     import shutil
@@ -145,16 +179,14 @@ def _shard_to_storage(args: argparse.Namespace, tokenizer: Vocabulary | None) ->
 
     from shoal.data import storage
     from shoal.data.locate import MANIFEST
-    from shoal.data.writer import write_shards
 
     url = args.out_dir.rstrip("/")
     store = storage.Store()
     before = storage.prepare_prefix(store, url, MANIFEST, args.overwrite)
     staging = Path(tempfile.mkdtemp(prefix="shoal-shard-"))  # $TMPDIR: it holds the shards until uploaded
     try:
-        table = _source_table(args, tokenizer)
         extra = [tokenizer.write_copy(staging).name] if tokenizer is not None else []
-        manifest = write_shards(table, staging, _shard_options(args), source=args.source)
+        manifest = _write(args, opts, staging)
         names = extra + [s["name"] for split in manifest["splits"].values() for s in split["shards"]]
         say(f"[shoal] uploading {len(names)} shards to {url}")
         storage.publish(store, staging, url, names, MANIFEST, before if args.overwrite else set())
@@ -179,12 +211,10 @@ def _tokenizer(args: argparse.Namespace) -> Vocabulary | None:
     return load_tokenizer(args.tokenizer, args.eot_token)
 
 
-def _source_table(args: argparse.Namespace, tokenizer: Vocabulary | None = None) -> Table:
-    """The samples SOURCE names, read or made."""
-    from shoal.data.writer import load_source
-
-    return load_source(
-        args.source,
+def _source_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """load_source's options for the samples SOURCE names, read or made (picklable: a worker process
+    reopens the source with them)."""
+    return dict(
         num_samples=args.num_samples,
         input_shape=args.input_shape,
         num_classes=args.num_classes,
@@ -194,18 +224,8 @@ def _source_table(args: argparse.Namespace, tokenizer: Vocabulary | None = None)
         image_size=tuple(args.image_size) if args.image_size else None,
         seed=args.seed,
         columns=_columns(args),
-        tokenizer=tokenizer,
+        tokenizer=_tokenizer(args),
     )
-
-
-def _copy_tokenizer(tokenizer: Vocabulary, args: argparse.Namespace) -> None:
-    """The tokenizer beside the shards, before them (the manifest, written last, names it and its hash);
-    not into a finished directory, which the writer refuses to replace without --overwrite."""
-    from shoal.data.locate import MANIFEST
-
-    out = Path(args.out_dir)
-    if args.overwrite or not (out / MANIFEST).exists():
-        tokenizer.write_copy(out)
 
 
 def _columns(args: argparse.Namespace) -> Columns:
@@ -231,6 +251,8 @@ def _shard_options(args: argparse.Namespace) -> ShardOptions:
         val_fraction=args.val_fraction,
         overwrite=args.overwrite,
         shuffle_memory=parse_bytes(args.shuffle_memory, "--shuffle-memory"),
+        workers=args.workers,
+        ray=args.ray,
     )
 
 

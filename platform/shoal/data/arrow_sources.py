@@ -2,8 +2,11 @@
 Hugging Face `datasets` directories (save_to_disk's Arrow files, the Hub's parquet layout), JSONL and CSV.
 
 Each is read with pyarrow's streaming readers (a parquet file row group by row group, CSV and JSONL
-block by block), so memory holds one batch, never the file. Errors name the file and, for parquet,
-the row group; nothing is downloaded.
+block by block), so memory holds one batch, never the file. Each is cut into pieces that can be read
+independently, by the file alone: a parquet file's row groups, an Arrow IPC file's record batches (an
+IPC stream, as `save_to_disk` writes, is one piece), CSV and JSONL byte ranges of PIECE_BYTES cut at
+line ends (as pyarrow's own parallel reader assumes, a value holds no newline). Errors name the file
+and, for parquet, the row group; nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import glob
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,19 +33,32 @@ BATCH_BYTES = 4 << 20  # a parquet batch's decoded size: a few of them are in me
 # (8 MiB blocks took 3x the memory and more time), widened for rows too long for it
 BLOCK_BYTES = 512 << 10
 SPLIT_NAMES = ("train", "validation", "valid", "val", "test")
+PIECE_BYTES = 8 << 20  # a CSV or JSONL piece: small enough to balance 2 processes on a file of tens of MB
+
+Pieces = Callable[..., Iterator[tuple[int, pa.RecordBatch, str]]]
 
 
 @dataclass
 class Batches:
-    """A columnar source: its schema, and its record batches, each with where it came from (for messages)."""
+    """A columnar source: its schema, and its record batches by piece, each with where it came from."""
 
     source: str
     schema: pa.Schema
-    # (columns, those to read as float32) -> (batch, where it came from)
-    read: Callable[..., Iterator[tuple[pa.RecordBatch, str]]]
+    # (columns, those to read as float32, pieces) -> (piece, batch, where it came from), pieces in the order given
+    read_pieces: Pieces
     rows: int | None
     nbytes: int
     features: dict[str, Any] = field(default_factory=dict)  # Hugging Face feature descriptions by column
+    piece_sizes: list[int] = field(default_factory=lambda: [1])  # bytes (or rows) per piece
+
+    @property
+    def pieces(self) -> int:
+        return len(self.piece_sizes)
+
+    def read(self, columns: list[str] | None, floats: Any = ()) -> Iterator[tuple[pa.RecordBatch, str]]:
+        """Every batch of the source in order, with where it came from."""
+        for _, batch, where in self.read_pieces(columns, floats, range(self.pieces)):
+            yield batch, where
 
 
 def sniff(path: Path) -> str | None:
@@ -130,25 +147,28 @@ def _schema_features(schema: pa.Schema) -> dict[str, Any]:
 
 
 def parquet_files(source: str, files: list[Path]) -> Batches:
+    """Parquet files, a piece per row group."""
     opened = [_open_parquet(f) for f in files]
     schema = opened[0].schema_arrow
     for f, pf in zip(files[1:], opened[1:]):
         if not pf.schema_arrow.equals(schema, check_metadata=False):
             raise DataError(f"{f}: its columns differ from {files[0]}'s ({pf.schema_arrow.names} vs {schema.names})")
+    groups = [(i, g) for i, pf in enumerate(opened) for g in range(pf.num_row_groups)]
 
-    def read(columns: list[str] | None, floats: Any = ()) -> Iterator[tuple[pa.RecordBatch, str]]:
-        for f, pf in zip(files, opened):
-            rows = _batch_rows(pf)
-            for g in range(pf.num_row_groups):
-                where = f"{f}, row group {g}"
-                try:
-                    for batch in pf.iter_batches(batch_size=rows, row_groups=[g], columns=columns):
-                        yield batch, where
-                except (OSError, pa.ArrowException) as e:
-                    raise DataError(f"{where}: corrupt or unreadable ({_short(e)})") from None
+    def read(columns: list[str] | None, floats: Any = (), pieces: Any = ()) -> Iterator[tuple[int, Any, str]]:
+        for piece in pieces:
+            i, g = groups[piece]
+            where = f"{files[i]}, row group {g}"
+            try:
+                for batch in opened[i].iter_batches(batch_size=_batch_rows(opened[i]), row_groups=[g], columns=columns):
+                    yield piece, batch, where
+            except (OSError, pa.ArrowException) as e:
+                raise DataError(f"{where}: corrupt or unreadable ({_short(e)})") from None
 
+    sizes = [opened[i].metadata.row_group(g).total_byte_size for i, g in groups]
     rows = sum(pf.metadata.num_rows for pf in opened)
-    return Batches(source, schema, read, rows, sum(f.stat().st_size for f in files), _schema_features(schema))
+    nbytes = sum(f.stat().st_size for f in files)
+    return Batches(source, schema, read, rows, nbytes, _schema_features(schema), sizes)
 
 
 def _batch_rows(pf: pq.ParquetFile) -> int:
@@ -170,22 +190,32 @@ def _open_parquet(path: Path) -> pq.ParquetFile:
 
 
 def arrow_files(source: str, files: list[Path], features: dict[str, Any] | None = None) -> Batches:
+    """Arrow IPC files (a piece per record batch) or streams (a piece per file)."""
     if not files:
         raise DataError(f"{source}: no Arrow data files")
-    first = _open_arrow(files[0])
-    schema = first.schema
+    schema = _open_arrow(files[0]).schema
+    counts = {f: _file_batches(f) if sniff(f) == "arrow" else None for f in files}
+    pieces = [(f, b) for f, n in counts.items() for b in (range(n) if n is not None else [None])]
 
-    def read(columns: list[str] | None, floats: Any = ()) -> Iterator[tuple[pa.RecordBatch, str]]:
-        for f in files:
-            reader = _open_arrow(f)
+    def read(columns: list[str] | None, floats: Any = (), wanted: Any = ()) -> Iterator[tuple[int, Any, str]]:
+        opened: tuple[Path | None, Any] = (None, None)  # pieces come in order: one file open at a time
+        for piece in wanted:
+            f, b = pieces[piece]
             try:
-                for i, batch in enumerate(_ipc_batches(reader)):
-                    yield (batch.select(columns) if columns else batch), f"{f}, batch {i}"
+                opened = opened if opened[0] == f and b is not None else (f, _open_arrow(f))
+                batches = [opened[1].get_batch(b)] if b is not None else opened[1]
+                for i, batch in enumerate(batches):
+                    yield (
+                        piece,
+                        (batch.select(columns) if columns else batch),
+                        f"{f}, batch {b if b is not None else i}",
+                    )
             except (OSError, pa.ArrowException) as e:
                 raise DataError(f"{f}: corrupt or unreadable Arrow data ({_short(e)})") from None
 
-    rows = sum(map(_file_rows, files)) if all(sniff(f) == "arrow" for f in files) else None
-    return Batches(source, schema, read, rows, sum(f.stat().st_size for f in files), features or {})
+    rows = sum(map(_file_rows, files)) if all(n is not None for n in counts.values()) else None
+    sizes = [f.stat().st_size // (counts[f] or 1) for f, _ in pieces]
+    return Batches(source, schema, read, rows, sum(f.stat().st_size for f in files), features or {}, sizes)
 
 
 def _open_arrow(path: Path, mapped: bool = False) -> Any:
@@ -204,12 +234,8 @@ def _file_rows(path: Path) -> int:
     return sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
 
 
-def _ipc_batches(reader: Any) -> Iterator[pa.RecordBatch]:
-    if isinstance(reader, ipc.RecordBatchFileReader):
-        for i in range(reader.num_record_batches):
-            yield reader.get_batch(i)
-    else:
-        yield from reader
+def _file_batches(path: Path) -> int:
+    return _open_arrow(path, mapped=True).num_record_batches
 
 
 # ---------------------------------------------------------------- CSV and JSONL
@@ -223,14 +249,65 @@ def csv_file(path: Path) -> Batches:
     block = max(BLOCK_BYTES, 64 * sum(len(v) + 1 for v in first))
     read_opts = pa_csv.ReadOptions(block_size=block, column_names=names, skip_rows=1 if header else 0)
     schema = _csv_reader(path, read_opts, pa_csv.ConvertOptions()).schema
+    ranges = line_ranges(path, _first_line_end(path) if header else 0)
+    piece_opts = pa_csv.ReadOptions(block_size=block, column_names=names)
 
-    def read(columns: list[str] | None, floats: list[str] = ()) -> Iterator[tuple[pa.RecordBatch, str]]:
-        # features as float32 from the start: a column that looks integral in the first block must not
-        # fail on a later 0.5 (the streaming reader fixes each column's type from the first block)
-        opts = pa_csv.ConvertOptions(column_types={c: pa.float32() for c in floats}, include_columns=columns or names)
-        yield from _blocks(path, lambda: _csv_reader(path, read_opts, opts))
+    def read(columns: list[str] | None, floats: Any = (), pieces: Any = ()) -> Iterator[tuple[int, Any, str]]:
+        # features as float32 from the start: a column that looks integral in one block must not fail on
+        # a later 0.5; every other column in the type its first block gave, whichever piece is read first
+        types = {**_fixed_types(schema, columns or names), **{c: pa.float32() for c in floats}}
+        opts = pa_csv.ConvertOptions(column_types=types, include_columns=columns or names)
+        reader = partial(pa_csv.open_csv, read_options=piece_opts, convert_options=opts)
+        for piece in pieces:
+            where, (lo, hi) = _piece_where(path, piece, ranges[piece]), ranges[piece]
+            yield from ((piece, b, w) for b, w in _blocks(path, lo, hi, where, reader))
 
-    return Batches(str(path), schema, read, None, path.stat().st_size)
+    return Batches(str(path), schema, read, None, path.stat().st_size, {}, [hi - lo for lo, hi in ranges])
+
+
+def line_ranges(path: Path, start: int) -> list[tuple[int, int]]:
+    """[lo, hi) byte ranges of about PIECE_BYTES from `start`, each cut just after a newline."""
+    size = path.stat().st_size
+    cuts = [start]
+    with open(path, "rb") as f:
+        for nominal in range(start + PIECE_BYTES, size, PIECE_BYTES):
+            cut = _next_line(f, nominal, size)
+            if cuts[-1] < cut < size:
+                cuts.append(cut)
+    cuts.append(max(size, start))
+    return list(zip(cuts, cuts[1:]))
+
+
+def _next_line(f: Any, pos: int, size: int) -> int:
+    """The offset just after the first newline at or after pos - 1 (the file's end if none)."""
+    f.seek(pos - 1)
+    while piece := f.read(1 << 16):
+        at = piece.find(b"\n")
+        if at >= 0:
+            return f.tell() - len(piece) + at + 1
+    return size
+
+
+def _first_line_end(path: Path) -> int:
+    with open(path, "rb") as f:
+        return len(f.readline())
+
+
+def _range(path: Path, lo: int, hi: int) -> Any:
+    """The bytes [lo, hi) of a file as a pyarrow stream (read whole: a piece is PIECE_BYTES)."""
+    with pa.OSFile(str(path)) as f:
+        return pa.BufferReader(f.read_at(hi - lo, lo))
+
+
+def _piece_where(path: Path, piece: int, lo_hi: tuple[int, int]) -> str:
+    """Where a piece's rows are, for messages: the file, and from the second piece on the byte they start at
+    (row numbers count from there)."""
+    return str(path) if piece == 0 else f"{path}, from byte {lo_hi[0]:,}"
+
+
+def _fixed_types(schema: pa.Schema, columns: list[str]) -> dict[str, pa.DataType]:
+    """The first block's type of each column (a column of nulls there is left to be inferred)."""
+    return {c: schema.field(c).type for c in columns if not pa.types.is_null(schema.field(c).type)}
 
 
 def _csv_reader(path: Path, read_opts: Any, convert: Any) -> Any:
@@ -260,24 +337,34 @@ def jsonl_file(path: Path) -> Batches:
     """A file of JSON objects, one a line; their keys are the columns."""
     with open(path, "rb") as f:
         opts = pa_json.ReadOptions(block_size=max(BLOCK_BYTES, 64 * len(f.readline())))
+    try:
+        schema = pa_json.open_json(path, read_options=opts).schema
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(f"{path}: not readable as JSON lines ({_short(e)})") from None
+    # every piece parsed to the first block's types, whichever piece is read first
+    parse = pa_json.ParseOptions(
+        explicit_schema=pa.schema([schema.field(c) for c in _fixed_types(schema, schema.names)])
+    )
+    ranges = line_ranges(path, 0)
+    reader = partial(pa_json.open_json, read_options=opts, parse_options=parse)
 
-    def reader() -> Any:
-        try:
-            return pa_json.open_json(path, read_options=opts)
-        except (OSError, pa.ArrowException) as e:
-            raise DataError(f"{path}: not readable as JSON lines ({_short(e)})") from None
+    def read(columns: list[str] | None, floats: Any = (), pieces: Any = ()) -> Iterator[tuple[int, Any, str]]:
+        for piece in pieces:
+            where, (lo, hi) = _piece_where(path, piece, ranges[piece]), ranges[piece]
+            for batch, w in _blocks(path, lo, hi, where, reader):
+                yield piece, (batch.select(columns) if columns else batch), w
 
-    schema = reader().schema
-
-    def read(columns: list[str] | None, floats: Any = ()) -> Iterator[tuple[pa.RecordBatch, str]]:
-        for batch, where in _blocks(path, reader):
-            yield (batch.select(columns) if columns else batch), where
-
-    return Batches(str(path), schema, read, None, path.stat().st_size)
+    return Batches(str(path), schema, read, None, path.stat().st_size, {}, [hi - lo for lo, hi in ranges])
 
 
-def _blocks(path: Path, open_reader: Callable[[], Any]) -> Iterator[tuple[pa.RecordBatch, str]]:
-    reader = open_reader()
+def _blocks(path: Path, lo: int, hi: int, where: str, open_reader: Callable[[Any], Any]) -> Iterator[tuple[Any, str]]:
+    """The record batches of bytes [lo, hi) of a CSV or JSONL file, read block by block."""
+    if hi == lo:
+        return
+    try:
+        reader = open_reader(_range(path, lo, hi))
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(f"{where}: not readable ({_short(e)})") from None
     i = 0
     while True:
         try:
@@ -285,8 +372,8 @@ def _blocks(path: Path, open_reader: Callable[[], Any]) -> Iterator[tuple[pa.Rec
         except StopIteration:
             return
         except (OSError, pa.ArrowException) as e:
-            raise DataError(f"{path}, block {i}: {_short(e)}") from None
-        yield batch, f"{path}"
+            raise DataError(f"{where}, block {i}: {_short(e)}") from None
+        yield batch, where
         i += 1
 
 

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from shoal.data.shuffle import mix64
+from shoal.data.stream import LabelsSeen
 from shoal.errors import DataError
 
 
@@ -213,8 +214,8 @@ def _values(arr: pa.Array, name: str, where: str, row0: int) -> tuple[np.ndarray
     _no_nulls(arr, name, where, row0)
     t = arr.type
     if _is_scalar_number(t):
-        return arr.to_numpy(zero_copy_only=False), ()
-    lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False) if len(arr) else np.zeros(0, np.int64)
+        return numbers(arr), ()
+    lengths = numbers(pc.list_value_length(arr)) if len(arr) else np.zeros(0, np.int64)
     size = int(lengths[0]) if len(lengths) else t.list_size if pa.types.is_fixed_size_list(t) else 0
     odd = np.flatnonzero(lengths != size)
     if len(odd):
@@ -227,6 +228,17 @@ def _values(arr: pa.Array, name: str, where: str, row0: int) -> tuple[np.ndarray
     return inner.reshape(len(arr), size, *shape), (size, *shape)
 
 
+def numbers(arr: pa.Array) -> np.ndarray:
+    """A column of integers or floats without nulls as a (read-only) numpy view of its buffer. pyarrow's own
+    to_numpy imports pandas on its first call: half a second of CPU in every process that converts."""
+    t = arr.type
+    if arr.null_count or not (pa.types.is_integer(t) or pa.types.is_floating(t)):
+        return arr.to_numpy(zero_copy_only=False)
+    kind = "f" if pa.types.is_floating(t) else "i" if pa.types.is_signed_integer(t) else "u"
+    dtype = np.dtype(f"<{kind}{t.byte_width}")
+    return np.frombuffer(arr.buffers()[1], dtype=dtype, count=len(arr), offset=arr.offset * dtype.itemsize)
+
+
 def _no_nulls(arr: pa.Array, name: str, where: str, row0: int) -> None:
     if arr.null_count:
         r = int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])
@@ -235,7 +247,8 @@ def _no_nulls(arr: pa.Array, name: str, where: str, row0: int) -> None:
 
 class Labels:
     """Class ids of a label column: strings coded in order of first appearance and renumbered in sorted
-    order once the pass is over (finish); integers checked >= 0; floats passed on for regression."""
+    order once every reader's pass is over (merge_labels); integers checked >= 0; floats passed on for
+    regression."""
 
     def __init__(self, column: str, task: str, names: list[str] | None = None):
         self.column, self.task, self.preset = column, task, names
@@ -252,7 +265,7 @@ class Labels:
         t = arr.type.value_type if pa.types.is_dictionary(arr.type) else arr.type
         if pa.types.is_string(t) or pa.types.is_large_string(t):
             return self._strings(arr)
-        ids = arr.to_numpy(zero_copy_only=False).astype(np.int64)
+        ids = numbers(arr).astype(np.int64)
         if len(ids) and ids.min() < 0:
             r = int(np.argmin(ids))
             raise DataError(
@@ -265,20 +278,26 @@ class Labels:
     def _strings(self, arr: pa.Array) -> np.ndarray:
         enc = arr if pa.types.is_dictionary(arr.type) else pc.dictionary_encode(arr)
         lut = np.array([self.index.setdefault(v, len(self.index)) for v in enc.dictionary.to_pylist()], np.int64)
-        return lut[enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)] if len(lut) else np.zeros(0, np.int64)
+        return lut[numbers(enc.indices).astype(np.int64)] if len(lut) else np.zeros(0, np.int64)
 
-    def finish(self) -> tuple[np.ndarray | None, int, list[str] | None]:
-        if self.task == "regression":
-            return None, 0, None
-        if self.index:
-            names = sorted(self.index)
-            lut = np.empty(len(names), np.int64)
-            for new, name in enumerate(names):
-                lut[self.index[name]] = new
-            return lut, len(names), names
-        if self.preset:
-            return None, max(len(self.preset), self.max + 1), list(self.preset)
-        return None, self.max + 1, None
+    def seen(self) -> LabelsSeen:
+        return LabelsSeen(self.task, list(self.index), self.max, self.preset)
+
+
+def merge_labels(seen: list[LabelsSeen]) -> tuple[list[np.ndarray | None], int, list[str] | None]:
+    """The final class ids of labels read by several readers: (per reader, its id -> final id table or None;
+    the class count; the class names or None). String names are numbered in sorted order, whoever saw them."""
+    first = seen[0]
+    if first.task == "regression":
+        return [None] * len(seen), 0, None
+    names = sorted(set().union(*(s.names for s in seen)))
+    if names:
+        final = {name: i for i, name in enumerate(names)}
+        return [np.array([final[n] for n in s.names], np.int64) for s in seen], len(names), names
+    top = max(s.max for s in seen)
+    if first.preset:
+        return [None] * len(seen), max(len(first.preset), top + 1), list(first.preset)
+    return [None] * len(seen), top + 1, None
 
 
 def class_names(features: dict[str, Any], column: str) -> list[str] | None:
@@ -293,7 +312,7 @@ def key_hashes(arr: pa.Array, seed: int) -> np.ndarray:
         arr = arr.combine_chunks()
     salt = np.uint64(seed * 0x9E3779B97F4A7C15 % 2**64)
     if pa.types.is_integer(arr.type):
-        return mix64(arr.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64).view(np.uint64) ^ salt)
+        return mix64(numbers(arr.fill_null(0)).astype(np.int64).view(np.uint64) ^ salt)
     keys = [str(v).encode() for v in arr.to_pylist()]
     digests = b"".join(
         hashlib.blake2b(k, digest_size=8, salt=(seed % 2**64).to_bytes(8, "little")).digest() for k in keys

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import codecs
 import io
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -163,22 +163,26 @@ def columnar(
     x_of = _ImageColumn(p.x[0], image_size).x if p.mode == "image" else FeatureReader(p, batches.source).x
     floats = [n for n in p.x if _scalar_number(batches.schema.field(n).type)] if p.mode == "features" else []
 
-    def chunks() -> Iterator[Chunk]:
-        row0 = 0
-        for batch, where in prefetch(batches.read(p.needed(cols), floats), depth=2):
+    def read(pieces: Sequence[int]) -> Iterator[tuple[int, Chunk]]:
+        piece, row0 = -1, 0  # row0 counts within the piece, as its `where` does
+        for i, batch, where in prefetch(batches.read_pieces(p.needed(cols), floats, pieces), depth=2):
+            piece, row0 = i, (row0 if i == piece else 0)
             keys = key_hashes(batch.column(cols.split_key), seed) if cols.split_key else None
-            yield Chunk(x_of(batch, where, row0), labels.y(batch.column(p.label), where, row0), keys)
+            yield i, Chunk(x_of(batch, where, row0), labels.y(batch.column(p.label), where, row0), keys)
             row0 += batch.num_rows
 
     scaled = p.mode == "image" or p.uint8
     return Stream(
-        chunks,
+        None,
         p.task,
         x_scale=1 / 255 if scaled else None,
         rows=batches.rows,
         nbytes=batches.nbytes,
         labels=labels,
         extra={"columns": _columns_entry(p, cols)},
+        pieces=batches.pieces,
+        piece_reader=read,
+        piece_sizes=batches.piece_sizes,
     )
 
 
@@ -248,7 +252,7 @@ def _arrays(x: np.ndarray, y: np.ndarray, task: str, num_classes: int = 0, sourc
             f"{source}: sample {i} has label {int(y[i])}; class labels must be integers 0, 1, ..., C-1 (remap them before sharding)"
         )
     fetch = lambda idx: (x[idx], y[idx])  # noqa: E731
-    return Stream(random_access(len(x), fetch), task, num_classes=num_classes, rows=len(x), **kw)
+    return Stream(**random_access(len(x), fetch), task=task, num_classes=num_classes, rows=len(x), **kw)
 
 
 def _infer_task(y: np.ndarray, task: str | None) -> tuple[str, int]:
@@ -457,8 +461,8 @@ def _images(path: Path, size: tuple[int, int] | None) -> Stream:
         return np.stack([load(files[i][0], str(files[i][0])) for i in idx]), labels[idx]
 
     return Stream(
-        random_access(len(files), fetch, chunk=256),
-        "classification",
+        **random_access(len(files), fetch, chunk=256),
+        task="classification",
         num_classes=len(classes),
         x_scale=1 / 255,
         extra={"classes": classes},
@@ -527,8 +531,8 @@ def _synthetic(n: int, shape: list[int], classes: int, task: str, seq_len: int, 
         return x.numpy(), y.numpy()
 
     return Stream(
-        random_access(n, fetch),
-        task,
+        **random_access(n, fetch),
+        task=task,
         num_classes=classes if task == "classification" else 0,
         vocab_size=cfg.vocab_size if task == "lm" else 0,
         rows=n,

@@ -1,16 +1,19 @@
-"""What a `shoal shard` source is to the writer: a stream of chunks of (x, y) rows, read front to back.
+"""What a `shoal shard` source is to the writer: chunks of (x, y) rows, in pieces read independently.
 
 Every source (a columnar file, CSV, text, images, a built-in set) becomes a Stream; the writer
-(writer.py) spills it through the external shuffle (shuffle.py) into sinks (sink.py). A Stream is
-iterated once; what only the whole pass can tell (the class count, string labels' ids) is asked of
-`labels` after it.
+(writer.py) spills it through the external shuffle (shuffle.py) into sinks (sink.py). A stream is
+cut into pieces that the source alone defines (parquet row groups, byte ranges of a CSV cut at line
+ends, index ranges of an array; a source that cannot be cut is one piece), so that processes or Ray
+tasks can each read some of them, and a row's position, (piece, row within the piece), is the same
+whoever reads it. What only the whole pass can tell (the class count, string labels' ids) is asked
+of `labels` after it, in each process that read some pieces, and merged (columns.merge_labels).
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, TypeVar
 
@@ -26,17 +29,30 @@ class Chunk(NamedTuple):
     keys: np.ndarray | None = None
 
 
+class LabelsSeen(NamedTuple):
+    """What one reader's pass saw of the labels: string names in the order it gave them ids, the largest
+    integer label, and the names a data set declares (Hugging Face's ClassLabel)."""
+
+    task: str
+    names: list[str]
+    max: int
+    preset: list[str] | None
+
+
 class LabelIds(Protocol):
-    def finish(self) -> tuple[np.ndarray | None, int, list[str] | None]:
-        """(old id -> final id table or None, class count, class names or None), after the pass."""
+    def seen(self) -> LabelsSeen:
+        """The labels this reader has seen so far (see LabelsSeen)."""
         ...
+
+
+PieceReader = Callable[[Sequence[int]], Iterator[tuple[int, Chunk]]]
 
 
 @dataclass
 class Stream:
-    """A source read once, front to back, and what the manifest says about it."""
+    """A source, its pieces, and what the manifest says about it."""
 
-    chunks: Callable[[], Iterator[Chunk]]
+    chunks: Callable[[], Iterator[Chunk]] | None  # the whole source in order, for a source of one piece
     task: str
     num_classes: int = 0
     vocab_size: int = 0
@@ -45,19 +61,34 @@ class Stream:
     rows: int | None = None  # when known before the pass (sizes the shuffle's buckets)
     nbytes: int = 0  # the source's size on disk, the estimate when rows is not known
     labels: LabelIds | None = None
+    pieces: int = 1
+    piece_reader: PieceReader | None = None  # (pieces, in order) -> (piece, chunk), for a source of several
+    piece_sizes: list[int] | None = None  # each piece's size in any unit (bytes, rows), for balancing
+
+    def read(self, pieces: Sequence[int]) -> Iterator[tuple[int, Chunk]]:
+        """The chunks of these pieces, each with its piece, rows in the source's order within a piece."""
+        if self.piece_reader is not None:
+            return self.piece_reader(pieces)
+        assert self.chunks is not None and list(pieces) in ([], [0]), "a source of one piece"
+        return ((0, c) for c in self.chunks()) if pieces else iter(())
+
+    def sizes(self) -> list[int]:
+        return self.piece_sizes or [1] * self.pieces
 
 
 def random_access(
     n: int, fetch: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], chunk: int = 4096
-) -> Callable[[], Iterator[Chunk]]:
-    """The chunks of a source read by index (built-in sets, arrays, image files), in index order."""
+) -> dict[str, Any]:
+    """A source read by index (built-in sets, arrays, image files): pieces of `chunk` consecutive indices,
+    as the fields of a Stream."""
 
-    def chunks() -> Iterator[Chunk]:
-        for start in range(0, n, chunk):
-            x, y = fetch(np.arange(start, min(n, start + chunk)))
-            yield Chunk(x, y)
+    def read(pieces: Sequence[int]) -> Iterator[tuple[int, Chunk]]:
+        for i in pieces:
+            x, y = fetch(np.arange(i * chunk, min(n, (i + 1) * chunk)))
+            yield i, Chunk(x, y)
 
-    return chunks
+    count = max(1, -(-n // chunk))
+    return {"chunks": None, "pieces": count, "piece_reader": read, "piece_sizes": None}
 
 
 T = TypeVar("T")
