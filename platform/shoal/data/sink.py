@@ -10,6 +10,7 @@ processes gives each its own sink and shard names.
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -92,14 +93,23 @@ def ustar_header(name: str, size: int, mtime: int) -> bytes:
     """The 512-byte POSIX ustar header of a regular, read-only file."""
     raw = name.encode()
     assert len(raw) < 100, "member names are short keys"
-    h = bytearray(BLOCK)
+    template, base_sum = _nameless_header(size, mtime)
+    h = bytearray(template)
     h[0 : len(raw)] = raw
+    h[148:156] = b"%06o\0 " % (base_sum + sum(raw))  # the checksum: every byte, its own field as spaces
+    return bytes(h)
+
+
+@functools.lru_cache(maxsize=16)
+def _nameless_header(size: int, mtime: int) -> tuple[bytes, int]:
+    """A header without its name, and the sum of its bytes: a shard's members share a few sizes, so only
+    the name and the checksum are written per member (the whole header took 11 us, a fifth of the writer)."""
+    h = bytearray(BLOCK)
     h[100:108] = b"0000444\0"  # mode
     h[108:116] = h[116:124] = b"0000000\0"  # uid, gid
     h[124:136] = b"%011o\0" % size
     h[136:148] = b"%011o\0" % mtime
-    h[148:156] = b" " * 8  # the checksum counts its own field as spaces
+    h[148:156] = b" " * 8
     h[156:157] = b"0"  # a regular file
     h[257:265] = b"ustar\x0000"
-    h[148:156] = b"%06o\0 " % sum(h)
-    return bytes(h)
+    return bytes(h), sum(h)
