@@ -139,6 +139,21 @@ def test_the_run_report_lists_the_class_names(tmp_path, digits):
     assert "<h2>Classes</h2>" in page and "c7" in page
 
 
+def test_the_run_report_lists_the_class_names_of_shards_in_s3(tmp_path, digits, s3):
+    from shoal import report
+
+    _, bucket = s3
+    x, y = digits
+    proc = shoal_cli("shard", *_parquet(tmp_path / "d.parquet", x, y), f"s3://{bucket}/named")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
+    (run / "config.yaml").write_text(f"data:\n  format: shards\n  path: s3://{bucket}/named\n")
+    page = report.write(run).read_text()
+    assert "<h2>Classes</h2>" in page and "c7" in page
+
+
 def test_hub_parquet_layout_reads_the_train_split_and_classlabel_names(tmp_path):
     from datasets import ClassLabel, Dataset, Features, Sequence, Value
 

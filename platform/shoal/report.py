@@ -233,14 +233,16 @@ def _classes(run_dir: Path) -> str:
 
 
 def _class_names(run_dir: Path) -> list[str] | None:
-    """From the run's config: data.path's manifest, when it is a local shard directory."""
+    """From the run's config: data.path's manifest, local or in s3:// (when it can be read from here)."""
+    from shoal.config import DataConfig
+    from shoal.data.spec import readable_manifest
+
     try:
         cfg = yaml.safe_load((run_dir / CONFIG).read_text()) or {}
-        path = Path(str((cfg.get("data") or {}).get("path") or "")).expanduser()
-        manifest = json.loads((path / "manifest.json").read_text()) if path.is_dir() else {}
-    except (OSError, ValueError, yaml.YAMLError, AttributeError):
-        return None
-    return manifest.get("classes")
+        manifest = readable_manifest(DataConfig(**(cfg.get("data") or {})))
+    except (ShoalError, OSError, ValueError, yaml.YAMLError, AttributeError, TypeError):
+        return None  # no manifest, an old config, or storage out of reach: the report goes without names
+    return (manifest or {}).get("classes")
 
 
 def _throughput(summary: dict[str, Any]) -> str:
