@@ -115,22 +115,23 @@ def spill(task: SpillTask, report: Report) -> Spilled:
     piece, row0 = -1, 0
     for i, chunk in stream.read(range(*task.pieces)):
         piece, row0 = i, (row0 if i == piece else 0)
-        rows, where = as_rows(chunk, lay.dtype, lay.source), positions(i, row0, len(chunk.x))
+        check_chunk(chunk, lay.dtype, lay.source)
+        where = positions(i, row0, len(chunk.x))
         if chunk.keys is None:
-            out.add(rows, where)
+            out.add_fields(chunk.x, chunk.y, where)
         else:
             val = chunk.keys < np.uint64(lay.val_below)
-            out.add(rows[~val], where[~val], 0)
-            out.add(rows[val], where[val], 1)
-        row0 += len(rows)
-        report(len(rows))
+            out.add_fields(chunk.x[~val], chunk.y[~val], where[~val], 0)
+            out.add_fields(chunk.x[val], chunk.y[val], where[val], 1)
+        row0 += len(chunk.x)
+        report(len(chunk.x))
     out.finish()
     labels = stream.labels.seen() if stream.labels is not None else None
     return Spilled(task.unit, {p: c.tolist() for p, c in out.counts.items()}, labels)
 
 
-def as_rows(chunk: Chunk, dtype: np.dtype, source: str) -> np.ndarray:
-    """A chunk as records of the conversion's row dtype (x and y of the first chunk's dtypes and shapes)."""
+def check_chunk(chunk: Chunk, dtype: np.dtype, source: str) -> None:
+    """A chunk must fit the conversion's row dtype (x and y of the first chunk's shapes)."""
     if len(chunk.x) != len(chunk.y):
         raise DataError(f"{source}: x has {len(chunk.x)} samples, y has {len(chunk.y)}")
     if chunk.x.shape[1:] != dtype["x"].shape:
@@ -138,9 +139,6 @@ def as_rows(chunk: Chunk, dtype: np.dtype, source: str) -> np.ndarray:
             f"{source}: samples of shape {list(chunk.x.shape[1:])} after samples of {list(dtype['x'].shape)}; "
             "every sample needs the same shape"
         )
-    rows = np.empty(len(chunk.x), dtype=dtype)
-    rows["x"], rows["y"] = chunk.x, chunk.y
-    return rows
 
 
 # ---------------------------------------------------------------- pass 2

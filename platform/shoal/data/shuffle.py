@@ -66,20 +66,39 @@ class Spill:
 
     def add(self, rows: np.ndarray, positions: np.ndarray, part: int = 0) -> None:
         """Appends rows (their positions in the source pick the buckets) to a part."""
-        counts = self.counts.setdefault(part, np.zeros(self.buckets, dtype=np.int64))
         if self.buckets == 1:
-            self._file(part, 0).write(np.ascontiguousarray(rows).tobytes())
-            counts[0] += len(rows)
+            self._append(part, rows, np.array([len(rows)]))
             return
+        order, per = self._bucket_order(positions)
+        self._append(part, rows[order], per)
+
+    def add_fields(self, x: np.ndarray, y: np.ndarray, positions: np.ndarray, part: int = 0) -> None:
+        """As add, for a chunk's x and y: gathered straight into bucket order as records (3x building the
+        records first and then gathering them)."""
+        x, y = (a.astype(self.dtype[f].base, copy=False) for a, f in ((x, "x"), (y, "y")))
+        ordered = np.empty(len(x), dtype=self.dtype)
+        if self.buckets == 1:
+            ordered["x"], ordered["y"] = x, y
+            self._append(part, ordered, np.array([len(x)]))
+            return
+        order, per = self._bucket_order(positions)
+        np.take(x, order, axis=0, out=ordered["x"], mode="clip")  # clip: written in place, not buffered
+        np.take(y, order, axis=0, out=ordered["y"], mode="clip")
+        self._append(part, ordered, per)
+
+    def _bucket_order(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(the rows' order grouped by bucket, rows per bucket): the bucket a hash of seed and position."""
         salt = np.uint64(self.seed * 0x2545F4914F6CDD1D % 2**64)
         # uint16 keys (MAX_BUCKETS fits): numpy's stable sort of them is a radix sort, O(n)
         bucket = (mix64(positions.astype(np.uint64) ^ salt) % np.uint64(self.buckets)).astype(np.uint16)
-        order = np.argsort(bucket, kind="stable")
-        per = np.bincount(bucket, minlength=self.buckets)
-        ordered = rows[order]
+        return np.argsort(bucket, kind="stable"), np.bincount(bucket, minlength=self.buckets)
+
+    def _append(self, part: int, ordered: np.ndarray, per: np.ndarray) -> None:
+        """Rows already in bucket order, `per` of them to each bucket, appended to the part's files."""
+        counts = self.counts.setdefault(part, np.zeros(self.buckets, dtype=np.int64))
         for b, (start, n) in enumerate(zip(np.cumsum(per) - per, per)):
             if n:
-                self._file(part, b).write(ordered[start : start + n].tobytes())
+                self._file(part, b).write(ordered[start : start + n])  # the records' bytes, not a copy
         counts += per
 
     def rows(self, part: int = 0) -> int:
