@@ -99,3 +99,38 @@ def _local_rank(rank: int, world_size: int, port: int, fn: Callable[..., Any], a
     finally:
         destroy_process_group()
     Path(out_dir, f"rank{rank}.pkl").write_bytes(pickle.dumps(result))
+
+
+def spawn_sequence(
+    calls: list[tuple[Callable[..., Any], tuple]], world_size: int, timeout_s: float = 300, per_node: int | None = None
+) -> list[list[Any]]:
+    """Run several calls one after the other on one spawned group of world_size ranks (one start of torch and
+    the processes for them all); each call's results in rank order, in call order.
+
+    A call that joins the group (init_process_group) keeps it for the next; one that leaves it (run_worker
+    does) lets the next join again, on a fresh port: a port just closed may not be bound again at once."""
+    ports = _free_ports(len(calls))
+    per_rank = spawn_ranks(_in_sequence, world_size, calls, ports, timeout_s=timeout_s, per_node=per_node)
+    return [[per_rank[r][i] for r in range(world_size)] for i in range(len(calls))]
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _in_sequence(calls: list[tuple[Callable[..., Any], tuple]], ports: list[int]) -> list[Any]:
+    import torch.distributed as dist
+
+    out = []
+    for (fn, args), port in zip(calls, ports, strict=True):
+        if not dist.is_initialized():
+            os.environ["MASTER_PORT"] = str(port)
+        out.append(fn(*args))
+    return out

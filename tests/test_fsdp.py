@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 
 from shoal.config import JobConfig, config_from_dict, load_config
 
-from _ranks import spawn_ranks
+from _ranks import spawn_ranks, spawn_sequence
 from conftest import REPO, TINY_LM, shoal_cli, tiny_overrides
 
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
@@ -113,12 +114,40 @@ class ReduceScatterCounter:
         return self
 
 
+STEPS = 5
+WIDE = {**MLP, "model.width": 256, "model.depth": 3, "train.grad_accum_steps": 1}
+AC_LM = {**TINY_LM, "model.depth": 3, "model.width": 32, "data.seq_len": 16, "train.grad_accum_steps": 1}
+FROZEN = cfg_of("fsdp", MLP, **{"model.freeze": ["layers.0.*"]})
+
+
+def shared_calls() -> dict[str, tuple]:
+    """Every short 2-rank training of this file's tests: one spawned group runs them all, one after another."""
+    calls: dict[str, tuple] = {}
+    for model, shape in (("mlp", MLP), ("transformer_lm", TINY_LM)):
+        calls[f"fsdp-{model}"] = (steps_on_rank, (cfg_of("fsdp", shape).to_dict(), STEPS, True))
+        calls[f"ddp-{model}"] = (steps_on_rank, (cfg_of("allreduce", shape).to_dict(), STEPS))
+    calls["fsdp-wide"] = (steps_on_rank, (cfg_of("fsdp", WIDE).to_dict(), 2))
+    calls["ddp-wide"] = (steps_on_rank, (cfg_of("allreduce", WIDE).to_dict(), 2))
+    calls["nan"] = (nan_on_one_rank, (cfg_of("fsdp", MLP, **{"train.grad_accum_steps": 2}).to_dict(),))
+    calls["frozen"] = (steps_on_rank, (FROZEN.to_dict(), 3))
+    for strategy in ("allreduce", "fsdp"):
+        for ac in ("none", "full", "every_n"):
+            ac_cfg = cfg_of(strategy, AC_LM, **({} if ac == "none" else {"train.activation_checkpointing": ac}))
+            calls[f"ac-{strategy}-{ac}"] = (saved_activation_bytes, (ac_cfg.to_dict(),))
+    return calls
+
+
+@pytest.fixture(scope="module")
+def trained() -> dict[str, list]:
+    """Each shared_calls run's results in rank order, by name."""
+    calls = shared_calls()
+    return dict(zip(calls, spawn_sequence(list(calls.values()), 2, timeout_s=600), strict=True))
+
+
 @pytest.mark.parametrize("model", ["mlp", "transformer_lm"])
-def test_fsdp_gives_the_numbers_of_allreduce_with_accumulation_and_clipping(model):
-    shape = MLP if model == "mlp" else TINY_LM
-    steps = 5
-    fsdp = spawn_ranks(steps_on_rank, 2, cfg_of("fsdp", shape).to_dict(), steps, True)
-    ddp = spawn_ranks(steps_on_rank, 2, cfg_of("allreduce", shape).to_dict(), steps)
+def test_fsdp_gives_the_numbers_of_allreduce_with_accumulation_and_clipping(model, trained):
+    steps = STEPS
+    fsdp, ddp = trained[f"fsdp-{model}"], trained[f"ddp-{model}"]
     assert fsdp[0]["losses"] == pytest.approx(ddp[0]["losses"], rel=1e-5, abs=1e-6)
     assert fsdp[0]["norms"] == pytest.approx(ddp[0]["norms"], rel=1e-5)
     assert all(n > 0.05 for n in ddp[0]["norms"])  # clipping was active at every step
@@ -131,10 +160,8 @@ def test_fsdp_gives_the_numbers_of_allreduce_with_accumulation_and_clipping(mode
     assert fsdp[0]["calls"] == [fsdp[0]["units"]] * steps and fsdp[0]["units"] >= 2
 
 
-def test_each_rank_holds_about_half_the_parameters_and_optimizer_state():
-    wide = {**MLP, "model.width": 256, "model.depth": 3, "train.grad_accum_steps": 1}
-    fsdp = spawn_ranks(steps_on_rank, 2, cfg_of("fsdp", wide).to_dict(), 2)
-    ddp = spawn_ranks(steps_on_rank, 2, cfg_of("allreduce", wide).to_dict(), 2)
+def test_each_rank_holds_about_half_the_parameters_and_optimizer_state(trained):
+    fsdp, ddp = trained["fsdp-wide"], trained["ddp-wide"]
     for key in ("params_mb", "grads_mb", "optimizer_mb"):
         for rank in (0, 1):
             ratio = fsdp[rank]["memory"][key] / ddp[rank]["memory"][key]
@@ -173,25 +200,31 @@ def job(run_dir: Path, strategy: str = "fsdp", **updates) -> dict:
     return JobConfig().replace({**base, **updates}).to_dict()
 
 
-def test_sharded_checkpoints_resume_bitwise_and_reshard(tmp_path):
-    straight = spawn_ranks(run_worker_on_rank, 2, job(tmp_path / "a"))
-    assert straight[0]["status"] == "completed"
-    ckpt = tmp_path / "a" / "checkpoints" / "step-000040"
+def worker_runs(*runs: tuple) -> list[list[dict]]:
+    """run_worker_on_rank with each run's args, one after another on one spawned 2-rank group; their summaries."""
+    return spawn_sequence([(run_worker_on_rank, args) for args in runs], 2)
+
+
+def test_sharded_checkpoints_resume_bitwise_and_reshard(tmp_path, straight):
+    # the uninterrupted run ("a"): the straight fixture (its status checked there)
+    ckpt = straight / "checkpoints" / "step-000040"
     meta = json.loads((ckpt / "meta.json").read_text())
     assert meta["format"] == "sharded" and {"model/__0_0.distcp", "model/__1_0.distcp", "model/.metadata"} <= set(
         meta["sha256"]
     )
     # stopped at 20, resumed on the same 2 ranks: bitwise the uninterrupted run
-    spawn_ranks(run_worker_on_rank, 2, job(tmp_path / "b", **{"train.max_steps": 20}))
-    resumed = spawn_ranks(run_worker_on_rank, 2, job(tmp_path / "b"), True)
+    _, resumed, _, _ = worker_runs(
+        (job(tmp_path / "b", **{"train.max_steps": 20}),),
+        (job(tmp_path / "b"), True),
+        (job(tmp_path / "c", **{"train.max_steps": 20, "model.dropout": 0.0}),),
+        (job(tmp_path / "d", **{"model.dropout": 0.0}),),
+    )
     assert resumed[0]["resumed_from"].endswith("step-000020") and resumed[0]["steps"] == 40
-    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    a, b = weights(straight), weights(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
     # saved on 2 ranks, resumed on 1 with the same global batch: the uninterrupted run within fp32 tolerance
     # (without dropout, whose masks are drawn per rank by design)
-    spawn_ranks(run_worker_on_rank, 2, job(tmp_path / "c", **{"train.max_steps": 20, "model.dropout": 0.0}))
     one = run_worker_on_rank(job(tmp_path / "c", **{"data.batch_size": 16, "model.dropout": 0.0}), True)
-    spawn_ranks(run_worker_on_rank, 2, job(tmp_path / "d", **{"model.dropout": 0.0}))
     assert one["world_size"] == 1 and one["steps"] == 40 and one["resumed_from"].endswith("step-000020")
     c, d = weights(tmp_path / "c"), weights(tmp_path / "d")
     for k in d:
@@ -199,23 +232,26 @@ def test_sharded_checkpoints_resume_bitwise_and_reshard(tmp_path):
 
 
 def test_a_sharded_checkpoint_resumes_into_allreduce_and_back(tmp_path):
-    spawn_ranks(run_worker_on_rank, 2, job(tmp_path / "run", **{"train.max_steps": 20}))
-    into = spawn_ranks(run_worker_on_rank, 2, job(tmp_path / "run", "allreduce", **{"train.max_steps": 40}), True)
+    _, into, back = worker_runs(
+        (job(tmp_path / "run", **{"train.max_steps": 20}),),
+        (job(tmp_path / "run", "allreduce", **{"train.max_steps": 40}), True),
+        (job(tmp_path / "run", **{"train.max_steps": 60}), True),
+    )
     assert (
         into[0]["strategy"] == "allreduce"
         and into[0]["resumed_from"].endswith("step-000020")
         and into[0]["steps"] == 40
     )
-    assert not (tmp_path / "run" / "checkpoints" / "step-000040" / "model").exists()  # allreduce writes the full format
-    back = spawn_ranks(run_worker_on_rank, 2, job(tmp_path / "run", **{"train.max_steps": 60}), True)
+    # allreduce writes the full format (the resume to 60 after it starts at 41: it writes no step 40)
+    assert not (tmp_path / "run" / "checkpoints" / "step-000040" / "model").exists()
     assert back[0]["resumed_from"].endswith("step-000040") and back[0]["steps"] == 60
     assert math.isfinite(back[0]["train_loss"]) and back[0]["val_accuracy"] > 0.4
 
 
-def test_a_corrupt_shard_falls_back_to_the_previous_checkpoint(tmp_path, caplog):
+def test_a_corrupt_shard_falls_back_to_the_previous_checkpoint(tmp_path, caplog, straight):
     from shoal.checkpoint import find_latest
 
-    spawn_ranks(run_worker_on_rank, 2, job(tmp_path / "run"))
+    shutil.copytree(straight, tmp_path / "run")  # a copy of the same 2-rank fsdp run (checkpoints at 20, 40)
     shard = tmp_path / "run" / "checkpoints" / "step-000040" / "optimizer" / "__1_0.distcp"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -225,13 +261,13 @@ def test_a_corrupt_shard_falls_back_to_the_previous_checkpoint(tmp_path, caplog)
     assert "optimizer/__1_0.distcp does not match its checksum" in caplog.text
 
 
-def test_sharded_metadata_that_would_run_code_is_refused(tmp_path):
+def test_sharded_metadata_that_would_run_code_is_refused(tmp_path, straight):
     import os
     import pickle
 
     from shoal.checkpoint import export, find_latest
 
-    spawn_ranks(run_worker_on_rank, 2, job(tmp_path / "run", **{"train.max_steps": 20}))
+    shutil.copytree(straight / "checkpoints" / "step-000020", tmp_path / "run" / "checkpoints" / "step-000020")
     ckpt = find_latest(tmp_path / "run")
     marker = tmp_path / "pwned"
 
@@ -252,11 +288,11 @@ def test_sharded_metadata_that_would_run_code_is_refused(tmp_path):
     assert not marker.exists()
 
 
-def test_export_of_a_sharded_checkpoint_loads_into_the_bare_model(tmp_path):
+def test_export_of_a_sharded_checkpoint_loads_into_the_bare_model(tmp_path, straight):
     from shoal.data.spec import DataSpec
     from shoal.models import build_model
 
-    spawn_ranks(run_worker_on_rank, 2, job(tmp_path / "run", **{"train.max_steps": 20}))
+    shutil.copytree(straight / "checkpoints" / "step-000020", tmp_path / "run" / "checkpoints" / "step-000020")
     proc = shoal_cli("export", str(tmp_path / "run"), str(tmp_path / "model.pt"))
     assert proc.returncode == 0, proc.stderr
     state = torch.load(tmp_path / "model.pt", weights_only=True)
@@ -290,23 +326,20 @@ def nan_on_one_rank(cfg_dict: dict) -> dict:
     return {"stepped": stepped, "params": full_params(job_)}
 
 
-def test_nan_on_one_rank_is_skipped_on_both_without_a_hang():
-    ranks = spawn_ranks(
-        nan_on_one_rank, 2, cfg_of("fsdp", MLP, **{"train.grad_accum_steps": 2}).to_dict(), timeout_s=90
-    )
+def test_nan_on_one_rank_is_skipped_on_both_without_a_hang(trained):
+    ranks = trained["nan"]  # a hang fails the shared group's spawn (its timeout)
     assert [r["stepped"] for r in ranks] == [[True, False, True]] * 2
     assert all(torch.isfinite(v).all() for v in ranks[0]["params"].values())
     assert all(torch.equal(ranks[0]["params"][k], ranks[1]["params"][k]) for k in ranks[0]["params"])
 
 
-def test_frozen_layers_stay_put_under_fsdp():
+def test_frozen_layers_stay_put_under_fsdp(trained):
     from shoal.job import build_job
 
-    cfg = cfg_of("fsdp", MLP, **{"model.freeze": ["layers.0.*"]})
     initial = build_job(
-        cfg.replace({"strategy": "allreduce"}), __import__("shoal.dist").dist.WorldInfo(), torch.device("cpu")
+        FROZEN.replace({"strategy": "allreduce"}), __import__("shoal.dist").dist.WorldInfo(), torch.device("cpu")
     ).bare_model.state_dict()
-    ranks = spawn_ranks(steps_on_rank, 2, cfg.to_dict(), 3)
+    ranks = trained["frozen"]
     after = ranks[0]["params"]
     assert torch.equal(after["layers.0.linear.weight"], initial["layers.0.linear.weight"])
     assert not torch.equal(after["head.weight"], initial["head.weight"])
@@ -341,15 +374,8 @@ def saved_activation_bytes(cfg_dict: dict) -> dict:
 
 
 @pytest.mark.parametrize("strategy", ["allreduce", "fsdp"])
-def test_activation_checkpointing_changes_no_number_and_saves_less(strategy):
-    lm = {**TINY_LM, "model.depth": 3, "model.width": 32, "data.seq_len": 16, "train.grad_accum_steps": 1}
-    plain = spawn_ranks(saved_activation_bytes, 2, cfg_of(strategy, lm).to_dict())
-    full = spawn_ranks(
-        saved_activation_bytes, 2, cfg_of(strategy, lm, **{"train.activation_checkpointing": "full"}).to_dict()
-    )
-    every = spawn_ranks(
-        saved_activation_bytes, 2, cfg_of(strategy, lm, **{"train.activation_checkpointing": "every_n"}).to_dict()
-    )
+def test_activation_checkpointing_changes_no_number_and_saves_less(strategy, trained):
+    plain, full, every = (trained[f"ac-{strategy}-{ac}"] for ac in ("none", "full", "every_n"))
     for r in (0, 1):
         assert full[r]["losses"] == pytest.approx(plain[r]["losses"], rel=1e-6)
         assert every[r]["losses"] == pytest.approx(plain[r]["losses"], rel=1e-6)
@@ -527,11 +553,69 @@ def test_reshard_after_forward_2_gives_the_numbers_of_true_and_a_size_that_does_
 # ---------------------------------------------------------------- whole runs under fsdp: async saves, stops, health
 
 
+def keep_best_job(run_dir: Path) -> dict:
+    # mode max on val_loss: the best is an early checkpoint, not the newest one keep_last keeps anyway
+    return job(
+        run_dir,
+        **{
+            "train.max_steps": 20,
+            "train.eval_every": 5,
+            "checkpoint.every_steps": 5,
+            "checkpoint.keep_last": 1,
+            "checkpoint.keep_best": {"metric": "val_loss", "mode": "max"},
+        },
+    )
+
+
+def rollback_job(run_dir: Path) -> dict:
+    return job(
+        run_dir,
+        **{
+            "model.target": "helpers:nan_once_mlp",
+            "model.kwargs": {"at_call": 8, "nan_rank": 1},  # step 8's forward is NaN on rank 1 only
+            "model.dropout": 0.0,
+            "optim.lr": 0.03,
+            "train.max_steps": 12,
+            "train.eval_every": 0,
+            "log.every": 1,
+            "checkpoint.every_steps": 5,
+            "health.on_nonfinite": "rollback",
+            "health.rollback_lr_factor": 0.1,
+        },
+    )
+
+
+def early_stopping_job(run_dir: Path) -> dict:
+    # min_delta 10: no later evaluation improves on the first, so the run stops at the second (patience 1)
+    return job(
+        run_dir,
+        **{
+            "train.eval_every": 5,
+            "checkpoint.every_steps": 5,
+            "train.early_stopping": {"metric": "val_loss", "mode": "min", "patience": 1, "min_delta": 10.0},
+        },
+    )
+
+
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory):
+def whole_runs(tmp_path_factory) -> dict[str, tuple[Path, dict, list[dict]]]:
+    """The independent whole 2-rank runs of this file, one after another on one spawned group: each one's
+    run directory, config and summaries (in rank order), by name."""
+    root = tmp_path_factory.mktemp("fsdp-runs")
+    cfgs = {
+        "straight": job(root / "straight"),
+        "keep_best": keep_best_job(root / "keep_best"),
+        "rollback": rollback_job(root / "rollback"),
+        "early_stopping": early_stopping_job(root / "early_stopping"),
+    }
+    summaries = worker_runs(*((c,) for c in cfgs.values()))
+    return {name: (root / name, c, s) for (name, c), s in zip(cfgs.items(), summaries, strict=True)}
+
+
+@pytest.fixture(scope="module")
+def straight(whole_runs):
     """The uninterrupted 2-rank fsdp run of `job` (40 steps, with dropout: bitwise comparisons need the RNG state)."""
-    run_dir = tmp_path_factory.mktemp("fsdp-straight") / "run"
-    summary = spawn_ranks(run_worker_on_rank, 2, job(run_dir))
+    run_dir, _, summary = whole_runs["straight"]
     assert summary[0]["status"] == "completed" and summary[0]["steps"] == 40
     return run_dir
 
@@ -556,22 +640,18 @@ def records_of(run_dir: Path) -> list[dict]:
 
 def test_a_resume_from_an_async_sharded_save_is_bitwise_the_uninterrupted_run(tmp_path, straight):
     # saves at 10 (written in the background while steps 11-20 train) and at 20 (the end)
-    first = spawn_ranks(
-        run_worker_on_rank,
-        2,
-        job(tmp_path / "b", **{"checkpoint.async": True, "checkpoint.every_steps": 10, "train.max_steps": 20}),
+    mid = tmp_path / "b" / "checkpoints" / "step-000010"
+    first, resumed = worker_runs(
+        (job(tmp_path / "b", **{"checkpoint.async": True, "checkpoint.every_steps": 10, "train.max_steps": 20}),),
+        # resumed from the background save at 10 into a fresh run directory, on to 40 (saving async again)
+        (job(tmp_path / "c", **{"checkpoint.async": True, "checkpoint.resume_from": str(mid)}),),
     )
     assert first[0]["status"] == "completed" and first[0]["steps"] == 20
-    mid = tmp_path / "b" / "checkpoints" / "step-000010"
     meta = json.loads((mid / "meta.json").read_text())
     assert meta["format"] == "sharded" and {"model/__0_0.distcp", "model/__1_0.distcp"} <= set(meta["sha256"])
     # the async save at 20 holds the uninterrupted run's weights at 20
     assert_bitwise(
         exported(tmp_path / "b" / "checkpoints" / "step-000020"), exported(straight / "checkpoints" / "step-000020")
-    )
-    # resumed from the background save at 10 into a fresh run directory, on to 40 (saving async again)
-    resumed = spawn_ranks(
-        run_worker_on_rank, 2, job(tmp_path / "c", **{"checkpoint.async": True, "checkpoint.resume_from": str(mid)})
     )
     assert resumed[0]["resumed_from"] == str(mid) and resumed[0]["steps"] == 40 and resumed[0]["steps_this_run"] == 30
     assert_bitwise(weights(tmp_path / "c"), weights(straight))
@@ -594,15 +674,28 @@ def run_worker_stopped_on_rank(cfg_dict: dict, stop_at: int, stop_rank: int) -> 
     return run_worker(config_from_dict(cfg_dict), stop=stop, on_step=on_step)
 
 
+def checkpoint_formats(run_dir: Path) -> dict[str, str]:
+    """The checkpoints of a run directory now: each one's format, by name."""
+    return {
+        p.name: json.loads((p / "meta.json").read_text())["format"] for p in (run_dir / "checkpoints").glob("step-*")
+    }
+
+
 def test_a_stop_mid_run_saves_a_sharded_checkpoint_that_resumes_bitwise(tmp_path, straight):
-    stopped = spawn_ranks(run_worker_stopped_on_rank, 2, job(tmp_path / "p"), 7, 1)
+    stopped, listed, resumed = spawn_sequence(
+        [
+            (run_worker_stopped_on_rank, (job(tmp_path / "p"), 7, 1)),
+            (checkpoint_formats, (tmp_path / "p",)),  # what the stop saved, before the resume saves more
+            (run_worker_on_rank, (job(tmp_path / "p"), True)),
+        ],
+        2,
+    )
     at = stopped[0]["steps"]
     assert [s["status"] for s in stopped] == ["preempted"] * 2 and [s["steps"] for s in stopped] == [at] * 2
     assert 7 <= at < 20  # agreed by both ranks at the step after the flag travelled, before any periodic save
-    saved = sorted(p.name for p in (tmp_path / "p" / "checkpoints").glob("step-*"))
+    saved = sorted(listed[0])  # rank 0's listing: its run returned once the save was whole
     assert saved == [f"step-{at:06d}"]
-    assert json.loads((tmp_path / "p" / "checkpoints" / saved[0] / "meta.json").read_text())["format"] == "sharded"
-    resumed = spawn_ranks(run_worker_on_rank, 2, job(tmp_path / "p"), True)
+    assert listed[0][saved[0]] == "sharded"
     assert resumed[0]["status"] == "completed" and resumed[0]["resumed_from"].endswith(saved[0])
     assert resumed[0]["steps"] == 40 and resumed[0]["steps_this_run"] == 40 - at
     assert_bitwise(weights(tmp_path / "p"), weights(straight))
@@ -619,51 +712,25 @@ def evaluate_in_one_process(cfg_dict: dict, state: dict[str, torch.Tensor]) -> d
     return evaluate(job_)
 
 
-def test_keep_best_keeps_the_checkpoint_of_the_best_evaluation_under_fsdp(tmp_path):
-    # mode max on val_loss: the best is an early checkpoint, not the newest one keep_last keeps anyway
-    cfg = job(
-        tmp_path / "run",
-        **{
-            "train.max_steps": 20,
-            "train.eval_every": 5,
-            "checkpoint.every_steps": 5,
-            "checkpoint.keep_last": 1,
-            "checkpoint.keep_best": {"metric": "val_loss", "mode": "max"},
-        },
-    )
-    spawn_ranks(run_worker_on_rank, 2, cfg)
-    evals = {r["step"]: r["val_loss"] for r in records_of(tmp_path / "run") if "val_loss" in r}
+def test_keep_best_keeps_the_checkpoint_of_the_best_evaluation_under_fsdp(whole_runs):
+    run_dir, cfg, _ = whole_runs["keep_best"]  # keep_best_job
+    evals = {r["step"]: r["val_loss"] for r in records_of(run_dir) if "val_loss" in r}
     assert sorted(evals) == [5, 10, 15, 20]
     best = max(evals, key=evals.get)
     assert best != 20, evals
-    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*"))
+    kept = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*"))
     assert kept == [f"step-{best:06d}", "step-000020"]
-    ckpt = tmp_path / "run" / "checkpoints" / f"step-{best:06d}"
+    ckpt = run_dir / "checkpoints" / f"step-{best:06d}"
     assert json.loads((ckpt / "meta.json").read_text())["metrics"]["val_loss"] == evals[best]
     # and it holds the weights that scored it
     assert evaluate_in_one_process(cfg, exported(ckpt))["val_loss"] == pytest.approx(evals[best], rel=1e-5)
 
 
-def test_rollback_under_fsdp_restores_the_checkpointed_weights_with_a_lower_rate(tmp_path):
-    cfg = job(
-        tmp_path / "run",
-        **{
-            "model.target": "helpers:nan_once_mlp",
-            "model.kwargs": {"at_call": 8, "nan_rank": 1},  # step 8's forward is NaN on rank 1 only
-            "model.dropout": 0.0,
-            "optim.lr": 0.03,
-            "train.max_steps": 12,
-            "train.eval_every": 0,
-            "log.every": 1,
-            "checkpoint.every_steps": 5,
-            "health.on_nonfinite": "rollback",
-            "health.rollback_lr_factor": 0.1,
-        },
-    )
-    summary = spawn_ranks(run_worker_on_rank, 2, cfg)
+def test_rollback_under_fsdp_restores_the_checkpointed_weights_with_a_lower_rate(whole_runs):
+    run_dir, _, summary = whole_runs["rollback"]  # rollback_job
     assert [s["rollbacks"] for s in summary] == [1, 1]
     assert summary[0]["status"] == "completed" and summary[0]["steps"] == 12 and summary[0]["skipped_steps"] == 0
-    records = [r for r in records_of(tmp_path / "run") if "loss" in r]
+    records = [r for r in records_of(run_dir) if "loss" in r]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6, 7, 8, 6, 7, 8, 9, 10, 11, 12]
     before, after = records[5], records[8]  # step 6 before the NaN at 8, and again after rolling back to step 5
     assert not math.isfinite(float(records[7]["loss"]))  # written as the string "nan"
@@ -673,24 +740,15 @@ def test_rollback_under_fsdp_restores_the_checkpointed_weights_with_a_lower_rate
     assert records[9]["loss"] != records[6]["loss"]  # from there the lower rate trains otherwise
 
 
-def test_early_stopping_under_fsdp_ends_with_the_best_evaluations_weights(tmp_path):
-    # min_delta 10: no later evaluation improves on the first, so the run stops at the second (patience 1)
-    cfg = job(
-        tmp_path / "run",
-        **{
-            "train.eval_every": 5,
-            "checkpoint.every_steps": 5,
-            "train.early_stopping": {"metric": "val_loss", "mode": "min", "patience": 1, "min_delta": 10.0},
-        },
-    )
-    summary = spawn_ranks(run_worker_on_rank, 2, cfg)
+def test_early_stopping_under_fsdp_ends_with_the_best_evaluations_weights(whole_runs):
+    run_dir, cfg, summary = whole_runs["early_stopping"]  # early_stopping_job
     s = summary[0]
     assert s["early_stopped"] and s["status"] == "completed" and s["steps"] == 10 and s["best_step"] == 5
-    evals = {r["step"]: r["val_loss"] for r in records_of(tmp_path / "run") if "val_loss" in r}
+    evals = {r["step"]: r["val_loss"] for r in records_of(run_dir) if "val_loss" in r}
     assert evals[10] != evals[5] and s["best_val_loss"] == evals[5]
     # the run ends with step 5's weights: evaluated again, and saved as the final checkpoint
     assert s["val_loss"] == pytest.approx(evals[5], rel=1e-9)
-    root = tmp_path / "run" / "checkpoints"
+    root = run_dir / "checkpoints"
     final = exported(root / "step-000010")
     assert_bitwise(final, exported(root / "step-000005"))
     assert evaluate_in_one_process(cfg, final)["val_loss"] == pytest.approx(evals[5], rel=1e-5)

@@ -4,7 +4,9 @@ exact resume, resume into another layout, export, the bubble and the split, and 
 
 from __future__ import annotations
 
+import functools
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ import torch
 from shoal.config import JobConfig, config_from_dict
 from shoal.errors import ConfigError
 
-from _ranks import spawn_ranks
+from _ranks import spawn_ranks, spawn_sequence
 from conftest import REPO, TINY_LM, shoal_cli, tiny_overrides
 
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
@@ -82,6 +84,57 @@ def steps(cfg_dict: dict, n: int, poison: bool = False) -> dict:
     return {"steps": out, "eval": evaluate(job), "params": params, "figures": figures, "split": split}
 
 
+def one_rank(cfg_dict: dict, n: int) -> dict:
+    """steps() in this process, once per config (several tests compare against the same one-rank run)."""
+    return _one_rank(json.dumps(cfg_dict, sort_keys=True), n)
+
+
+@functools.cache
+def _one_rank(cfg_json: str, n: int) -> dict:
+    return steps(json.loads(cfg_json), n)
+
+
+SLOW_HEAD = {**MLP, "model.target": "helpers:slow_head_mlp"}
+TOWER = {**MLP, "model.target": "helpers:tower", "parallel.split_fn": "helpers:tower_split"}
+NESTED = {**MLP, "model.target": "helpers:nested_sequential"}
+
+
+def shared_calls() -> dict[str, tuple]:
+    """Every short 2-rank training of this file's tests: one spawned group runs them all, one after another."""
+    calls: dict[str, tuple] = {}
+    for model, shape in (("mlp", MLP), ("transformer_lm", LM)):
+        for schedule in ("gpipe", "1f1b"):
+            layout = {"parallel.pipeline_stages": 2, "parallel.schedule": schedule, "train.grad_accum_steps": 2}
+            calls[f"{model}-{schedule}"] = (steps, (cfg(shape, **layout).to_dict(), 3))
+    interleaved = {"parallel.pipeline_stages": 2, "parallel.schedule": "interleaved_1f1b"}
+    calls["interleaved"] = (steps, (cfg(MLP, **interleaved).to_dict(), 3))
+    poisoned = cfg(MLP, **{"parallel.pipeline_stages": 2, "train.grad_accum_steps": 2})
+    calls["nan"] = (steps, (poisoned.to_dict(), 3, True))
+    calls["bubble"] = (steps, (cfg(MLP, **{"parallel.pipeline_stages": 2, "parallel.microbatches": 4}).to_dict(), 2))
+    calls["by_params"] = (steps, (cfg(SLOW_HEAD, **{"parallel.pipeline_stages": 2}).to_dict(), 1))
+    by_time = {"parallel.pipeline_stages": 2, "parallel.balance": "time"}
+    calls["by_time"] = (steps, (cfg(SLOW_HEAD, **by_time).to_dict(), 2))
+    calls["tower"] = (steps, (cfg(TOWER, **{"parallel.pipeline_stages": 2}).to_dict(), 3))
+    calls["nested"] = (steps, (cfg(NESTED, **{"parallel.pipeline_stages": 2}).to_dict(), 3))
+    return calls
+
+
+@pytest.fixture(scope="module")
+def trained() -> dict[str, list[dict]]:
+    """Each shared_calls run's results in rank order, by name."""
+    calls = shared_calls()
+    return dict(zip(calls, spawn_sequence(list(calls.values()), 2, timeout_s=600), strict=True))
+
+
+@pytest.fixture(scope="module")
+def replicated() -> dict[str, list[dict]]:
+    """2 stages x 2 replicas on 4 ranks, under each strategy (one spawned group for both)."""
+    strategies = ("allreduce", "fsdp")
+    layout = {"parallel.pipeline_stages": 2, "parallel.microbatches": 2}
+    calls = [(steps, (cfg(MLP, **{"strategy": s, **layout}).to_dict(), 3)) for s in strategies]
+    return dict(zip(strategies, spawn_sequence(calls, 4, timeout_s=360), strict=True))
+
+
 def merged(ranks: list[dict]) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for r in ranks:
@@ -91,18 +144,11 @@ def merged(ranks: list[dict]) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("model", ["mlp", "transformer_lm"])
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
-def test_two_stages_with_accumulation_equal_one_rank(model, schedule):
+def test_two_stages_with_accumulation_equal_one_rank(model, schedule, trained):
     shape = MLP if model == "mlp" else LM
     n = 3
-    pp = spawn_ranks(
-        steps,
-        2,
-        cfg(
-            shape, **{"parallel.pipeline_stages": 2, "parallel.schedule": schedule, "train.grad_accum_steps": 2}
-        ).to_dict(),
-        n,
-    )
-    ref = steps(cfg(shape, **{"data.batch_size": 16}).to_dict(), n)
+    pp = trained[f"{model}-{schedule}"]
+    ref = one_rank(cfg(shape, **{"data.batch_size": 16}).to_dict(), n)
     for (a, na, sa), (b, nb, sb) in zip(pp[0]["steps"], ref["steps"]):
         assert a == pytest.approx(b, rel=1e-5) and na == pytest.approx(nb, rel=1e-5) and sa and sb
     assert pp[0]["eval"] == pytest.approx(ref["eval"], rel=1e-6) and pp[1]["eval"] == pp[0]["eval"]
@@ -113,26 +159,18 @@ def test_two_stages_with_accumulation_equal_one_rank(model, schedule):
         assert torch.allclose(whole[k], v, atol=1e-5, rtol=0), f"{k}: {(whole[k] - v).abs().max():.3g}"
 
 
-def test_interleaved_schedule_equals_one_rank():
-    pp = spawn_ranks(
-        steps, 2, cfg(MLP, **{"parallel.pipeline_stages": 2, "parallel.schedule": "interleaved_1f1b"}).to_dict(), 3
-    )
-    ref = steps(cfg(MLP).to_dict(), 3)
+def test_interleaved_schedule_equals_one_rank(trained):
+    pp = trained["interleaved"]
+    ref = one_rank(cfg(MLP).to_dict(), 3)
     assert [s[0] for s in pp[0]["steps"]] == pytest.approx([s[0] for s in ref["steps"]], rel=1e-5)
     whole = merged(pp)
     assert all(torch.allclose(whole[k], v, atol=1e-5, rtol=0) for k, v in ref["params"].items())
 
 
 @pytest.mark.parametrize("strategy", ["allreduce", "fsdp"])
-def test_two_stages_by_two_replicas_equal_one_rank(strategy):
-    pp = spawn_ranks(
-        steps,
-        4,
-        cfg(MLP, **{"strategy": strategy, "parallel.pipeline_stages": 2, "parallel.microbatches": 2}).to_dict(),
-        3,
-        timeout_s=180,
-    )
-    ref = steps(cfg(MLP, **{"data.batch_size": 16}).to_dict(), 3)
+def test_two_stages_by_two_replicas_equal_one_rank(strategy, replicated):
+    pp = replicated[strategy]
+    ref = one_rank(cfg(MLP, **{"data.batch_size": 16}).to_dict(), 3)
     assert [s[0] for s in pp[0]["steps"]] == pytest.approx([s[0] for s in ref["steps"]], rel=1e-5)
     whole = {}
     for r in pp[:2]:  # replica 0's two stages
@@ -141,21 +179,14 @@ def test_two_stages_by_two_replicas_equal_one_rank(strategy):
         assert torch.allclose(whole[k], v, atol=1e-5, rtol=0), k
 
 
-def test_a_nan_in_one_piece_on_stage_0_skips_the_step_everywhere():
-    pp = spawn_ranks(
-        steps,
-        2,
-        cfg(MLP, **{"parallel.pipeline_stages": 2, "train.grad_accum_steps": 2}).to_dict(),
-        3,
-        True,
-        timeout_s=90,
-    )
+def test_a_nan_in_one_piece_on_stage_0_skips_the_step_everywhere(trained):
+    pp = trained["nan"]  # a hang fails the shared group's spawn (its timeout)
     assert [[s[2] for s in r["steps"]] for r in pp] == [[True, False, True]] * 2
     assert all(torch.isfinite(v).all() for r in pp for v in r["params"].values())
 
 
-def test_the_bubble_is_measured_next_to_the_theory():
-    pp = spawn_ranks(steps, 2, cfg(MLP, **{"parallel.pipeline_stages": 2, "parallel.microbatches": 4}).to_dict(), 2)
+def test_the_bubble_is_measured_next_to_the_theory(trained):
+    pp = trained["bubble"]
     f = pp[0]["figures"]
     assert f["bubble_theory"] == pytest.approx(1 / 5)  # (P-1)/(M+P-1) with P=2, M=4
     assert 0 <= f["bubble/0"] <= 1 and 0 <= f["bubble/1"] <= 1 and f["stage_busy_s/0"] > 0 and f["stage_busy_s/1"] > 0
@@ -185,16 +216,45 @@ def job(run_dir, **updates) -> dict:
     return JobConfig().replace({**base, **updates}).to_dict()
 
 
-def test_resume_is_exact_at_the_same_layout_and_export_holds_every_stage(tmp_path):
+def doctor_job(run_dir: Path) -> dict:
+    # a head that sleeps 2 ms a forward on stage 1 (split by parameters): stage 1 computes longer, stage 0 waits
+    return job(
+        run_dir,
+        **{
+            "model.target": "helpers:slow_head_mlp",
+            "model.kwargs": {"sleep_s": 0.002},
+            "train.max_steps": 10,
+            "train.eval_every": 0,
+            "checkpoint.every_steps": None,
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def worker_runs(tmp_path_factory) -> tuple[Path, dict[str, list[dict]]]:
+    """The 2-rank whole runs of this file, one after another on one spawned group: their root directory (a run
+    directory each, by name) and each run's summaries in rank order, by name."""
+    root = tmp_path_factory.mktemp("pipeline-runs")
+    runs = {
+        "a": (job(root / "a"),),
+        "b-15": (job(root / "b", **{"train.max_steps": 15}),),
+        "b": (job(root / "b"), True),
+        "split-15": (job(root / "split", **{"train.max_steps": 15}),),
+        "doctor": (doctor_job(root / "doctor"),),
+    }
+    summaries = spawn_sequence([(run_worker_on_rank, args) for args in runs.values()], 2, timeout_s=480)
+    return root, dict(zip(runs, summaries, strict=True))
+
+
+def test_resume_is_exact_at_the_same_layout_and_export_holds_every_stage(tmp_path, worker_runs):
     from shoal.checkpoint import export, find_latest
 
-    a = spawn_ranks(run_worker_on_rank, 2, job(tmp_path / "a"))
+    root, summaries = worker_runs
+    a, b = summaries["a"], summaries["b"]
     assert a[0]["status"] == "completed" and a[0]["steps"] == 30
-    spawn_ranks(run_worker_on_rank, 2, job(tmp_path / "b", **{"train.max_steps": 15}))
-    b = spawn_ranks(run_worker_on_rank, 2, job(tmp_path / "b"), True)
     assert b[0]["resumed_from"].endswith("step-000015")
-    export(find_latest(tmp_path / "a"), tmp_path / "a.pt")
-    export(find_latest(tmp_path / "b"), tmp_path / "b.pt")
+    export(find_latest(root / "a"), tmp_path / "a.pt")
+    export(find_latest(root / "b"), tmp_path / "b.pt")
     wa, wb = torch.load(tmp_path / "a.pt", weights_only=True), torch.load(tmp_path / "b.pt", weights_only=True)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     from shoal.data.spec import DataSpec
@@ -204,15 +264,15 @@ def test_resume_is_exact_at_the_same_layout_and_export_holds_every_stage(tmp_pat
         config_from_dict(job(tmp_path)).model, DataSpec(task="classification", input_shape=(12,), num_classes=4), 4
     )
     model.load_state_dict(wa)  # the whole model, every stage's layers
-    records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (root / "a" / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in records if "loss" in r]
     assert all("bubble" in r and "bubble_theory" in r and "stage_busy_s/1" in r for r in logged)
     # alerts and measurements name every layer by its full name, whatever stage holds it
     assert {"grad_norm/layers.0.linear", "grad_norm/layers.2.linear", "grad_norm/head"} <= set(logged[0])
 
 
-def test_a_pipeline_checkpoint_resumes_without_stages_and_with_another_split(tmp_path):
-    spawn_ranks(run_worker_on_rank, 2, job(tmp_path / "run", **{"train.max_steps": 15}))
+def test_a_pipeline_checkpoint_resumes_without_stages_and_with_another_split(tmp_path, worker_runs):
+    shutil.copytree(worker_runs[0] / "split", tmp_path / "run")  # a 2-stage run of job to step 15
     one = run_worker_on_rank(
         job(tmp_path / "run", **{"parallel.pipeline_stages": 1, "data.batch_size": 8, "train.max_steps": 20}), True
     )
@@ -343,13 +403,10 @@ def stage_keys(r: dict) -> set[str]:
     return {k.rsplit(".", 1)[0] for k in r["params"]}
 
 
-def test_balance_time_gives_a_slow_layer_a_stage_of_its_own_and_trains_equal_to_one_rank():
+def test_balance_time_gives_a_slow_layer_a_stage_of_its_own_and_trains_equal_to_one_rank(trained):
     # slow_head_mlp: 0 Linear(12,32), 1 ReLU, 2 Linear(32,32), 3 ReLU, 4 a light Linear(32,4) that sleeps 50 ms
-    shape = {**MLP, "model.target": "helpers:slow_head_mlp"}
-    by_params = spawn_ranks(steps, 2, cfg(shape, **{"parallel.pipeline_stages": 2}).to_dict(), 1)
-    by_time = spawn_ranks(
-        steps, 2, cfg(shape, **{"parallel.pipeline_stages": 2, "parallel.balance": "time"}).to_dict(), 2
-    )
+    shape = SLOW_HEAD
+    by_params, by_time = trained["by_params"], trained["by_time"]
     # by parameters the heavy Linear(32,32) goes with the head; by time the sleeping head stands alone
     assert [names for _, names, _ in by_params[0]["split"]] == [["0", "1"], ["2", "3", "4"]]
     assert [names for _, names, _ in by_time[0]["split"]] == [["0", "1", "2", "3"], ["4"]]
@@ -358,24 +415,23 @@ def test_balance_time_gives_a_slow_layer_a_stage_of_its_own_and_trains_equal_to_
     assert_equal_to_one_rank(by_time, steps_from_initial(cfg(shape).to_dict(), 2))
 
 
-def test_split_fn_names_the_chain_of_a_model_that_is_not_sequential_and_trains_equal_to_one_rank():
+def test_split_fn_names_the_chain_of_a_model_that_is_not_sequential_and_trains_equal_to_one_rank(trained):
     from shoal.models import pieces
 
     from helpers import tower
 
     with pytest.raises(ConfigError, match="give parallel.split_fn"):  # without it the Tower cannot be split
         pieces(tower())
-    shape = {**MLP, "model.target": "helpers:tower", "parallel.split_fn": "helpers:tower_split"}
-    pp = spawn_ranks(steps, 2, cfg(shape, **{"parallel.pipeline_stages": 2}).to_dict(), 3)
+    pp = trained["tower"]  # TOWER: the Tower with parallel.split_fn
     # parameters 208 | 272 | 272 | 68: the heaviest stage is smallest cut after body.0
     assert [names for _, names, _ in pp[0]["split"]] == [["stem", "body.0"], ["body.1", "head"]]
     assert stage_keys(pp[0]) == {"stem.linear", "body.0.linear"} and stage_keys(pp[1]) == {"body.1.linear", "head"}
     assert_equal_to_one_rank(pp, steps_from_initial(cfg({**MLP, "model.target": "helpers:tower"}).to_dict(), 3))
 
 
-def test_a_user_sequential_given_as_model_target_splits_into_stages_and_trains_equal_to_one_rank():
-    shape = {**MLP, "model.target": "helpers:nested_sequential"}
-    pp = spawn_ranks(steps, 2, cfg(shape, **{"parallel.pipeline_stages": 2}).to_dict(), 3)
+def test_a_user_sequential_given_as_model_target_splits_into_stages_and_trains_equal_to_one_rank(trained):
+    shape = NESTED
+    pp = trained["nested"]
     # the nested Sequentials unrolled into one chain of 7 pieces, cut by parameters (208 1 272 1 272 1 68) inside
     # the second inner Sequential; each stage keeps the model's own names
     assert [names for _, names, _ in pp[0]["split"]] == [["0.0", "0.1", "1.0"], ["1.1", "1.2", "1.3", "2"]]
@@ -417,25 +473,11 @@ def chart_bars(png: Path, color: tuple[int, int, int], half: int) -> tuple[list[
     return bars, (top, bottom)
 
 
-def test_the_doctor_draws_the_stage_chart_of_a_pipeline_run_from_its_metrics(tmp_path):
+def test_the_doctor_draws_the_stage_chart_of_a_pipeline_run_from_its_metrics(tmp_path, worker_runs):
     from shoal.health.doctor import diagnose
 
     run_dir = tmp_path / "run"
-    # a head that sleeps 2 ms a forward on stage 1 (split by parameters): stage 1 computes longer, stage 0 waits
-    spawn_ranks(
-        run_worker_on_rank,
-        2,
-        job(
-            run_dir,
-            **{
-                "model.target": "helpers:slow_head_mlp",
-                "model.kwargs": {"sleep_s": 0.002},
-                "train.max_steps": 10,
-                "train.eval_every": 0,
-                "checkpoint.every_steps": None,
-            },
-        ),
-    )
+    shutil.copytree(worker_runs[0] / "doctor", run_dir)  # the 2-rank run of doctor_job
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in records if "loss" in r]
     assert [r["step"] for r in logged] == [5, 10]
