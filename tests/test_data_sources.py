@@ -126,31 +126,29 @@ def test_class_names_reach_shoal_check(tmp_path, digits):
     assert "| 3 | c3 |" in (tmp_path / "check" / "report.md").read_text()
 
 
-def test_the_run_report_lists_the_class_names(tmp_path, digits):
+def _report_page(run, data_path: str) -> str:
+    """The HTML report of a one-record run whose config names data_path's shards."""
     from shoal import report
 
-    x, y = digits
-    shard(*_parquet(tmp_path / "d.parquet", x, y), str(tmp_path / "out"))
-    run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
-    (run / "config.yaml").write_text(f"data:\n  format: shards\n  path: {tmp_path / 'out'}\n")
-    page = report.write(run).read_text()
+    (run / "config.yaml").write_text(f"data:\n  format: shards\n  path: {data_path}\n")
+    return report.write(run).read_text()
+
+
+def test_the_run_report_lists_the_class_names(tmp_path, digits):
+    x, y = digits
+    shard(*_parquet(tmp_path / "d.parquet", x, y), str(tmp_path / "out"))
+    page = _report_page(tmp_path / "run", str(tmp_path / "out"))
     assert "<h2>Classes</h2>" in page and "c7" in page
 
 
 def test_the_run_report_lists_the_class_names_of_shards_in_s3(tmp_path, digits, s3):
-    from shoal import report
-
     _, bucket = s3
     x, y = digits
     proc = shoal_cli("shard", *_parquet(tmp_path / "d.parquet", x, y), f"s3://{bucket}/named")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
-    (run / "config.yaml").write_text(f"data:\n  format: shards\n  path: s3://{bucket}/named\n")
-    page = report.write(run).read_text()
+    page = _report_page(tmp_path / "run", f"s3://{bucket}/named")
     assert "<h2>Classes</h2>" in page and "c7" in page
 
 
@@ -221,6 +219,18 @@ def test_bad_sources_exit_2_naming_file_and_column(tmp_path, kind, extra, needle
     line = proc.stderr.strip()
     assert len(line.splitlines()) == 1 and needle in line and str(path) in line, line
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_an_npz_of_pickled_objects_or_a_damaged_one_is_refused_in_one_line(tmp_path):
+    np.savez(tmp_path / "obj.npz", x=np.array([[1], ["a"]], dtype=object), y=np.array([0, 1]))
+    (tmp_path / "broken.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    for name, needle in (
+        ("obj.npz", "holds an object array (pickled Python objects)"),
+        ("broken.npz", "not a readable .npz"),
+    ):
+        proc = shoal_cli("shard", str(tmp_path / name), str(tmp_path / "out"))
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert needle in proc.stderr.strip().splitlines()[-1] and name in proc.stderr
 
 
 def test_a_string_column_is_not_a_feature(tmp_path):

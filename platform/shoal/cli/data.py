@@ -143,6 +143,7 @@ def _text_args(p: argparse.ArgumentParser) -> None:
 
 def shard(args: argparse.Namespace) -> int:
     from shoal.data import storage
+    from shoal.data.locate import MANIFEST
     from shoal.data.writer import check_options
 
     if not 0 <= args.val_fraction < 1:
@@ -155,19 +156,19 @@ def shard(args: argparse.Namespace) -> int:
     if storage.is_remote(args.out_dir):
         return _shard_to_storage(args, opts, tokenizer)
     out = Path(args.out_dir)
-    if tokenizer is not None and (args.overwrite or not (out / "manifest.json").exists()):
+    if tokenizer is not None and (args.overwrite or not (out / MANIFEST).exists()):
         tokenizer.write_copy(out)  # before the shards: the manifest, written last, names it and its hash
-    _said(_write(args, opts, out), str(out / "manifest.json"))
+    _said(_write(args, opts, out, tokenizer), str(out / MANIFEST))
     return 0
 
 
-def _write(args: argparse.Namespace, opts: ShardOptions, out: Path) -> dict:
+def _write(args: argparse.Namespace, opts: ShardOptions, out: Path, tokenizer: Vocabulary | None) -> dict:
     """The conversion into the local directory `out`; returns the manifest."""
     from functools import partial
 
     from shoal.data.writer import load_source, write_shards
 
-    reopen = partial(load_source, args.source, **_source_kwargs(args))  # the same source, in another process
+    reopen = partial(load_source, args.source, **_source_kwargs(args, tokenizer))  # the same source, in another process
     return write_shards(reopen(), out, opts, source=args.source, reopen=reopen)
 
 
@@ -186,7 +187,7 @@ def _shard_to_storage(args: argparse.Namespace, opts: ShardOptions, tokenizer: V
     staging = Path(tempfile.mkdtemp(prefix="shoal-shard-"))  # $TMPDIR: it holds the shards until uploaded
     try:
         extra = [tokenizer.write_copy(staging).name] if tokenizer is not None else []
-        manifest = _write(args, opts, staging)
+        manifest = _write(args, opts, staging, tokenizer)
         names = extra + [s["name"] for split in manifest["splits"].values() for s in split["shards"]]
         say(f"[shoal] uploading {len(names)} shards to {url}")
         storage.publish(store, staging, url, names, MANIFEST, before if args.overwrite else set())
@@ -211,7 +212,7 @@ def _tokenizer(args: argparse.Namespace) -> Vocabulary | None:
     return load_tokenizer(args.tokenizer, args.eot_token)
 
 
-def _source_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+def _source_kwargs(args: argparse.Namespace, tokenizer: Vocabulary | None) -> dict[str, Any]:
     """load_source's options for the samples SOURCE names, read or made (picklable: a worker process
     reopens the source with them)."""
     return dict(
@@ -224,7 +225,7 @@ def _source_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         image_size=tuple(args.image_size) if args.image_size else None,
         seed=args.seed,
         columns=_columns(args),
-        tokenizer=_tokenizer(args),
+        tokenizer=tokenizer,
     )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import codecs
 import io
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -266,13 +267,13 @@ def _infer_task(y: np.ndarray, task: str | None) -> tuple[str, int]:
 def _npz(path: Path, task: str | None, seq_len: int) -> Stream:
     """Arrays x and y, or token ids: a 1-D `tokens` array (with an optional scalar `vocab_size`), as
     small-GPT scripts keep their tokenised corpus, cut into --seq-len blocks."""
-    with np.load(path) as data:
-        vocab = int(data["vocab_size"]) if "vocab_size" in data else 0
-        if "tokens" in data:
-            return _token_array(data["tokens"], vocab, seq_len, path)
-        if "x" not in data or "y" not in data:
-            raise DataError(f"{path}: a .npz source needs arrays 'x' and 'y', or 'tokens' (has {sorted(data.files)})")
-        x, y = data["x"], data["y"]
+    data = _npz_arrays(path)
+    vocab = int(data["vocab_size"]) if "vocab_size" in data else 0
+    if "tokens" in data:
+        return _token_array(data["tokens"], vocab, seq_len, path)
+    if "x" not in data or "y" not in data:
+        raise DataError(f"{path}: a .npz source needs arrays 'x' and 'y', or 'tokens' (has {sorted(data)})")
+    x, y = data["x"], data["y"]
     if task == "lm":
         vocab = _vocab_of(np.concatenate([x.reshape(-1), y.reshape(-1)]), vocab, path)
         dtype = tokens.id_dtype(vocab)
@@ -282,6 +283,22 @@ def _npz(path: Path, task: str | None, seq_len: int) -> Stream:
     y = y.astype(np.int64) if task == "classification" else y.astype(np.float32)
     scale = 1 / 255 if x.dtype == np.uint8 else None
     return _arrays(x, y, task, classes, source=str(path), x_scale=scale, nbytes=path.stat().st_size)
+
+
+def _npz_arrays(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of an .npz, read without unpickling: an object array (pickled Python objects, which
+    could run code) or a damaged archive is refused in one line."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {name: data[name] for name in data.files if name in ("x", "y", "tokens", "vocab_size")}
+    except ValueError as e:
+        if "allow_pickle" in str(e):
+            raise DataError(
+                f"{path}: holds an object array (pickled Python objects), which is not read; save numeric arrays"
+            ) from None
+        raise DataError(f"{path}: not a readable .npz ({e})") from None
+    except (OSError, zipfile.BadZipFile) as e:
+        raise DataError(f"{path}: not a readable .npz ({e})") from None
 
 
 def _token_array(ids: np.ndarray, vocab: int, seq_len: int, path: Path) -> Stream:
