@@ -21,6 +21,7 @@ class DataSpec:
     target_dim: int = 1  # regression
     vocab_size: int = 0  # lm
     seq_len: int = 0  # lm
+    pad_id: int | None = None  # right-padded token data: the id after a sample's last token
 
     @property
     def classes(self) -> int:
