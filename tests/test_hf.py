@@ -247,3 +247,20 @@ def test_check_probes_it_on_the_batch_it_trains_on_and_compress_prunes_its_conv1
     prune(model, 0.5, method="structured")
     w = model.transformer.h[0].mlp.c_fc.weight  # (inputs, outputs)
     assert (w.abs().sum(dim=0) == 0).float().mean() == pytest.approx(0.5, abs=0.01)  # whole output columns
+
+
+def test_timm_models_get_the_datas_channels_and_classes_and_never_pretrained_weights(tmp_path):
+    from shoal import hf
+    from shoal.data.spec import DataSpec
+
+    spec = DataSpec(task="classification", input_shape=(1, 8, 8), num_classes=10)
+    assert hf.timm_kwargs({"model_name": "resnet10t"}, spec) == {
+        "model_name": "resnet10t", "in_chans": 1, "num_classes": 10, "pretrained": False,
+    }  # fmt: skip
+    assert hf.timm_kwargs({"model_name": "m", "num_classes": 7}, spec)["num_classes"] == 7  # given: kept
+    cfg = JobConfig().replace({
+        "data.dataset": "digits", "model.target": "timm:create_model",
+        "model.kwargs": {"model_name": "resnet10t", "pretrained": True}, "run.dir": str(tmp_path),
+    })  # fmt: skip
+    with pytest.raises(ConfigError, match="model.kwargs.pretrained: true would download weights"):
+        build_job(cfg, WorldInfo(), torch.device("cpu"))

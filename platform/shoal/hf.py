@@ -1,6 +1,6 @@
-"""Hugging Face transformers models as model.target: built from a config mapping or a local directory, sized
-against the data. The only module that knows transformers' conventions (it imports none of it: the user's
-target does, in the ranks).
+"""Hugging Face transformers and timm models as model.target: built from a config mapping or a local directory,
+sized against the data. The only module that knows these libraries' conventions (it imports neither: the
+user's target does, in the ranks).
 
 `transformers:AutoModelForCausalLM.from_config` (or a model class such as `transformers:GPT2LMHeadModel`)
 takes `config` in model.kwargs as a mapping: `model_type` and the config class's fields; Shoal makes the
@@ -43,6 +43,24 @@ def factory_kwargs(factory: Any, kwargs: dict[str, Any], spec: DataSpec) -> dict
         kwargs[PATH] = str(Path(path).expanduser())
         kwargs.setdefault("local_files_only", True)
     return kwargs
+
+
+def is_timm_target(target: str | None) -> bool:
+    return bool(target) and target.split(":")[0].split(".")[0] == "timm"
+
+
+def timm_kwargs(kwargs: dict[str, Any], spec: DataSpec) -> dict[str, Any]:
+    """timm.create_model's kwargs: the data's channels and classes where not given; never pretrained weights
+    (nothing is downloaded: start from a state dict file with model.weights)."""
+    if kwargs.get("pretrained"):
+        raise ConfigError(
+            "true would download weights; set pretrained: false and give a state dict file as model.weights",
+            key="model.kwargs.pretrained",
+        )
+    sized = {"in_chans": spec.input_shape[0]} if len(spec.input_shape) == 3 else {}
+    if spec.task == "classification":
+        sized["num_classes"] = spec.num_classes
+    return {**sized, **kwargs, "pretrained": False}
 
 
 def _sized(spec: DataSpec) -> dict[str, int]:

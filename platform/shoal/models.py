@@ -49,8 +49,11 @@ def build_model(cfg: ModelConfig, spec: DataSpec, out_features: int) -> nn.Modul
 def _user_model(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
     """model.target(**model.kwargs), used as it comes (no init applied), its forward taking the batch
     (model.inputs) and giving one tensor (model.output); a Hugging Face model checked against the data."""
+    # timm's kwargs before its import: a refused one needs no timm to be said
+    kwargs = hf.timm_kwargs(cfg.kwargs, spec) if hf.is_timm_target(cfg.target) else cfg.kwargs
     factory = import_object(cfg.target, "model.target")
-    kwargs = hf.factory_kwargs(factory, cfg.kwargs, spec) if is_hugging_face_target(cfg.target) else cfg.kwargs
+    if is_hugging_face_target(cfg.target):
+        kwargs = hf.factory_kwargs(factory, kwargs, spec)
     try:
         model = factory(**kwargs)
     except ShoalError:
