@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from shoal import dist
+from shoal.data.fields import tokens_in
 from shoal.dist import Flags
 from shoal.health.policy import CONTINUE, EARLY_STOP, ROLLBACK, STOP
 from shoal.job import Job
@@ -45,6 +46,7 @@ class Gradients:
     grad_norm: torch.Tensor  # global norm before clipping
     norm: float  # the same, read once on the host
     data_s: float
+    tokens: int = 0  # real tokens this rank read (token data)
 
     @property
     def ok(self) -> bool:
@@ -72,7 +74,7 @@ def train_step(job: Job) -> StepResult:
 
     samples = g.rows * job.data.world.world_size  # every replica reads as many: equal on every rank
     c.step, c.samples, c.skipped_steps = step, c.samples + samples, c.skipped_steps + (not stepped)
-    job.window.add(g.loss_sum, g.count, samples, g.data_s)
+    job.window.add(g.loss_sum, g.count, samples, g.data_s, g.tokens)
     return StepResult(g.loss_sum, g.count, samples, g.grad_norm, lr, stepped, g.data_s)
 
 
@@ -93,9 +95,8 @@ def compute_gradients(job: Job, step: int) -> Gradients:
     # answer here and skips or steps together, with no collective of its own. This is the step's one
     # host read (the skip decision needs it before the optimizer runs); everything else stays on device.
     norm = float(grad_norm)
-    return Gradients(
-        loss_sum, job.strategy.counted(counts), sum(y.shape[0] for _, y in batches), grad_norm, norm, data_s
-    )
+    rows, tokens = sum(y.shape[0] for _, y in batches), sum(tokens_in(x) for x, _ in batches)
+    return Gradients(loss_sum, job.strategy.counted(counts), rows, grad_norm, norm, data_s, tokens)
 
 
 @torch.no_grad()

@@ -169,11 +169,11 @@ def health_monitor(
 
 
 def _global_sums(device: torch.device):
-    """The window's loss sum and count summed over ranks: one small collective per log line."""
+    """The window's loss sum, count and tokens summed over ranks: one small collective per log line."""
 
-    def reduce(loss_sum: torch.Tensor, count: float) -> tuple[float, float]:
-        both = torch.stack([loss_sum, torch.tensor(float(count), dtype=torch.float64, device=device)])
-        total, n = dist.all_sum(both).tolist()
-        return total, n
+    def reduce(loss_sum: torch.Tensor, count: float, tokens: float) -> tuple[float, float, float]:
+        counts = torch.tensor([float(count), float(tokens)], dtype=torch.float64, device=device)
+        total, n, t = dist.all_sum(torch.cat([loss_sum.reshape(1), counts])).tolist()
+        return total, n, t
 
     return reduce

@@ -17,12 +17,15 @@ class Window:
     """Sums between two log lines: loss (kept wherever it is computed: a device tensor, or a float),
     elements it is summed over, samples, data wait, and time. Every strategy logs through one.
 
-    `reduce(loss_sum, count) -> (loss_sum, count)` makes them global (a collective for ranks that each
+    `reduce(loss_sum, count, tokens) -> (loss_sum, count, tokens)` makes them global (a collective for ranks that each
     hold a part; identity where one process already holds the totals, as the PS recorder does).
     """
 
     def __init__(
-        self, zero: Callable[[], Any], reduce: Callable[[Any, float], tuple[float, float]], holds_totals: bool = True
+        self,
+        zero: Callable[[], Any],
+        reduce: Callable[[Any, float, float], tuple[float, float, float]],
+        holds_totals: bool = True,
     ):
         self.zero, self.reduce = zero, reduce
         self.holds_totals = holds_totals  # loading a saved window: only one rank carries the global sums
@@ -32,22 +35,26 @@ class Window:
         self.loss_sum: Any = self.zero()
         self.count = 0.0
         self.samples = 0
+        self.tokens = 0.0  # this rank's real tokens (token data only)
         self.data_s = 0.0
         self.start = time.perf_counter()
 
-    def add(self, loss_sum: Any, count: float, samples: int, data_s: float = 0.0) -> None:
+    def add(self, loss_sum: Any, count: float, samples: int, data_s: float = 0.0, tokens: int = 0) -> None:
         self.loss_sum += loss_sum
         self.count += count
         self.samples += samples
         self.data_s += data_s
+        self.tokens += tokens
 
     def figures(self) -> dict[str, float]:
-        """loss (global mean), samples_per_s, data_wait (share of the window spent waiting for data); then reset."""
+        """loss (global mean), samples_per_s, tokens_per_s (real tokens, not padding: token data only), data_wait
+        (share of the window spent waiting for data); then reset."""
         elapsed = max(time.perf_counter() - self.start, 1e-9)
-        loss_sum, count = self.reduce(self.loss_sum, self.count)
+        loss_sum, count, tokens = self.reduce(self.loss_sum, self.count, self.tokens)
         out = {
             "loss": loss_sum / count if count else float("nan"),
             "samples_per_s": self.samples / elapsed,
+            **({"tokens_per_s": tokens / elapsed} if tokens else {}),
             "data_wait": self.data_s / elapsed,
         }
         self.reset()
@@ -55,8 +62,8 @@ class Window:
 
     def state_dict(self) -> dict[str, float]:
         """The window's global sums (a collective): a resumed run logs the same values."""
-        loss_sum, count = self.reduce(self.loss_sum, self.count)
-        return {"loss_sum": loss_sum, "count": count, "samples": self.samples}
+        loss_sum, count, tokens = self.reduce(self.loss_sum, self.count, self.tokens)
+        return {"loss_sum": loss_sum, "count": count, "samples": self.samples, "tokens": tokens}
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         """Continue a saved window; the rank that holds_totals carries the global sums, the others zeros."""
@@ -64,6 +71,7 @@ class Window:
         if self.holds_totals:
             self.loss_sum += state["loss_sum"]
             self.count = float(state["count"])
+            self.tokens = float(state.get("tokens", 0.0))  # checkpoints before tokens were counted: none
         self.samples = int(state["samples"])
 
 

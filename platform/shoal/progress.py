@@ -17,6 +17,8 @@ def _fmt(record: dict[str, Any]) -> str:
         parts.append(f"loss {record['loss']:.4f}")
     if "samples_per_s" in record:
         parts.append(f"{record['samples_per_s']:,.0f} samples/s")
+    if "tokens_per_s" in record:
+        parts.append(f"{record['tokens_per_s']:,.0f} tokens/s")
     if "mem_mb" in record:
         parts.append(f"peak {record['mem_mb']:,.0f} MiB")
     for key in ("val_loss", "val_accuracy"):

@@ -22,8 +22,9 @@ LABELS = "labels"
 class Fields:
     """Named tensors of one batch, rows first: moved, pinned and sliced as one."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor]):
+    def __init__(self, tensors: dict[str, torch.Tensor], tokens: int = 0):
         self.tensors = tensors
+        self.tokens = tokens  # real (not padding) tokens, counted where the batch is made: no device read
 
     def __getitem__(self, key: Any) -> Any:
         if isinstance(key, str):
@@ -48,10 +49,10 @@ class Fields:
         return next(iter(self.tensors.values()))
 
     def to(self, *args: Any, **kwargs: Any) -> Fields:
-        return Fields({k: v.to(*args, **kwargs) for k, v in self.tensors.items()})
+        return Fields({k: v.to(*args, **kwargs) for k, v in self.tensors.items()}, self.tokens)
 
     def pin_memory(self) -> Fields:  # DataLoader(pin_memory=True) calls it on a batch of its own type
-        return Fields({k: v.pin_memory() for k, v in self.tensors.items()})
+        return Fields({k: v.pin_memory() for k, v in self.tensors.items()}, self.tokens)
 
 
 def is_hugging_face_target(target: str | None) -> bool:
@@ -75,17 +76,19 @@ def names(spec: DataSpec) -> list[str]:
 def named(x: torch.Tensor, y: torch.Tensor, spec: DataSpec) -> Fields:
     """(x, y) as fields; padded token data cut to the batch's longest sample, with its attention mask."""
     if spec.pad_id is None:
-        return Fields({input_name(spec): x, LABELS: y})
+        return Fields({input_name(spec): x, LABELS: y}, tokens_in(x))
     mask = x != spec.pad_id
-    longest = int(mask.sum(dim=1).max()) if len(x) else x.shape[1]  # right padding: real tokens come first
-    return Fields({"input_ids": x[:, :longest], "attention_mask": mask[:, :longest].long(), LABELS: y})
+    lengths = mask.sum(dim=1)
+    longest = int(lengths.max()) if len(x) else x.shape[1]  # right padding: real tokens come first
+    fields = {"input_ids": x[:, :longest], "attention_mask": mask[:, :longest].long(), LABELS: y}
+    return Fields(fields, int(lengths.sum()))
 
 
-def real_tokens(x: Any) -> int | None:
-    """Tokens that are not padding in a batch (None where the batch has no mask)."""
-    if isinstance(x, Fields) and "attention_mask" in x:
-        return int(x["attention_mask"].sum())
-    return None
+def tokens_in(x: Any) -> int:
+    """Real tokens in a batch's input: its count for fields, every id of a tensor of token ids, 0 for features."""
+    if isinstance(x, Fields):
+        return x.tokens
+    return 0 if x.is_floating_point() else x.numel()  # integer inputs are token ids (features are float)
 
 
 class FieldsSource:

@@ -201,7 +201,7 @@ class Recorder:
         start = ray.get(servers[0].progress.remote())
         self.start_version, self.start_samples = int(start["version"]), int(start["samples"])
         run.open_record(self.start_version)
-        self.window = Window(float, lambda loss_sum, count: (loss_sum, count))
+        self.window = Window(float, lambda loss_sum, count, tokens: (loss_sum, count, tokens))
         self.extra = dict.fromkeys(("grad_norm_sum", "pushes", "staleness_sum"), 0.0)
         self.version, self.last = self.start_version, start
         self.next_log = _next(self.start_version, self.cfg.log.every)
