@@ -219,9 +219,10 @@ def _said(manifest: dict, where: str) -> None:
     lengths = manifest.get("lengths") or {}
     if lengths.get("truncated"):
         rows = sum(info["samples"] for info in manifest["splits"].values())
+        seq_len = manifest["fields"]["x"]["shape"][0]
         say(
-            f"[shoal] {lengths['truncated']:,} of {rows:,} rows had more than --seq-len {manifest['fields']['x']['shape'][0]} "
-            f"tokens and were cut to it (the longest had {lengths['longest']:,})"
+            f"[shoal] {lengths['truncated']:,} of {rows:,} rows had more than --seq-len {seq_len} tokens and were "
+            f"cut to it (the longest had {lengths['longest']:,})"
         )
     say(f"[shoal] wrote {where}")
 
