@@ -387,6 +387,8 @@ def reviews(tmp_path_factory):
     pq.write_table(table, root / "r.parquet", row_group_size=7)
     tok = tokens.train_bpe(texts, 320, root / "tok.json", say=lambda *_: None)
     tok.add_special_tokens(["[PAD]"])
+    tok.enable_padding(pad_id=tok.token_to_id("[PAD]"), pad_token="[PAD]", length=40)  # as some files carry: unused
+    tok.enable_truncation(8)
     tok.save(str(root / "padded.json"))
     return root, texts, labels
 
@@ -435,6 +437,13 @@ def test_labelled_text_with_two_workers_is_the_samples_of_one_and_pads_with_pad(
     pad = Tokenizer.from_file(str(root / "padded.json")).token_to_id("[PAD]")
     assert one[2]["pad_id"] == pad != one[2]["tokenizer"]["eot_id"] and one[2]["tokenizer"]["special"]["[PAD]"] == pad
     assert (one[0] == pad).all(axis=1).sum() == 1  # the empty row, shuffled somewhere
+    assert one[2]["lengths"]["max"] == 12 and one[0].shape[1] == 12  # not the file's truncation (8) or padding (40)
+    lm = ["--tokenizer", str(root / "padded.json"), "--seq-len", "8", "--no-shuffle", "--val-fraction", "0"]
+    shard(str(root / "r.parquet"), str(tmp_path / "lm"), *lm)  # no label: a language model's documents
+    ids, manifest = token_sequence(tmp_path / "lm")
+    plain = Tokenizer.from_file(str(root / "tok.json"))
+    whole = [i for t in texts for i in [*plain.encode(t).ids, manifest["tokenizer"]["eot_id"]]]
+    assert ids.tolist() == whole[: len(ids)] and len(whole) - len(ids) < 8 and "pad_id" not in manifest
 
 
 def test_labelled_text_mistakes_exit_2_naming_the_option(reviews, tmp_path, capsys):

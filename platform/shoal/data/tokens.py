@@ -139,6 +139,9 @@ def load_tokenizer(path: str, eot_token: str | None = None, pad_token: str | Non
     except Exception as e:  # OSError, UnicodeDecodeError, and tokenizers' plain Exception on bad JSON
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"{file}: not a readable `tokenizers` tokenizer.json ({first})") from None
+    # padding or truncation a tokenizer.json may carry would pad or cut each piece of a document: off
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
     special = {t.content: i for i, t in sorted(tokenizer.get_added_tokens_decoder().items()) if t.special}
     eot_id = _eot_id(file, tokenizer, special, eot_token)
     pad_id = _pad_id(file, tokenizer, eot_id, pad_token)
@@ -195,12 +198,11 @@ def _pad_id(file: Path, tokenizer: Tokenizer, eot_id: int, pad_token: str | None
 
 class Rows:
     """Texts (one a row) into rows of seq_len ids: each encoded alone with the tokenizer's special tokens,
-    cut by its truncation and right-padded with the pad id. A private copy of the tokenizer carries the
-    truncation, with any padding the file sets turned off (the pad is this one's)."""
+    cut by its truncation and right-padded with the pad id. A copy of the tokenizer (without the padding and
+    truncation its file may set: load_tokenizer turned them off) carries this truncation."""
 
     def __init__(self, vocab: Vocabulary, seq_len: int):
-        self.tokenizer = Tokenizer.from_str(vocab.raw.decode("utf-8"))
-        self.tokenizer.no_padding()
+        self.tokenizer = Tokenizer.from_str(vocab.tokenizer.to_str())
         self.special = self.tokenizer.num_special_tokens_to_add(False)  # [CLS] and [SEP]: 2, a bare BPE: 0
         if seq_len <= self.special:
             raise DataError(
