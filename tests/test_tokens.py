@@ -446,8 +446,9 @@ def test_labelled_text_with_two_workers_is_the_samples_of_one_and_pads_with_pad(
     assert ids.tolist() == whole[: len(ids)] and len(whole) - len(ids) < 8 and "pad_id" not in manifest
 
 
-def test_labelled_text_mistakes_exit_2_naming_the_option(reviews, tmp_path, capsys):
+def test_labelled_text_mistakes_exit_2_naming_the_option(reviews, tmp_path, capsys, monkeypatch):
     root, _, _ = reviews
+    monkeypatch.chdir(tmp_path)  # the relative OUT_DIRs below
     src, tok = str(root / "r.parquet"), str(root / "tok.json")
     line = _one_line_error(
         shoal_cli(
