@@ -102,7 +102,7 @@ def _memory_limit(cfg: JobConfig, device: torch.device, max_memory_mb: float | N
 def _attempt(cfg: JobConfig, device: torch.device, limit_mb: float | None) -> Callable[[int], dict[str, Any]]:
     """A micro-batch size -> its row, trained on the job's model, optimizer and training data."""
     source = open_splits(cfg)[0]
-    loss_fn = Loss(cfg.train, source.spec, "model.target" if cfg.model.target else "model.name")
+    loss_fn = Loss.of(cfg, source.spec)
     model = build_model(cfg.model, source.spec, loss_fn.out_features()).to(device).train()
     optimizer = build_optimizer(model, cfg.optim)
     return functools.partial(_try, model, optimizer, loss_fn, source, device=device, limit_mb=limit_mb)

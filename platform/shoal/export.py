@@ -1,7 +1,8 @@
 """`shoal export SOURCE OUT --format ...`: a trained (or compressed) model in a format a serving stack loads,
 checked against the PyTorch model on validation samples before the command reports success.
 
-state_dict (.pt) and safetensors write the weights; torch_export writes torch.export's program (.pt2, a
+state_dict (.pt) and safetensors write the weights; hugging_face a save_pretrained directory (a transformers
+model.target: config.json and the weights, loaded back by its class's from_pretrained); torch_export writes torch.export's program (.pt2, a
 dynamic batch dimension, the input shape from the data); onnx writes an ONNX graph through torch.onnx's
 exporter (needs onnx and onnxscript) and is run with onnxruntime for the check when that is installed.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ from shoal.data.loaders import open_splits
 from shoal.errors import CheckpointError, ShoalError
 from shoal.trained import VARIANT, load, resolve
 
-FORMATS = ("state_dict", "safetensors", "torch_export", "onnx")
+FORMATS = ("state_dict", "safetensors", "torch_export", "onnx", "hugging_face")
 CHECK_SAMPLES = 64
 RTOL, ATOL = 1e-4, 1e-5  # |exported - pytorch| <= ATOL + RTOL * max|pytorch|
 
@@ -40,7 +42,7 @@ def export(source: Path, out: Path, fmt: str | None = None, overwrite: bool = Fa
     fmt = format_of(out, fmt)
     if out.exists() and not overwrite:
         raise CheckpointError(f"{out} already exists; pass --overwrite to replace it, or choose another name")
-    if out.is_dir():
+    if out.is_dir() and fmt != "hugging_face":
         raise CheckpointError(f"{out} is a directory; give a file name such as model.{_suffix(fmt)}")
 
     source = resolve(source)
@@ -58,17 +60,18 @@ def export(source: Path, out: Path, fmt: str | None = None, overwrite: bool = Fa
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
-        run = {"state_dict": _weights, "safetensors": _weights, "torch_export": _torch_export, "onnx": _onnx}[fmt]
-        got, runtime = run(model, x, tmp, fmt)
+        got, runtime = WRITERS[fmt](model, x, tmp, fmt)
         check = _compare(got, want, fmt, runtime)
+        if out.is_dir():  # --overwrite of a hugging_face directory
+            shutil.rmtree(out)
         os.replace(tmp, out)
     finally:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
     return {"format": fmt, "path": str(out), **check}
 
 
 def _suffix(fmt: str) -> str:
-    return {"state_dict": "pt", "safetensors": "safetensors", "torch_export": "pt2", "onnx": "onnx"}[fmt]
+    return {"state_dict": "pt", "safetensors": "safetensors", "torch_export": "pt2", "onnx": "onnx"}.get(fmt, "")
 
 
 def _weights(model: torch.nn.Module, x: torch.Tensor, tmp: Path, fmt: str) -> tuple[torch.Tensor | None, str]:
@@ -126,6 +129,18 @@ def _onnx(model: torch.nn.Module, x: torch.Tensor, tmp: Path, fmt: str) -> tuple
     return torch.from_numpy(runner(x.numpy())), "onnxruntime"
 
 
+def _hugging_face(model: torch.nn.Module, x: Any, tmp: Path, fmt: str) -> tuple[torch.Tensor, str]:
+    """save_pretrained's directory (config.json and safetensors weights), loaded back by the model's own class."""
+    base = getattr(type(model), "_shoal_base", type(model))
+    if not hasattr(base, "from_pretrained") or not hasattr(model, "save_pretrained"):
+        raise ShoalError(f"--format hugging_face: {base.__name__} is not a Hugging Face transformers model")
+    model.save_pretrained(tmp)
+    loaded = base.from_pretrained(tmp, local_files_only=True).eval()
+    loaded.shoal_io, loaded.__class__ = model.shoal_io, type(model)  # called on the batch as the trained one is
+    with torch.inference_mode():
+        return loaded(x), f"{base.__name__}.from_pretrained"
+
+
 def _onnxruntime(path: Path) -> Callable[[np.ndarray], np.ndarray] | None:
     try:
         import onnxruntime as ort  # an optional extra (shoal[onnx])
@@ -134,6 +149,15 @@ def _onnxruntime(path: Path) -> Callable[[np.ndarray], np.ndarray] | None:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return lambda x: session.run(None, {name: x})[0]
+
+
+WRITERS = {
+    "state_dict": _weights,
+    "safetensors": _weights,
+    "torch_export": _torch_export,
+    "onnx": _onnx,
+    "hugging_face": _hugging_face,
+}
 
 
 def _compare(got: torch.Tensor | None, want: torch.Tensor, fmt: str, runtime: str) -> dict[str, Any]:

@@ -102,7 +102,7 @@ def build_job(cfg: JobConfig, world: WorldInfo, device: torch.device, run_dir: P
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     strategy = build_strategy(cfg, world, device)
     data = build_loaders(cfg, strategy.data_world(), device)
-    loss_fn = Loss(cfg.train, data.spec, "model.target" if cfg.model.target else "model.name")
+    loss_fn = Loss.of(cfg, data.spec)
     model, sparsity, frozen = prepared_model(cfg, data, loss_fn, device)
     strategy.wrap(model).train()  # training mode from here on; evaluation switches back itself
     optimizer = build_optimizer(strategy.bare_model, cfg.optim)  # after wrapping: sharding replaces parameters

@@ -7,26 +7,37 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from shoal.config import TrainConfig
+from shoal.config import JobConfig, TrainConfig
 from shoal.data.spec import DataSpec
 from shoal.errors import ConfigError
 
 
 class Loss:
-    """loss(out, y) is a mean over `count(y)` elements; `correct` counts right predictions."""
+    """loss(out, y) is a mean over `count(y)` elements; `correct` counts right predictions.
 
-    def __init__(self, cfg: TrainConfig, spec: DataSpec, model_key: str = "model.name"):
+    With model.output: loss the model computed that mean itself (`out` is it) over the same elements:
+    the targets it was given, all of them counted (packed blocks and labels carry no ignored ones).
+    """
+
+    def __init__(self, cfg: TrainConfig, spec: DataSpec, model_key: str = "model.name", own: bool = False):
         self.name = cfg.loss
         self.model_key = model_key  # the config key that sizes the model's outputs
-        self._unchecked = True
+        self.own = own  # the model returns its own loss
+        self._unchecked = not own
         self.smoothing = cfg.label_smoothing
         self.spec = spec
-        self.classify = spec.task in ("classification", "lm")
+        self.classify = spec.task in ("classification", "lm") and not own  # no logits to count right ones in
         if spec.task == "regression" and self.name != "mse":
             raise ConfigError(f"regression data needs mse (got {self.name})", key="train.loss")
         if spec.task == "lm" and self.name != "cross_entropy":
             raise ConfigError(f"lm data needs cross_entropy (got {self.name})", key="train.loss")
         self.binary = self.name == "bce_with_logits" and spec.num_classes == 2
+
+    @classmethod
+    def of(cls, cfg: JobConfig, spec: DataSpec) -> Loss:
+        """The job's loss: train.loss, or the model's own (model.output: loss)."""
+        key = "model.target" if cfg.model.target else "model.name"
+        return cls(cfg.train, spec, key, own=cfg.model.output == "loss")
 
     def out_features(self) -> int:
         """Model outputs this loss expects."""
@@ -40,6 +51,8 @@ class Loss:
         if self._unchecked:
             self.check_output(out)
         out = out.float()  # losses in fp32 under autocast
+        if self.own:
+            return out.reshape(())
         if hasattr(y, "lam"):  # mixup / cutmix targets: each sample's loss against both targets, by its shares
             return self._mixed(out, y)
         if self.spec.task == "lm":

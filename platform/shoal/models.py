@@ -10,10 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shoal import hf
 from shoal.config import ModelConfig
+from shoal.data.fields import is_hugging_face_target
 from shoal.data.spec import DataSpec
 from shoal.errors import ConfigError, ShoalError
 from shoal.imports import import_object
+from shoal.model_io import bind
 from shoal.toolchain import missing
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -30,7 +33,7 @@ _GAIN = {"relu": "relu", "leaky_relu": "leaky_relu", "gelu": "relu", "tanh": "ta
 def build_model(cfg: ModelConfig, spec: DataSpec, out_features: int) -> nn.Module:
     """The model the config names, sized for the data, with its init applied."""
     if cfg.target:
-        return _user_model(cfg)
+        return _user_model(cfg, spec)
     if spec.token_ids and spec.task != "lm":
         raise ConfigError(
             f"{cfg.name} does not classify token ids (the data are rows of ids in a vocabulary of "
@@ -49,18 +52,23 @@ def build_model(cfg: ModelConfig, spec: DataSpec, out_features: int) -> nn.Modul
     return model
 
 
-def _user_model(cfg: ModelConfig) -> nn.Module:
-    """model.target(**model.kwargs), used as it comes (no init applied)."""
+def _user_model(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
+    """model.target(**model.kwargs), used as it comes (no init applied), its forward taking the batch
+    (model.inputs) and giving one tensor (model.output); a Hugging Face model checked against the data."""
     factory = import_object(cfg.target, "model.target")
+    kwargs = hf.factory_kwargs(factory, cfg.kwargs, spec) if is_hugging_face_target(cfg.target) else cfg.kwargs
     try:
-        model = factory(**cfg.kwargs)
+        model = factory(**kwargs)
     except ShoalError:
         raise
     except Exception as e:  # the user's factory: its failure is a config problem, said in one line
         raise ConfigError(f"{cfg.target}(**model.kwargs) raised {type(e).__name__}: {e}", key="model.target") from None
     if not isinstance(model, nn.Module):
         raise ConfigError(f"{cfg.target} returned {type(model).__name__}, not a torch.nn.Module", key="model.target")
-    return model
+    hugging_face = hf.is_model(model)
+    if hugging_face:
+        hf.check_sizes(model, spec)
+    return bind(model, cfg, spec, hugging_face)
 
 
 def _image_shape(spec: DataSpec, name: str) -> tuple[int, int, int]:
@@ -297,7 +305,8 @@ def blocks(model: nn.Module, patterns: list[str] | None = None) -> list[tuple[st
     """The model's repeated blocks, in order: what fsdp shards as units and activation checkpointing recomputes.
 
     patterns (fsdp.units): class names or globs over module names. Without them: the built-in
-    models' layers and blocks, or a user model's direct children that hold parameters.
+    models' layers and blocks, a Hugging Face model's `_no_split_modules`, or a user model's direct
+    children that hold parameters.
     """
     if patterns:
         return _matching(model, patterns)
@@ -309,6 +318,10 @@ def blocks(model: nn.Module, patterns: list[str] | None = None) -> list[tuple[st
         return [(f"stages.{i}.{j}", b) for i, stage in enumerate(model.stages) for j, b in enumerate(stage)]
     if isinstance(model, TransformerLM):
         return [(f"blocks.{i}", m) for i, m in enumerate(model.blocks)]
+    if getattr(
+        model, "_no_split_modules", None
+    ):  # a Hugging Face model names its blocks (GPT2Block, LlamaDecoderLayer)
+        return _matching(model, list(model._no_split_modules))
     return [(n, m) for n, m in model.named_children() if any(True for _ in m.parameters())]
 
 

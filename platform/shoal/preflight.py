@@ -74,7 +74,7 @@ def check_model(cfg: JobConfig) -> None:
     from shoal.models import apply_freeze, blocks, build_model
 
     spec = describe(cfg.data)[0]
-    loss = Loss(cfg.train, spec, "model.target" if cfg.model.target else "model.name")
+    loss = Loss.of(cfg, spec)
     try:
         with torch.device("meta"):
             model = build_model(cfg.model, spec, loss.out_features())

@@ -54,7 +54,7 @@ def load(path: Path) -> Trained:
             raise CheckpointError(f"checkpoint {path}: its {META} holds no config to rebuild the model from")
     cfg = config_from_dict(meta["config"])
     spec = open_splits(cfg)[0].spec
-    loss = Loss(cfg.train, spec, "model.target" if cfg.model.target else "model.name")
+    loss = Loss.of(cfg, spec)
     model = build_model(cfg.model, spec, loss.out_features())
     variant = meta.get("variant", {})
     if variant.get("quantize"):  # the int8 modules first, so the saved int8 tensors have their places

@@ -41,7 +41,7 @@ def probe(cfg: JobConfig, spec: DataSpec, x: torch.Tensor, y: torch.Tensor, labe
     rep = ModelReport()
     key = "model.target" if cfg.model.target else "model.name"
     try:
-        loss_fn = Loss(cfg.train, spec, key)
+        loss_fn = Loss.of(cfg, spec)
     except ConfigError:
         return rep  # a loss that cannot run on this task: the task findings say so
     if not labels_ok:

@@ -24,11 +24,12 @@ def _export_args(p: argparse.ArgumentParser) -> None:
         help="a checkpoint directory (RUN_DIR/checkpoints/step-000100), a run directory (its latest), "
         "or a model `shoal compress` wrote (RUN_DIR/compress/<variant>)",
     )
-    p.add_argument("out", metavar="OUT", help="output file")
+    p.add_argument("out", metavar="OUT", help="output file (a directory for --format hugging_face)")
     p.add_argument(
         "--format",
         default=None,
-        help="state_dict | safetensors | torch_export | onnx (default: from OUT's suffix: .safetensors, .pt2, .onnx, else .pt)",
+        help="state_dict | safetensors | torch_export | onnx | hugging_face (a save_pretrained directory of a "
+        "transformers model; default: from OUT's suffix: .safetensors, .pt2, .onnx, else .pt)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 

@@ -32,7 +32,7 @@ def size_bytes(model: nn.Module) -> int:
 @torch.inference_mode()
 def score(model: nn.Module, cfg: JobConfig, spec: DataSpec, val: Any, limit: int | None = None) -> dict[str, float]:
     """Validation loss and accuracy over the split (or its first `limit` samples)."""
-    loss_fn = Loss(cfg.train, spec, "model.target" if cfg.model.target else "model.name")
+    loss_fn = Loss.of(cfg, spec)
     n = len(val) if limit is None else min(limit, len(val))
     sums = np.zeros(3)
     for lo in range(0, n, 256):

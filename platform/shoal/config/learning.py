@@ -15,7 +15,18 @@ class ModelConfig(Section):
     target: str | None = None
     """Your own model as "package.module:factory"; called with `kwargs`. Overrides `name`."""
     kwargs: dict[str, Any] = Field(default_factory=dict)
-    """Keyword arguments for `target`."""
+    """Keyword arguments for `target`. A Hugging Face `from_config` or model class takes `config` as a mapping
+    (`model_type` plus the config class's fields, e.g. {model_type: gpt2, n_layer: 2}); `from_pretrained`
+    a local directory (nothing is downloaded)."""
+    inputs: dict[str, str] | None = None
+    """Batch fields -> the forward's keyword arguments, e.g. {input_ids: input_ids, attention_mask: attention_mask}.
+    Default: the one input, positionally; for a Hugging Face model, the batch fields its forward takes by name
+    (`labels` only with output: loss). Fields: input_ids (token data), attention_mask (padded token data),
+    pixel_values (images), x (other features), labels (the targets)."""
+    output: str | int | None = None
+    """What of the forward's result is the model's output: unset, the tensor it returns (a Hugging Face output's
+    `logits`); an attribute or key name; a tuple index; or `loss`: the model computes its own loss from the batch's
+    `labels`, and Shoal weights it by the targets counted (tokens for lm), so accumulation stays an exact mean."""
     width: int = Field(128, ge=1)
     """Hidden units (mlp), channels (cnn, resnet: first stage) or model dimension (transformer_lm)."""
     depth: int = Field(2, ge=1)
@@ -47,6 +58,10 @@ class ModelConfig(Section):
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
         check_target("model.target", self.target, "package.module:factory")
+        if (self.inputs is not None or self.output is not None) and not self.target:
+            raise ValueError(
+                "model.inputs / model.output: only for a model.target (the built-in models take one input)"
+            )
         if self.name == "transformer_lm" and self.width % self.heads:
             raise ValueError(f"model.heads: must divide model.width={self.width} (got {self.heads})")
         return self

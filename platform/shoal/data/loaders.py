@@ -13,11 +13,12 @@ import torch
 from shoal.config import DataConfig, JobConfig
 from shoal.data import partition
 from shoal.data.augment import Augment
+from shoal.data.fields import FieldsSource, is_hugging_face_target
 from shoal.data.memory import build_memory_data
 from shoal.data.shards import open_shards
 from shoal.data.spec import DataSpec
 from shoal.dist import WorldInfo
-from shoal.errors import DataError, ShoalError
+from shoal.errors import ConfigError, DataError, ShoalError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -252,11 +253,19 @@ def open_splits(cfg: JobConfig) -> tuple[Any, Any]:
     """The job's whole training and validation sources, read by index (validation None when there is none):
     what `shoal check`, `shoal compress`, `shoal export` and `shoal batch-find` read, in one process."""
     if cfg.data.format == "shards":
-        return open_shards(cfg.data)
+        train, val = open_shards(cfg.data)
+    else:
+        train = build_memory_data(cfg.data, cfg.seed, "train")
+        val = build_memory_data(cfg.data, cfg.seed, "val") if cfg.data.val_fraction > 0 else None
+    if not takes_fields(cfg, train.spec):
+        return train, val
+    return FieldsSource(train), FieldsSource(val) if val is not None else None
 
-    train = build_memory_data(cfg.data, cfg.seed, "train")
-    val = build_memory_data(cfg.data, cfg.seed, "val") if cfg.data.val_fraction > 0 else None
-    return train, val
+
+def takes_fields(cfg: JobConfig, spec: DataSpec) -> bool:
+    """Batches of named fields: for a model that takes its inputs by name, or padded token data (cut per batch)."""
+    m = cfg.model
+    return is_hugging_face_target(m.target) or m.inputs is not None or m.output is not None or spec.pad_id is not None
 
 
 def build_loaders(cfg: JobConfig, world: WorldInfo, device: torch.device) -> Loaders:
@@ -265,6 +274,10 @@ def build_loaders(cfg: JobConfig, world: WorldInfo, device: torch.device) -> Loa
     plan = _plan(cfg, train, world)
     augment = None
     if cfg.data.augment or cfg.data.mixup is not None or cfg.data.cutmix is not None:
+        if isinstance(train, FieldsSource):
+            raise ConfigError(
+                "applies to image tensors; a model given named fields takes none here", key="data.augment"
+            )
         augment = Augment(cfg.data, train.spec, cfg.seed, world.rank)
     stream = TrainStream(train, plan, cfg.data, world, device, augment)
     evalset = EvalSet(val, world, cfg.data.batch_size, device) if val is not None and len(val) else None

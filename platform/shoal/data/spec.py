@@ -21,7 +21,7 @@ class DataSpec:
     target_dim: int = 1  # regression
     vocab_size: int = 0  # lm, and classification of token ids (inputs are ids in [0, vocab_size))
     seq_len: int = 0  # lm
-    pad_id: int | None = None  # classification of token ids: the id that right-pads each row
+    pad_id: int | None = None  # right-padded token data: the id after a sample's last token
 
     @property
     def token_ids(self) -> bool:

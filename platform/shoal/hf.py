@@ -1,0 +1,95 @@
+"""Hugging Face transformers models as model.target: built from a config mapping or a local directory, sized
+against the data. The only module that knows transformers' conventions (it imports none of it: the user's
+target does, in the ranks).
+
+`transformers:AutoModelForCausalLM.from_config` (or a model class such as `transformers:GPT2LMHeadModel`)
+takes `config` in model.kwargs as a mapping: `model_type` and the config class's fields; Shoal makes the
+config object. `from_pretrained` reads a local directory only (nothing is downloaded here or in the ranks).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from shoal.data.spec import DataSpec
+from shoal.errors import ConfigError
+
+CONFIG = "config"
+PATH = "pretrained_model_name_or_path"
+
+
+def is_model(model: nn.Module) -> bool:
+    """A Hugging Face PreTrainedModel (it has a config and takes named inputs)."""
+    return type(model).__module__.startswith("transformers.") and hasattr(model, "config")
+
+
+def factory_kwargs(factory: Any, kwargs: dict[str, Any], spec: DataSpec) -> dict[str, Any]:
+    """model.kwargs as the factory takes them: a config mapping made a config object (its vocab_size and
+    num_labels, where not given, the data's), a local path checked."""
+    kwargs = dict(kwargs)
+    if isinstance(kwargs.get(CONFIG), dict):
+        kwargs[CONFIG] = _config(factory, {**_sized(spec), **kwargs[CONFIG]})
+    if getattr(factory, "__name__", "") == "from_pretrained":
+        path = kwargs.get(PATH)
+        if not isinstance(path, str) or not Path(path).expanduser().is_dir():
+            raise ConfigError(
+                f"{PATH}: {path!r} is not a local directory (a save_pretrained or `shoal export --format "
+                "hugging_face` directory; nothing is downloaded)",
+                key=f"model.kwargs.{PATH}",
+            )
+        kwargs[PATH] = str(Path(path).expanduser())
+        kwargs.setdefault("local_files_only", True)
+    return kwargs
+
+
+def _sized(spec: DataSpec) -> dict[str, int]:
+    """The sizes the data gives a model config."""
+    sizes = {"vocab_size": spec.vocab_size} if spec.vocab_size else {}
+    return {**sizes, "num_labels": spec.num_classes} if spec.task == "classification" else sizes
+
+
+def _config(factory: Any, fields: dict[str, Any]) -> Any:
+    """The config object a mapping describes, of the class the factory's model uses."""
+    owner = getattr(factory, "__self__", factory)  # a classmethod's class, or the class itself
+    model_type = fields.pop("model_type", None)
+    fields.setdefault("use_cache", False)  # training: no key/value cache to build and return
+    config_class = getattr(owner, "config_class", None)
+    if config_class is not None:
+        return config_class(**fields)
+    if model_type is None:
+        raise ConfigError(
+            f"config needs model_type for {getattr(owner, '__name__', owner)} (e.g. gpt2, bert, llama)",
+            key="model.kwargs.config",
+        )
+    from transformers import AutoConfig  # the target is a transformers Auto class: the package is there
+
+    try:
+        return AutoConfig.for_model(model_type, **fields)
+    except ValueError as e:
+        raise ConfigError(f"model_type {model_type!r}: {e}", key="model.kwargs.config") from None
+
+
+def check_sizes(model: nn.Module, spec: DataSpec) -> None:
+    """The model's vocabulary, classes and positions against the data's."""
+    config = model.config
+    if spec.vocab_size and config.vocab_size < spec.vocab_size:
+        _mismatch("vocab_size", config.vocab_size, f"the data's vocab_size={spec.vocab_size}", spec.vocab_size)
+    if spec.task == "lm" and config.vocab_size != spec.vocab_size:
+        _mismatch("vocab_size", config.vocab_size, f"the data's vocab_size={spec.vocab_size}", spec.vocab_size)
+    if spec.task == "classification" and config.num_labels != spec.num_classes:
+        _mismatch("num_labels", config.num_labels, f"the data's {spec.num_classes} classes", spec.num_classes)
+    positions = next((getattr(config, k) for k in ("max_position_embeddings", "n_positions") if hasattr(config, k)), 0)
+    length = spec.input_shape[0] if spec.vocab_size and spec.input_shape else 0
+    if positions and length > positions:
+        raise ConfigError(
+            f"max_position_embeddings: the model has {positions} positions but the data's samples are {length} "
+            "tokens long; raise it or shard with a shorter --seq-len",
+            key="model.kwargs.config",
+        )
+
+
+def _mismatch(name: str, got: int, data: str, want: int) -> None:
+    raise ConfigError(f"{name}: the model has {got} but {data}; set {name}: {want}", key=f"model.kwargs.config.{name}")

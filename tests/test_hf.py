@@ -1,0 +1,223 @@
+"""Hugging Face transformers models as model.target: a GPT-2 built from a config mapping (nothing downloaded) on
+BPE-tokenised shards. 2 ranks x accumulation = 1 rank (allreduce and fsdp by GPT2Block), the model's own loss =
+Shoal's cross-entropy on its logits, below the unigram baseline, exact resume, export into GPT2LMHeadModel (state
+dict and save_pretrained), and one clear line for each mismatch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_checkpoint import final_weights, run
+from test_data_writer import shard
+from test_engine import assert_params_close, run_steps
+from test_tokens import _unigram_loss, documents
+
+from shoal.config import DataConfig, JobConfig
+from shoal.data import tokens
+from shoal.data.partition import ShardPlan
+from shoal.data.shards import open_shards
+from shoal.dist import WorldInfo
+from shoal.engine import train, train_step
+from shoal.errors import ConfigError
+from shoal.job import build_job
+
+from _ranks import spawn_ranks
+from conftest import shoal_cli
+
+transformers = pytest.importorskip("transformers")
+
+CAUSAL = "transformers:AutoModelForCausalLM.from_config"
+GPT2 = {
+    "model_type": "gpt2",
+    "n_layer": 2,
+    "n_head": 2,
+    "n_embd": 32,
+    "n_positions": 32,
+    "resid_pdrop": 0.0,  # no dropout: ranks and the reference draw no masks, so runs compare exactly
+    "embd_pdrop": 0.0,
+    "attn_pdrop": 0.0,
+}
+
+
+@pytest.fixture(scope="module")
+def lm_shards(tmp_path_factory):
+    """Generated documents through a BPE trained here, packed in 32-token blocks."""
+    root = tmp_path_factory.mktemp("hf")
+    (root / "docs").mkdir()
+    for i, doc in enumerate(documents(24, 60)):
+        (root / "docs" / f"doc{i:03d}.txt").write_text(doc)
+    tokens.train_bpe(
+        (p.read_text() for p in sorted((root / "docs").iterdir())), 300, root / "tok.json", say=lambda m: None
+    )
+    shard(str(root / "docs"), str(root / "s"), "--tokenizer", str(root / "tok.json"), "--seq-len", "32")
+    return root / "s"
+
+
+def gpt2_cfg(shards, run_dir=None, **updates) -> JobConfig:
+    base = {
+        "data.format": "shards",
+        "data.path": str(shards),
+        "data.batch_size": 16,
+        "model.target": CAUSAL,
+        "model.kwargs": {"config": GPT2},
+        "optim.lr": 0.01,
+        "train.max_steps": 60,
+        "train.eval_every": 0,
+        "log.tensorboard": False,
+        **({"run.dir": str(run_dir)} if run_dir else {}),
+    }
+    return JobConfig().replace({**base, **updates})
+
+
+def vocab(shards) -> int:
+    return json.loads((Path(shards) / "manifest.json").read_text())["vocab_size"]
+
+
+def test_gpt2_sized_by_the_data_trains_below_the_unigram_baseline_on_its_own_loss(lm_shards, tmp_path):
+    cfg = gpt2_cfg(lm_shards, tmp_path, **{"model.output": "loss", "train.eval_every": 60})
+    job = build_job(cfg, WorldInfo(), torch.device("cpu"))
+    model = job.bare_model
+    assert type(model).__name__ == "GPT2LMHeadModel" and model.config.vocab_size == vocab(lm_shards)
+    assert not any(k.startswith(("model.", "module.")) for k in model.state_dict())  # nothing wraps it
+    train_set, val_set = open_shards(DataConfig(format="shards", path=str(lm_shards)))
+    unigram = _unigram_loss(train_set, val_set, vocab(lm_shards))
+    val_loss = train(job, lambda r: None)["val_loss"]
+    assert val_loss < unigram - 0.3, (val_loss, unigram)
+
+
+def test_the_models_own_loss_equals_cross_entropy_on_its_logits(lm_shards):
+    def steps(**updates) -> tuple[list[float], dict]:
+        job = build_job(gpt2_cfg(lm_shards, **updates), WorldInfo(), torch.device("cpu"))
+        losses = [(lambda r: r.loss_sum.item() / r.count)(train_step(job)) for _ in range(3)]
+        return losses, {k: v.detach().clone() for k, v in job.bare_model.state_dict().items()}
+
+    own, own_params = steps(**{"model.output": "loss"})
+    shoal, shoal_params = steps()
+    assert np.allclose(own, shoal, rtol=1e-6, atol=0), (own, shoal)
+    assert_params_close(own_params, shoal_params, atol=1e-6)  # the same gradients, three steps on
+
+
+@pytest.mark.parametrize("strategy", ["allreduce", "fsdp"])
+def test_two_ranks_with_accumulation_equal_one_plain_step_on_the_whole_batch(lm_shards, strategy):
+    # sgd: Adam would blow float noise in near-zero gradients up to full-size steps
+    common = {"optim.name": "sgd", "optim.lr": 0.5, "model.output": "loss"}
+    two = gpt2_cfg(lm_shards, **common, **{"strategy": strategy, "data.batch_size": 4, "train.grad_accum_steps": 2})
+    ranks = spawn_ranks(gathered_steps, 2, two.to_dict(), 3)
+    losses, params = plain_steps_on_the_same_batches(two, 3)
+    assert_params_close(ranks[0]["params"], params, atol=2e-6)
+    assert np.allclose([(a + b) / 2 for a, b in zip(ranks[0]["losses"], ranks[1]["losses"])], losses, rtol=1e-5)
+
+
+def gathered_steps(cfg_dict: dict, steps: int) -> dict:
+    """run_steps on a rank, the parameters whole (fsdp's shards gathered while the group is up)."""
+    out = run_steps(cfg_dict, steps)
+    out["params"] = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in out["params"].items()}
+    return out
+
+
+def plain_steps_on_the_same_batches(cfg: JobConfig, steps: int) -> tuple[list[float], dict]:
+    """A plain loop in one process, Shoal's step not used: a GPT2LMHeadModel with the run's first weights, each
+    step's global batch (both ranks' spans, their micro-batches) in one forward, the model's loss, one SGD step."""
+    init = build_job(cfg.replace({"strategy": "allreduce"}), WorldInfo(), torch.device("cpu")).bare_model.state_dict()
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**GPT2, vocab_size=vocab(cfg.data.path)))
+    model.load_state_dict(init)
+    source = open_shards(cfg.data)[0]
+    k, b = cfg.train.grad_accum_steps, cfg.data.batch_size
+    plans = [
+        list(ShardPlan(source.shard_counts, cfg.seed, True, cfg.data.shuffle_buffer, r, 2, b).batches(0, [], 0))
+        for r in range(2)
+    ]
+    losses = []
+    for step in range(steps):
+        ids = np.concatenate([plan[step * k + i] for plan in plans for i in range(k)])
+        x, y, _ = source.get_batch(ids)
+        loss = model(input_ids=x, labels=y, shift_labels=y).loss  # y: the next tokens already
+        model.zero_grad()
+        loss.backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= cfg.optim.lr * p.grad
+        losses.append(loss.item())
+    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_fsdp_shards_each_transformer_block_the_model_names(lm_shards):
+    from shoal.models import blocks
+
+    job = build_job(gpt2_cfg(lm_shards), WorldInfo(), torch.device("cpu"))
+    assert [n for n, _ in blocks(job.bare_model)] == ["transformer.h.0", "transformer.h.1"]  # _no_split_modules
+
+
+def test_resume_mid_run_is_bitwise_the_uninterrupted_run(lm_shards, tmp_path):
+    updates = {"train.max_steps": 24, "log.every": 4, "checkpoint.every_steps": 100}
+    straight, _ = run(gpt2_cfg(lm_shards, tmp_path / "a", **updates))
+    stopped, _ = run(gpt2_cfg(lm_shards, tmp_path / "b", **updates), stop_after=10)
+    assert stopped["status"] == "preempted" and stopped["steps"] < 24
+    resumed, _ = run(gpt2_cfg(lm_shards, tmp_path / "b", **updates), resume=True)
+    assert resumed["steps"] == 24 and straight["steps"] == 24
+    a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_export_loads_into_gpt2_lm_head_model_with_the_same_logits(lm_shards, tmp_path):
+    cfg = gpt2_cfg(lm_shards, tmp_path / "run", **{"train.max_steps": 10})
+    run(cfg)
+    assert shoal_cli("export", str(tmp_path / "run"), str(tmp_path / "model.pt")).returncode == 0
+    proc = shoal_cli("export", str(tmp_path / "run"), str(tmp_path / "hf"), "--format", "hugging_face")
+    assert proc.returncode == 0, proc.stderr
+    config = transformers.GPT2Config(
+        **{k: v for k, v in GPT2.items() if k != "model_type"}, vocab_size=vocab(lm_shards)
+    )
+    from_state = transformers.GPT2LMHeadModel(config)
+    from_state.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+    from_dir = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf", local_files_only=True)
+    job = build_job(cfg, WorldInfo(), torch.device("cpu"))
+    job.bare_model.load_state_dict(final_weights(tmp_path / "run"))
+    x = open_shards(cfg.data)[0].get_batch(np.arange(4))[0]
+    want = job.bare_model.eval()(x)
+    for model in (from_state, from_dir):
+        assert torch.allclose(model.eval()(input_ids=x).logits, want, atol=1e-6)
+
+
+def test_a_vocabulary_other_than_the_datas_exits_2_naming_the_key_and_both_sizes(lm_shards, tmp_path):
+    job = tmp_path / "job.yaml"
+    config = {**GPT2, "vocab_size": 250}
+    job.write_text(
+        json.dumps(
+            {
+                "data": {"format": "shards", "path": str(lm_shards)},
+                "model": {"target": CAUSAL, "kwargs": {"config": config}},
+            }
+        )
+    )
+    proc = shoal_cli("validate", str(job))
+    assert proc.returncode == 2, proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "model.kwargs.config.vocab_size" in line and "250" in line and str(vocab(lm_shards)) in line, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "updates, words",
+    [
+        ({"model.inputs": {"pixels": "input_ids"}}, ["model.inputs", "'pixels'", "input_ids, labels"]),
+        ({"model.inputs": {"input_ids": "tokens"}}, ["model.inputs", "no argument 'tokens'", "input_ids"]),
+        ({"model.inputs": {"input_ids": "input_ids"}, "model.output": "loss"}, ["model.output", "labels: labels"]),
+    ],
+)
+def test_inputs_that_do_not_fit_the_batch_or_the_forward_are_named(lm_shards, updates, words):
+    with pytest.raises(ConfigError) as e:
+        build_job(gpt2_cfg(lm_shards, **updates), WorldInfo(), torch.device("cpu"))
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_an_output_the_model_does_not_return_is_named_with_what_it_returned(lm_shards):
+    job = build_job(gpt2_cfg(lm_shards, **{"model.output": "hidden_states"}), WorldInfo(), torch.device("cpu"))
+    with pytest.raises(ConfigError) as e:
+        train_step(job)
+    assert "model.output" in str(e.value) and "CausalLMOutputWithCrossAttentions" in str(e.value)
+    assert "keys: logits" in str(e.value)
