@@ -221,3 +221,29 @@ def test_an_output_the_model_does_not_return_is_named_with_what_it_returned(lm_s
         train_step(job)
     assert "model.output" in str(e.value) and "CausalLMOutputWithCrossAttentions" in str(e.value)
     assert "keys: logits" in str(e.value)
+
+
+def test_activation_checkpointing_of_its_blocks_gives_the_same_steps(lm_shards):
+    def steps(**updates) -> dict:
+        job = build_job(gpt2_cfg(lm_shards, **updates), WorldInfo(), torch.device("cpu"))
+        for _ in range(2):
+            train_step(job)
+        return {k: v.detach().clone() for k, v in job.bare_model.state_dict().items()}
+
+    assert_params_close(steps(**{"train.activation_checkpointing": "full"}), steps(), atol=1e-6)
+
+
+def test_check_probes_it_on_the_batch_it_trains_on_and_compress_prunes_its_conv1d(lm_shards, tmp_path):
+    from shoal import check
+    from shoal.compress.prune import layers, prune
+
+    cfg = gpt2_cfg(lm_shards, tmp_path, **{"model.output": "loss"})
+    result = check.run(cfg, tmp_path / "check", say=lambda m: None)
+    # the first batch, its gradients and the overfitting probe ran on the model's own loss: no model finding
+    assert not [f for f in result.findings if f.area == "model"], result.findings
+    model = build_job(cfg, WorldInfo(), torch.device("cpu")).bare_model
+    pruned = {n for n, _ in layers(model)}
+    assert "transformer.h.0.attn.c_attn" in pruned and "lm_head" not in pruned  # tied to wte: spared
+    prune(model, 0.5, method="structured")
+    w = model.transformer.h[0].mlp.c_fc.weight  # (inputs, outputs)
+    assert (w.abs().sum(dim=0) == 0).float().mean() == pytest.approx(0.5, abs=0.01)  # whole output columns

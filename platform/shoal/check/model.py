@@ -16,6 +16,8 @@ from torch import nn
 
 from shoal.check.findings import Finding
 from shoal.config import JobConfig
+from shoal.data.fields import named
+from shoal.data.loaders import takes_fields
 from shoal.data.spec import DataSpec
 from shoal.errors import ConfigError
 from shoal.health import probes
@@ -52,6 +54,8 @@ def probe(cfg: JobConfig, spec: DataSpec, x: torch.Tensor, y: torch.Tensor, labe
         return rep
     batch = min(len(x), max(2, cfg.check.overfit_batch))
     bx, by = x[:batch], y[:batch]
+    if takes_fields(cfg, spec):  # as the loader gives them to such a model
+        bx = named(bx, by, spec)
     if _first_batch_fits(model, loss_fn, bx, by, spec, rep):
         _overfit(cfg, model, loss_fn, bx, by, spec, rep)
     return rep

@@ -1,6 +1,7 @@
 """Magnitude pruning through torch.nn.utils.prune, made permanent (the zeros are in the weights).
 
-Pruned: the weights of Linear and Conv2d layers, except a weight shared by two modules (a tied
+Pruned: the weights of Linear and Conv2d layers (and Hugging Face's Conv1D, GPT-2's Linear with its
+weight stored transposed), except a weight shared by two modules (a tied
 embedding): pruning one name of it would silently prune the other. Structured pruning removes whole
 output neurons or channels (rows of the weight, by L2 norm) and spares the output layer, whose rows
 are the classes."""
@@ -15,11 +16,20 @@ from shoal.errors import ShoalError
 PRUNABLE = (nn.Linear, nn.Conv2d)
 
 
+def _transposed(m: nn.Module) -> bool:
+    """transformers' Conv1D: a Linear whose weight is (inputs, outputs)."""
+    return type(m).__name__ == "Conv1D" and type(m).__module__.startswith("transformers.")
+
+
 def layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     seen: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         seen[id(p)] = seen.get(id(p), 0) + 1
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, PRUNABLE) and seen[id(m.weight)] == 1]
+    return [
+        (n, m)
+        for n, m in model.named_modules()
+        if (isinstance(m, PRUNABLE) or _transposed(m)) and seen[id(m.weight)] == 1
+    ]
 
 
 def prune(model: nn.Module, sparsity: float, method: str = "unstructured", scope: str = "global") -> None:
@@ -33,7 +43,7 @@ def prune(model: nn.Module, sparsity: float, method: str = "unstructured", scope
         return
     if method == "structured":
         for _, m in found[:-1] if len(found) > 1 else found:
-            tprune.ln_structured(m, "weight", amount=sparsity, n=2, dim=0)
+            tprune.ln_structured(m, "weight", amount=sparsity, n=2, dim=1 if _transposed(m) else 0)
     elif scope == "global":
         tprune.global_unstructured([(m, "weight") for _, m in found], tprune.L1Unstructured, amount=sparsity)
     else:
