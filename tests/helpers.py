@@ -273,3 +273,22 @@ class InputRecordingMLP(nn.Module):
 
 def input_recording_mlp() -> nn.Module:
     return InputRecordingMLP()
+
+
+class TokenBag(nn.Module):
+    """Rows of token ids -> class logits: the mean of the ids' embeddings, pads left out."""
+
+    def __init__(self, vocab_size: int, classes: int, pad_id: int, width: int = 16):
+        super().__init__()
+        self.pad_id = pad_id
+        self.embed = nn.Embedding(vocab_size, width)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        keep = (x != self.pad_id).unsqueeze(-1).float()
+        mean = (self.embed(x) * keep).sum(1) / keep.sum(1).clamp(min=1.0)
+        return self.head(mean)
+
+
+def token_bag(vocab_size: int = 300, classes: int = 3, pad_id: int = 0) -> nn.Module:
+    return TokenBag(vocab_size, classes, pad_id)

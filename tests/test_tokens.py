@@ -21,7 +21,9 @@ from shoal.data.shards import open_shards
 from shoal.dist import WorldInfo
 from shoal.errors import DataError
 
-from conftest import shoal_cli
+from conftest import REPO, shoal_cli
+
+QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
 
 DETERMINERS = ["the", "a", "every", "some"]
 ADJECTIVES = ["red", "quick", "lazy", "small", "old", "bright", "quiet"]
@@ -365,3 +367,131 @@ def test_an_npz_of_token_ids_becomes_lm_blocks_with_its_vocabulary(tmp_path):
     proc = shoal_cli("shard", str(tmp_path / "bad.npz"), str(tmp_path / "bad"))
     assert proc.returncode == 2 and "outside the vocabulary ('vocab_size' 500)" in proc.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "bad" / "manifest.json").exists()
+
+
+# ---------------------------------------------------------------- labelled text: rows of ids for a classifier
+
+ROW_LEN = 16
+
+
+@pytest.fixture(scope="module")
+def reviews(tmp_path_factory):
+    """A parquet table of texts of one to six sentences (many past ROW_LEN tokens) with string labels, in
+    row groups of 7 (several pieces), and a BPE trained on it; also a copy of the BPE with a [PAD] token."""
+    root = tmp_path_factory.mktemp("reviews")
+    rng = random.Random(5)
+    texts = [" ".join(sentence(rng) for _ in range(rng.randint(1, 6))) for _ in range(60)]
+    texts[3] = ""  # an empty row: all pads
+    labels = [rng.choice(["neg", "pos", "mixed"]) for _ in texts]
+    table = pa.table({"text": texts, "label": labels, "score": [rng.random() for _ in texts]})
+    pq.write_table(table, root / "r.parquet", row_group_size=7)
+    tok = tokens.train_bpe(texts, 320, root / "tok.json", say=lambda *_: None)
+    tok.add_special_tokens(["[PAD]"])
+    tok.enable_padding(pad_id=tok.token_to_id("[PAD]"), pad_token="[PAD]", length=40)  # as some files carry: unused
+    tok.enable_truncation(8)
+    tok.save(str(root / "padded.json"))
+    return root, texts, labels
+
+
+def test_labelled_text_rows_are_padded_ids_that_decode_to_each_rows_first_tokens(reviews, tmp_path):
+    root, texts, labels = reviews
+    args = ["--tokenizer", str(root / "tok.json"), "--text-column", "text", "--label-column", "label"]
+    out = shard(str(root / "r.parquet"), str(tmp_path / "s"), *args, "--seq-len", str(ROW_LEN), "--no-shuffle",
+                "--val-fraction", "0")  # fmt: skip
+    x, y, manifest = read_all(tmp_path / "s")
+    tok = Tokenizer.from_file(str(root / "tok.json"))
+    full = [tok.encode(t).ids for t in texts]
+    kept = [min(len(ids), ROW_LEN) for ids in full]
+    pad = manifest["pad_id"]
+    assert pad == manifest["tokenizer"]["eot_id"] == tok.token_to_id("<|endoftext|>")  # no [PAD]: GPT-2's way
+    assert x.dtype == np.int64 and x.shape == (len(texts), ROW_LEN)
+    for row, ids, n, text in zip(x, full, kept, texts):
+        assert row[:n].tolist() == ids[:n] and (row[n:] == pad).all()
+        assert tok.decode(row[row != pad].tolist()) == tok.decode(ids[:ROW_LEN])  # the text's first ROW_LEN tokens
+        assert len(ids) > ROW_LEN or tok.decode(row[:n].tolist()) == text
+    assert manifest["classes"] == sorted(set(labels)) and y.tolist() == [manifest["classes"].index(v) for v in labels]
+    cut = sum(len(ids) > ROW_LEN for ids in full)
+    assert 0 < cut < len(texts) and manifest["lengths"] == {
+        "mean": round(sum(kept) / len(kept), 3),
+        "max": ROW_LEN,
+        "truncated": cut,
+        "longest": max(map(len, full)),
+    }
+    assert f"{cut} of {len(texts)} rows had more than --seq-len {ROW_LEN} tokens" in out.stdout
+    assert manifest["task"] == "classification" and manifest["num_classes"] == 3
+    assert manifest["fields"]["x"] == {"dtype": "<u2", "shape": [ROW_LEN]}
+    assert manifest["vocab_size"] == tok.get_vocab_size(with_added_tokens=True)
+    assert manifest["columns"] == {"text": "text", "label": "label"} and (tmp_path / "s" / "tokenizer.json").exists()
+    spec = open_shards(DataConfig(format="shards", path=str(tmp_path / "s")))[0].spec
+    assert (spec.input_shape, spec.num_classes, spec.pad_id) == ((ROW_LEN,), 3, pad)
+    assert spec.vocab_size == manifest["vocab_size"] and spec.token_ids
+
+
+def test_labelled_text_with_two_workers_is_the_samples_of_one_and_pads_with_pad(reviews, tmp_path):
+    root, texts, _ = reviews
+    args = ["--tokenizer", str(root / "padded.json"), "--label-column", "label", "--seq-len", "12", "--seed", "4"]
+    shard(str(root / "r.parquet"), str(tmp_path / "one"), *args)
+    shard(str(root / "r.parquet"), str(tmp_path / "two"), *args, "--workers", "2")
+    one, two = read_all(tmp_path / "one"), read_all(tmp_path / "two")
+    assert np.array_equal(one[0], two[0]) and np.array_equal(one[1], two[1]) and one[2]["lengths"] == two[2]["lengths"]
+    pad = Tokenizer.from_file(str(root / "padded.json")).token_to_id("[PAD]")
+    assert one[2]["pad_id"] == pad != one[2]["tokenizer"]["eot_id"] and one[2]["tokenizer"]["special"]["[PAD]"] == pad
+    assert (one[0] == pad).all(axis=1).sum() == 1  # the empty row, shuffled somewhere
+    assert one[2]["lengths"]["max"] == 12 and one[0].shape[1] == 12  # not the file's truncation (8) or padding (40)
+    lm = ["--tokenizer", str(root / "padded.json"), "--seq-len", "8", "--no-shuffle", "--val-fraction", "0"]
+    shard(str(root / "r.parquet"), str(tmp_path / "lm"), *lm)  # no label: a language model's documents
+    ids, manifest = token_sequence(tmp_path / "lm")
+    plain = Tokenizer.from_file(str(root / "tok.json"))
+    whole = [i for t in texts for i in [*plain.encode(t).ids, manifest["tokenizer"]["eot_id"]]]
+    assert ids.tolist() == whole[: len(ids)] and len(whole) - len(ids) < 8 and "pad_id" not in manifest
+
+
+def test_labelled_text_mistakes_exit_2_naming_the_option(reviews, tmp_path, capsys, monkeypatch):
+    root, _, _ = reviews
+    monkeypatch.chdir(tmp_path)  # the relative OUT_DIRs below
+    src, tok = str(root / "r.parquet"), str(root / "tok.json")
+    line = _one_line_error(
+        shoal_cli(
+            "shard", src, str(tmp_path / "o1"), "--tokenizer", tok, "--label-column", "label", "--pad-token", "<x>"
+        )
+    )
+    assert "--pad-token '<x>' is not in the tokenizer's vocabulary" in line
+    cases = [
+        ([src, "o2", "--label-column", "label", "--pad-token", "<x>"], "--pad-token: only with --tokenizer"),
+        ([src, "o3", "--tokenizer", tok, "--pad-token", "<|endoftext|>"], "--pad-token pads the rows of a labelled"),
+        (
+            [src, "o4", "--label-column", "label", "--text-column", "text"],
+            "a text column with labels needs --tokenizer",
+        ),
+        ([src, "o5", "--tokenizer", tok, "--label-column", "score"], "labelled text is classification data"),
+    ]
+    for argv, needle in cases:
+        assert needle in _main_error(["shard", *argv], capsys)
+
+
+def test_check_and_validate_take_labelled_text_shards(reviews, tmp_path, capsys):
+    from shoal import check
+    from shoal.cli import main
+
+    root, _, _ = reviews
+    out = tmp_path / "s"
+    shard(str(root / "r.parquet"), str(out), "--tokenizer", str(root / "tok.json"), "--label-column", "label")
+    data = ["data.format=shards", f"data.path={out}", f"run.dir={tmp_path / 'run'}", "check.overfit_steps=20"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    target = [
+        "model.target=helpers:token_bag",
+        f"model.kwargs.vocab_size={manifest['vocab_size']}",
+        f"model.kwargs.pad_id={manifest['pad_id']}",
+    ]
+    assert main(["check", QUICKSTART, *data, *target, "--out", str(tmp_path / "c")]) in (0, 1)  # findings, no error
+    report = json.loads((tmp_path / "c" / "report.json").read_text())
+    assert report["numbers"]["model"]["initial_loss"] > 0 and "linear_accuracy" not in report["numbers"]["baselines"]
+    assert "majority_accuracy" in report["numbers"]["baselines"] and "features" not in report["numbers"]
+    assert main(["validate", QUICKSTART, *data, *target]) == 0
+    capsys.readouterr()
+    assert main(["validate", QUICKSTART, *data, *target, "data.augment=[noise]"]) == 2
+    assert "data.augment[0]: noise: the inputs are rows of token ids" in capsys.readouterr().err
+    result = check.run(load_config(QUICKSTART, data), tmp_path / "mlp", say=lambda *_: None)  # the quickstart's mlp
+    finding = next(f for f in result.findings if f.kind == "model_does_not_build")
+    assert "mlp does not classify token ids" in finding.message and "model.target" in finding.message
+    capsys.readouterr()

@@ -34,6 +34,12 @@ def build_model(cfg: ModelConfig, spec: DataSpec, out_features: int) -> nn.Modul
     """The model the config names, sized for the data, with its init applied."""
     if cfg.target:
         return _user_model(cfg, spec)
+    if spec.token_ids and spec.task != "lm":
+        raise ConfigError(
+            f"{cfg.name} does not classify token ids (the data are rows of ids in a vocabulary of "
+            f"{spec.vocab_size:,}, padded with id {spec.pad_id}); name a model that embeds them with model.target",
+            key="model.name",
+        )
     if cfg.name == "mlp":
         model = MLP(math.prod(spec.input_shape), out_features, cfg)
     elif cfg.name == "cnn":

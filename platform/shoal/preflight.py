@@ -96,7 +96,7 @@ def _check_output(model, spec, loss) -> None:
     """One meta forward: the outputs per sample must fit the classes, vocabulary or targets."""
     import torch  # as in check_model
 
-    dtype = torch.long if spec.task == "lm" else torch.float32
+    dtype = torch.long if spec.task == "lm" or spec.token_ids else torch.float32
     x = torch.zeros((2, *spec.input_shape), dtype=dtype, device="meta")
     try:
         with torch.no_grad():

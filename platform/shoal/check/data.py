@@ -124,6 +124,9 @@ class SplitStats:
         if self.spec.task == "lm":
             self._range(b, np.concatenate([x.reshape(len(x), -1), y.reshape(len(y), -1)], axis=1), self.spec.vocab_size)
             return
+        if self.spec.token_ids:  # rows of token ids: no feature statistics or NaN (the reader checks the ids)
+            self._labels(b, y)
+            return
         flat = x.reshape(len(x), -1).astype(np.float64, copy=False)
         targets = y.reshape(len(y), -1).astype(np.float64, copy=False)
         flat, targets, y = self._finite(b, flat, targets, y)

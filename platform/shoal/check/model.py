@@ -345,6 +345,8 @@ def baselines(
         return {}
     mean, std = xt.mean(0), xt.std(0) + 1e-8
     xt, xv = (xt - mean) / std, (xv - mean) / std
+    if spec.token_ids:  # ids are not magnitudes: a linear model on them measures nothing
+        return {"measured_on": where, "fitted_on": len(xt)} | _majority(spec, yt, yv)
     fit = _classifiers if spec.task == "classification" else _regressors
     return {"measured_on": where, "fitted_on": len(xt)} | fit(spec, xt, yt, xv, yv)
 
@@ -367,10 +369,13 @@ def _finite_rows(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x[keep], y[keep]
 
 
-def _classifiers(spec: DataSpec, xt: np.ndarray, yt: np.ndarray, xv: np.ndarray, yv: np.ndarray) -> dict[str, Any]:
+def _majority(spec: DataSpec, yt: np.ndarray, yv: np.ndarray) -> dict[str, float]:
     counts = np.bincount(yt.astype(np.int64).clip(0), minlength=spec.num_classes)
-    majority = int(np.argmax(counts))
-    out = {"majority_accuracy": float((yv == majority).mean())}
+    return {"majority_accuracy": float((yv == int(np.argmax(counts))).mean())}
+
+
+def _classifiers(spec: DataSpec, xt: np.ndarray, yt: np.ndarray, xv: np.ndarray, yv: np.ndarray) -> dict[str, Any]:
+    out: dict[str, Any] = _majority(spec, yt, yv)
     if len(np.unique(yt)) > 1:
         clf = LogisticRegression(max_iter=300)
         clf.fit(xt, yt)

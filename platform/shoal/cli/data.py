@@ -100,7 +100,12 @@ def _source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--task", choices=["classification", "regression", "lm"], default=None, help="task (default: inferred)"
     )
-    p.add_argument("--seq-len", type=int, default=64, help="text and synthetic lm: tokens per sample")
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=64,
+        help="text and synthetic lm: tokens per sample; text classification: ids per row (cut, then padded)",
+    )
     p.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("H", "W"), help="images: resize to H x W")
 
 
@@ -139,6 +144,13 @@ def _text_args(p: argparse.ArgumentParser) -> None:
         help="the token put after each document (default: the tokenizer's <|endoftext|>, </s>, <eos>, [SEP] "
         "or <|end_of_text|>)",
     )
+    p.add_argument(
+        "--pad-token",
+        default=None,
+        metavar="TOKEN",
+        help="text classification: the token that pads each row to --seq-len ids (default: the tokenizer's [PAD], "
+        "<pad> or <|pad|>, else its end-of-text token)",
+    )
 
 
 def shard(args: argparse.Namespace) -> int:
@@ -150,6 +162,10 @@ def shard(args: argparse.Namespace) -> int:
         raise ShoalError(f"--val-fraction: must be in [0, 1) (got {args.val_fraction})")
     if args.eot_token and not args.tokenizer:
         raise ShoalError("--eot-token: only with --tokenizer (bytes end a document with a newline)")
+    if args.pad_token and not args.tokenizer:
+        raise ShoalError("--pad-token: only with --tokenizer (it names one of the tokenizer's tokens)")
+    if args.seq_len < 1:
+        raise ShoalError(f"--seq-len: must be at least 1 (got {args.seq_len})")
     opts = _shard_options(args)
     check_options(opts)
     tokenizer = _tokenizer(args)
@@ -200,16 +216,24 @@ def _shard_to_storage(args: argparse.Namespace, opts: ShardOptions, tokenizer: V
 def _said(manifest: dict, where: str) -> None:
     for split, info in manifest["splits"].items():
         say(f"[shoal] {split}: {info['samples']:,} samples in {len(info['shards'])} shards")
+    lengths = manifest.get("lengths") or {}
+    if lengths.get("truncated"):
+        rows = sum(info["samples"] for info in manifest["splits"].values())
+        seq_len = manifest["fields"]["x"]["shape"][0]
+        say(
+            f"[shoal] {lengths['truncated']:,} of {rows:,} rows had more than --seq-len {seq_len} tokens and were "
+            f"cut to it (the longest had {lengths['longest']:,})"
+        )
     say(f"[shoal] wrote {where}")
 
 
 def _tokenizer(args: argparse.Namespace) -> Vocabulary | None:
-    """--tokenizer's tokenizer and its end-of-text id (None: text as bytes)."""
+    """--tokenizer's tokenizer and its end-of-text and pad ids (None: text as bytes)."""
     if not args.tokenizer:
         return None
     from shoal.data.tokens import load_tokenizer
 
-    return load_tokenizer(args.tokenizer, args.eot_token)
+    return load_tokenizer(args.tokenizer, args.eot_token, args.pad_token)
 
 
 def _source_kwargs(args: argparse.Namespace, tokenizer: Vocabulary | None) -> dict[str, Any]:

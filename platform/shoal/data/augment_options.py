@@ -31,6 +31,8 @@ def parse(cfg: DataConfig, spec: DataSpec) -> list[tuple[str, dict[str, Any]]]:
     for key, mix in (("data.mixup", cfg.mixup), ("data.cutmix", cfg.cutmix)):
         if mix is not None and spec.task != "classification":
             raise ConfigError("mixes class targets: classification data only", key=key)
+        if mix is not None and spec.token_ids:
+            raise ConfigError("mixes inputs, and these are rows of token ids (text classification)", key=key)
     if cfg.cutmix is not None and not image:
         raise ConfigError(
             f"cutmix pastes image boxes: needs [C, H, W] inputs (the data gives {list(spec.input_shape)})",
@@ -63,6 +65,10 @@ def _entry(entry: Any, key: str, spec: DataSpec, image: bool) -> tuple[str, dict
 
 def _check_fits(name: str, opts: dict[str, Any], key: str, spec: DataSpec, image: bool) -> None:
     """The transform suits the data's task and shape; crop's size is filled in."""
+    if spec.token_ids and spec.task != "lm":
+        raise ConfigError(
+            f"{name}: the inputs are rows of token ids (text classification), which no transform takes", key=key
+        )
     if spec.task == "lm" and name not in LM_OPS:
         raise ConfigError(f"{name} transforms inputs, and lm inputs are token ids; use token_mask", key=key)
     if name in LM_OPS and spec.task != "lm":

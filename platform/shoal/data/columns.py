@@ -49,24 +49,24 @@ class Plan:
         return list(dict.fromkeys(keep))
 
 
-def plan(schema: pa.Schema, cols: Columns, task: str | None, source: str) -> Plan:
-    """The reading plan for this schema, the user's columns checked against it."""
+def plan(schema: pa.Schema, cols: Columns, task: str | None, source: str, tokenized: bool = False) -> Plan:
+    """The reading plan for this schema, the user's columns checked against it. With a tokenizer
+    (`tokenized`) the documents' column is --text-column, else `text`; it is a language model's text
+    unless a label column is named or the task is classification: then each row is a labelled sample."""
     names = schema.names
     if cols.label and cols.label not in names and _index(cols.label, len(names)) is not None:
         cols = replace(cols, label=names[_index(cols.label, len(names))])  # an index, as CSV users give it
     for flag, name in _named(cols):
         if name not in names:
             raise DataError(f"{source}: no column {name!r} ({flag}); its columns are: {', '.join(names)}")
-    text = cols.text or ("text" if task == "lm" and "text" in names else None)
+    text = cols.text or ("text" if (task == "lm" or tokenized) and "text" in names else None)
     if text:
-        _need_type(
-            schema,
-            text,
-            pa.types.is_string(schema.field(text).type) or pa.types.is_large_string(schema.field(text).type),
-            "text (strings)",
-            source,
+        return _text_plan(schema, cols, text, task, source)
+    if tokenized:
+        raise DataError(
+            f"{source}: --tokenizer needs a column of documents: name it with --text-column (its columns "
+            f"are: {', '.join(names)})"
         )
-        return Plan("text", [text], None, "lm")
     image = cols.image or (None if cols.x else _image_like(schema))
     label = _label_column(schema, cols, image, source)
     label_task = _label_task(schema.field(label), task, source)
@@ -85,6 +85,22 @@ def plan(schema: pa.Schema, cols: Columns, task: str | None, source: str) -> Pla
     for name in x:
         _need_type(schema, name, _is_numeric(schema.field(name).type), "numbers or lists of numbers", source)
     return Plan("features", x, label, label_task, uint8=all(_leaf(schema.field(n).type) == pa.uint8() for n in x))
+
+
+def _text_plan(schema: pa.Schema, cols: Columns, text: str, task: str | None, source: str) -> Plan:
+    """A text column: a language model's documents, or (with a label) the inputs of a text classifier."""
+    t = schema.field(text).type
+    _need_type(schema, text, pa.types.is_string(t) or pa.types.is_large_string(t), "text (strings)", source)
+    if task == "lm" or (task is None and not cols.label):
+        return Plan("text", [text], None, "lm")
+    label = _label_column(schema, cols, text, source)  # named, or label / labels / y
+    label_task = _label_task(schema.field(label), task, source)
+    if label_task != "classification":
+        raise DataError(
+            f"{source}: label column {label!r} holds {schema.field(label).type}; labelled text is classification "
+            "data, with integer or string labels"
+        )
+    return Plan("text", [text], label, label_task)
 
 
 def _index(text: str, n: int) -> int | None:
@@ -228,7 +244,7 @@ def _values(arr: pa.Array, name: str, where: str, row0: int) -> tuple[np.ndarray
     """(array [n, *shape], shape) of a column of numbers or of lists of numbers of one length."""
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
-    _no_nulls(arr, name, where, row0)
+    no_nulls(arr, name, where, row0)
     t = arr.type
     if _is_scalar_number(t):
         return numbers(arr), ()
@@ -256,7 +272,7 @@ def numbers(arr: pa.Array) -> np.ndarray:
     return np.frombuffer(arr.buffers()[1], dtype=dtype, count=len(arr), offset=arr.offset * dtype.itemsize)
 
 
-def _no_nulls(arr: pa.Array, name: str, where: str, row0: int) -> None:
+def no_nulls(arr: pa.Array, name: str, where: str, row0: int) -> None:
     if arr.null_count:
         r = int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])
         raise DataError(f"{where}: column {name!r} has a missing value at row {row0 + r:,}")
@@ -275,7 +291,7 @@ class Labels:
     def y(self, arr: pa.Array, where: str, row0: int) -> np.ndarray:
         if isinstance(arr, pa.ChunkedArray):
             arr = arr.combine_chunks()
-        _no_nulls(arr, self.column, where, row0)
+        no_nulls(arr, self.column, where, row0)
         if self.task == "regression":
             values, _ = _values(arr, self.column, where, row0)
             return values.astype(np.float32, copy=False)

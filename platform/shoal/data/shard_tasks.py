@@ -24,7 +24,7 @@ import numpy as np
 from shoal import errors
 from shoal.data.shuffle import Spill, positions, segment
 from shoal.data.sink import ShardSink
-from shoal.data.stream import Chunk, LabelsSeen, Stream
+from shoal.data.stream import Chunk, LabelsSeen, Lengths, Stream
 from shoal.errors import DataError, ShoalError
 
 MARKER = "driver"  # a file the driver writes in the spill folder: a task that cannot see it cannot see OUT_DIR
@@ -65,6 +65,7 @@ class Spilled:
     unit: int
     counts: dict[int, list[int]]  # part -> rows per bucket
     labels: LabelsSeen | None
+    lengths: dict[int, Lengths] | None = None  # padded rows' lengths by piece
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,8 @@ class Failed:
 
 
 def spill(task: SpillTask, report: Report) -> Spilled:
-    """The unit's pieces read and spilled into its bucket files; returns their counts and the labels seen."""
+    """The unit's pieces read and spilled into its bucket files; returns their counts, the labels seen and
+    (padded rows) their lengths."""
     lay = task.layout
     stream = task.open_stream()
     out = Spill(lay.unit_dir(task.unit), lay.dtype, lay.buckets, lay.seed, lay.shuffle, lay.memory)
@@ -127,7 +129,7 @@ def spill(task: SpillTask, report: Report) -> Spilled:
         report(len(chunk.x))
     out.finish()
     labels = stream.labels.seen() if stream.labels is not None else None
-    return Spilled(task.unit, {p: c.tolist() for p, c in out.counts.items()}, labels)
+    return Spilled(task.unit, {p: c.tolist() for p, c in out.counts.items()}, labels, stream.lengths)
 
 
 def check_chunk(chunk: Chunk, dtype: np.dtype, source: str) -> None:

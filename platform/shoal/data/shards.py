@@ -372,6 +372,8 @@ class ShardSource:
         spec, at = self.spec, f"shard {shard.name}, sample {key}"
         if spec.task == "classification" and spec.num_classes and y.size:
             _in_range(y, spec.num_classes, f"{at}: label", self._where("num_classes", spec.num_classes))
+        if spec.task == "classification" and spec.vocab_size and x.size:
+            _in_range(x, spec.vocab_size, f"{at}: token id", self._where("vocab_size", spec.vocab_size))
         elif spec.task == "lm" and spec.vocab_size:
             for what, arr in (("token id", x), ("target token id", y)):
                 if arr.size:
@@ -422,7 +424,7 @@ def _field(
 
 def _to_x(x: np.ndarray, manifest: dict[str, Any] | None) -> torch.Tensor:
     scale = manifest["fields"]["x"].get("scale") if manifest else None
-    if manifest and manifest["task"] == "lm":
+    if manifest and (manifest["task"] == "lm" or manifest.get("vocab_size")):  # token ids, for an embedding
         return torch.from_numpy(x.astype(np.int64))
     if scale is not None or x.dtype != np.float32:
         x = x.astype(np.float32) * np.float32(scale if scale is not None else 1.0)
@@ -436,8 +438,8 @@ def _to_y(y: np.ndarray, spec: DataSpec) -> torch.Tensor:
 
 
 def _empty(spec: DataSpec) -> torch.Tensor:
-    if spec.task == "lm":
-        return torch.zeros((0, spec.seq_len), dtype=torch.int64)
+    if spec.task == "lm" or spec.token_ids:
+        return torch.zeros((0, *spec.input_shape), dtype=torch.int64)
     return torch.zeros((0, *spec.input_shape), dtype=torch.float32)
 
 

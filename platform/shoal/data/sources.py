@@ -25,8 +25,8 @@ from PIL import Image
 
 from shoal.data import arrow_sources as arrow
 from shoal.data import tokens
-from shoal.data.columns import Columns, FeatureReader, Labels, Plan, class_names, key_hashes, plan
-from shoal.data.stream import Chunk, Stream, prefetch, random_access
+from shoal.data.columns import Columns, FeatureReader, Labels, Plan, class_names, key_hashes, no_nulls, plan
+from shoal.data.stream import Chunk, Lengths, Stream, prefetch, random_access
 from shoal.data.tokens import Bytes, Coder, Item, Vocabulary
 from shoal.errors import DataError
 
@@ -56,7 +56,8 @@ def load_source(
     """The stream SOURCE names: a built-in set, a file, a directory or a glob of columnar files; text
     through the tokenizer when one is given (else as bytes)."""
     cols = columns or Columns(label=label_column)
-    task = task or ("lm" if tokenizer else None)
+    # with a tokenizer, text is a language model's unless a label is named (or --task classification)
+    task = task or ("lm" if tokenizer and not cols.label else None)
     stream = _stream(source, cols, num_samples, input_shape, num_classes, task, seq_len, image_size, seed, tokenizer)
     if "columns" not in stream.extra:
         _no_columns_named(source, cols)
@@ -64,6 +65,11 @@ def load_source(
         raise DataError(
             f"{source}: --tokenizer encodes text (a text file, a directory of them, or a --text-column), and this "
             f"source is {stream.task} data"
+        )
+    if tokenizer is not None and tokenizer.pad_token and "pad_id" not in stream.extra:
+        raise DataError(
+            f"{source}: --pad-token pads the rows of a labelled text column (text classification); a language "
+            "model's blocks are packed, never padded"
         )
     return stream
 
@@ -150,16 +156,13 @@ def columnar(
     tokenizer: Vocabulary | None = None,
 ) -> Stream:
     """A stream of the columns the plan picks from a columnar source's record batches."""
-    p = plan(batches.schema, cols, task, batches.source)
+    p = plan(batches.schema, cols, task, batches.source, tokenized=tokenizer is not None)
+    if p.mode == "text" and p.label:
+        return _labelled_text(batches, p, cols, seq_len, seed, tokenizer)
     if p.mode == "text":
         if cols.split_key:
             raise DataError("--split-key: not with text (a block of tokens spans documents); the split is by position")
         return _text_column(batches, p, seq_len, tokenizer)
-    if tokenizer is not None:
-        raise DataError(
-            f"{batches.source}: --tokenizer needs a column of documents: name it with --text-column (its columns "
-            f"are: {', '.join(batches.schema.names)})"
-        )
     labels = Labels(p.label or "", p.task, class_names(batches.features, p.label or ""))
     x_of = _ImageColumn(p.x[0], image_size).x if p.mode == "image" else FeatureReader(p, batches.source).x
     floats = [n for n in p.x if _scalar_number(batches.schema.field(n).type)] if p.mode == "features" else []
@@ -213,6 +216,47 @@ def _text_column(batches: arrow.Batches, p: Plan, seq_len: int, tokenizer: Vocab
 
     coder = tokenizer or Bytes()
     return _coded(documents, coder, seq_len, batches.source, batches.nbytes, {"columns": {"text": p.x[0]}})
+
+
+def _labelled_text(
+    batches: arrow.Batches, p: Plan, cols: Columns, seq_len: int, seed: int, tokenizer: Vocabulary | None
+) -> Stream:
+    """Rows of a text column and a label column as classification samples: each row's text encoded alone
+    into seq_len ids, right-padded with the pad id (tokens.Rows), read in the source's pieces."""
+    if tokenizer is None:
+        raise DataError(
+            f"{batches.source}: a text column with labels needs --tokenizer to encode it (without one, a text "
+            "column is a language model's documents: leave out --label-column and --task)"
+        )
+    coder = tokens.Rows(tokenizer, seq_len)
+    labels = Labels(p.label or "", p.task, class_names(batches.features, p.label or ""))
+    lengths: dict[int, Lengths] = {}
+
+    def encoded(pieces: Sequence[int]) -> Iterator[tuple[int, Chunk]]:
+        piece, row0 = -1, 0
+        for i, batch, where in batches.read_pieces(p.needed(cols), [], pieces):
+            if i != piece:  # a piece read from its start: counted anew
+                piece, row0, lengths[i] = i, 0, Lengths()
+            text = batch.column(p.x[0])
+            no_nulls(text, p.x[0], where, row0)
+            keys = key_hashes(batch.column(cols.split_key), seed) if cols.split_key else None
+            y = labels.y(batch.column(p.label), where, row0)
+            yield i, Chunk(coder.encode(text.to_pylist(), lengths[i]), y, keys)
+            row0 += batch.num_rows
+
+    return Stream(
+        None,
+        p.task,
+        vocab_size=tokenizer.size,
+        rows=batches.rows,
+        nbytes=batches.nbytes,
+        labels=labels,
+        extra={"columns": _columns_entry(p, cols), "tokenizer": tokenizer.entry(), "pad_id": tokenizer.pad_id},
+        pieces=batches.pieces,
+        piece_reader=lambda pieces: prefetch(encoded(pieces), depth=2),  # encoding overlaps the writer's spilling
+        piece_sizes=batches.piece_sizes,
+        lengths=lengths,
+    )
 
 
 class _ImageColumn:

@@ -19,9 +19,14 @@ class DataSpec:
     input_shape: tuple[int, ...]
     num_classes: int = 0  # classification
     target_dim: int = 1  # regression
-    vocab_size: int = 0  # lm
+    vocab_size: int = 0  # lm, and classification of token ids (inputs are ids in [0, vocab_size))
     seq_len: int = 0  # lm
     pad_id: int | None = None  # right-padded token data: the id after a sample's last token
+
+    @property
+    def token_ids(self) -> bool:
+        """Whether the inputs are token ids (int64 batches), not float features."""
+        return self.vocab_size > 0
 
     @property
     def classes(self) -> int:
@@ -53,11 +58,14 @@ def from_manifest(manifest: dict[str, Any] | None, cfg: DataConfig) -> DataSpec:
             task="lm", input_shape=tuple(x["shape"]), vocab_size=int(manifest["vocab_size"]), seq_len=int(x["shape"][0])
         )
     y_shape = manifest["fields"]["y"]["shape"]
+    pad = manifest.get("pad_id")
     return DataSpec(
         task=task,
         input_shape=tuple(x["shape"]),
         num_classes=int(manifest.get("num_classes") or 0),
         target_dim=int(math.prod(y_shape)) if task == "regression" else 1,
+        vocab_size=int(manifest.get("vocab_size") or 0),  # rows of token ids (`shoal shard --tokenizer`)
+        pad_id=int(pad) if pad is not None else None,
     )
 
 

@@ -5,15 +5,16 @@ Every source (a columnar file, CSV, text, images, a built-in set) becomes a Stre
 cut into pieces that the source alone defines (parquet row groups, byte ranges of a CSV cut at line
 ends, index ranges of an array; a source that cannot be cut is one piece), so that processes or Ray
 tasks can each read some of them, and a row's position, (piece, row within the piece), is the same
-whoever reads it. What only the whole pass can tell (the class count, string labels' ids) is asked
-of `labels` after it, in each process that read some pieces, and merged (columns.merge_labels).
+whoever reads it. What only the whole pass can tell (the class count, string labels' ids, padded rows'
+lengths) is asked of `labels` and `lengths` after it, in each process that read some pieces, and merged
+(columns.merge_labels, Lengths.total).
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, TypeVar
 
@@ -37,6 +38,39 @@ class LabelsSeen(NamedTuple):
     names: list[str]
     max: int
     preset: list[str] | None
+
+
+@dataclass
+class Lengths:
+    """Rows of ids padded to one length, as a reader counted them: the ids kept in each row, and its
+    length before the cut (a row longer than the length is truncated)."""
+
+    rows: int = 0
+    kept: int = 0  # ids kept, pads left out
+    max: int = 0  # the longest row kept
+    truncated: int = 0
+    longest: int = 0  # the longest row before the cut
+
+    def add(self, kept: np.ndarray, full: np.ndarray) -> None:
+        if len(kept):
+            self.rows += len(kept)
+            self.kept += int(kept.sum())
+            self.max = max(self.max, int(kept.max()))
+            self.truncated += int((full > kept).sum())
+            self.longest = max(self.longest, int(full.max()))
+
+    @staticmethod
+    def total(parts: Iterable[Lengths]) -> Lengths:
+        out = Lengths()
+        for p in parts:
+            out.rows, out.kept, out.truncated = out.rows + p.rows, out.kept + p.kept, out.truncated + p.truncated
+            out.max, out.longest = max(out.max, p.max), max(out.longest, p.longest)
+        return out
+
+    def entry(self) -> dict[str, Any]:
+        """The manifest's `lengths`: ids per row (pads left out), and the rows cut to the length."""
+        mean = round(self.kept / self.rows, 3) if self.rows else 0.0
+        return {"mean": mean, "max": self.max, "truncated": self.truncated, "longest": self.longest}
 
 
 class LabelIds(Protocol):
@@ -64,6 +98,9 @@ class Stream:
     pieces: int = 1
     piece_reader: PieceReader | None = None  # (pieces, in order) -> (piece, chunk), for a source of several
     piece_sizes: list[int] | None = None  # each piece's size in any unit (bytes, rows), for balancing
+    # padded rows' lengths by piece, as the piece reader counts them (each piece's counted anew when it is
+    # read from its start again, as the driver reads the first rows before pass 1)
+    lengths: dict[int, Lengths] | None = None
 
     def read(self, pieces: Sequence[int]) -> Iterator[tuple[int, Chunk]]:
         """The chunks of these pieces, each with its piece, rows in the source's order within a piece."""

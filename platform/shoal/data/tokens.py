@@ -1,5 +1,6 @@
-"""Text for language models: documents through a Hugging Face `tokenizers` tokenizer (or as bytes) into
-blocks of token ids, and `shoal tokenizer train`'s byte-level BPE.
+"""Text as token ids: documents through a Hugging Face `tokenizers` tokenizer (or as bytes) into
+blocks for language models, rows of a labelled text column into padded rows for classifiers, and
+`shoal tokenizer train`'s byte-level BPE.
 
 A document (a text file, a file of a directory, a row of a text column) is encoded in pieces of
 about PIECE_CHARS cut at line ends, through `encode_batch` in batches of about BATCH_CHARS (its
@@ -7,6 +8,10 @@ threads share out a batch), the end-of-text id after its last piece. The ids of 
 are packed into blocks of seq_len + 1 tokens (x the first seq_len, y shifted by one, consecutive
 blocks sharing one token: no padding), in the smallest unsigned type that holds the vocabulary.
 Memory holds a batch of pieces and its ids, never a document.
+
+A row of a classification table is encoded alone, as the tokenizer encodes one sequence (with the special
+tokens its post-processor adds, such as BERT's [CLS] and [SEP]; no end-of-text id), cut to seq_len ids
+by the tokenizer's own truncation (which keeps those special tokens) and right-padded with the pad id.
 """
 
 from __future__ import annotations
@@ -25,13 +30,15 @@ from typing import Any, Protocol
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from shoal.data.stream import Chunk
+from shoal.data.stream import Chunk, Lengths
 from shoal.errors import DataError
 
 TOKENIZER_FILE = "tokenizer.json"
 # the end-of-text token, the first of these a tokenizer has among its special tokens (else --eot-token)
 EOT_TOKENS = ("<|endoftext|>", "</s>", "<eos>", "[SEP]", "<|end_of_text|>")
 BPE_EOT = "<|endoftext|>"
+# the pad id of classification rows: the first of these among the added tokens (else --pad-token, else end-of-text)
+PAD_TOKENS = ("[PAD]", "<pad>", "<|pad|>")
 # a document is encoded in pieces of about this many characters: encode_batch runs longest on long
 # inputs (64K-character pieces took twice as long as 1K ones, or as the same text's lines)
 PIECE_CHARS = 1 << 10
@@ -84,8 +91,8 @@ class Bytes:
 
 @dataclass(frozen=True)
 class Vocabulary:
-    """A tokenizer.json loaded for `shoal shard --tokenizer`: the tokenizer, its end-of-text id and
-    special tokens, and the file's bytes (copied into the shards' directory, hashed in the manifest)."""
+    """A tokenizer.json loaded for `shoal shard --tokenizer`: the tokenizer, its end-of-text and pad ids
+    and special tokens, and the file's bytes (copied into the shards' directory, hashed in the manifest)."""
 
     file: Path
     raw: bytes = field(repr=False)
@@ -93,6 +100,8 @@ class Vocabulary:
     eot_id: int
     special: dict[str, int]
     size: int
+    pad_id: int = 0
+    pad_token: str | None = None  # as --pad-token named it (None: found, or the end-of-text token)
 
     @property
     def dtype(self) -> np.dtype:
@@ -121,8 +130,8 @@ class Vocabulary:
         return tmp.replace(out_dir / TOKENIZER_FILE)
 
 
-def load_tokenizer(path: str, eot_token: str | None = None) -> Vocabulary:
-    """The tokenizer.json PATH names (or the one in directory PATH), with its end-of-text id."""
+def load_tokenizer(path: str, eot_token: str | None = None, pad_token: str | None = None) -> Vocabulary:
+    """The tokenizer.json PATH names (or the one in directory PATH), with its end-of-text and pad ids."""
     file = _tokenizer_file(Path(path).expanduser())
     try:
         raw = file.read_bytes()
@@ -130,12 +139,17 @@ def load_tokenizer(path: str, eot_token: str | None = None) -> Vocabulary:
     except Exception as e:  # OSError, UnicodeDecodeError, and tokenizers' plain Exception on bad JSON
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"{file}: not a readable `tokenizers` tokenizer.json ({first})") from None
+    # padding or truncation a tokenizer.json may carry would pad or cut each piece of a document: off
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
     special = {t.content: i for i, t in sorted(tokenizer.get_added_tokens_decoder().items()) if t.special}
     eot_id = _eot_id(file, tokenizer, special, eot_token)
-    if eot_token:
-        special.setdefault(eot_token, eot_id)
+    pad_id = _pad_id(file, tokenizer, eot_id, pad_token)
+    for named, i in ((eot_token, eot_id), (pad_token, pad_id)):
+        if named:
+            special.setdefault(named, i)
     size = max(tokenizer.get_vocab_size(with_added_tokens=True), max(tokenizer.get_vocab(True).values()) + 1)
-    return Vocabulary(file, raw, tokenizer, eot_id, special, size)
+    return Vocabulary(file, raw, tokenizer, eot_id, special, size, pad_id, pad_token)
 
 
 def _tokenizer_file(path: Path) -> Path:
@@ -165,6 +179,55 @@ def _eot_id(file: Path, tokenizer: Tokenizer, special: dict[str, int], eot_token
         f"{file}: no end-of-text token among its special tokens ({', '.join(EOT_TOKENS)}); name the one that "
         "ends a document with --eot-token TOKEN"
     )
+
+
+def _pad_id(file: Path, tokenizer: Tokenizer, eot_id: int, pad_token: str | None) -> int:
+    """--pad-token's id when given, else the first of PAD_TOKENS among the added tokens, else the
+    end-of-text id (as GPT-2's users pad)."""
+    if pad_token:
+        found = tokenizer.token_to_id(pad_token)
+        if found is None:
+            raise DataError(f"{file}: --pad-token {pad_token!r} is not in the tokenizer's vocabulary")
+        return found
+    added = {t.content: i for i, t in tokenizer.get_added_tokens_decoder().items()}
+    return next((added[t] for t in PAD_TOKENS if t in added), eot_id)
+
+
+# ---------------------------------------------------------------- rows into padded rows
+
+
+class Rows:
+    """Texts (one a row) into rows of seq_len ids: each encoded alone with the tokenizer's special tokens,
+    cut by its truncation and right-padded with the pad id. A copy of the tokenizer (without the padding and
+    truncation its file may set: load_tokenizer turned them off) carries this truncation."""
+
+    def __init__(self, vocab: Vocabulary, seq_len: int):
+        self.tokenizer = Tokenizer.from_str(vocab.tokenizer.to_str())
+        self.special = self.tokenizer.num_special_tokens_to_add(False)  # [CLS] and [SEP]: 2, a bare BPE: 0
+        if seq_len <= self.special:
+            raise DataError(
+                f"--seq-len: {seq_len} leaves no room for text beside the {self.special} special tokens "
+                f"{vocab.file.name} adds to every row"
+            )
+        self.tokenizer.enable_truncation(seq_len)
+        self.seq_len, self.pad_id, self.dtype = seq_len, vocab.pad_id, vocab.dtype
+
+    def encode(self, texts: list[str], seen: Lengths) -> np.ndarray:
+        """[len(texts), seq_len] ids, each row's lengths (kept, and before the cut) added to `seen`."""
+        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=True)
+        kept = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
+        full = np.fromiter((self._full(e) for e in encodings), dtype=np.int64, count=len(encodings))
+        out = np.full((len(texts), self.seq_len), self.pad_id, dtype=self.dtype)
+        flat = np.fromiter(chain.from_iterable(e.ids for e in encodings), dtype=self.dtype, count=int(kept.sum()))
+        out[np.arange(self.seq_len) < kept[:, None]] = flat  # row-major: each row's ids, then its pads
+        seen.add(kept, full)
+        return out
+
+    def _full(self, e: Any) -> int:
+        """A row's length before the cut: the kept part and each overflowing one, special tokens counted once."""
+        if not e.overflowing:
+            return len(e.ids)
+        return sum(len(o.ids) - self.special for o in (e, *e.overflowing)) + self.special
 
 
 # ---------------------------------------------------------------- documents into blocks

@@ -39,7 +39,7 @@ from shoal.data.shard_run import InDriver, Runner, runner
 from shoal.data.shard_tasks import MARKER, Layout, Segment, Spilled, SpillTask, WriteTask, spill, write
 from shoal.data.shuffle import bucket_count
 from shoal.data.sources import load_source
-from shoal.data.stream import Chunk, Stream
+from shoal.data.stream import Chunk, Lengths, Stream
 from shoal.errors import ConfigError, DataError
 
 __all__ = ["ShardOptions", "Stream", "Table", "check_options", "load_source", "parse_bytes", "write_shards"]
@@ -87,6 +87,8 @@ def write_shards(
         spilled = _pass_one(tasks, stream, reopen, lay, bar)
         luts, classes, names = _labels(stream, spilled)
         manifest = _manifest(stream, opts, source, lay.dtype, classes, names)
+        if stream.lengths is not None:
+            manifest["lengths"] = _lengths(spilled)
         manifest["splits"] = _pass_two(tasks, _segments(spilled, lay, opts), luts, lay, bar)
     finally:
         tasks.close()
@@ -164,6 +166,14 @@ def _labels(stream: Stream, spilled: list[Spilled]) -> tuple[list[np.ndarray | N
     if stream.labels is None or any(s is None for s in seen):
         return [None] * len(spilled), stream.num_classes, None
     return merge_labels(seen)  # type: ignore[arg-type]
+
+
+def _lengths(spilled: list[Spilled]) -> dict[str, Any]:
+    """The manifest's `lengths` of padded rows, from every unit's counts by piece."""
+    by_piece: dict[int, Lengths] = {}
+    for s in spilled:
+        by_piece.update(s.lengths or {})
+    return Lengths.total(by_piece.values()).entry()
 
 
 def _segments(spilled: list[Spilled], lay: Layout, opts: ShardOptions) -> list[Segment]:
