@@ -264,3 +264,84 @@ def test_timm_models_get_the_datas_channels_and_classes_and_never_pretrained_wei
     })  # fmt: skip
     with pytest.raises(ConfigError, match="model.kwargs.pretrained: true would download weights"):
         build_job(cfg, WorldInfo(), torch.device("cpu"))
+
+
+ANIMALS = ("cat", "dog", "fox", "bird", "horse")
+BERT = {
+    "model_type": "bert",
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "max_position_embeddings": 64,
+    "hidden_dropout_prob": 0.0,
+    "attention_probs_dropout_prob": 0.0,
+}
+
+
+@pytest.fixture(scope="module")
+def reviews(tmp_path_factory):
+    """A parquet text-classification set: one to three generated sentences per row (so lengths vary), labelled
+    "animal" when a sentence's subject is an animal, else "thing"; BPE ids right-padded to 64."""
+    import random
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from test_tokens import sentence
+
+    rng = random.Random(1)
+    texts = [" ".join(sentence(rng) for _ in range(rng.randint(1, 3))) for _ in range(700)]
+    labels = [
+        "animal" if t.split()[1].strip(".").lower() in ANIMALS or t.split()[2] in ANIMALS else "thing" for t in texts
+    ]
+    root = tmp_path_factory.mktemp("reviews")
+    pq.write_table(pa.table({"text": texts, "label": labels}), root / "r.parquet")
+    tokens.train_bpe(iter(texts), 300, root / "tok.json", say=lambda m: None)
+    shard(str(root / "r.parquet"), str(root / "s"), "--tokenizer", str(root / "tok.json"), "--label-column", "label",
+          "--seq-len", "64")  # fmt: skip
+    return root / "s"
+
+
+def bert_cfg(shards, run_dir=None, **updates) -> JobConfig:
+    return gpt2_cfg(shards, run_dir, **{
+        "model.target": "transformers:AutoModelForSequenceClassification.from_config",
+        "model.kwargs": {"config": BERT}, "optim.lr": 0.003, "data.batch_size": 32, **updates,
+    })  # fmt: skip
+
+
+def test_a_bert_classifier_trains_on_padded_variable_length_texts_above_the_majority_class(reviews, tmp_path):
+    manifest = json.loads((reviews / "manifest.json").read_text())
+    job = build_job(bert_cfg(reviews, tmp_path, **{"train.max_steps": 80, "train.eval_every": 80}), WorldInfo(),
+                    torch.device("cpu"))  # fmt: skip
+    assert job.bare_model.config.num_labels == 2 and job.bare_model.config.vocab_size == manifest["vocab_size"]
+    x, _ = next(job.data.train)
+    mask = x["attention_mask"]
+    assert x["input_ids"].shape[1] == int(mask.sum(1).max()) < 64  # cut to the batch's longest sample
+    assert torch.equal(mask.bool(), x["input_ids"] != manifest["pad_id"])
+    val = open_shards(DataConfig(format="shards", path=str(reviews)))[1]
+    labels = val.get_batch(np.arange(len(val)))[1]
+    majority = float(torch.bincount(labels).max()) / len(labels)
+    records = []
+    summary = train(job, records.append)
+    assert summary["val_accuracy"] > majority + 0.1, (summary["val_accuracy"], majority)
+    assert all(0 < r["tokens_per_s"] < 64 * r["samples_per_s"] for r in records if "tokens_per_s" in r)
+
+
+def test_one_long_and_one_short_sample_give_each_the_loss_it_has_alone(reviews):
+    job = build_job(bert_cfg(reviews), WorldInfo(), torch.device("cpu"))
+    model = job.bare_model.eval()
+    source = open_shards(DataConfig(format="shards", path=str(reviews)))[0]
+    from shoal.data.fields import FieldsSource
+
+    fields = FieldsSource(source)
+    lengths = (source.get_batch(np.arange(64))[0] != source.spec.pad_id).sum(1)
+    long, short = int(lengths.argmax()), int(lengths.argmin())
+    assert lengths[long] > 2 * lengths[short]
+
+    def losses(ids: list[int]) -> torch.Tensor:
+        x, y, _ = fields.get_batch(np.array(ids))
+        with torch.no_grad():
+            return torch.nn.functional.cross_entropy(model(x), y, reduction="none")
+
+    together = losses([long, short])
+    assert torch.allclose(together, torch.cat([losses([long]), losses([short])]), atol=1e-5), together
