@@ -110,4 +110,4 @@ def check_sizes(model: nn.Module, spec: DataSpec) -> None:
 
 
 def _mismatch(name: str, got: int, data: str, want: int) -> None:
-    raise ConfigError(f"{name}: the model has {got} but {data}; set {name}: {want}", key=f"model.kwargs.config.{name}")
+    raise ConfigError(f"the model has {got} but {data}; set it to {want}", key=f"model.kwargs.config.{name}")
