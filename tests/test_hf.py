@@ -345,3 +345,10 @@ def test_one_long_and_one_short_sample_give_each_the_loss_it_has_alone(reviews):
 
     together = losses([long, short])
     assert torch.allclose(together, torch.cat([losses([long]), losses([short])]), atol=1e-5), together
+
+
+def test_label_smoothing_with_the_models_own_loss_is_refused_naming_the_key():
+    from shoal.config import load_config
+
+    with pytest.raises(ConfigError, match="train.label_smoothing: applies to train.loss"):
+        load_config(None, [f"model.target={CAUSAL}", "model.output=loss", "train.label_smoothing=0.1"])

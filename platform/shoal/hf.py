@@ -74,9 +74,15 @@ def _config(factory: Any, fields: dict[str, Any]) -> Any:
     owner = getattr(factory, "__self__", factory)  # a classmethod's class, or the class itself
     model_type = fields.pop("model_type", None)
     fields.setdefault("use_cache", False)  # training: no key/value cache to build and return
+    make = _config_maker(owner, model_type)
+    return make(**_token_ids_in_vocabulary(make(), fields))
+
+
+def _config_maker(owner: Any, model_type: str | None) -> Any:
+    """The config class the factory's model takes (for an Auto class: the model_type's)."""
     config_class = getattr(owner, "config_class", None)
     if config_class is not None:
-        return config_class(**fields)
+        return config_class
     if model_type is None:
         raise ConfigError(
             f"config needs model_type for {getattr(owner, '__name__', owner)} (e.g. gpt2, bert, llama)",
@@ -84,10 +90,24 @@ def _config(factory: Any, fields: dict[str, Any]) -> Any:
         )
     from transformers import AutoConfig  # the target is a transformers Auto class: the package is there
 
-    try:
-        return AutoConfig.for_model(model_type, **fields)
-    except ValueError as e:
-        raise ConfigError(f"model_type {model_type!r}: {e}", key="model.kwargs.config") from None
+    def make(**fields: Any) -> Any:
+        try:
+            return AutoConfig.for_model(model_type, **fields)
+        except ValueError as e:
+            raise ConfigError(f"model_type {model_type!r}: {e}", key="model.kwargs.config") from None
+
+    return make
+
+
+def _token_ids_in_vocabulary(defaults: Any, fields: dict[str, Any]) -> dict[str, Any]:
+    """Special token ids the mapping leaves at defaults past its vocabulary (GPT-2's 50256 for a vocabulary of
+    300) set to None: they name no token of this data (transformers would warn at every build)."""
+    vocab = fields.get("vocab_size", getattr(defaults, "vocab_size", None))
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        default = getattr(defaults, key, None)
+        if key not in fields and isinstance(default, int) and vocab is not None and default >= vocab:
+            fields[key] = None
+    return fields
 
 
 def check_sizes(model: nn.Module, spec: DataSpec) -> None:

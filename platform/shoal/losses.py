@@ -27,9 +27,9 @@ class Loss:
         self.smoothing = cfg.label_smoothing
         self.spec = spec
         self.classify = spec.task in ("classification", "lm") and not own  # no logits to count right ones in
-        if spec.task == "regression" and self.name != "mse":
+        if spec.task == "regression" and self.name != "mse" and not own:
             raise ConfigError(f"regression data needs mse (got {self.name})", key="train.loss")
-        if spec.task == "lm" and self.name != "cross_entropy":
+        if spec.task == "lm" and self.name != "cross_entropy" and not own:
             raise ConfigError(f"lm data needs cross_entropy (got {self.name})", key="train.loss")
         self.binary = self.name == "bce_with_logits" and spec.num_classes == 2
 

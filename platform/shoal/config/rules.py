@@ -151,7 +151,17 @@ def check_task_fits(task: str, model: ModelConfig, train: TrainConfig) -> None:
 
 Rule = Callable[["JobConfig"], None]
 
+
 # the order is the order of the checks' messages: with two problems, the first one listed is reported
+def own_loss(cfg: JobConfig) -> None:
+    """model.output: loss: the model's loss replaces train.loss, so train.loss's options have nothing to act on."""
+    if cfg.model.output == "loss" and cfg.train.label_smoothing:
+        raise ValueError(
+            "train.label_smoothing: applies to train.loss, and model.output: loss uses the model's own loss; "
+            "set it in the model's config (if it has one) or read its logits (model.output unset)"
+        )
+
+
 RULES: list[Rule] = [
     fp16_needs_cuda,
     fsdp,
@@ -162,6 +172,7 @@ RULES: list[Rule] = [
     keep_sparsity,
     plateau_needs_evals,
     task_fits,
+    own_loss,
 ]
 
 
