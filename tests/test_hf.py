@@ -352,3 +352,10 @@ def test_label_smoothing_with_the_models_own_loss_is_refused_naming_the_key():
 
     with pytest.raises(ConfigError, match="train.label_smoothing: applies to train.loss"):
         load_config(None, [f"model.target={CAUSAL}", "model.output=loss", "train.label_smoothing=0.1"])
+
+
+def test_a_class_count_other_than_the_datas_is_named_with_both(reviews):
+    cfg = bert_cfg(reviews, **{"model.kwargs": {"config": {**BERT, "num_labels": 5}}})
+    with pytest.raises(ConfigError) as e:
+        build_job(cfg, WorldInfo(), torch.device("cpu"))
+    assert e.value.key == "model.kwargs.config.num_labels" and "has 5 but the data's 2 classes" in str(e.value)
