@@ -609,6 +609,7 @@ def test_rows_of_ids_mistakes_exit_2_with_one_line_and_no_manifest(id_rows, revi
     pair = _id_table(tmp_path / "pair.parquet", rows, token_type_ids=[[0, 0, 0], [0, 1]])
     roberta = _id_table(tmp_path / "rob.parquet", [[0, 5, 2], [0, 7, 2]])  # <s> is 0, pads are 1
     short = _id_table(tmp_path / "short.parquet", rows, attention_mask=[[1, 1, 1], [1]])
+    flat = _id_table(tmp_path / "flat.parquet", rows, attention_mask=[3, 2])
     ok = ["--vocab-size", "10", "--seq-len", "4"]
     cases = [
         (
@@ -619,6 +620,7 @@ def test_rows_of_ids_mistakes_exit_2_with_one_line_and_no_manifest(id_rows, revi
         ([pair, "a", *ok], "row 1 of column 'token_type_ids', position 1, holds 1: a second segment"),
         ([roberta, "a", *ok], "row 0 of column 'input_ids', position 0, holds the pad id 0 among its tokens"),
         ([short, "a", *ok], "row 1 holds 1 values in column 'attention_mask' and 2 in 'input_ids'"),
+        ([flat, "a", *ok], "column 'attention_mask' holds int64; beside the ids in 'input_ids' it must hold lists"),
         ([path, "a", "--vocab-size", "300"], "rows of token ids for a classifier need --seq-len N"),
         ([path, "a", "--seq-len", "8"], "give their vocabulary with --vocab-size N (or the tokenizer"),
         ([path, "a", *ok, "--task", "lm", "--pad-id", "1"], "--pad-id pads a classifier's rows"),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -115,17 +116,22 @@ def resolve(batches: Batches, p: Plan, tokenizer: Vocabulary | None, opts: IdOpt
     for flag, value in (("--pad-id", pad), ("--eot-id", eot)):
         if value is not None and not 0 <= value < size:
             raise DataError(f"{source}: {flag} {value} is outside the vocabulary [0, {size:,}) ({where})")
-    names = batches.schema.names
-    return Ids(
-        column,
-        size,
-        where,
-        opts.seq_len or 64,
-        pad,
-        eot,
-        MASK if MASK in names and MASK != column else None,
-        TYPES if TYPES in names and not lm and TYPES != column else None,
-    )
+    mask, types = (_beside(batches, c, column) for c in (MASK, TYPES))
+    return Ids(column, size, where, opts.seq_len or 64, pad, eot, mask, None if lm else types)
+
+
+def _beside(batches: Batches, name: str, column: str) -> str | None:
+    """The source's column `name` (attention_mask, token_type_ids) when it has one beside the ids: lists of
+    integers, else one line."""
+    if name not in batches.schema.names or name == column:
+        return None
+    t = batches.schema.field(name).type
+    lists = pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+    if not (lists and (pa.types.is_integer(t.value_type) or pa.types.is_boolean(t.value_type))):
+        raise DataError(
+            f"{batches.source}: column {name!r} holds {t}; beside the ids in {column!r} it must hold lists of integers"
+        )
+    return name
 
 
 def _columns_entry(p: Plan, cols: Columns, ids: Ids) -> dict[str, Any]:
@@ -214,14 +220,14 @@ class Ragged:
     values: np.ndarray  # int64
     lengths: np.ndarray
 
-    @property
+    @cached_property
     def starts(self) -> np.ndarray:
         return np.cumsum(self.lengths) - self.lengths
 
-    @property
+    @cached_property
     def positions(self) -> np.ndarray:
         """Each value's position in its row."""
-        return np.arange(len(self.values)) - np.repeat(self.starts, self.lengths)
+        return np.arange(int(self.lengths.sum())) - np.repeat(self.starts, self.lengths)
 
     def row_of(self, i: int) -> int:
         return int(np.searchsorted(np.cumsum(self.lengths), i, side="right"))
