@@ -495,3 +495,162 @@ def test_check_and_validate_take_labelled_text_shards(reviews, tmp_path, capsys)
     finding = next(f for f in result.findings if f.kind == "model_does_not_build")
     assert "mlp does not classify token ids" in finding.message and "model.target" in finding.message
     capsys.readouterr()
+
+
+# ---------------------------------------------------------------- rows that are token ids already
+
+IDS_VOCAB = 300  # past 256: the rows are stored as uint16
+ID_ROWS, ID_LEN = 70, 16
+
+
+@pytest.fixture(scope="module")
+def id_rows(tmp_path_factory):
+    """A parquet table as `dataset.map(tokenizer)` leaves it: ragged input_ids (every third row already
+    right-padded with 0s, its attention_mask 0 there), token_type_ids of 0s, string labels and an index column,
+    in row groups of 9 (several pieces)."""
+    path = tmp_path_factory.mktemp("ids") / "ids.parquet"
+    rng = np.random.default_rng(3)
+    ids, mask = [], []
+    for i in range(ID_ROWS):
+        n, pads = int(rng.integers(0, 30)), int(rng.integers(1, 4)) if i % 3 == 0 else 0
+        ids.append(rng.integers(1, IDS_VOCAB, n).tolist() + [0] * pads)
+        mask.append([1] * n + [0] * pads)
+    labels = [["neg", "pos", "mixed"][int(c)] for c in rng.integers(0, 3, ID_ROWS)]
+    table = pa.table({
+        "input_ids": pa.array(ids, pa.list_(pa.int32())), "attention_mask": mask,
+        "token_type_ids": [[0] * len(r) for r in ids], "label": labels, "idx": list(range(ID_ROWS)),
+    })  # fmt: skip
+    pq.write_table(table, path, row_group_size=9)
+    return path, ids, mask, labels
+
+
+def test_rows_of_ids_are_cut_to_seq_len_and_right_padded_their_mask_and_token_types_not_stored(id_rows, tmp_path):
+    path, ids, mask, labels = id_rows
+    out = shard(str(path), str(tmp_path / "s"), "--vocab-size", str(IDS_VOCAB), "--seq-len", str(ID_LEN),
+                "--no-shuffle", "--val-fraction", "0")  # fmt: skip
+    x, y, manifest = read_all(tmp_path / "s")
+    real = [sum(m) for m in mask]
+    kept = [min(n, ID_LEN) for n in real]
+    assert manifest["pad_id"] == 0 and x.shape == (ID_ROWS, ID_LEN)  # the default pad id: BERT's [PAD]
+    for row, r, n in zip(x, ids, kept):
+        assert row[:n].tolist() == r[:n] and (row[n:] == 0).all()
+    assert manifest["classes"] == sorted(set(labels)) and y.tolist() == [manifest["classes"].index(v) for v in labels]
+    cut = sum(n > ID_LEN for n in real)
+    assert 0 < cut < ID_ROWS and manifest["lengths"] == {
+        "mean": round(sum(kept) / ID_ROWS, 3), "max": ID_LEN, "truncated": cut, "longest": max(real),
+    }  # fmt: skip
+    assert f"{cut} of {ID_ROWS} rows had more than --seq-len {ID_LEN} tokens" in out.stdout
+    assert manifest["fields"]["x"] == {"dtype": "<u2", "shape": [ID_LEN]} and manifest["vocab_size"] == IDS_VOCAB
+    assert (manifest["task"], manifest["num_classes"], manifest["tokenizer"]) == ("classification", 3, "ids")
+    assert manifest["columns"] == {
+        "ids": "input_ids",
+        "label": "label",
+        "checked": ["attention_mask", "token_type_ids"],
+    }
+    spec = open_shards(DataConfig(format="shards", path=str(tmp_path / "s")))[0].spec
+    assert (spec.input_shape, spec.num_classes, spec.pad_id, spec.vocab_size) == ((ID_LEN,), 3, 0, IDS_VOCAB)
+
+
+def test_rows_of_ids_with_two_workers_are_the_samples_of_one(id_rows, tmp_path):
+    path = str(id_rows[0])
+    args = ["--vocab-size", str(IDS_VOCAB + 1), "--seq-len", "12", "--seed", "4", "--pad-id", str(IDS_VOCAB)]
+    shard(path, str(tmp_path / "one"), *args)
+    shard(path, str(tmp_path / "two"), *args, "--workers", "2")
+    one, two = read_all(tmp_path / "one"), read_all(tmp_path / "two")
+    assert np.array_equal(one[0], two[0]) and np.array_equal(one[1], two[1]) and one[2]["lengths"] == two[2]["lengths"]
+    pad = one[2]["pad_id"]
+    assert pad == IDS_VOCAB and (one[0] == pad).any() and not (one[0] == 0).any()  # the rows' own 0s were padding
+
+
+def test_a_datasets_directory_of_ids_is_a_language_models_documents_packed_into_blocks(reviews, tmp_path):
+    from datasets import Dataset
+
+    rng = np.random.default_rng(8)
+    docs = [rng.integers(1, 50, int(rng.integers(0, 20))).tolist() for _ in range(40)]
+    # `labels`, a causal LM's copy of the ids, is not a class label: these rows have none
+    Dataset.from_dict({"input_ids": docs, "attention_mask": [[1] * len(d) for d in docs], "labels": docs}).save_to_disk(
+        str(tmp_path / "hf")
+    )
+    plain = ["--seq-len", "8", "--no-shuffle", "--val-fraction", "0"]
+    shard(str(tmp_path / "hf"), str(tmp_path / "s"), "--vocab-size", "50", "--eot-id", "0", *plain)
+    ids, manifest = token_sequence(tmp_path / "s")
+    whole = [i for d in docs for i in [*d, 0]]  # --eot-id after every row
+    assert ids.tolist() == whole[: len(ids)] and len(whole) - len(ids) < 8 and "pad_id" not in manifest
+    assert (manifest["task"], manifest["vocab_size"], manifest["fields"]["x"]["dtype"]) == ("lm", 50, "|u1")
+    root = reviews[0]  # a tokenizer is read for its vocabulary, never run; no end-of-text id unless asked for
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"input_ids": d, "text": "unused"}) + "\n" for d in docs))
+    for name, extra, eot in (("t", [], []), ("e", ["--eot-token", "<|endoftext|>"], [0])):
+        shard(str(tmp_path / "d.jsonl"), str(tmp_path / name), "--tokenizer", str(root / "tok.json"), *extra, *plain)
+        ids, manifest = token_sequence(tmp_path / name)
+        eot = [manifest["tokenizer"]["eot_id"]] if eot else []
+        whole = [i for d in docs for i in [*d, *eot]]
+        assert ids.tolist() == whole[: len(ids)] and len(whole) - len(ids) < 8
+        assert manifest["vocab_size"] == Tokenizer.from_file(str(root / "tok.json")).get_vocab_size(True)
+        assert manifest["columns"] == {"ids": "input_ids"} and (tmp_path / name / "tokenizer.json").exists()
+
+
+def _id_table(path, ids, **columns):
+    pq.write_table(pa.table({"input_ids": ids, **columns, "label": [i % 2 for i in range(len(ids))]}), path)
+    return str(path)
+
+
+def test_rows_of_ids_mistakes_exit_2_with_one_line_and_no_manifest(id_rows, reviews, tmp_path, capsys):
+    path = str(id_rows[0])
+    bad = pq.read_table(path).to_pydict()
+    bad["input_ids"][65][2] = 999  # row group 7, row 2: found while the workers write, after the first pieces
+    pq.write_table(pa.table(bad), tmp_path / "bad.parquet", row_group_size=9)
+    line = _one_line_error(shoal_cli("shard", str(tmp_path / "bad.parquet"), str(tmp_path / "o"), "--vocab-size",
+                                     str(IDS_VOCAB), "--seq-len", "8", "--workers", "2"))  # fmt: skip
+    assert "bad.parquet, row group 7: row 2 of column 'input_ids', position 2, holds id 999, outside [0, 300)" in line
+    assert not (tmp_path / "o" / "manifest.json").exists()
+    rows = [[5, 6, 7], [8, 9]]
+    left = _id_table(tmp_path / "left.parquet", rows, attention_mask=[[1, 1, 1], [0, 1]])
+    hole = _id_table(tmp_path / "hole.parquet", rows, attention_mask=[[1, 0, 1], [1, 1]])
+    pair = _id_table(tmp_path / "pair.parquet", rows, token_type_ids=[[0, 0, 0], [0, 1]])
+    roberta = _id_table(tmp_path / "rob.parquet", [[0, 5, 2], [0, 7, 2]])  # <s> is 0, pads are 1
+    short = _id_table(tmp_path / "short.parquet", rows, attention_mask=[[1, 1, 1], [1]])
+    flat = _id_table(tmp_path / "flat.parquet", rows, attention_mask=[3, 2])
+    ok = ["--vocab-size", "10", "--seq-len", "4"]
+    cases = [
+        (
+            [left, "a", *ok],
+            "left.parquet, row group 0: row 1 of column 'attention_mask', position 1, is not 1s then 0s",
+        ),
+        ([hole, "a", *ok], "row 0 of column 'attention_mask', position 2, is not 1s then 0s"),
+        ([pair, "a", *ok], "row 1 of column 'token_type_ids', position 1, holds 1: a second segment"),
+        ([roberta, "a", *ok], "row 0 of column 'input_ids', position 0, holds the pad id 0 among its tokens"),
+        ([short, "a", *ok], "row 1 holds 1 values in column 'attention_mask' and 2 in 'input_ids'"),
+        ([flat, "a", *ok], "column 'attention_mask' holds int64; beside the ids in 'input_ids' it must hold lists"),
+        ([path, "a", "--vocab-size", "300"], "rows of token ids for a classifier need --seq-len N"),
+        ([path, "a", "--seq-len", "8"], "give their vocabulary with --vocab-size N (or the tokenizer"),
+        ([path, "a", *ok, "--task", "lm", "--pad-id", "1"], "--pad-id pads a classifier's rows"),
+        ([path, "a", *ok, "--eot-id", "1"], "--eot-id ends a language model's documents"),
+        ([path, "a", "--vocab-size", "300", "--seq-len", "4", "--pad-id", "300"], "--pad-id 300 is outside"),
+        (["digits", "a", "--vocab-size", "10"], "digits: --vocab-size applies to rows of token ids"),
+        ([path, "a", "--tokenizer", str(reviews[0] / "tok.json"), "--vocab-size", "9"], "--vocab-size: not with"),
+        ([path, "a", "--ids-column", "label", *ok], "column 'label' holds string; it must hold lists of integer"),
+    ]
+    for argv, needle in cases:
+        assert needle in _main_error(["shard", *argv], capsys), argv
+    assert not list(tmp_path.glob("a/manifest.json"))
+    roberta_ok = shard(roberta, str(tmp_path / "r"), *ok, "--pad-id", "1", "--no-shuffle", "--val-fraction", "0")
+    assert "wrote" in roberta_ok.stdout and read_all(tmp_path / "r")[0].tolist() == [[0, 5, 2, 1], [0, 7, 2, 1]]
+
+
+def test_a_bert_classifier_trains_on_rows_of_ids_with_the_mask_recomputed_from_pad_id(id_rows, tmp_path):
+    pytest.importorskip("transformers")
+    from test_hf import bert_cfg
+
+    from shoal.engine import train
+    from shoal.job import build_job
+
+    shard(str(id_rows[0]), str(tmp_path / "s"), "--vocab-size", str(IDS_VOCAB), "--seq-len", "32")
+    cfg = bert_cfg(tmp_path / "s", tmp_path / "run", **{"train.max_steps": 4, "data.batch_size": 16})
+    job = build_job(cfg, WorldInfo(), torch.device("cpu"))
+    assert job.bare_model.config.vocab_size == IDS_VOCAB and job.bare_model.config.num_labels == 3
+    x, _ = next(job.data.train)
+    assert torch.equal(x["attention_mask"].bool(), x["input_ids"] != 0) and x["input_ids"].shape[1] <= 32
+    assert x["attention_mask"].sum() < x["attention_mask"].numel()  # rows of several lengths: padding in the batch
+    records = []
+    summary = train(job, records.append)
+    assert summary["steps"] == 4 and all(np.isfinite(r["loss"]) for r in records if "loss" in r), summary

@@ -68,6 +68,7 @@ def _shard_args(p: argparse.ArgumentParser) -> None:
     _source_args(p)
     _column_args(p)
     _text_args(p)
+    _id_args(p)
 
 
 def _parallel_args(p: argparse.ArgumentParser) -> None:
@@ -103,8 +104,9 @@ def _source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--seq-len",
         type=int,
-        default=64,
-        help="text and synthetic lm: tokens per sample; text classification: ids per row (cut, then padded)",
+        default=None,
+        help="text and synthetic lm: tokens per sample (default 64); text classification: ids per row (cut, then "
+        "padded; required for rows of token ids)",
     )
     p.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("H", "W"), help="images: resize to H x W")
 
@@ -153,6 +155,59 @@ def _text_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _id_args(p: argparse.ArgumentParser) -> None:
+    """Rows that are token ids already (a tokenizer's input_ids): their vocabulary, pad and end-of-text ids."""
+    p.add_argument(
+        "--ids-column",
+        default=None,
+        metavar="NAME",
+        help="a column of token ids (lists of integers, as a tokenizer's input_ids): a classifier's rows beside a "
+        "label, else a language model's documents (default: a column named input_ids)",
+    )
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="rows of token ids without --tokenizer: their vocabulary (every id must be below N)",
+    )
+    p.add_argument(
+        "--pad-id",
+        type=int,
+        default=None,
+        metavar="N",
+        help="rows of token ids for a classifier: the id that pads each row to --seq-len (default: the tokenizer's "
+        "pad, else 0)",
+    )
+    p.add_argument(
+        "--eot-id",
+        type=int,
+        default=None,
+        metavar="N",
+        help="rows of token ids for a language model: an id put after each row (default: none; --eot-token with "
+        "--tokenizer names it by its token)",
+    )
+
+
+def _check_token_args(args: argparse.Namespace) -> None:
+    """Token options that contradict each other or are out of range, before anything is read."""
+    if args.eot_token and not args.tokenizer:
+        raise ShoalError("--eot-token: only with --tokenizer (bytes end a document with a newline)")
+    if args.pad_token and not args.tokenizer:
+        raise ShoalError("--pad-token: only with --tokenizer (it names one of the tokenizer's tokens)")
+    if args.seq_len is not None and args.seq_len < 1:
+        raise ShoalError(f"--seq-len: must be at least 1 (got {args.seq_len})")
+    for flag, value, other, named in (
+        ("--vocab-size", args.vocab_size, "--tokenizer", args.tokenizer),
+        ("--pad-id", args.pad_id, "--pad-token", args.pad_token),
+        ("--eot-id", args.eot_id, "--eot-token", args.eot_token),
+    ):
+        if value is not None and named:
+            raise ShoalError(f"{flag}: not with {other} (both give the same id or vocabulary; name one)")
+        if value is not None and value < (1 if flag == "--vocab-size" else 0):
+            raise ShoalError(f"{flag}: must be at least {1 if flag == '--vocab-size' else 0} (got {value})")
+
+
 def shard(args: argparse.Namespace) -> int:
     from shoal.data import storage
     from shoal.data.locate import MANIFEST
@@ -160,12 +215,7 @@ def shard(args: argparse.Namespace) -> int:
 
     if not 0 <= args.val_fraction < 1:
         raise ShoalError(f"--val-fraction: must be in [0, 1) (got {args.val_fraction})")
-    if args.eot_token and not args.tokenizer:
-        raise ShoalError("--eot-token: only with --tokenizer (bytes end a document with a newline)")
-    if args.pad_token and not args.tokenizer:
-        raise ShoalError("--pad-token: only with --tokenizer (it names one of the tokenizer's tokens)")
-    if args.seq_len < 1:
-        raise ShoalError(f"--seq-len: must be at least 1 (got {args.seq_len})")
+    _check_token_args(args)
     opts = _shard_options(args)
     check_options(opts)
     tokenizer = _tokenizer(args)
@@ -239,6 +289,8 @@ def _tokenizer(args: argparse.Namespace) -> Vocabulary | None:
 def _source_kwargs(args: argparse.Namespace, tokenizer: Vocabulary | None) -> dict[str, Any]:
     """load_source's options for the samples SOURCE names, read or made (picklable: a worker process
     reopens the source with them)."""
+    from shoal.data.token_ids import IdOptions
+
     return dict(
         num_samples=args.num_samples,
         input_shape=args.input_shape,
@@ -250,6 +302,7 @@ def _source_kwargs(args: argparse.Namespace, tokenizer: Vocabulary | None) -> di
         seed=args.seed,
         columns=_columns(args),
         tokenizer=tokenizer,
+        ids=IdOptions(vocab_size=args.vocab_size, pad_id=args.pad_id, eot_id=args.eot_id),
     )
 
 
@@ -259,7 +312,12 @@ def _columns(args: argparse.Namespace) -> Columns:
 
     x = tuple(n for arg in args.x_columns for n in arg.split(",") if n) if args.x_columns else None
     return Columns(
-        x=x, label=args.label_column, text=args.text_column, image=args.image_column, split_key=args.split_key
+        x=x,
+        label=args.label_column,
+        text=args.text_column,
+        image=args.image_column,
+        ids=args.ids_column,
+        split_key=args.split_key,
     )
 
 

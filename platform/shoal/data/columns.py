@@ -2,8 +2,8 @@
 
 `--x-columns` (numbers, or lists of numbers of one size, become the feature array), `--label-column`
 (integers, or strings coded as class ids whose names go to the manifest), `--text-column` (documents
-for a language model), `--image-column` (encoded image bytes, as Hugging Face's Image feature stores
-them). Defaults: the label is the column named `label`, else `y`, else the last; x is every other
+for a language model), `--ids-column` (lists of token ids, default a column named input_ids: see
+token_ids.py), `--image-column` (encoded image bytes, as Hugging Face's Image feature stores them). Defaults: the label is the column named `label`, else `y`, else the last; x is every other
 column. A column that is missing, ragged where a fixed size is needed, or of a type that cannot be a
 feature stops the conversion with one line naming it and what was found.
 """
@@ -31,6 +31,7 @@ class Columns:
     label: str | None = None
     text: str | None = None
     image: str | None = None
+    ids: str | None = None
     split_key: str | None = None
 
 
@@ -38,7 +39,7 @@ class Columns:
 class Plan:
     """What is read from a source: the mode, the columns, the task."""
 
-    mode: str  # features | text | image
+    mode: str  # features | text | image | ids
     x: list[str]
     label: str | None
     task: str
@@ -59,6 +60,9 @@ def plan(schema: pa.Schema, cols: Columns, task: str | None, source: str, tokeni
     for flag, name in _named(cols):
         if name not in names:
             raise DataError(f"{source}: no column {name!r} ({flag}); its columns are: {', '.join(names)}")
+    ids = cols.ids or (None if cols.text or cols.x or cols.image else _ids_like(schema))
+    if ids:
+        return _ids_plan(schema, cols, ids, task, source)
     text = cols.text or ("text" if (task == "lm" or tokenized) and "text" in names else None)
     if text:
         return _text_plan(schema, cols, text, task, source)
@@ -103,6 +107,39 @@ def _text_plan(schema: pa.Schema, cols: Columns, text: str, task: str | None, so
     return Plan("text", [text], label, label_task)
 
 
+def _ids_plan(schema: pa.Schema, cols: Columns, ids: str, task: str | None, source: str) -> Plan:
+    """A column of token ids: a classifier's rows beside a label, else (or with --task lm) a language model's
+    documents. A `labels` column of lists (a causal LM's copy of the ids) is not a label."""
+    _need_type(schema, ids, _is_ids(schema.field(ids).type), "lists of integer token ids", source)
+    if cols.text:
+        raise DataError(f"{source}: --text-column and --ids-column: name one (text to encode, or ids already encoded)")
+    found = [n for n in ("label", "labels", "y") if n in schema.names and not _is_list(schema.field(n).type)]
+    label = cols.label or next(iter(found), None)
+    if task == "lm" or (task is None and label is None):
+        return Plan("ids", [ids], None, "lm")
+    if label is None:
+        raise DataError(f"{source}: --task {task} needs a label beside the ids in {ids!r}; name it with --label-column")
+    if _label_task(schema.field(label), task, source) != "classification":
+        raise DataError(
+            f"{source}: label column {label!r} holds {schema.field(label).type}; labelled token ids are classification "
+            "data, with integer or string labels"
+        )
+    return Plan("ids", [ids], label, "classification")
+
+
+def _ids_like(schema: pa.Schema) -> str | None:
+    """The column a tokenizer's output names input_ids, when it holds lists of integers."""
+    return "input_ids" if "input_ids" in schema.names and _is_ids(schema.field("input_ids").type) else None
+
+
+def _is_list(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+
+
+def _is_ids(t: pa.DataType) -> bool:
+    return _is_list(t) and pa.types.is_integer(t.value_type)
+
+
 def _index(text: str, n: int) -> int | None:
     """A column index among n ('0', '-1'), or None when the text is not one."""
     try:
@@ -114,7 +151,12 @@ def _index(text: str, n: int) -> int | None:
 
 def _named(cols: Columns) -> list[tuple[str, str]]:
     named = [("--x-columns", n) for n in cols.x or ()]
-    for flag, name in (("--label-column", cols.label), ("--text-column", cols.text), ("--image-column", cols.image)):
+    for flag, name in (
+        ("--label-column", cols.label),
+        ("--text-column", cols.text),
+        ("--image-column", cols.image),
+        ("--ids-column", cols.ids),
+    ):
         if name is not None:
             named.append((flag, name))
     return named + ([("--split-key", cols.split_key)] if cols.split_key else [])
@@ -163,7 +205,7 @@ def _is_scalar_number(t: pa.DataType) -> bool:
 
 def _is_numeric(t: pa.DataType) -> bool:
     """A number, or a (fixed-size or not) list of numbers, nested as deep as wanted."""
-    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+    if _is_list(t):
         return _is_numeric(t.value_type)
     return _is_scalar_number(t)
 

@@ -16,6 +16,8 @@ import codecs
 import io
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +26,10 @@ import pyarrow as pa
 from PIL import Image
 
 from shoal.data import arrow_sources as arrow
-from shoal.data import tokens
+from shoal.data import token_ids, tokens
 from shoal.data.columns import Columns, FeatureReader, Labels, Plan, class_names, key_hashes, no_nulls, plan
 from shoal.data.stream import Chunk, Lengths, Stream, prefetch, random_access
+from shoal.data.token_ids import IdOptions
 from shoal.data.tokens import Bytes, Coder, Item, Vocabulary
 from shoal.errors import DataError
 
@@ -46,21 +49,29 @@ def load_source(
     input_shape: list[int] | None = None,
     num_classes: int = 10,
     task: str | None = None,
-    seq_len: int = 64,
+    seq_len: int | None = 64,
     label_column: str | None = None,
     image_size: tuple[int, int] | None = None,
     seed: int = 0,
     columns: Columns | None = None,
     tokenizer: Vocabulary | None = None,
+    ids: IdOptions | None = None,
 ) -> Stream:
     """The stream SOURCE names: a built-in set, a file, a directory or a glob of columnar files; text
-    through the tokenizer when one is given (else as bytes)."""
+    through the tokenizer when one is given (else as bytes); rows of token ids as they are. seq_len None:
+    not given (64, except where rows of ids need it)."""
     cols = columns or Columns(label=label_column)
+    ids = replace(ids or IdOptions(), seq_len=seq_len)
+    length = seq_len or 64
+    table = partial(
+        columnar, cols=cols, task=task, seq_len=length, image_size=image_size, seed=seed, tokenizer=tokenizer, ids=ids
+    )
     # with a tokenizer, text is a language model's unless a label is named (or --task classification)
     task = task or ("lm" if tokenizer and not cols.label else None)
-    stream = _stream(source, cols, num_samples, input_shape, num_classes, task, seq_len, image_size, seed, tokenizer)
+    stream = _stream(source, table, num_samples, input_shape, num_classes, task, length, image_size, seed, tokenizer)
     if "columns" not in stream.extra:
         _no_columns_named(source, cols)
+    token_ids.refuse_unused(source, stream, ids)
     if tokenizer is not None and not isinstance(stream.extra.get("tokenizer"), dict):
         raise DataError(
             f"{source}: --tokenizer encodes text (a text file, a directory of them, or a --text-column), and this "
@@ -82,6 +93,7 @@ def _no_columns_named(source: str, cols: Columns) -> None:
             ("--x-columns", cols.x),
             ("--text-column", cols.text),
             ("--image-column", cols.image),
+            ("--ids-column", cols.ids),
             ("--split-key", cols.split_key),
             ("--label-column", cols.label),
         )
@@ -96,7 +108,7 @@ def _no_columns_named(source: str, cols: Columns) -> None:
 
 def _stream(
     source: str,
-    cols: Columns,
+    table: Callable[[arrow.Batches], Stream],
     num_samples: int,
     input_shape: list[int] | None,
     num_classes: int,
@@ -106,38 +118,39 @@ def _stream(
     seed: int,
     tokenizer: Vocabulary | None,
 ) -> Stream:
+    """The stream of SOURCE; `table` makes a columnar source's."""
     if source == "digits":
         return _digits()
     if source == "synthetic":
         return _synthetic(num_samples, input_shape or [32], num_classes, task or "classification", seq_len, seed)
     path = Path(source)
     if not path.exists() and any(c in source for c in "*?["):
-        return columnar(arrow.pattern(source), cols, task, seq_len, image_size, seed, tokenizer)
+        return table(arrow.pattern(source))
     if not path.exists():
         raise DataError(f"{source}: no such file or directory (or built-in data set: digits, synthetic)")
     if path.is_dir():
         batches = arrow.directory(path)
         if batches:
-            return columnar(batches, cols, task, seq_len, image_size, seed, tokenizer)
+            return table(batches)
         return _text_dir(path, seq_len, tokenizer) if task == "lm" else _images(path, image_size)
-    return _file(path, cols, task, seq_len, image_size, seed, tokenizer)
+    return _file(path, table, task, seq_len, tokenizer)
 
 
 def _file(
-    path: Path, cols: Columns, task: str | None, seq_len: int, image_size: Any, seed: int, tokenizer: Vocabulary | None
+    path: Path, table: Callable[[arrow.Batches], Stream], task: str | None, seq_len: int, tokenizer: Vocabulary | None
 ) -> Stream:
     kind = arrow.sniff(path)
     suffix = path.suffix.lower()
     if kind == "parquet":
-        return columnar(arrow.parquet_files(str(path), [path]), cols, task, seq_len, image_size, seed, tokenizer)
+        return table(arrow.parquet_files(str(path), [path]))
     if kind is not None:
-        return columnar(arrow.arrow_files(str(path), [path]), cols, task, seq_len, image_size, seed, tokenizer)
+        return table(arrow.arrow_files(str(path), [path]))
     if suffix == ".npz":
         return _npz(path, task, seq_len)
     if suffix == ".csv":
-        return columnar(arrow.csv_file(path), cols, task, seq_len, image_size, seed, tokenizer)
+        return table(arrow.csv_file(path))
     if suffix in (".jsonl", ".ndjson"):
-        return columnar(arrow.jsonl_file(path), cols, task, seq_len, image_size, seed, tokenizer)
+        return table(arrow.jsonl_file(path))
     if suffix in TEXT_SUFFIXES:
         return _text(path, seq_len, tokenizer)
     raise DataError(f"{path}: {suffix or 'this'} files are not a source `shoal shard` reads; it accepts {ACCEPTED}")
@@ -154,9 +167,12 @@ def columnar(
     image_size: Any,
     seed: int,
     tokenizer: Vocabulary | None = None,
+    ids: IdOptions | None = None,
 ) -> Stream:
     """A stream of the columns the plan picks from a columnar source's record batches."""
     p = plan(batches.schema, cols, task, batches.source, tokenized=tokenizer is not None)
+    if p.mode == "ids":
+        return token_ids.stream(batches, p, cols, seed, tokenizer, ids or IdOptions())
     if p.mode == "text" and p.label:
         return _labelled_text(batches, p, cols, seq_len, seed, tokenizer)
     if p.mode == "text":
@@ -229,34 +245,14 @@ def _labelled_text(
             "column is a language model's documents: leave out --label-column and --task)"
         )
     coder = tokens.Rows(tokenizer, seq_len)
-    labels = Labels(p.label or "", p.task, class_names(batches.features, p.label or ""))
-    lengths: dict[int, Lengths] = {}
 
-    def encoded(pieces: Sequence[int]) -> Iterator[tuple[int, Chunk]]:
-        piece, row0 = -1, 0
-        for i, batch, where in batches.read_pieces(p.needed(cols), [], pieces):
-            if i != piece:  # a piece read from its start: counted anew
-                piece, row0, lengths[i] = i, 0, Lengths()
-            text = batch.column(p.x[0])
-            no_nulls(text, p.x[0], where, row0)
-            keys = key_hashes(batch.column(cols.split_key), seed) if cols.split_key else None
-            y = labels.y(batch.column(p.label), where, row0)
-            yield i, Chunk(coder.encode(text.to_pylist(), lengths[i]), y, keys)
-            row0 += batch.num_rows
+    def rows_of(batch: pa.RecordBatch, where: str, row0: int, seen: Lengths) -> np.ndarray:
+        text = batch.column(p.x[0])
+        no_nulls(text, p.x[0], where, row0)
+        return coder.encode(text.to_pylist(), seen)
 
-    return Stream(
-        None,
-        p.task,
-        vocab_size=tokenizer.size,
-        rows=batches.rows,
-        nbytes=batches.nbytes,
-        labels=labels,
-        extra={"columns": _columns_entry(p, cols), "tokenizer": tokenizer.entry(), "pad_id": tokenizer.pad_id},
-        pieces=batches.pieces,
-        piece_reader=lambda pieces: prefetch(encoded(pieces), depth=2),  # encoding overlaps the writer's spilling
-        piece_sizes=batches.piece_sizes,
-        lengths=lengths,
-    )
+    extra = {"columns": _columns_entry(p, cols), "tokenizer": tokenizer.entry(), "pad_id": tokenizer.pad_id}
+    return token_ids.padded(batches, p.needed(cols), p, cols, seed, rows_of, tokenizer.size, extra)
 
 
 class _ImageColumn:

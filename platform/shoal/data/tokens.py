@@ -102,6 +102,7 @@ class Vocabulary:
     size: int
     pad_id: int = 0
     pad_token: str | None = None  # as --pad-token named it (None: found, or the end-of-text token)
+    eot_token: str | None = None  # as --eot-token named it (None: found)
 
     @property
     def dtype(self) -> np.dtype:
@@ -149,7 +150,7 @@ def load_tokenizer(path: str, eot_token: str | None = None, pad_token: str | Non
         if named:
             special.setdefault(named, i)
     size = max(tokenizer.get_vocab_size(with_added_tokens=True), max(tokenizer.get_vocab(True).values()) + 1)
-    return Vocabulary(file, raw, tokenizer, eot_id, special, size, pad_id, pad_token)
+    return Vocabulary(file, raw, tokenizer, eot_id, special, size, pad_id, pad_token, eot_token)
 
 
 def _tokenizer_file(path: Path) -> Path:

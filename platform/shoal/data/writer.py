@@ -323,7 +323,7 @@ class _Progress:
             self._line()
 
     def _line(self) -> None:
-        if self.enabled and self.bar is None:
+        if self.enabled and self.bar is None and self.label:  # no line before the first phase (a source refused)
             of = f"/{self.total:,}" if self.total else ""
             print(f"[shoal] {self.label}: {self.done:,}{of} samples", flush=True)
             self.last = time.monotonic()
