@@ -359,3 +359,14 @@ def test_a_class_count_other_than_the_datas_is_named_with_both(reviews):
     with pytest.raises(ConfigError) as e:
         build_job(cfg, WorldInfo(), torch.device("cpu"))
     assert e.value.key == "model.kwargs.config.num_labels" and "has 5 but the data's 2 classes" in str(e.value)
+
+
+def test_its_tied_embedding_is_one_parameter_and_norms_and_biases_are_not_decayed(lm_shards):
+    job = build_job(gpt2_cfg(lm_shards, **{"optim.weight_decay": 0.1}), WorldInfo(), torch.device("cpu"))
+    model = job.bare_model
+    assert model.lm_head.weight is model.transformer.wte.weight
+    names = {id(p): n for n, p in model.named_parameters()}  # each tensor once, under its first name
+    decayed, kept = ({names[id(p)] for p in g["params"]} for g in job.optimizer.param_groups)
+    assert job.optimizer.param_groups[0]["weight_decay"] == 0.1 and job.optimizer.param_groups[1]["weight_decay"] == 0
+    assert "transformer.wte.weight" in decayed and "lm_head.weight" not in decayed | kept
+    assert {n for n in names.values() if ".ln_" in n or n.endswith(".bias")} == kept
