@@ -25,8 +25,11 @@ side). Both sides run torch's default threads outside Ray (2 here) and 2 under R
 process; the order rotates every round. Tokens/s is measured from step `--warmup` to the last step (Shoal:
 the `time` of its metrics records; the Trainer: time.time() at on_step_end of a TrainerCallback, at the same
 steps). The final loss is the mean of the logged training losses over the last 100 steps (both log every
-10). Known differences: the Trainer's warmup starts at lr 0 (LambdaLR counts from 0; Shoal's first step runs
-at lr/50), its GPT2Config keeps use_cache (Shoal's from a mapping sets it off), and its shuffle is its own.
+10), per target: transformers 5.24's Trainer divides GPT-2's summed loss by the unshifted label count (64 a
+block, for 63 targets), so its logged loss is 63/64 of the mean and is scaled back here (hf_trainer.py's
+loss_scale, printed). Known differences: the Trainer's warmup starts at lr 0 (LambdaLR counts from 0; Shoal's
+first step runs at lr/50) and its gradients are 63/64 of the mean's (the same miscount; AdamW is nearly
+scale-free), its GPT2Config keeps use_cache (Shoal's from a mapping sets it off), and its shuffle is its own.
 
     python benchmarks/bench_hf.py [--rounds 5] [--steps 400] [--modes hf,worker,train1,worker-logits]
 """
@@ -34,6 +37,7 @@ at lr/50), its GPT2Config keeps use_cache (Shoal's from a mapping sets it off), 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -138,9 +142,10 @@ def one(mode: str, args: argparse.Namespace, seed: int, work: Path, shards: Path
         if proc.returncode != 0:
             sys.exit(f"the Trainer failed:\n{proc.stderr[-3000:]}")
         result = json.loads(out.read_text())
+        scale = result["loss_scale"]
         if seed == 0:
-            print(f"hf: {result['threads']} torch threads, optim {result['optim']}", flush=True)
-        marks, losses = [tuple(m) for m in result["marks"]], result["losses"]
+            print(f"hf: {result['threads']} torch threads, {result['optim']}, loss_scale {scale:.4f}", flush=True)
+        marks, losses = [tuple(m) for m in result["marks"]], [(s, loss * scale) for s, loss in result["losses"]]
     else:
         marks, losses = shoal(mode, shards, args.steps, seed, work)
     return rate(marks, args.warmup, args.steps), final_loss(losses, args.steps)
@@ -154,6 +159,8 @@ def main() -> None:
     p.add_argument("--modes", default=MODES)
     args = p.parse_args()
     modes = args.modes.split(",")
+    if "hf" in modes and not all(importlib.util.find_spec(m) for m in ("transformers", "accelerate")):
+        sys.exit("the hf mode needs transformers and accelerate: pip install transformers accelerate")
     if unknown := set(modes) - set(MODES.split(",")):
         sys.exit(f"--modes: {sorted(unknown)} unknown; modes are {MODES}")
     with tempfile.TemporaryDirectory() as d:
