@@ -125,27 +125,24 @@ def final_loss(losses: list[tuple[int, float]], steps: int) -> float:
     return sum(tail) / len(tail)
 
 
+def trainer(blocks: Path, steps: int, seed: int, work: Path) -> tuple[list, list]:
+    """(clock at each step's end as (step, time), logged losses per target as (step, loss)) of one Trainer run."""
+    out = work / f"hf-{seed}.json"
+    cmd = [str(HERE / "hf_trainer.py"), str(blocks), "--steps", str(steps), "--seed", str(seed), "--out", str(out)]
+    proc = subprocess.run([sys.executable, *cmd], cwd=HERE, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"the Trainer failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(out.read_text())
+    scale = result["loss_scale"]
+    if seed == 0:
+        print(f"hf: {result['threads']} torch threads, {result['optim']}, loss_scale {scale:.4f}", flush=True)
+    return [tuple(m) for m in result["marks"]], [(s, loss * scale) for s, loss in result["losses"]]
+
+
 def one(mode: str, args: argparse.Namespace, seed: int, work: Path, shards: Path, blocks: Path) -> tuple[float, float]:
     """(tokens/s, final loss) of one run of `mode`."""
     if mode == "hf":
-        out = work / f"hf-{seed}.json"
-        cmd = [
-            sys.executable,
-            str(HERE / "hf_trainer.py"),
-            str(blocks),
-            "--steps",
-            str(args.steps),
-            "--seed",
-            str(seed),
-        ]
-        proc = subprocess.run([*cmd, "--out", str(out)], cwd=HERE, capture_output=True, text=True)
-        if proc.returncode != 0:
-            sys.exit(f"the Trainer failed:\n{proc.stderr[-3000:]}")
-        result = json.loads(out.read_text())
-        scale = result["loss_scale"]
-        if seed == 0:
-            print(f"hf: {result['threads']} torch threads, {result['optim']}, loss_scale {scale:.4f}", flush=True)
-        marks, losses = [tuple(m) for m in result["marks"]], [(s, loss * scale) for s, loss in result["losses"]]
+        marks, losses = trainer(blocks, args.steps, seed, work)
     else:
         marks, losses = shoal(mode, shards, args.steps, seed, work)
     return rate(marks, args.warmup, args.steps), final_loss(losses, args.steps)
