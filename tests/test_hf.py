@@ -181,6 +181,15 @@ def test_export_loads_into_gpt2_lm_head_model_with_the_same_logits(lm_shards, tm
     want = job.bare_model.eval()(x)
     for model in (from_state, from_dir):
         assert torch.allclose(model.eval()(input_ids=x).logits, want, atol=1e-6)
+    # and back in: the directory as a from_pretrained target starts a job from those weights, nothing downloaded
+    again = gpt2_cfg(lm_shards, **{
+        "model.target": "transformers:AutoModelForCausalLM.from_pretrained",
+        "model.kwargs": {"pretrained_model_name_or_path": str(tmp_path / "hf")},
+    })  # fmt: skip
+    assert torch.allclose(build_job(again, WorldInfo(), torch.device("cpu")).bare_model.eval()(x), want, atol=1e-6)
+    missing = again.replace({"model.kwargs": {"pretrained_model_name_or_path": "gpt2"}})
+    with pytest.raises(ConfigError, match="'gpt2' is not a local directory"):
+        build_job(missing, WorldInfo(), torch.device("cpu"))
 
 
 def test_a_vocabulary_other_than_the_datas_exits_2_naming_the_key_and_both_sizes(lm_shards, tmp_path):
