@@ -292,3 +292,20 @@ class TokenBag(nn.Module):
 
 def token_bag(vocab_size: int = 300, classes: int = 3, pad_id: int = 0) -> nn.Module:
     return TokenBag(vocab_size, classes, pad_id)
+
+
+class FunctionalReLU(nn.Module):
+    """64 -> 32 -> 10 with torch.relu between (no nn.ReLU module); hidden bias `bias` (-10: dead from the start)."""
+
+    def __init__(self, bias: float):
+        super().__init__()
+        self.hidden = nn.Linear(64, 32)
+        self.head = nn.Linear(32, 10)
+        nn.init.constant_(self.hidden.bias, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.hidden(x.flatten(1))))
+
+
+def functional_relu(bias: float = 0.0) -> nn.Module:
+    return FunctionalReLU(bias)

@@ -166,6 +166,16 @@ def test_broken_user_models(tmp_path, monkeypatch, target, expected):
         assert "unused.weight" in f.message and "find_unused_parameters" in f.fix
 
 
+def test_units_dead_behind_torch_relu_are_named_by_layer_and_a_healthy_model_gets_neither(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "tests"))
+    planted = _run(tmp_path, QUICKSTART, "model.target=helpers:functional_relu", "model.kwargs={bias: -10.0}")
+    by_kind = {f.kind: f for f in planted.findings}
+    assert by_kind["dead_relu"].numbers == {"layer": "head", "layer_share": 1.0}, planted.findings
+    assert by_kind["zero_gradient"].numbers == {"layers": ["hidden"]}, planted.findings
+    healthy = _run(tmp_path, QUICKSTART, "model.target=helpers:functional_relu")
+    assert not {"dead_relu", "zero_gradient"} & _kinds(healthy), healthy.findings
+
+
 def test_cli_exit_codes_and_summary(tmp_path):
     r = shoal_cli("check", QUICKSTART, "train.loss=mse", "--out", str(tmp_path / "o"))
     assert r.returncode == 1

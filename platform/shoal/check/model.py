@@ -93,11 +93,12 @@ def _first_batch(
 ) -> None:
     acts = probes.ActivationProbe(model)
     acts.armed = True
+    silent = SilentUnits(model, x)
     model.train()
     out = model(x)
     loss = loss_fn(out, y)
     acts.armed = False
-    for h in acts.handles:
+    for h in acts.handles + silent.handles:
         h.remove()
     initial = float(loss.detach())
     rep.numbers["initial_loss"] = initial
@@ -107,6 +108,7 @@ def _first_batch(
         loss.backward()
     rep.findings += _gradient_findings(model)
     _layers(groups, acts, rep)
+    _silent_inputs(silent.shares, rep)
 
 
 def _gradient_findings(model: nn.Module) -> list[Finding]:
@@ -118,7 +120,27 @@ def _gradient_findings(model: nn.Module) -> list[Finding]:
     found = [_no_gradient(missing, len(names))] if missing else []
     if zero and len(zero) == len(names) - len(missing):
         found.append(_zero_gradient(len(zero)))
+    elif zero:
+        cut_off = [layer for layer, ps in probes.layers(model).items() if all(_exactly_zero(p.grad) for p in ps)]
+        found += [_zero_gradient_in(cut_off)] if cut_off else []
     return found
+
+
+def _exactly_zero(grad: torch.Tensor | None) -> bool:
+    return grad is not None and not bool(grad.any())
+
+
+def _zero_gradient_in(layers: list[str]) -> Finding:
+    shown = ", ".join(layers[:4]) + (", ..." if len(layers) > 4 else "")
+    return Finding(
+        "zero_gradient",
+        "model",
+        f"every gradient of {shown} is exactly zero on a real batch: nothing flows back to "
+        f"{'this layer' if len(layers) == 1 else 'these layers'} (units after it that output a constant for every "
+        "sample, such as a ReLU, nn.ReLU or torch.relu, behind a large negative bias)",
+        "model.init: he (biases start at zero), model.activation: leaky_relu (or gelu), or lower optim.lr",
+        numbers={"layers": layers},
+    )
 
 
 def _no_gradient(missing: list[str], total: int) -> Finding:
@@ -237,6 +259,51 @@ def _exploding(norms: dict[str, float], rep: ModelReport) -> None:
                 numbers={"grad_norm": total},
             )
         )
+
+
+class SilentUnits:
+    """Forward hooks on every module that holds parameters, for one forward: the share of the units entering it
+    (features, or a convolution's channels) that hold one value for every sample of the batch. Whatever made them
+    so (nn.ReLU, torch.relu, a saturated tanh), the layer gets nothing from them; the batch itself is not measured
+    (a pixel that is always 0 is the data's, not the model's)."""
+
+    def __init__(self, model: nn.Module, batch: Any):
+        self.shares: dict[str, float] = {}
+        main = batch.main if hasattr(batch, "main") else batch
+        self.batch_storage = main.untyped_storage().data_ptr() if isinstance(main, torch.Tensor) else None
+        owners = [(n, m) for n, m in model.named_modules() if n and any(True for _ in m.parameters(recurse=False))]
+        self.handles = [m.register_forward_hook(self._hook(n)) for n, m in owners]
+
+    def _hook(self, name: str) -> Any:
+        def hook(module: nn.Module, inputs: Any, out: Any) -> None:
+            t = next((i for i in inputs if isinstance(i, torch.Tensor)), None)
+            if t is None or not t.is_floating_point() or t.dim() < 2 or t.shape[0] < 2 or name in self.shares:
+                return
+            if t.untyped_storage().data_ptr() == self.batch_storage:
+                return
+            channels = isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d)
+            units = (t.transpose(0, 1).reshape(t.shape[1], -1) if channels else t.reshape(-1, t.shape[-1]).T).detach()
+            self.shares[name] = float((units.amax(dim=1) == units.amin(dim=1)).float().mean())
+
+        return hook
+
+
+def _silent_inputs(shares: dict[str, float], rep: ModelReport) -> None:
+    """dead_relu for units silent behind any activation, where the nn.ReLU probe found none."""
+    silent = {k: v for k, v in shares.items() if v > DEAD_SHARE}
+    if not silent or any(f.kind == "dead_relu" for f in rep.findings):
+        return
+    name = max(silent, key=silent.get)
+    rep.findings.append(
+        Finding(
+            "dead_relu",
+            "model",
+            f"{silent[name]:.0%} of the units entering {name} hold the same value for every sample before training "
+            "(dead units of the activation before it, nn.ReLU or torch.relu): they pass no gradient back",
+            "model.init: he, model.activation: leaky_relu (or gelu), or lower optim.lr",
+            numbers={"layer": name, "layer_share": silent[name]},
+        )
+    )
 
 
 def _dead_relu(stats: dict[str, dict[str, float]], rep: ModelReport) -> None:
