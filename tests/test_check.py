@@ -13,8 +13,9 @@ import pytest
 from shoal import check
 from shoal.check.lints import lint
 from shoal.check.task import quick
-from shoal.config import load_config
+from shoal.config import DataConfig, load_config
 from shoal.data.memory import digits_arrays
+from shoal.data.shards import open_shards
 
 from conftest import REPO, shoal_cli
 
@@ -174,6 +175,51 @@ def test_units_dead_behind_torch_relu_are_named_by_layer_and_a_healthy_model_get
     assert by_kind["zero_gradient"].numbers == {"layers": ["hidden"]}, planted.findings
     healthy = _run(tmp_path, QUICKSTART, "model.target=helpers:functional_relu")
     assert not {"dead_relu", "zero_gradient"} & _kinds(healthy), healthy.findings
+
+
+def _noisy_digits(tmp: Path, name: str, noise: float, seed: int = 0) -> tuple[Path, dict[bytes, int]]:
+    """Digits with `noise` of the labels replaced by a random other class; the true label of each image."""
+    x, y = _digits()
+    rng = np.random.default_rng(seed)
+    flip = rng.random(len(y)) < noise
+    noisy = y.copy()
+    noisy[flip] = (y[flip] + rng.integers(1, 10, int(flip.sum()))) % 10
+    return _shard(tmp, name, x, noisy, val=0.1), {_key(row): int(t) for row, t in zip(x, y)}
+
+
+def _key(row: np.ndarray) -> bytes:
+    return np.round(np.asarray(row, dtype=np.float64), 4).tobytes()
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.1, 0.3])
+def test_planted_label_noise_is_estimated_and_its_suspects_are_the_planted_ones(tmp_path, noise):
+    shards, truth = _noisy_digits(tmp_path, f"noisy{noise}", noise)
+    result = _run(tmp_path, DIGITS_SHARDS, f"data.path={shards}")
+    est = result.numbers["label_noise"]
+    train = open_shards(DataConfig(format="shards", path=str(shards)))[0]
+    x, y, _ = train.get_batch(np.arange(len(train)))
+    wrong = {i for i in range(len(y)) if truth[_key(x[i].numpy())] != int(y[i])}
+    planted = len(wrong) / len(y)
+    assert abs(est["rate"] - planted) < (0.02 if noise == 0 else 0.05), (est["rate"], planted)
+    assert ("label_noise" in {f.kind for f in check.problems(result.findings)}) == (noise > 0)
+    if noise == 0.3:
+        index = {f"{s.name}#{i}": k for k, (s, i) in enumerate(_places(train))}
+        top = [index[s["at"]] for s in est["suspects"][:100]]
+        assert sum(t in wrong for t in top) >= 80, sum(t in wrong for t in top)
+
+
+def _places(train) -> list[tuple]:
+    return [(s, i) for s in train.shards for i in range(s.samples)]
+
+
+def test_a_systematic_mislabelling_names_the_confused_pair(tmp_path):
+    x, y = _digits()
+    rng = np.random.default_rng(0)
+    swapped = np.where((y == 3) & (rng.random(len(y)) < 0.4), 5, y)  # 40% of the 3s labelled 5, always 5
+    shards = _shard(tmp_path, "swapped", x, swapped, val=0.1)
+    result = _run(tmp_path, DIGITS_SHARDS, f"data.path={shards}")
+    pairs = result.numbers["label_noise"]["pairs"]
+    assert (pairs[0]["given"], pairs[0]["likely"]) == (5, 3), pairs
 
 
 def test_cli_exit_codes_and_summary(tmp_path):

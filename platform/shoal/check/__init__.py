@@ -48,6 +48,10 @@ def run(cfg: Any, out: Path, say: Any = print) -> Result:
         numbers["class_names"] = list(names)
     probed, base = _model_findings(cfg, spec, scanned, _labels_ok(found), say)
     found += probed.findings
+    noise = _label_noise(cfg, spec, scanned, names, say) if _labels_ok(found) else None
+    if noise is not None:
+        found.append(noise[0])
+        numbers["label_noise"] = noise[1]
     numbers.update(model=probed.numbers, baselines=base, scan_seconds=scan_s, seconds=time.perf_counter() - start)
     out.mkdir(parents=True, exist_ok=True)
     plots = _plots(out, scanned, probed)
@@ -75,6 +79,24 @@ def _model_findings(cfg: Any, spec: DataSpec, scanned: Any, labels_ok: bool, say
     probed = model.probe(cfg, spec, sx, sy, labels_ok)
     base = model.baselines(spec, scanned.sample, scanned.val_sample) if labels_ok else {}
     return probed, base
+
+
+def _label_noise(cfg: Any, spec: DataSpec, scanned: Any, names: Any, say: Any) -> tuple[Finding, dict] | None:
+    """Confident learning on the training sample (classification on features; token ids and images of raw
+    pixels alike are fitted by the linear baseline, which is what the estimate rests on)."""
+    from shoal.check import labels  # sklearn, as the baselines
+
+    x, y = scanned.sample
+    if spec.task != "classification" or spec.token_ids or len(x) < 2 * labels.FOLDS:
+        return None
+    say(f"[shoal] check: estimating label noise on {len(x):,} samples ({labels.FOLDS}-fold)")
+    xs, ys = x.reshape(len(x), -1).double().numpy(), y.numpy().astype("int64")
+    probs = labels.out_of_sample(xs, ys, spec.num_classes, cfg.seed)
+    if probs is None:
+        return None
+    noise = labels.estimate(probs, ys)
+    found = labels.finding(noise, cfg.check.label_noise_threshold, names)
+    return found, labels.report(noise, scanned.train.places, names, ys)
 
 
 def summary_lines(result: Result) -> list[str]:
@@ -124,9 +146,26 @@ def _markdown(
     lines += _classes_table(numbers.get("class_names"), numbers.get("classes"))
     lines += _features_table(numbers.get("features"))
     lines += _listed("Baselines", numbers.get("baselines"))
+    lines += _suspects_table(numbers.get("label_noise"))
     lines += _listed("Model on one batch", numbers.get("model", {}))
     lines += _layers_table(layers)
     return lines + [f"![{p.stem}]({p.name})" for p in plots]
+
+
+def _suspects_table(noise: dict[str, Any] | None) -> list[str]:
+    """The suspects of label noise, least self-confident first (report.json keeps more)."""
+    if not noise or not noise["suspects"]:
+        return []
+    lines = [
+        f"## Suspected wrong labels ({noise['rate']:.1%} estimated, {noise['low']:.1%}-{noise['high']:.1%})",
+        "",
+        "| sample | given | likely | confidence in the given label |",
+        "|---|---|---|---|",
+    ]
+    for s in noise["suspects"][:20]:
+        lines.append(f"| {s['at']} | {s.get('given', '')} | {s['likely']} | {s['self_confidence']:.3f} |")
+    pairs = "; ".join(f"{p['given']} -> {p['likely']} (~{p['count']})" for p in noise["pairs"][:5])
+    return lines + ["", f"Most confused (given -> likely): {pairs}", ""]
 
 
 def _findings_table(title: str, group: list[Finding]) -> list[str]:

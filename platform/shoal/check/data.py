@@ -104,6 +104,7 @@ class SplitStats:
     spec: DataSpec
     samples: int = 0
     unreadable: list[str] = field(default_factory=list)
+    places: list[str] = field(default_factory=list)  # where each sampled sample is (shard#index)
     nonfinite: int = 0
     nonfinite_at: list[str] = field(default_factory=list)
     out_of_range: int = 0
@@ -213,7 +214,7 @@ def _scan_split(
 ) -> tuple[SplitStats, tuple[torch.Tensor, torch.Tensor]]:
     stats = SplitStats(name, spec)
     want = _sampler(len(source), sample_size)
-    picked = []
+    picked, places = [], []
     for b in blocks(source, name):
         if not isinstance(b, Block):
             where, start, err = b
@@ -225,15 +226,22 @@ def _scan_split(
         if on_block is not None:
             on_block(h, b)
         picked.append(_picked(b, want))
+        places += [f"{b.where}#{b.start + r}" for r in _rows(b, want)]
+    stats.places = places
     return stats, _sample([p for p in picked if p is not None], spec)
+
+
+def _rows(b: Block, want: np.ndarray) -> np.ndarray:
+    """The block's rows among the wanted sample ids."""
+    lo, hi = np.searchsorted(want, [b.first_id, b.first_id + len(b.x)])
+    return want[lo:hi] - b.first_id
 
 
 def _picked(b: Block, want: np.ndarray) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The block's samples among the wanted sample ids (None when there are none)."""
-    lo, hi = np.searchsorted(want, [b.first_id, b.first_id + len(b.x)])
-    if hi <= lo:
+    rows = _rows(b, want)
+    if not len(rows):
         return None
-    rows = want[lo:hi] - b.first_id
     return torch.from_numpy(b.x[rows].copy()), torch.from_numpy(b.y[rows].copy())
 
 

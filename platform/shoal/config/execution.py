@@ -180,6 +180,9 @@ class CheckConfig(Section):
     """`shoal check`: most steps of the overfit-one-batch test (it stops as soon as the batch is memorised)."""
     overfit_batch: int = Field(32, ge=2)
     """`shoal check`: samples in the batch the model must memorise."""
+    label_noise_threshold: float = Field(0.05, ge=0, le=1)
+    """`shoal check`: the estimated share of wrong labels (confident learning on the sample's out-of-sample
+    predictions) above which `label_noise` is a problem; below it, a note."""
 
 
 class MLflowLog(Section):
