@@ -177,14 +177,20 @@ def test_units_dead_behind_torch_relu_are_named_by_layer_and_a_healthy_model_get
     assert not {"dead_relu", "zero_gradient"} & _kinds(healthy), healthy.findings
 
 
-def _noisy_digits(tmp: Path, name: str, noise: float, seed: int = 0) -> tuple[Path, dict[bytes, int]]:
-    """Digits with `noise` of the labels replaced by a random other class; the true label of each image."""
+def _planted(noise: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Digits with `noise` of the labels replaced by a random other class."""
     x, y = _digits()
     rng = np.random.default_rng(seed)
     flip = rng.random(len(y)) < noise
     noisy = y.copy()
     noisy[flip] = (y[flip] + rng.integers(1, 10, int(flip.sum()))) % 10
-    return _shard(tmp, name, x, noisy, val=0.1), {_key(row): int(t) for row, t in zip(x, y)}
+    return x, noisy
+
+
+def _noisy_digits(tmp: Path, name: str, noise: float, seed: int = 0) -> tuple[Path, dict[bytes, int]]:
+    """Planted-noise digits as shards; the true label of each image."""
+    x, y = _digits()
+    return _shard(tmp, name, *_planted(noise, seed), val=0.1), {_key(row): int(t) for row, t in zip(x, y)}
 
 
 def _key(row: np.ndarray) -> bytes:
@@ -210,6 +216,28 @@ def test_planted_label_noise_is_estimated_and_its_suspects_are_the_planted_ones(
 
 def _places(train) -> list[tuple]:
     return [(s, i) for s in train.shards for i in range(s.samples)]
+
+
+def test_doctor_labels_estimates_the_noise_from_the_trained_models_view_of_validation(tmp_path):
+    truth = {_key(row): int(t) for row, t in zip(*_digits())}
+    shards_val = _shard(tmp_path, "noisy-val", *_planted(0.3, seed=1), val=0.3)
+    run_dir = tmp_path / "run"
+    proc = shoal_cli(
+        "worker", DIGITS_SHARDS, f"data.path={shards_val}", "train.max_steps=150", "train.eval_every=0",
+        f"run.dir={run_dir}", "log.tensorboard=false",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    proc = shoal_cli("doctor", str(run_dir), "--labels")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads((run_dir / "doctor" / "labels.json").read_text())
+    val = open_shards(DataConfig(format="shards", path=str(shards_val)))[1]
+    x, y, _ = val.get_batch(np.arange(len(val)))
+    wrong = {i for i in range(len(y)) if truth[_key(x[i].numpy())] != int(y[i])}
+    assert abs(doc["rate"] - len(wrong) / len(y)) < 0.1, (doc["rate"], len(wrong) / len(y))
+    index = {f"{s.name}#{i}": k for k, (s, i) in enumerate(_places(val))}
+    top = [index[s["at"]] for s in doc["suspects"][:50]]
+    assert sum(t in wrong for t in top) >= 40, sum(t in wrong for t in top)
+    assert doc["finding"]["kind"] == "label_noise" and "Suspected wrong labels" in proc.stdout
 
 
 def test_a_systematic_mislabelling_names_the_confused_pair(tmp_path):

@@ -50,7 +50,7 @@ def run(cfg: Any, out: Path, say: Any = print) -> Result:
     found += probed.findings
     noise = _label_noise(cfg, spec, scanned, names, say) if _labels_ok(found) else None
     if noise is not None:
-        found.append(noise[0])
+        found += [noise[0]] if noise[0] is not None else []
         numbers["label_noise"] = noise[1]
     numbers.update(model=probed.numbers, baselines=base, scan_seconds=scan_s, seconds=time.perf_counter() - start)
     out.mkdir(parents=True, exist_ok=True)
@@ -81,7 +81,7 @@ def _model_findings(cfg: Any, spec: DataSpec, scanned: Any, labels_ok: bool, say
     return probed, base
 
 
-def _label_noise(cfg: Any, spec: DataSpec, scanned: Any, names: Any, say: Any) -> tuple[Finding, dict] | None:
+def _label_noise(cfg: Any, spec: DataSpec, scanned: Any, names: Any, say: Any) -> tuple[Finding | None, dict] | None:
     """Confident learning on the training sample (classification on features; token ids and images of raw
     pixels alike are fitted by the linear baseline, which is what the estimate rests on)."""
     from shoal.check import labels  # sklearn, as the baselines
@@ -146,26 +146,16 @@ def _markdown(
     lines += _classes_table(numbers.get("class_names"), numbers.get("classes"))
     lines += _features_table(numbers.get("features"))
     lines += _listed("Baselines", numbers.get("baselines"))
-    lines += _suspects_table(numbers.get("label_noise"))
+    lines += _suspects(numbers.get("label_noise"))
     lines += _listed("Model on one batch", numbers.get("model", {}))
     lines += _layers_table(layers)
     return lines + [f"![{p.stem}]({p.name})" for p in plots]
 
 
-def _suspects_table(noise: dict[str, Any] | None) -> list[str]:
-    """The suspects of label noise, least self-confident first (report.json keeps more)."""
-    if not noise or not noise["suspects"]:
-        return []
-    lines = [
-        f"## Suspected wrong labels ({noise['rate']:.1%} estimated, {noise['low']:.1%}-{noise['high']:.1%})",
-        "",
-        "| sample | given | likely | confidence in the given label |",
-        "|---|---|---|---|",
-    ]
-    for s in noise["suspects"][:20]:
-        lines.append(f"| {s['at']} | {s.get('given', '')} | {s['likely']} | {s['self_confidence']:.3f} |")
-    pairs = "; ".join(f"{p['given']} -> {p['likely']} (~{p['count']})" for p in noise["pairs"][:5])
-    return lines + ["", f"Most confused (given -> likely): {pairs}", ""]
+def _suspects(noise: dict[str, Any] | None) -> list[str]:
+    from shoal.check.labels import markdown  # sklearn, as in _label_noise
+
+    return markdown(noise) if noise else []
 
 
 def _findings_table(title: str, group: list[Finding]) -> list[str]:

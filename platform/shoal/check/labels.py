@@ -19,7 +19,7 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_predict, cross_val_score
 
-from shoal.check.findings import NOTE, Finding
+from shoal.check.findings import Finding
 
 FOLDS = 5
 SUSPECTS_KEPT = 200  # in report.json (report.md shows the first SHOWN)
@@ -95,28 +95,22 @@ def _wilson(p: float, n: int) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def finding(noise: Noise, threshold: float, names: list[str] | None) -> Finding:
-    """label_noise above check.label_noise_threshold, a note below it."""
+def finding(noise: Noise, threshold: float, names: list[str] | None) -> Finding | None:
+    """label_noise above check.label_noise_threshold; below it the estimate is only reported (numbers, report.md)."""
 
     def name(c: int) -> str:
         return names[c] if names and c < len(names) else str(c)
 
+    if noise.rate <= threshold:
+        return None
     pairs = ", ".join(f"{name(g)} given where {name(t)} is likely (~{c})" for g, t, c in noise.pairs[:3])
     share = f"{noise.rate:.1%} (95% interval {noise.low:.1%}-{noise.high:.1%} on {noise.samples:,} samples)"
-    if noise.rate <= threshold:
-        return Finding(
-            "label_noise",
-            "data",
-            f"estimated wrong labels: {share}, at or below check.label_noise_threshold={threshold:g}",
-            "nothing to do",
-            severity=NOTE,
-            numbers=_numbers(noise),
-        )
     return Finding(
         "label_noise",
         "data",
-        f"an estimated {share} of the labels are wrong (confident learning on out-of-sample predictions); "
-        f"most confused: {pairs or 'no single pair'}; the suspects are listed in the report",
+        f"an estimated {share} of the labels are wrong (confident learning on out-of-sample predictions), above "
+        f"check.label_noise_threshold={threshold:g}; most confused: {pairs or 'no single pair'}; the suspects are "
+        "listed in the report",
         "relabel or drop the suspects (report.json label_noise.suspects), or train with train.label_smoothing: 0.1",
         numbers=_numbers(noise),
     )
@@ -145,3 +139,58 @@ def report(noise: Noise, places: list[str], names: list[str] | None, given: np.n
             for r, t, s in noise.suspects
         ],
     }
+
+
+def markdown(noise: dict[str, Any]) -> list[str]:
+    """The suspects of a report (report() output), least self-confident first, and the pairs most confused."""
+    if not noise["suspects"]:
+        return [
+            f"Estimated wrong labels: {noise['rate']:.1%} ({noise['low']:.1%}-{noise['high']:.1%}); no suspects",
+            "",
+        ]
+    lines = [
+        f"## Suspected wrong labels ({noise['rate']:.1%} estimated, {noise['low']:.1%}-{noise['high']:.1%})",
+        "",
+        "| sample | given | likely | confidence in the given label |",
+        "|---|---|---|---|",
+    ]
+    for s in noise["suspects"][:SHOWN]:
+        lines.append(f"| {s['at']} | {s.get('given', '')} | {s['likely']} | {s['self_confidence']:.3f} |")
+    pairs = "; ".join(f"{p['given']} -> {p['likely']} (~{p['count']})" for p in noise["pairs"][:5])
+    return lines + ["", f"Most confused (given -> likely): {pairs}", ""]
+
+
+def after_training(run_dir: Any) -> tuple[Finding | None, dict[str, Any]]:
+    """`shoal doctor RUN_DIR --labels`: the same estimate from the trained model's view of the validation
+    split (samples it never trained on), its suspects by shard and index."""
+    import torch  # the trained model: only this command needs it here
+
+    from shoal.data.loaders import open_splits
+    from shoal.errors import ShoalError
+    from shoal.trained import load
+
+    trained = load(run_dir)
+    if trained.spec.task != "classification":
+        raise ShoalError(f"--labels: {run_dir} trained a {trained.spec.task} model; label noise needs classes")
+    val = open_splits(trained.cfg)[1]
+    if val is None or len(val) < 2:
+        raise ShoalError("--labels: the run has no validation split to judge its labels on (data.val_fraction > 0)")
+    probs, given = [], []
+    with torch.inference_mode():
+        for start in range(0, len(val), 256):
+            x, y, *_ = val.get_batch(np.arange(start, min(start + 256, len(val))))
+            probs.append(torch.softmax(trained.model(x).float(), dim=-1).numpy())
+            given.append(y.numpy())
+    y = np.concatenate(given).astype(np.int64)
+    noise = estimate(np.concatenate(probs), y)
+    names = (getattr(val, "manifest", None) or {}).get("classes")
+    found = finding(noise, trained.cfg.check.label_noise_threshold, names)
+    return found, report(noise, _places(val), names, y)
+
+
+def _places(source: Any) -> list[str]:
+    """shard#index of every sample of a split read in order (val#index for in-memory data)."""
+    shards = getattr(source, "shards", None)
+    if shards is None:
+        return [f"val#{i}" for i in range(len(source))]
+    return [f"{s.name}#{i}" for s in shards for i in range(s.samples)]

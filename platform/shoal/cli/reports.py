@@ -24,18 +24,47 @@ def write_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _doctor_args(p: argparse.ArgumentParser) -> None:
+    _run_dir_arg(p)
+    p.add_argument(
+        "--labels",
+        action="store_true",
+        help="also estimate the wrong labels from the trained model's predictions on the validation split "
+        "(confident learning), with the suspects by shard and index",
+    )
+
+
 def diagnose_run(args: argparse.Namespace) -> int:
     from shoal.health.doctor import diagnose
 
     path = diagnose(Path(args.run_dir))
+    if args.labels:
+        _labels(Path(args.run_dir), path)
     say(path.read_text(), end="")
     say(f"\n[shoal] report: {path}")
     return 0
+
+
+def _labels(run_dir: Path, report: Path) -> None:
+    """The trained model's view of the labels, in doctor/labels.json and at the end of the report."""
+    import json
+
+    from shoal.check.labels import after_training, markdown
+
+    found, noise = after_training(run_dir)
+    doc = {"finding": found.as_dict() if found else None, **noise}
+    (report.parent / "labels.json").write_text(json.dumps(doc, indent=2))
+    with report.open("a") as f:
+        f.write("\n## Labels (the trained model on the validation split)\n\n")
+        f.write(
+            (found.line() if found else "no label_noise finding (at or below check.label_noise_threshold)") + "\n\n"
+        )
+        f.write("\n".join(markdown(noise)) + "\n")
 
 
 REPORT = Command(
     "report", "one self-contained HTML page of a run (or a sweep / comparison)", _run_dir_arg, write_report
 )
 DOCTOR = Command(
-    "doctor", "report on a run (finished, failed or running): alerts, suggestions, plots", _run_dir_arg, diagnose_run
+    "doctor", "report on a run (finished, failed or running): alerts, suggestions, plots", _doctor_args, diagnose_run
 )
