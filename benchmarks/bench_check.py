@@ -1,4 +1,5 @@
-"""Time and peak memory of `shoal check` on 200,000 and 2,000,000 samples in shards, default sample size.
+"""Time and peak memory of `shoal check` on 200,000 and 2,000,000 samples in shards, default sample size, and the
+time its label-noise estimate (5-fold confident learning on the sample) adds.
 
 Each size is checked in its own process (`python -m shoal check`); peak memory is that process's maximum
 resident set. The streaming pass reads every sample (statistics, NaN, labels, duplicates, leakage), so its
@@ -82,6 +83,7 @@ def main() -> None:
                 f"{n:,}",
                 round(seconds, 1),
                 round(nums["scan_seconds"], 1),
+                round(nums.get("label_noise", {}).get("seconds", 0.0), 1),
                 round(peak_mb),
                 report["problems"],
                 f"{nums['train_samples'] / nums['scan_seconds']:,.0f}",
@@ -91,7 +93,16 @@ def main() -> None:
     print(f"\n{machine()}; `shoal check configs/large-synthetic.yaml`, default check.sample_size\n")
     print(
         table(
-            ["samples", "check s (process)", "streaming pass s", "peak RSS MB", "problems", "samples/s scanned"], rows
+            [
+                "samples",
+                "check s (process)",
+                "streaming pass s",
+                "label noise s",
+                "peak RSS MB",
+                "problems",
+                "samples/s scanned",
+            ],
+            rows,
         )
     )
 

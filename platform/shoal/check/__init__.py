@@ -89,14 +89,17 @@ def _label_noise(cfg: Any, spec: DataSpec, scanned: Any, names: Any, say: Any) -
     x, y = scanned.sample
     if spec.task != "classification" or spec.token_ids or len(x) < 2 * labels.FOLDS:
         return None
-    say(f"[shoal] check: estimating label noise on {len(x):,} samples ({labels.FOLDS}-fold)")
-    xs, ys = x.reshape(len(x), -1).double().numpy(), y.numpy().astype("int64")
+    say(f"[shoal] check: estimating label noise on {min(len(x), labels.SAMPLE):,} samples ({labels.FOLDS}-fold)")
+    start = time.perf_counter()
+    keep = labels.spread(len(x))
+    xs, ys = x[keep].reshape(len(keep), -1).double().numpy(), y[keep].numpy().astype("int64")
+    places = [scanned.train.places[i] for i in keep] if len(scanned.train.places) == len(x) else []
     probs = labels.out_of_sample(xs, ys, spec.num_classes, cfg.seed)
     if probs is None:
         return None
     noise = labels.estimate(probs, ys)
     found = labels.finding(noise, cfg.check.label_noise_threshold, names)
-    return found, labels.report(noise, scanned.train.places, names, ys)
+    return found, {**labels.report(noise, places, names, ys), "seconds": time.perf_counter() - start}
 
 
 def summary_lines(result: Result) -> list[str]:
