@@ -208,7 +208,8 @@ def _alerts(alerts: list[dict[str, Any]]) -> str:
 def _findings(path: Path) -> str:
     if not path.exists():
         return "<p id='findings'>No check report (run <code>shoal check CONFIG</code> with this run directory).</p>"
-    findings = json.loads(path.read_text())["findings"]
+    doc = json.loads(path.read_text())
+    findings = doc["findings"]
     if not findings:
         return "<p id='findings'>`shoal check` found nothing wrong.</p>"
     items = [
@@ -216,7 +217,20 @@ def _findings(path: Path) -> str:
         f"<br><span class='fix'>Fix: {_e(f['fix'])}</span></li>"
         for f in findings
     ]
-    return "<ul id='findings'>" + "".join(items) + "</ul>"
+    return "<ul id='findings'>" + "".join(items) + "</ul>" + _suspects(doc.get("numbers", {}).get("label_noise"))
+
+
+def _suspects(noise: dict[str, Any] | None) -> str:
+    """The label-noise suspects `shoal check` listed (the first 20), when it found label noise."""
+    if not noise or not noise.get("suspects"):
+        return ""
+    rows = "".join(
+        f"<tr><td>{_e(str(s['at']))}</td><td>{_e(str(s.get('given', '')))}</td><td>{_e(str(s['likely']))}</td>"
+        f"<td>{s['self_confidence']:.3f}</td></tr>"
+        for s in noise["suspects"][:20]
+    )
+    head = "<tr><th>sample</th><th>given</th><th>likely</th><th>confidence in the given label</th></tr>"
+    return f"<table id='suspects'><caption>Suspected wrong labels</caption>{head}{rows}</table>"
 
 
 def _classes(run_dir: Path) -> str:
