@@ -188,9 +188,11 @@ def _planted(noise: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _noisy_digits(tmp: Path, name: str, noise: float, seed: int = 0) -> tuple[Path, dict[bytes, int]]:
-    """Planted-noise digits as shards; the true label of each image."""
+    """Planted-noise digits as shards of 1x8x8 images; the true label of each image."""
     x, y = _digits()
-    return _shard(tmp, name, *_planted(noise, seed), val=0.1), {_key(row): int(t) for row, t in zip(x, y)}
+    planted, labels = _planted(noise, seed)
+    shards = _shard(tmp, name, planted.reshape(-1, 1, 8, 8), labels, val=0.1)
+    return shards, {_key(row): int(t) for row, t in zip(x, y)}
 
 
 def _key(row: np.ndarray) -> bytes:
@@ -204,7 +206,7 @@ def test_planted_label_noise_is_estimated_and_its_suspects_are_the_planted_ones(
     est = result.numbers["label_noise"]
     train = open_shards(DataConfig(format="shards", path=str(shards)))[0]
     x, y, _ = train.get_batch(np.arange(len(train)))
-    wrong = {i for i in range(len(y)) if truth[_key(x[i].numpy())] != int(y[i])}
+    wrong = {i for i in range(len(y)) if truth[_key(x[i].numpy().reshape(-1))] != int(y[i])}
     planted = len(wrong) / len(y)
     assert abs(est["rate"] - planted) < (0.02 if noise == 0 else 0.05), (est["rate"], planted)
     assert ("label_noise" in {f.kind for f in check.problems(result.findings)}) == (noise > 0)
@@ -212,6 +214,7 @@ def test_planted_label_noise_is_estimated_and_its_suspects_are_the_planted_ones(
         index = {f"{s.name}#{i}": k for k, (s, i) in enumerate(_places(train))}
         top = [index[s["at"]] for s in est["suspects"][:100]]
         assert sum(t in wrong for t in top) >= 80, sum(t in wrong for t in top)
+        assert (tmp_path / "check-out" / "suspects.png").stat().st_size > 10_000  # their thumbnails
 
 
 def _places(train) -> list[tuple]:

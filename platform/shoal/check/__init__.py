@@ -49,12 +49,13 @@ def run(cfg: Any, out: Path, say: Any = print) -> Result:
     probed, base = _model_findings(cfg, spec, scanned, _labels_ok(found), say)
     found += probed.findings
     noise = _label_noise(cfg, spec, scanned, names, say) if _labels_ok(found) else None
+    thumbs: list = []
     if noise is not None:
         found += [noise[0]] if noise[0] is not None else []
-        numbers["label_noise"] = noise[1]
+        numbers["label_noise"], thumbs = noise[1], noise[2]
     numbers.update(model=probed.numbers, baselines=base, scan_seconds=scan_s, seconds=time.perf_counter() - start)
     out.mkdir(parents=True, exist_ok=True)
-    plots = _plots(out, scanned, probed)
+    plots = _plots(out, scanned, probed, thumbs if noise is not None and noise[0] is not None else [])
     return Result(found, _write(out, cfg, found, numbers, probed.layers, plots), numbers)
 
 
@@ -81,7 +82,9 @@ def _model_findings(cfg: Any, spec: DataSpec, scanned: Any, labels_ok: bool, say
     return probed, base
 
 
-def _label_noise(cfg: Any, spec: DataSpec, scanned: Any, names: Any, say: Any) -> tuple[Finding | None, dict] | None:
+def _label_noise(
+    cfg: Any, spec: DataSpec, scanned: Any, names: Any, say: Any
+) -> tuple[Finding | None, dict, list] | None:
     """Confident learning on the training sample (classification on features; token ids and images of raw
     pixels alike are fitted by the linear baseline, which is what the estimate rests on)."""
     from shoal.check import labels  # sklearn, as the baselines
@@ -99,7 +102,10 @@ def _label_noise(cfg: Any, spec: DataSpec, scanned: Any, names: Any, say: Any) -
         return None
     noise = labels.estimate(probs, ys)
     found = labels.finding(noise, cfg.check.label_noise_threshold, names)
-    return found, {**labels.report(noise, places, names, ys), "seconds": time.perf_counter() - start}
+    report = {**labels.report(noise, places, names, ys), "seconds": time.perf_counter() - start}
+    images = len(spec.input_shape) == 3
+    thumbs = [(x[keep[r]].numpy(), report["suspects"][i]) for i, (r, _, _) in enumerate(noise.suspects[:20])]
+    return found, report, thumbs if images else []
 
 
 def summary_lines(result: Result) -> list[str]:
@@ -244,7 +250,7 @@ def _plain(v: Any) -> Any:
     return str(v)
 
 
-def _plots(out: Path, scanned: Any, probed: Any) -> list[Path]:
+def _plots(out: Path, scanned: Any, probed: Any, thumbs: list) -> list[Path]:
     from shoal.check.figures import figures  # numpy, matplotlib: kept out of `shoal train`'s start-up too
 
-    return figures(out, scanned, probed)
+    return figures(out, scanned, probed, thumbs)

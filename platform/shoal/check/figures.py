@@ -1,5 +1,6 @@
-"""The check report's figures: data.png (input features, class balance) and model.png (gradient norm per
-layer, the overfit-one-batch curve)."""
+"""The check report's figures: data.png (input features, class balance), model.png (gradient norm per
+layer, the overfit-one-batch curve) and, for images with label noise, suspects.png (the suspects with their
+given and likely labels)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,26 @@ import numpy as np
 from shoal import plots
 
 
-def figures(out: Path, scanned: Any, probed: Any) -> list[Path]:
+def figures(out: Path, scanned: Any, probed: Any, thumbs: list | None = None) -> list[Path]:
     """The figures there is something to draw in, written under out."""
-    made = [_data_figure(out, scanned), _model_figure(out, probed)]
+    made = [_data_figure(out, scanned), _model_figure(out, probed), _suspects_figure(out, thumbs or [])]
     return [p for p in made if p is not None]
+
+
+def _suspects_figure(out: Path, thumbs: list) -> Path | None:
+    """A grid of suspected wrong labels: each image (C, H, W) titled with its place and given -> likely label."""
+    if not thumbs:
+        return None
+    cols = min(5, len(thumbs))
+    rows = -(-len(thumbs) // cols)
+    fig, ax = plots.figure(rows, cols, (2.4 * cols, 2.6 * rows))
+    for i, a in enumerate(a for line in ax for a in line):
+        a.axis("off")
+        if i < len(thumbs):
+            image, s = thumbs[i]
+            a.imshow(image[0] if image.shape[0] == 1 else np.moveaxis(image, 0, -1), cmap="gray")
+            a.set_title(f"{s['at']}\n{s.get('given')} -> {s['likely']}", fontsize=7)
+    return plots.save(fig, out / "suspects.png")
 
 
 def _data_figure(out: Path, scanned: Any) -> Path | None:
