@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from shoal.cli import main
 from shoal.config import JobConfig, config_from_dict
 
 from _ranks import spawn_sequence
@@ -161,8 +162,7 @@ def test_checkpoints_and_exports_of_compiled_runs_have_the_eager_models_keys(all
         out = export(find_latest(run["dir"]), tmp_path / f"{name}-state.pt")  # the checkpoint's own keys
         state = torch.load(out, weights_only=True)
         assert sorted(state) == sorted(model.state_dict()) and not any("_orig_mod" in k for k in state)
-        proc = shoal_cli("export", str(run["dir"]), str(tmp_path / f"{name}.pt"))
-        assert proc.returncode == 0, proc.stderr[-1500:]
+        assert main(["export", str(run["dir"]), str(tmp_path / f"{name}.pt")]) == 0  # `shoal export`, in here
         model.load_state_dict(torch.load(tmp_path / f"{name}.pt", weights_only=True))  # strict: every key
 
 
@@ -192,13 +192,24 @@ def error_line(proc) -> str:
     return lines[0]
 
 
-def test_without_a_compiler_validate_and_train_say_what_to_install(tmp_path):
+def error_line_here(capsys, *args: str) -> str:
+    """The one error line of a command refused in this process (exit 2; an exception would fail the test)."""
+    code = main(list(args))
+    err = capsys.readouterr().err
+    assert code == 2, err[-1500:]
+    lines = [line for line in err.splitlines() if line.startswith("shoal: error")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-1500:]
+    return lines[0]
+
+
+def test_without_a_compiler_validate_and_train_say_what_to_install(tmp_path, capsys, monkeypatch):
     args = [str(QUICKSTART), *tiny_overrides(tmp_path / "run", **{"train.compile": "blocks", "train.max_steps": 2})]
     env = {"CXX": str(tmp_path / "no-such-g++")}  # the compiler inductor would call, named and absent
-    said = error_line(shoal_cli("validate", *args, env=env))
+    said = error_line(shoal_cli("train", *args, env=env))  # a real command: exit 2, no traceback, no Ray process
     assert "train.compile: torch.compile needs a C++ compiler (g++)" in said and "apt-get install g++" in said
-    assert error_line(shoal_cli("train", *args, env=env)) == said  # before any Ray process
-    assert error_line(shoal_cli("worker", *args, env=env)) == said  # a rank by torchrun checks it too
+    monkeypatch.setenv("CXX", env["CXX"])
+    assert error_line_here(capsys, "validate", *args) == said
+    assert error_line_here(capsys, "worker", *args) == said  # a rank by torchrun checks it too
 
 
 def test_compiling_the_whole_model_under_pipeline_stages_is_a_config_error(tmp_path):
