@@ -197,24 +197,18 @@ def test_lr_logged_each_step_is_optim_lr_scaled_by_the_batch(tmp_path, scaling, 
     assert records[-1]["lr"] == pytest.approx({"linear": 0.35, "sqrt": 0.1 * 3.5**0.5}[scaling], rel=1e-12)
 
 
-def run_worker_rank(cfg_dict: dict, resume: bool) -> dict:
-    from shoal.worker import run_worker
-
-    summary = run_worker(config_from_dict(cfg_dict), resume=resume)
-    return {"steps": summary["steps"], "samples": summary["samples"]}
-
-
 def test_resume_in_the_middle_of_the_ramp_is_exact(tmp_path):
     from shoal.checkpoint import find_latest
 
     ramp = {"train.batch_ramp": {"start": 32, "end": 128, "steps": 8}, "checkpoint.every_steps": 4}
     whole = cfg_with(**ramp, **{"train.max_steps": 8, "run.dir": str(tmp_path / "whole")})
-    spawn_ranks(run_worker_rank, 2, whole.to_dict(), False)
     first = cfg_with(**ramp, **{"train.max_steps": 4, "run.dir": str(tmp_path / "cut")})
-    spawn_ranks(run_worker_rank, 2, first.to_dict(), False)
     rest = cfg_with(**ramp, **{"train.max_steps": 8, "run.dir": str(tmp_path / "cut"), "run.overwrite": True})
-    out = spawn_ranks(run_worker_rank, 2, rest.to_dict(), True)
-    assert out[0]["steps"] == 8
+    # one spawn for the three; the whole run between the cut one and its resumption, so that nothing the cut run
+    # left in the processes is where the resumed one starts
+    runs = [(first.to_dict(), False), (whole.to_dict(), False), (rest.to_dict(), True)]
+    out = spawn_ranks(runs_in_sequence, 2, runs, free_ports(len(runs)), timeout_s=240)
+    assert out[0][2]["steps"] == 8
     a = torch.load(find_latest(tmp_path / "whole") / "model.pt", weights_only=True)
     b = torch.load(find_latest(tmp_path / "cut") / "model.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)

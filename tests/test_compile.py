@@ -4,7 +4,8 @@ checkpoint moves from a compiled run to an eager one and back; checkpoints and e
 the first step's compile time reaches the start-up marks; without a compiler, validate and train say what to install.
 
 Each configuration is compiled once per module (torch.compile takes tens of seconds per model on a small CPU);
-the tests share those runs. Losses agree within TOLERANCE: inductor fuses and reorders float32 arithmetic, so
+the tests share those runs, all six trained one after another by one spawned pair of ranks (one start of the
+processes and of torch for them all), each as in a fresh process: TorchDynamo's caches and timers cleared first. Losses agree within TOLERANCE: inductor fuses and reorders float32 arithmetic, so
 compiled and eager differ in the last bits, and 20 AdamW steps carry that no further than the loss's 7th digit.
 """
 
@@ -16,9 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from shoal.cli import main
 from shoal.config import JobConfig, config_from_dict
 
-from _ranks import spawn_ranks
+from _ranks import spawn_sequence
 from conftest import REPO, need_system, shoal_cli, tiny_overrides
 
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
@@ -61,51 +63,65 @@ def job(run_dir: Path, strategy: str, compile: str | bool, **updates) -> dict:
 
 def train_on_rank(cfg_dict: dict) -> dict:
     """One rank's run: its summary, its start-up marks as the controller gets them (name, seconds: None for a
-    time, a figure for a duration) and how long torch.compile worked in this process."""
+    time, a figure for a duration) and how long torch.compile worked for it. The run starts as it would in a
+    fresh process: TorchDynamo's compiled frames and its timers (compile_seconds) of earlier runs are cleared
+    (inductor's caches on disk stay, as a user's next run finds them)."""
+    import torch._dynamo
+
     from shoal.models import compile_seconds
     from shoal.run import Hooks, Run
     from shoal.worker import run_worker
 
+    torch._dynamo.reset()
+    torch._dynamo.utils.cumulative_time_spent_ns.clear()  # what compile_seconds sums: this run's alone
     marks: list[tuple[str, float | None]] = []
     hooks = Hooks(mark=lambda name, seconds=None: marks.append((name, seconds)))
     summary = run_worker(Run(config_from_dict(cfg_dict), hooks=hooks))
     return {"summary": summary, "marks": marks, "compile_s": compile_seconds()}
 
 
-def trained(cfg_dict: dict) -> dict:
-    """A 2-rank run: rank 0's result, with the losses of every step it took."""
-    result = spawn_ranks(train_on_rank, 2, cfg_dict, timeout_s=900)[0]
-    run_dir = Path(cfg_dict["run"]["dir"])
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {**result, "dir": run_dir, "losses": [r["loss"] for r in records if "loss" in r]}
+def trained(*cfg_dicts: dict) -> list[dict]:
+    """2-rank runs, one after another on one spawned pair of ranks: rank 0's result of each, with the losses of
+    every step it took."""
+    out = []
+    for cfg_dict, ranks in zip(cfg_dicts, spawn_sequence([(train_on_rank, (c,)) for c in cfg_dicts], 2, 900)):
+        run_dir = Path(cfg_dict["run"]["dir"])
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        out.append({**ranks[0], "dir": run_dir, "losses": [r["loss"] for r in records if "loss" in r]})
+    return out
 
 
-def step_10(run: dict) -> str:
-    return str(run["dir"] / "checkpoints" / f"step-{STEPS // 2:06d}")
-
-
-@pytest.fixture(scope="module")
-def allreduce(tmp_path_factory) -> dict:
-    """Eager and compiled (model), and each resumed at step 10 from the other's checkpoint."""
-    need_system("g++")
-    root = tmp_path_factory.mktemp("allreduce")
-    eager = trained(job(root / "eager", "allreduce", False))
-    compiled = trained(job(root / "compiled", "allreduce", "model"))
-    to_eager = trained(job(root / "to-eager", "allreduce", False, **{"checkpoint.resume_from": step_10(compiled)}))
-    to_compiled = trained(job(root / "to-compiled", "allreduce", "model", **{"checkpoint.resume_from": step_10(eager)}))
-    return {"eager": eager, "compiled": compiled, "to_eager": to_eager, "to_compiled": to_compiled}
+def step_10(run_dir: Path) -> str:
+    return str(run_dir / "checkpoints" / f"step-{STEPS // 2:06d}")
 
 
 @pytest.fixture(scope="module")
-def fsdp(tmp_path_factory) -> dict:
-    """Eager and compiled (blocks) under fsdp, every block activation-checkpointed."""
+def runs(tmp_path_factory) -> dict:
+    """allreduce: eager and compiled (model), and each resumed at step 10 from the other's checkpoint;
+    fsdp: eager and compiled (blocks), every block activation-checkpointed."""
     need_system("g++")
-    root = tmp_path_factory.mktemp("fsdp")
+    root = tmp_path_factory.mktemp("runs")
     checkpointed = {"train.activation_checkpointing": "full"}
-    return {
-        "eager": trained(job(root / "eager", "fsdp", False, **checkpointed)),
-        "compiled": trained(job(root / "compiled", "fsdp", "blocks", **checkpointed)),
-    }
+    names = ["eager", "compiled", "to_eager", "to_compiled", "fsdp_eager", "fsdp_compiled"]
+    done = trained(
+        job(root / "eager", "allreduce", False),
+        job(root / "compiled", "allreduce", "model"),
+        job(root / "to-eager", "allreduce", False, **{"checkpoint.resume_from": step_10(root / "compiled")}),
+        job(root / "to-compiled", "allreduce", "model", **{"checkpoint.resume_from": step_10(root / "eager")}),
+        job(root / "fsdp-eager", "fsdp", False, **checkpointed),
+        job(root / "fsdp-compiled", "fsdp", "blocks", **checkpointed),
+    )
+    return dict(zip(names, done, strict=True))
+
+
+@pytest.fixture(scope="module")
+def allreduce(runs) -> dict:
+    return {name: runs[name] for name in ("eager", "compiled", "to_eager", "to_compiled")}
+
+
+@pytest.fixture(scope="module")
+def fsdp(runs) -> dict:
+    return {"eager": runs["fsdp_eager"], "compiled": runs["fsdp_compiled"]}
 
 
 # Pipeline stages with `blocks` give the eager losses too (checked by hand: 1.6e-7 at most); they are left out
@@ -146,8 +162,7 @@ def test_checkpoints_and_exports_of_compiled_runs_have_the_eager_models_keys(all
         out = export(find_latest(run["dir"]), tmp_path / f"{name}-state.pt")  # the checkpoint's own keys
         state = torch.load(out, weights_only=True)
         assert sorted(state) == sorted(model.state_dict()) and not any("_orig_mod" in k for k in state)
-        proc = shoal_cli("export", str(run["dir"]), str(tmp_path / f"{name}.pt"))
-        assert proc.returncode == 0, proc.stderr[-1500:]
+        assert main(["export", str(run["dir"]), str(tmp_path / f"{name}.pt")]) == 0  # `shoal export`, in here
         model.load_state_dict(torch.load(tmp_path / f"{name}.pt", weights_only=True))  # strict: every key
 
 
@@ -177,13 +192,24 @@ def error_line(proc) -> str:
     return lines[0]
 
 
-def test_without_a_compiler_validate_and_train_say_what_to_install(tmp_path):
+def error_line_here(capsys, *args: str) -> str:
+    """The one error line of a command refused in this process (exit 2; an exception would fail the test)."""
+    code = main(list(args))
+    err = capsys.readouterr().err
+    assert code == 2, err[-1500:]
+    lines = [line for line in err.splitlines() if line.startswith("shoal: error")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-1500:]
+    return lines[0]
+
+
+def test_without_a_compiler_validate_and_train_say_what_to_install(tmp_path, capsys, monkeypatch):
     args = [str(QUICKSTART), *tiny_overrides(tmp_path / "run", **{"train.compile": "blocks", "train.max_steps": 2})]
     env = {"CXX": str(tmp_path / "no-such-g++")}  # the compiler inductor would call, named and absent
-    said = error_line(shoal_cli("validate", *args, env=env))
+    said = error_line(shoal_cli("train", *args, env=env))  # a real command: exit 2, no traceback, no Ray process
     assert "train.compile: torch.compile needs a C++ compiler (g++)" in said and "apt-get install g++" in said
-    assert error_line(shoal_cli("train", *args, env=env)) == said  # before any Ray process
-    assert error_line(shoal_cli("worker", *args, env=env)) == said  # a rank by torchrun checks it too
+    monkeypatch.setenv("CXX", env["CXX"])
+    assert error_line_here(capsys, "validate", *args) == said
+    assert error_line_here(capsys, "worker", *args) == said  # a rank by torchrun checks it too
 
 
 def test_compiling_the_whole_model_under_pipeline_stages_is_a_config_error(tmp_path):

@@ -18,6 +18,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from shoal import keeper
+
 from conftest import REPO, TESTS, shoal_cli, tiny_overrides
 
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
@@ -90,7 +92,9 @@ def kept(tmp_path):
     try:
         yield k
     finally:
-        shoal_cli("down", env=k.env)
+        with pytest.MonkeyPatch.context() as env:  # what `shoal down` does, in this process
+            env.setenv("SHOAL_STATE_DIR", str(folder))
+            keeper.stop()
         for pid in _gone(k.pids, 5):  # whatever `shoal down` left: by the PIDs this test saw
             try:
                 os.kill(pid, signal.SIGKILL)

@@ -164,11 +164,13 @@ def _noisy_cfg(eta: float | None, seed: int = 0) -> dict:
 def test_gradient_noise_keeps_replicas_identical_and_changes_the_trajectory():
     from test_batch import steps_on_rank
 
-    from _ranks import spawn_ranks
+    from _ranks import spawn_ranks, spawn_sequence
 
     noisy = spawn_ranks(steps_on_rank, 2, _noisy_cfg(0.01), None)
-    again = spawn_ranks(steps_on_rank, 2, _noisy_cfg(0.01), None)
-    clean = spawn_ranks(steps_on_rank, 2, _noisy_cfg(None), None)
+    # the same run again in other processes, after a clean one there: nothing of a process's own leaks into the noise
+    clean, again = spawn_sequence(
+        [(steps_on_rank, (_noisy_cfg(None), None)), (steps_on_rank, (_noisy_cfg(0.01), None))], 2
+    )
     for k, v in noisy[0]["params"].items():
         assert torch.equal(v, noisy[1]["params"][k]), k  # the same noise on every replica
         assert torch.equal(v, again[0]["params"][k]), k  # same seed, same trajectory

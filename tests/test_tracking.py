@@ -83,6 +83,13 @@ def metrics_of(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def losses_logged(run: Path) -> int:
+    """The loss records written whole to metrics.jsonl so far."""
+    path = run / "metrics.jsonl"
+    lines = path.read_text().split("\n")[:-1] if path.exists() else []
+    return sum('"loss"' in line for line in lines)
+
+
 def wait_for(what: str, ok: Callable[[], object], timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     while not ok():
@@ -172,6 +179,7 @@ def test_sweeps_and_comparisons_nest_their_runs_under_one_parent(mlflow_server, 
 
     from shoal import tracking
     from shoal.config import load_config
+    from shoal.worker import run_worker
 
     _, url = mlflow_server
     cfg = load_config(QUICKSTART, [f"log.mlflow.tracking_uri={url}", "log.mlflow.experiment=grouped"])
@@ -179,15 +187,8 @@ def test_sweeps_and_comparisons_nest_their_runs_under_one_parent(mlflow_server, 
     parent = grouped.log.mlflow.parent_run_id
     assert parent
     run = tmp_path / "child"
-    r = shoal_cli(
-        "worker",
-        QUICKSTART,
-        *tiny_overrides(run, **{"train.max_steps": 20}),
-        f"log.mlflow.tracking_uri={url}",
-        "log.mlflow.experiment=grouped",
-        f"log.mlflow.parent_run_id={parent}",
-    )
-    assert r.returncode == 0, r.stderr
+    over = [f"log.mlflow.tracking_uri={url}", "log.mlflow.experiment=grouped", f"log.mlflow.parent_run_id={parent}"]
+    assert run_worker(load_config(QUICKSTART, [*tiny_overrides(run, **{"train.max_steps": 20}), *over]))  # in here
     child = MlflowClient(url).get_run(json.loads((run / "tracking.json").read_text())["mlflow_run_id"])
     assert child.data.tags["mlflow.parentRunId"] == parent
     assert MlflowClient(url).get_run(parent).data.tags["shoal.group"] == "sweep demo"
@@ -310,7 +311,8 @@ def test_a_training_run_started_before_its_server_is_logged_in_full(mlflow_serve
         # a record every 500 steps (log and health alike, about one a second here): the backlog of the minutes the server was down is
         # sent in seconds once it is up, so the end of the run has little left to send on a slow machine too
         wait_for("the tracker's first failure", lambda: "log.mlflow: the tracking server" in out.read_text(), 90)
-        time.sleep(2 * sum(RETRY_PAUSES))  # the quick retries of the run's creation are long spent when it comes up
+        time.sleep(sum(RETRY_PAUSES) + 2)  # the quick retries of the run's creation are spent when it comes up
+        wait_for("a backlog of records", lambda: losses_logged(run) >= 2, 90)
         assert run_id_of(run) is None and train.poll() is None
         late.open()
         wait_for("the run to be created", lambda: run_id_of(run) is not None, 60)
@@ -326,46 +328,11 @@ def test_a_training_run_started_before_its_server_is_logged_in_full(mlflow_serve
         assert len(want) >= 2 and want[0][0] == 500
         assert sorted((m.step, m.value) for m in client.get_metric_history(run_id, "loss")) == want
         assert "gave up" not in out.read_text()
+        assert "the tracker answers again" in out.read_text()  # it came up after the quick retries, as meant
     finally:
         if train.poll() is None:
             train.kill()
         late.close()
-
-
-def test_a_tracker_killed_mid_run_never_stops_training(mlflow_server, tmp_path):
-    proc, url = mlflow_server  # the last test to use the server: it kills it
-    run = tmp_path / "run"
-    train = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "shoal",
-            "worker",
-            QUICKSTART,
-            *tiny_overrides(run, **{"train.max_steps": 3000, "train.eval_every": 0, "log.every": 10}),
-            f"log.mlflow.tracking_uri={url}",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])},
-    )
-    try:
-        deadline = time.time() + 60
-        while not (run / "tracking.json").exists() and time.time() < deadline:
-            time.sleep(0.05)
-        assert (run / "tracking.json").exists()
-        stop_mlflow(proc)  # the server dies while the run trains
-        out, _ = train.communicate(timeout=180)
-    finally:
-        stop_mlflow(proc)
-        if train.poll() is None:
-            train.kill()
-    assert train.returncode == 0, out[-3000:]
-    assert "status completed" in out and "steps 3000" in out
-    assert "log.mlflow: the tracking server" in out and "training goes on" in out
-    assert json.loads((run / "summary.json").read_text())["steps"] == 3000
 
 
 def test_wandb_offline_holds_the_metrics(tmp_path):
@@ -416,13 +383,13 @@ def late_backend(tmp_path: Path, url: str, experiment: str):
     return MLflowBackend(cfg, run, 1, resumed=False), cfg, run
 
 
-def test_a_server_down_when_the_run_starts_gets_the_run_and_every_record_once_it_answers(tmp_path):
+def test_a_server_down_when_the_run_starts_gets_the_run_and_every_record_once_it_answers(mlflow_server, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    port = free_ports(1)[0]
-    url = f"http://127.0.0.1:{port}"
+    _, url = mlflow_server
+    late = LatePort(url)  # the module's server, on a port that answers only once it comes up
     with Warnings() as warned:
-        backend, cfg, run = late_backend(tmp_path, url, "late")
+        backend, cfg, run = late_backend(tmp_path, late.url, "late")
         began = time.monotonic()
         for step in range(0, 50, 10):
             backend.log(step, {"loss": 1.0 / (step + 1), "lr": 0.1})
@@ -430,7 +397,7 @@ def test_a_server_down_when_the_run_starts_gets_the_run_and_every_record_once_it
         # the server comes up only after the quick retries of the first call (the run's creation) are spent
         wait_for("the sender to find the tracker down", lambda: backend.sender.down, 30)
         assert run_id_of(run) is None
-        proc, _ = start_mlflow(tmp_path / "mlflow", port)
+        late.open()
         try:
             for step in range(50, 100, 10):
                 backend.log(step, {"loss": 1.0 / (step + 1), "lr": 0.1})
@@ -449,7 +416,7 @@ def test_a_server_down_when_the_run_starts_gets_the_run_and_every_record_once_it
                     assert history == want
             assert {a.path for a in client.list_artifacts(run_id)} == {"tracking.json"}
         finally:
-            stop_mlflow(proc)
+            late.close()
     assert len(warned) == 1 and "did not answer" in warned[0], warned
 
 
@@ -475,3 +442,40 @@ def test_the_end_of_a_run_waits_briefly_for_a_server_that_never_answers(tmp_path
     assert warned[1].endswith("nor the run's creation, the artifacts and the run's end"), warned[1]
     wait_for("the sender to stop", lambda: not backend.sender.thread.is_alive(), 2)
     assert run_id_of(run) is None
+
+
+def test_a_tracker_killed_mid_run_never_stops_training(mlflow_server, tmp_path):
+    proc, url = mlflow_server  # the last test to use the server: it kills it
+    run = tmp_path / "run"
+    train = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "shoal",
+            "worker",
+            QUICKSTART,
+            *tiny_overrides(run, **{"train.max_steps": 1500, "train.eval_every": 0, "log.every": 10}),
+            f"log.mlflow.tracking_uri={url}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])},
+    )
+    try:
+        deadline = time.time() + 60
+        while not (run / "tracking.json").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        assert (run / "tracking.json").exists()
+        stop_mlflow(proc)  # the server dies while the run trains
+        out, _ = train.communicate(timeout=180)
+    finally:
+        stop_mlflow(proc)
+        if train.poll() is None:
+            train.kill()
+    assert train.returncode == 0, out[-3000:]
+    assert "status completed" in out and "steps 1500" in out
+    assert "log.mlflow: the tracking server" in out and "training goes on" in out
+    assert out.index("training goes on") < out.index("(1500/1500"), out[-3000:]  # found down before the last step
+    assert json.loads((run / "summary.json").read_text())["steps"] == 1500
