@@ -47,10 +47,10 @@ import tempfile
 from pathlib import Path
 
 import bench_peer_lm
-from bench_peer_lm import corpus, rate
+from bench_peer_lm import alternate, corpus, rate, report
 from hf_trainer import BATCH, BETAS, CLIP, GPT2, LOG_EVERY, LR, SEQ, VOCAB, WARMUP_LR, WD
 
-from _common import machine, median, table
+from _common import machine
 
 HERE = Path(__file__).resolve().parent
 assert (BATCH, SEQ) == (bench_peer_lm.BATCH, bench_peer_lm.SEQ)  # rate() counts bench_peer_lm's tokens per step
@@ -163,32 +163,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
         shards, blocks = data(work)
-        results: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
-        for r in range(args.rounds):
-            order = modes[r % len(modes) :] + modes[: r % len(modes)]
-            for mode in order:
-                results[mode].append(one(mode, args, r, work, shards, blocks))
-            line = ", ".join(f"{m} {results[m][-1][0]:,.0f}" for m in modes)
-            print(f"round {r + 1}: tokens/s {line}", flush=True)
-    report(results, modes, args)
-
-
-def report(results: dict[str, list[tuple[float, float]]], modes: list[str], args: argparse.Namespace) -> None:
-    base = "hf" if "hf" in modes else modes[0]
-    rows = []
-    for m in modes:
-        ratios = [a[0] / b[0] for a, b in zip(results[m], results[base])]
-        rows.append(
-            [
-                m,
-                f"{median([t for t, _ in results[m]]):,.0f}",
-                f"{median(ratios):.3f}",
-                f"{min(ratios):.2f}-{max(ratios):.2f}",
-                f"{sum(loss for _, loss in results[m]) / len(results[m]):.3f}",
-            ]
-        )
-    print(f"\nGPT-2 4x4x128, vocab {VOCAB}, {BATCH}x{SEQ} tokens/step, {args.steps} steps; {machine()}")
-    print(table(["mode", "tokens/s (median)", f"/ {base} (median of rounds)", "rounds", "final loss (mean)"], rows))
+        results = alternate(modes, args.rounds, lambda mode, r: one(mode, args, r, work, shards, blocks))
+    title = f"GPT-2 4x4x128, vocab {VOCAB}, {BATCH}x{SEQ} tokens/step, {args.steps} steps; {machine()}"
+    report(results, modes, "hf" if "hf" in modes else modes[0], title)
     losses = {m: sum(loss for _, loss in results[m]) / len(results[m]) for m in modes}
     if max(losses.values()) - min(losses.values()) > 0.1:
         print(f"final losses differ by more than 0.1: {losses}")

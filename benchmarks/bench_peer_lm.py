@@ -30,6 +30,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from _common import machine, median, table
@@ -173,18 +174,27 @@ def main() -> None:
             check=True,
             capture_output=True,
         )
-        results: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
-        for r in range(args.rounds):
-            order = modes[r % len(modes) :] + modes[: r % len(modes)]
-            for mode in order:
-                results[mode].append(one(mode, args, r, work, shards, bin_path))
-            line = ", ".join(f"{m} {results[m][-1][0]:,.0f}" for m in modes)
-            print(f"round {r + 1}: tokens/s {line}", flush=True)
-    report(results, modes, args)
+        results = alternate(modes, args.rounds, lambda mode, r: one(mode, args, r, work, shards, bin_path))
+    title = f"small GPT 4x4x128, {BATCH}x{SEQ} tokens/step, {args.steps} steps, {args.set or 'defaults'}; {machine()}"
+    report(results, modes, "plain" if "plain" in modes else modes[0], title)
 
 
-def report(results: dict[str, list[tuple[float, float]]], modes: list[str], args: argparse.Namespace) -> None:
-    base = "plain" if "plain" in modes else modes[0]
+Results = dict[str, list[tuple[float, float]]]  # mode -> per round (tokens/s, final loss)
+
+
+def alternate(modes: list[str], rounds: int, run: Callable[[str, int], tuple[float, float]]) -> Results:
+    """run(mode, round) for every mode in every round, the order rotated each round; a line per round."""
+    results: Results = {m: [] for m in modes}
+    for r in range(rounds):
+        for mode in modes[r % len(modes) :] + modes[: r % len(modes)]:
+            results[mode].append(run(mode, r))
+        line = ", ".join(f"{m} {results[m][-1][0]:,.0f}" for m in modes)
+        print(f"round {r + 1}: tokens/s {line}", flush=True)
+    return results
+
+
+def report(results: Results, modes: list[str], base: str, title: str) -> None:
+    """Per mode: median tokens/s, its ratio to `base` per round (median, range) and the mean final loss."""
     rows = []
     for m in modes:
         ratios = [a[0] / b[0] for a, b in zip(results[m], results[base])]
@@ -197,7 +207,7 @@ def report(results: dict[str, list[tuple[float, float]]], modes: list[str], args
                 f"{sum(loss for _, loss in results[m]) / len(results[m]):.3f}",
             ]
         )
-    print(f"\nsmall GPT 4x4x128, {BATCH}x{SEQ} tokens/step, {args.steps} steps, {args.set or 'defaults'}; {machine()}")
+    print(f"\n{title}")
     print(table(["mode", "tokens/s (median)", f"/ {base} (median of rounds)", "rounds", "final loss (mean)"], rows))
 
 

@@ -113,9 +113,9 @@ def _token_ids_in_vocabulary(defaults: Any, fields: dict[str, Any]) -> dict[str,
 def check_sizes(model: nn.Module, spec: DataSpec) -> None:
     """The model's vocabulary, classes and positions against the data's."""
     config = model.config
-    if spec.vocab_size and config.vocab_size < spec.vocab_size:
-        _mismatch("vocab_size", config.vocab_size, f"the data's vocab_size={spec.vocab_size}", spec.vocab_size)
-    if spec.task == "lm" and config.vocab_size != spec.vocab_size:
+    # a language model's logits must be the vocabulary; an encoder may hold more ids than the data uses
+    too_few = config.vocab_size != spec.vocab_size if spec.task == "lm" else config.vocab_size < spec.vocab_size
+    if spec.vocab_size and too_few:
         _mismatch("vocab_size", config.vocab_size, f"the data's vocab_size={spec.vocab_size}", spec.vocab_size)
     if spec.task == "classification" and config.num_labels != spec.num_classes:
         _mismatch("num_labels", config.num_labels, f"the data's {spec.num_classes} classes", spec.num_classes)

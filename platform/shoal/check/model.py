@@ -294,16 +294,18 @@ def _silent_inputs(shares: dict[str, float], rep: ModelReport) -> None:
     if not silent or any(f.kind == "dead_relu" for f in rep.findings):
         return
     name = max(silent, key=silent.get)
-    rep.findings.append(
-        Finding(
-            "dead_relu",
-            "model",
-            f"{silent[name]:.0%} of the units entering {name} hold the same value for every sample before training "
-            "(dead units of the activation before it, nn.ReLU or torch.relu): they pass no gradient back",
-            "model.init: he, model.activation: leaky_relu (or gelu), or lower optim.lr",
-            numbers={"layer": name, "layer_share": silent[name]},
-        )
+    message = (
+        f"{silent[name]:.0%} of the units entering {name} hold the same value for every sample before training "
+        "(dead units of the activation before it, nn.ReLU or torch.relu): they pass no gradient back"
     )
+    rep.findings.append(_dead_units(message, {"layer": name, "layer_share": silent[name]}))
+
+
+def _dead_units(message: str, numbers: dict[str, Any]) -> Finding:
+    return Finding(
+        "dead_relu", "model", message, "model.init: he, model.activation: leaky_relu (or gelu), or lower optim.lr",
+        numbers=numbers,
+    )  # fmt: skip
 
 
 def _dead_relu(stats: dict[str, dict[str, float]], rep: ModelReport) -> None:
@@ -311,16 +313,11 @@ def _dead_relu(stats: dict[str, dict[str, float]], rep: ModelReport) -> None:
     if not dead:
         return
     name = max(dead, key=dead.get)
-    rep.findings.append(
-        Finding(
-            "dead_relu",
-            "model",
-            f"{dead[name]:.0%} of the units after {name} output zero for the whole batch before training: "
-            "they get no gradient and may never recover",
-            "model.init: he, model.activation: leaky_relu (or gelu), or lower optim.lr",
-            numbers={"layer_share": dead[name]},
-        )
+    message = (
+        f"{dead[name]:.0%} of the units after {name} output zero for the whole batch before training: "
+        "they get no gradient and may never recover"
     )
+    rep.findings.append(_dead_units(message, {"layer_share": dead[name]}))
 
 
 def _overfit(
