@@ -309,3 +309,30 @@ class FunctionalReLU(nn.Module):
 
 def functional_relu(bias: float = 0.0) -> nn.Module:
     return FunctionalReLU(bias)
+
+
+class KillingMLP(nn.Module):
+    """A digits MLP whose rank `kill_rank` SIGKILLs its own process at its `at_call`-th training forward, once per
+    `marker` file (a real death: no exception, no cleanup). The replacement that grows the group back lives on."""
+
+    def __init__(self, marker: str, kill_rank: int, at_call: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+        self.marker, self.kill_rank, self.at_call, self.calls = Path(marker), kill_rank, at_call, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import signal
+
+        import torch.distributed as dist
+
+        if self.training:
+            self.calls += 1
+            rank = dist.get_rank() if dist.is_initialized() else 0
+            if rank == self.kill_rank and self.calls == self.at_call and not self.marker.exists():
+                self.marker.write_text(str(os.getpid()))
+                os.kill(os.getpid(), signal.SIGKILL)
+        return self.net(x)
+
+
+def killing_mlp(marker: str, kill_rank: int = 1, at_call: int = 8) -> nn.Module:
+    return KillingMLP(marker, kill_rank, at_call)

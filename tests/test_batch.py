@@ -212,3 +212,15 @@ def test_resume_in_the_middle_of_the_ramp_is_exact(tmp_path):
     a = torch.load(find_latest(tmp_path / "whole") / "model.pt", weights_only=True)
     b = torch.load(find_latest(tmp_path / "cut") / "model.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("world, pieces", [(2, 1), (1, 2), (3, 1)])
+def test_elastic_steps_keep_the_configured_samples_at_any_world(world, pieces):
+    cfg = cfg_with(
+        **{"scaling.min_workers": 1, "scaling.max_failures": 1, "train.grad_accum_steps": 3, "data.batch_size": 16}
+    )
+    b = BatchSchedule(cfg, data_world=world)
+    assert b.unit == 32 and b.pieces == pieces  # one unit = 16 x 2 configured ranks, cut for the ranks present
+    assert b.accum(1) == 3 * pieces
+    assert b.samples(1, rows=999, data_world=world) == 96  # the configured global batch, whatever a rank read
+    assert b.lr_factor(1) == 1.0

@@ -77,6 +77,14 @@ def test_resolved_config_round_trips(tmp_path):
         ("", ["optim.lrr=0.1"], ["optim.lrr", "did you mean 'optim.lr'"]),
         ("", ["scaling.num_workers=0"], ["scaling.num_workers", ">= 1"]),
         ("", ["name=Bad Name!"], ["name", "must match"]),
+        ("", ["scaling.min_workers=3"], ["scaling.min_workers", "more than scaling.num_workers=2"]),
+        ("", ["scaling.min_workers=1"], ["scaling.min_workers", "scaling.max_failures >= 1"]),
+        (
+            "parallel:\n  pipeline_stages: 2\nscaling:\n  min_workers: 1\n  max_failures: 1\n",
+            [],
+            ["scaling.min_workers", "pipelines cannot resize"],
+        ),
+        ("strategy: async_ps\nscaling:\n  min_workers: 1\n  max_failures: 1\n", [], ["scaling.min_workers", "async_ps"]),
     ],
 )
 def test_bad_values_name_file_and_key(tmp_path, text, overrides, needles):

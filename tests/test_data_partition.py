@@ -105,3 +105,65 @@ def test_shard_plan_resume_any_layout_reads_only_unseen(
     again = shard_epoch(counts, 2, batch, 1, window, consumed2)
     rest2 = [i for batches in again for b in batches for i in b.tolist()]
     assert not seen2 & set(rest2)
+
+
+# ------------------------------------------------------------------ elastic: units of the configured global batch
+
+
+def unit_plans(n, world, unit, batch, shards=None):
+    ids = partition.shard_ids(shards, 0, 16, True) if shards else partition.memory_ids(n, 0, True)
+    return [partition.UnitPlan(n, ids, unit, r, world, batch) for r in range(world)]
+
+
+def take_steps(plans, consumed, steps, units_per_step):
+    """The sample ids of each step on the ranks of `plans` from `consumed`, and the position after them."""
+    its = [p.batches(0, consumed, 0) for p in plans]
+    per_step, sizes = [], []
+    for _ in range(steps):
+        got = []
+        for it in its:
+            for _ in range(units_per_step * plans[0].pieces):
+                ids = next(it)
+                got.extend(ids.tolist())
+                sizes.append(len(ids))
+        per_step.append(sorted(got))
+    taken = steps * units_per_step * plans[0].pieces
+    return per_step, plans[0].after(0, consumed, taken, 0), sizes
+
+
+@pytest.mark.parametrize("shards", [None, [40, 7, 90, 33, 61]])
+@pytest.mark.parametrize("worlds", [[3, 2, 1, 3], [2, 1, 2], [4, 3, 2, 1]])
+def test_unit_plan_same_steps_at_every_world_and_each_sample_once(shards, worlds):
+    """Resized at step boundaries to any world in turn: every step holds the samples the configured world's step
+    holds, no sample is read twice, and none is left but the tail shorter than a unit."""
+    n = sum(shards) if shards else 231
+    batch, configured, k = 6, worlds[0], 2  # unit = 6 x configured ranks; 2 units (accumulation) per step
+    unit = batch * configured
+    steps_per_epoch = n // unit // k
+    reference, _, _ = take_steps(unit_plans(n, configured, unit, batch, shards), [], steps_per_epoch, k)
+    got, consumed, rng = [], [], np.random.default_rng(0)
+    cuts = sorted(rng.choice(np.arange(1, steps_per_epoch), size=len(worlds) - 1, replace=False).tolist())
+    for world, (lo, hi) in zip(worlds, zip([0, *cuts], [*cuts, steps_per_epoch])):
+        steps, consumed, sizes = take_steps(unit_plans(n, world, unit, batch, shards), consumed, hi - lo, k)
+        got.extend(steps)
+        assert max(sizes) <= batch and max(sizes) - min(sizes) <= 1  # uneven only by one sample, never above batch
+    assert got == reference
+    flat = [i for step in got for i in step]
+    assert len(flat) == len(set(flat)) == steps_per_epoch * k * unit
+    assert n - len(flat) < k * unit
+
+
+def test_unit_plan_consumed_inside_a_unit_counts_each_ranks_pieces():
+    plans = unit_plans(100, 2, 12, 4)  # unit 12 over 2 ranks of batch 4: 2 pieces of 3 each per rank
+    assert plans[0].pieces == 2
+    first = [next(plans[r].batches(0, [], 0)).tolist() for r in range(2)]
+    consumed = plans[0].after(0, [], 1, 0)  # every rank took one piece of the first unit
+    rest = [i for r in range(2) for b in plans[r].batches(0, consumed, 0) for i in b.tolist()]
+    assert sum(hi - lo for lo, hi in consumed) == 6 and not set(rest) & {i for b in first for i in b}
+
+
+def test_a_count_position_is_read_as_its_prefix():
+    assert partition.as_intervals(36) == [(0, 36)]
+    assert partition.as_count([(0, 12), (12, 36)]) == 36
+    with pytest.raises(ValueError, match="not a prefix"):
+        partition.as_count([(0, 5), (9, 12)])

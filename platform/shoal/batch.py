@@ -1,6 +1,10 @@
 """The global batch per optimizer step: fixed (data.batch_size x train.grad_accum_steps x ranks), or grown
 by train.batch_ramp through the accumulation count. The per-rank micro-batch never changes, so the data's
-partition, the shapes and the data position stay as they are; only how many micro-batches a step takes."""
+partition, the shapes and the data position stay as they are; only how many micro-batches a step takes.
+
+Elastic (scaling.min_workers): the ranks are those configured (num_workers), whatever the world now; a
+unit of batch_size x num_workers samples is cut into `pieces` micro-batches per rank present
+(data/partition.py UnitLayout), so a step takes units x pieces of them and its samples never change."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import math
 from typing import Any
 
 from shoal.config import JobConfig
+from shoal.data.partition import pieces_per_rank
 from shoal.errors import ConfigError
 
 AUTO_GROWTH = 8  # auto: default bound, in multiples of the start batch
@@ -15,7 +20,10 @@ AUTO_GROWTH = 8  # auto: default bound, in multiples of the start batch
 
 class BatchSchedule:
     def __init__(self, cfg: JobConfig, data_world: int):
-        self.unit = cfg.data.batch_size * data_world  # samples one micro-batch on every rank adds
+        self.elastic = cfg.scaling.elastic
+        ranks = cfg.scaling.num_workers if self.elastic else data_world
+        self.unit = cfg.data.batch_size * ranks  # samples one micro-batch on every configured rank adds
+        self.pieces = pieces_per_rank(self.unit, data_world, cfg.data.batch_size) if self.elastic else 1
         ramp = cfg.train.batch_ramp
         self.ramp = ramp
         if ramp is None:
@@ -36,6 +44,14 @@ class BatchSchedule:
 
     def accum(self, step: int) -> int:
         """Micro-batches per rank in step number `step` (1 = the first)."""
+        return self.units(step) * self.pieces
+
+    def samples(self, step: int, rows: int, data_world: int) -> int:
+        """The step's global batch: every rank read `rows` (elastic: ranks read uneven pieces of fixed units)."""
+        return self.units(step) * self.unit if self.elastic else rows * data_world
+
+    def units(self, step: int) -> int:
+        """Global micro-batches of `unit` samples in step number `step` (the accumulation count)."""
         if self.ramp is None:
             return self.start_k
         if self.ramp.auto:
@@ -45,7 +61,7 @@ class BatchSchedule:
 
     def lr_factor(self, step: int) -> float:
         """optim.lr's multiplier at this batch (lr_scaling; 1 without a ramp)."""
-        return (self.accum(step) / self.start_k) ** self.power
+        return (self.units(step) / self.start_k) ** self.power
 
     def adapt(self, gns: float | None) -> None:
         """auto: grow towards the noise scale (the critical batch), within [start, end]; never shrink.

@@ -74,6 +74,14 @@ def verify(path: Path) -> dict[str, Any]:
     return meta
 
 
+def step_of(path: Path) -> int:
+    """The step a checkpoint was taken at, from its meta.json (not verified: loading it verifies)."""
+    try:
+        return int(json.loads((path / META).read_text())["step"])
+    except (OSError, ValueError, KeyError):
+        return -1
+
+
 def find_latest(run_dir: Path) -> Path | None:
     """The newest complete checkpoint: `latest` if it verifies, else the newest that does (saying so)."""
     root = checkpoints_dir(run_dir)

@@ -72,7 +72,7 @@ def train_step(job: Job) -> StepResult:
     job.health.observe_update(step)
     opt.zero_grad(set_to_none=True)
 
-    samples = g.rows * job.data.world.world_size  # every replica reads as many: equal on every rank
+    samples = job.batch.samples(step, g.rows, job.data.world.world_size)  # equal on every rank
     c.step, c.samples, c.skipped_steps = step, c.samples + samples, c.skipped_steps + (not stepped)
     job.window.add(g.loss_sum, g.count, samples, g.data_s, g.tokens)
     return StepResult(g.loss_sum, g.count, samples, g.grad_norm, lr, stepped, g.data_s)
@@ -87,7 +87,7 @@ def compute_gradients(job: Job, step: int) -> Gradients:
     batches = [next(job.data.train) for _ in range(job.batch.accum(step))]  # all first: the sample count is known
     data_s = time.perf_counter() - t0
     counts = [job.loss_fn.count(y) for _, y in batches]
-    loss_sum = job.strategy.forward_backward(batches, counts, job.loss_fn, job.precision)
+    loss_sum = job.strategy.forward_backward(batches, counts, job.loss_fn, job.precision, loss_total(job, counts))
     job.precision.unscale(job.optimizer)  # clipping and the finite check must see true gradients
     grad_norm = job.strategy.clip(job.params)
     # The agreement: the norm comes from reduced gradients, and a non-finite loss or gradient on any
@@ -97,6 +97,16 @@ def compute_gradients(job: Job, step: int) -> Gradients:
     norm = float(grad_norm)
     rows, tokens = sum(y.shape[0] for _, y in batches), sum(tokens_in(x) for x, _ in batches)
     return Gradients(loss_sum, job.strategy.counted(counts), rows, grad_norm, norm, data_s, tokens)
+
+
+def loss_total(job: Job, counts: list[int]) -> float:
+    """What this rank's summed loss is divided by: its own count; elastic, where ranks read uneven pieces, its even
+    share of the global count (the ranks' gradients are averaged), so the step's gradient is the exact mean over
+    every counted element whatever the world size."""
+    if not job.batch.elastic:
+        return float(sum(counts))
+    mine = torch.tensor([float(sum(counts))], dtype=torch.float64, device=job.device)
+    return float(dist.all_sum(mine).item()) / job.data.world.world_size
 
 
 @torch.no_grad()
@@ -175,6 +185,8 @@ def train(
         ending = ending_of(job, decision, flags.stop, last)
         if decision != STOP and job.checkpointer.due(c.step, flags.save, flags.stop, ending is not None):
             job.checkpointer.save(job.state.collect(), c.step, job.last_eval.metrics, c.skipped_steps)
+        if job.snapshots is not None and job.snapshots.due(c.step):
+            job.snapshots.save(c.step)  # in shared memory: what a resized or restarted group resumes from
     return finish(job, clock, ending, train_loss)
 
 

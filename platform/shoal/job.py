@@ -25,6 +25,7 @@ from shoal.metrics import Window
 from shoal.models import apply_freeze, build_model, checkpoint_activations, compile_in_place, trainable
 from shoal.optim import Schedule, StepExtras, build_optimizer
 from shoal.precision import Precision
+from shoal.snapshot import Snapshots, cadence
 from shoal.state import (
     BATCH,
     COUNTERS,
@@ -68,6 +69,7 @@ class Job:
     counters: Counters = field(default_factory=Counters)
     last_eval: LastEval = field(default_factory=LastEval)
     stop_requested: threading.Event = field(default_factory=threading.Event)
+    snapshots: Snapshots | None = None  # checkpoint.memory_every: the train state in shared memory (set by build_job)
     pulse: dist.Pulse = field(init=False)
     state: TrainState = field(init=False)
 
@@ -130,6 +132,7 @@ def build_job(cfg: JobConfig, world: WorldInfo, device: torch.device, run_dir: P
     )
     if cfg.health.on_nonfinite == "rollback":
         job.health.rollback = Rollback(cfg.health, job.state, job.checkpointer)
+    job.snapshots = Snapshots(cadence(cfg), run_dir, world, job.state.local)
     return job
 
 

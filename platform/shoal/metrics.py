@@ -136,10 +136,16 @@ def _truncate(path: Path, after_step: int) -> None:
     """Drop records past `after_step` (a resumed run rewrites them)."""
     if not path.exists():
         return
-    keep = [
-        line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= after_step
-    ]
+    keep = [line for line in path.read_text().splitlines() if _step_of(line) <= after_step]
     path.write_text("".join(line + "\n" for line in keep))
+
+
+def _step_of(line: str) -> float:
+    """A record's step; a torn line (its writer was killed mid-write) counts as past every step, so it goes."""
+    try:
+        return json.loads(line).get("step", 0) if line.strip() else math.inf
+    except ValueError:
+        return math.inf
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

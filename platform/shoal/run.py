@@ -59,6 +59,8 @@ class Run:
     world: WorldInfo = field(default_factory=WorldInfo, init=False)
     opened: bool = field(default=False, init=False)  # run.dir is this run's from here on
     resumed_from: Path | None = field(default=None, init=False)
+    # set by the controller when the group resumes at another world size: reason, died_at, last_step
+    resize: dict[str, Any] | None = None
     writer: MetricsWriter | None = field(default=None, init=False)
 
     @property
@@ -88,7 +90,7 @@ class Run:
             rundir.write_failure(self.dir, exc)
         self.close()
 
-    def resume_target(self) -> Path | None:
+    def resume_target(self, say_none: bool = True) -> Path | None:
         """The checkpoint to continue from, the same on every rank that asks: the run's latest (--resume;
         rank 0 picks, falling back past corrupt ones) or checkpoint.resume_from."""
         from shoal import checkpoint  # torch: kept out of the Ray driver
@@ -96,7 +98,7 @@ class Run:
         if self.resume:
             found = checkpoint.find_latest(self.dir) if self.world.is_main else None
             target: Path | None = dist.broadcast_object(found)  # type: ignore[assignment]
-            if target is None and self.world.is_main:
+            if target is None and self.world.is_main and say_none:
                 log.info("--resume: no complete checkpoint in %s; starting from step 0", self.dir)
         else:
             resume_from = self.cfg.checkpoint.resume_from

@@ -118,6 +118,18 @@ class TrainState:
             STATE: state,
         }
 
+    def local(self) -> dict[str, Any]:
+        """What this rank holds, as `collect` lays it out but with no collective: its own generators, and the
+        model and optimizer as the strategy keeps them here (whole, or this rank's shards). Memory snapshots."""
+        state = {name: part.state_dict() for name, part in self.parts.items()}
+        state[RNG] = rng_state()
+        state[WORLD_SIZE] = self.world.world_size
+        return {
+            MODEL: self.state_io.model_state(),
+            OPTIMIZER: self.state_io.optimizer_state(self.optimizer),
+            STATE: state,
+        }
+
     def restore(self, data: dict[str, Any], source: Path | str, keep: tuple[str, ...] = ()) -> None:
         """Load a checkpoint's parts (as `collect` gave them) into this rank; parts named in keep stay as they are."""
         self.state_io.load_model_state(data[MODEL], source)
@@ -129,8 +141,11 @@ class TrainState:
         for name, part in self.parts.items():
             if name in state and name not in keep:
                 part.load_state_dict(state[name])
-        if state[WORLD_SIZE] == self.world.world_size:
-            set_rng_state(state[RNG][self.world.rank])
+        rngs, rank = state[RNG], self.world.rank  # every rank's (a list), or a snapshot's own (a dict by rank)
+        if state[WORLD_SIZE] == self.world.world_size and (
+            rank in rngs if isinstance(rngs, dict) else rank < len(rngs)
+        ):
+            set_rng_state(rngs[rank])
         else:  # new ranks: fresh, reproducible generators (bitwise resume needs the same world size)
             step = self.parts[COUNTERS].state_dict()["step"]
             torch.manual_seed(self.seed * 1_000_003 + self.world.rank + 1 + 7919 * step)

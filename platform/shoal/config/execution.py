@@ -41,6 +41,15 @@ class ScalingConfig(Section):
     """Restarts allowed for the whole job: a rank that dies, fails or hangs restarts every worker from the latest checkpoint."""
     hang_timeout_s: float | None = Field(None, gt=0)
     """A rank that finishes no step for this long counts as failed (None: never; set it above your slowest step, eval or save)."""
+    min_workers: int | None = Field(None, ge=1)
+    """Elastic training: when a rank dies (within max_failures), go on at once with the ranks that can be placed, if at
+    least this many, and grow back to num_workers when resources return; the global batch, learning-rate schedule and
+    sample order stay exactly as configured. None = num_workers (not elastic: every rank restarts)."""
+
+    @property
+    def elastic(self) -> bool:
+        """Whether the world may shrink below num_workers (min_workers set below it)."""
+        return self.min_workers is not None and self.min_workers < self.num_workers
 
     @property
     def on_cpu(self) -> bool:
@@ -252,6 +261,10 @@ class CheckpointConfig(Section):
     """Also keep the checkpoint with the best evaluation metric, e.g. {metric: val_loss, mode: min}."""
     async_save: bool = Field(False, alias="async")
     """(YAML key `async`) Snapshot the state to host memory and write it in the background; one save in flight."""
+    memory_every: int | None = Field(None, ge=1)
+    """Snapshot the whole train state to the node's shared memory (/dev/shm) every this many steps, in the
+    background; a resized or restarted group resumes from it (falling back to the newest disk checkpoint).
+    None = 1 when scaling.min_workers makes the job elastic, else off."""
     resume_from: str | None = None
     """Start from this checkpoint directory (a fresh run directory is fine); `--resume` uses the run's latest instead."""
 

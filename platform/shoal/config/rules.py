@@ -162,6 +162,36 @@ def own_loss(cfg: JobConfig) -> None:
         )
 
 
+def elastic(cfg: JobConfig) -> None:
+    """scaling.min_workers: a world between it and num_workers, resized within max_failures, by a strategy that can
+    spread the same global batch over any number of data-parallel ranks."""
+    s = cfg.scaling
+    if s.min_workers is None:
+        return
+    if s.min_workers > s.num_workers:
+        raise ValueError(
+            f"scaling.min_workers: {s.min_workers} is more than scaling.num_workers={s.num_workers}; "
+            "set it between 1 and num_workers"
+        )
+    if not s.elastic:
+        return
+    if cfg.parallel.pipeline_stages > 1:
+        raise ValueError(
+            "scaling.min_workers: pipelines cannot resize (their stages would have to be re-cut across ranks); "
+            "remove scaling.min_workers or parallel.pipeline_stages"
+        )
+    if cfg.strategy == "async_ps":
+        raise ValueError(
+            "scaling.min_workers: async_ps already tolerates workers that come and go at its servers; "
+            "use strategy allreduce or fsdp for elastic training"
+        )
+    if s.max_failures < 1:
+        raise ValueError(
+            "scaling.min_workers: the group resizes when a rank dies within scaling.max_failures, which is 0; "
+            "set scaling.max_failures >= 1"
+        )
+
+
 RULES: list[Rule] = [
     fp16_needs_cuda,
     fsdp,
@@ -173,6 +203,7 @@ RULES: list[Rule] = [
     plateau_needs_evals,
     task_fits,
     own_loss,
+    elastic,
 ]
 
 

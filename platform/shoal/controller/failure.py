@@ -3,6 +3,7 @@ whether to restart or give up. Plain values in, decisions out: unit-tested witho
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -10,7 +11,7 @@ from typing import Any
 
 from shoal.errors import ShoalError
 
-RESTART, RAISE = "restart", "raise"
+RESTART, RESIZE, RAISE = "restart", "resize", "raise"
 COLLECTIVE_WORDS = ("gloo", "NCCL", "Connection reset", "Connection closed", "Broken pipe", "timed out")
 DIED = "WorkerDied"  # RankError.kind of a rank whose process is gone
 
@@ -24,6 +25,7 @@ class RankError:
     message: str
     user_error: bool = False  # a ShoalError: bad data or config; a restart cannot help
     exit_code: int = 1
+    at: float = field(default_factory=time.time, compare=False)  # wall clock when it was seen
 
     @classmethod
     def raised(cls, rank: int, exc: BaseException) -> RankError:
@@ -73,16 +75,30 @@ class Failure:
 
 
 class GroupFailed(Exception):
-    def __init__(self, failure: Failure):
+    def __init__(self, failure: Failure, lost: frozenset[int] = frozenset(), died_at: float | None = None):
         super().__init__(failure.message)
         self.failure = failure
+        self.lost = lost  # ranks whose process is gone or does not answer (the rest may go on: elastic)
+        self.died_at = died_at  # wall clock when the first rank noticed
 
 
-def decide(failure: Failure, restarts: int, max_failures: int) -> str:
-    """RESTART every rank from the latest checkpoint, or RAISE: a user error never restarts, and
-    the budget counts restarts of the whole job (not per node, as torchrun's agents do)."""
+def lost_ranks(statuses: Sequence[RankStatus]) -> frozenset[int]:
+    """The ranks whose process died or that do not answer."""
+    return frozenset(
+        r for r, s in enumerate(statuses) if s.unanswered or (s.error is not None and s.error.kind == DIED)
+    )
+
+
+def decide(
+    failure: Failure, restarts: int, max_failures: int, ranks_left: int | None = None, min_workers: int | None = None
+) -> str:
+    """RESTART every rank from the latest checkpoint, RESIZE (elastic: go on with the `ranks_left` whose process
+    lives, when at least min_workers), or RAISE: a user error never restarts, and the budget counts restarts
+    of the whole job (not per node, as torchrun's agents do)."""
     if failure.user_error or restarts >= max_failures:
         return RAISE
+    if min_workers is not None and ranks_left is not None and ranks_left >= min_workers:
+        return RESIZE
     return RESTART
 
 

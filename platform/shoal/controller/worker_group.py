@@ -44,10 +44,16 @@ class RankActor:
         self.step = -1  # last finished step: the controller's hang watch
         self.marks = {"actor_ready": time.time()}
         # torch and the engine load while the driver finishes placing the group and picking a port
-        threading.Thread(target=_warm_imports, daemon=True, name="shoal-imports").start()
+        self._warming = threading.Thread(target=_warm_imports, daemon=True, name="shoal-imports")
+        self._warming.start()
 
     def __repr__(self) -> str:  # Ray prefixes forwarded log lines with this
         return f"rank {self.rank}"
+
+    def ready(self) -> bool:
+        """Answers once torch and the engine are loaded: a spare rank is worth growing the group with."""
+        self._warming.join()
+        return True
 
     def free_port(self, host: str) -> int:
         with socket.socket() as s:
@@ -63,23 +69,31 @@ class RankActor:
         sys_path: list[str],
         entry: str,
         extra: dict[str, Any],
+        resize: dict[str, Any] | None = None,
     ) -> None:
-        """Set the torchrun environment and start `entry(run, **extra)` (run_worker or the PS worker) in a thread."""
+        """Set the torchrun environment and start `entry(run, **extra)` (run_worker or the PS worker) in a thread.
+        A rank kept through a resize starts again here, in the same process, at its new rank."""
         os.environ.update(env)
+        self.rank = int(env["RANK"])
+        self.records, self.result, self.error, self.step = [], None, None, -1
+        self.stop = threading.Event()
         if os.path.isdir(cwd):
             os.chdir(cwd)  # relative paths in the config mean the same as on the driver
         sys.path[:0] = [p for p in sys_path if p not in sys.path]
         self.state = RankState.RUNNING
-        args = (config_from_dict(cfg), resume, entry, extra)
+        args = (config_from_dict(cfg), resume, entry, extra, resize)
         threading.Thread(target=self._train, args=args, daemon=True, name="shoal-train").start()
 
-    def _train(self, cfg: JobConfig, resume: bool, entry: str, extra: dict[str, Any]) -> None:
+    def _train(
+        self, cfg: JobConfig, resume: bool, entry: str, extra: dict[str, Any], resize: dict[str, Any] | None
+    ) -> None:
         from shoal.worker import setup_logging
 
         setup_logging(None)
         try:
             train = import_object(entry, "entry")
-            run = Run(cfg, resume, Hooks(self._report, self.stop, self._step, self._mark), under_controller=True)
+            hooks = Hooks(self._report, self.stop, self._step, self._mark)
+            run = Run(cfg, resume, hooks, under_controller=True, resize=resize)
             result = train(run, **extra)
             with self.lock:
                 self.result, self.state = result, RankState.DONE
@@ -127,7 +141,6 @@ class WorkerGroup:
     def __init__(self, cfg: JobConfig, entry: str = "shoal.worker:run_worker"):
         import ray
         from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self.cfg, self.entry = cfg, entry
         s = cfg.scaling
@@ -145,35 +158,103 @@ class WorkerGroup:
             ) from None
         # Ranks fill node after node; known before the actors exist, so each is created with its rank
         # (Ray prefixes its log lines with it).
-        bundle_nodes = ray.util.placement_group_table(self.pg)["bundles_to_node_id"]
-        node_ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
-        bundles, self.node_counts = order_by_node([bundle_nodes[i] for i in range(s.num_workers)])
-        self.master_addr = node_ips[bundle_nodes[bundles[0]]]
-        remote = ray.remote(RankActor)
-        self.actors = [
-            remote.options(
+        nodes = _node_of_bundles(self.pg)
+        bundles, self.node_counts = order_by_node([nodes[i] for i in range(s.num_workers)])
+        self.master_addr = _node_ips()[nodes[bundles[0]]]
+        self.bundles = list(bundles)  # the bundle of each rank, in rank order
+        self.actors = [self._actor(rank, b) for rank, b in enumerate(self.bundles)]
+        self.spares: list[tuple[int, Any, Any]] = []  # (bundle, actor, ready ref): ranks to grow back with
+
+    def _actor(self, rank: int, bundle: int) -> Any:
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        s = self.cfg.scaling
+        return (
+            ray.remote(RankActor)
+            .options(
                 num_cpus=s.cpus_per_worker,
                 num_gpus=s.gpus_per_worker,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=b),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=bundle),
                 max_concurrency=4,
-            ).remote(rank, cluster.rank_env())
-            for rank, b in enumerate(bundles)
-        ]
+            )
+            .remote(rank, cluster.rank_env())
+        )
 
-    def start(self, resume: bool, extra: dict[str, Any] | None = None) -> None:
+    def start(self, resume: bool, extra: dict[str, Any] | None = None, resize: dict[str, Any] | None = None) -> None:
         """Give every rank its torchrun environment and start training."""
         import ray
 
-        port = ray.get(self.actors[0].free_port.remote(self.master_addr))
-        worlds = ranks_env_from_counts(self.node_counts, self.master_addr, port)
+        nodes = _node_of_bundles(self.pg)
+        order, counts = order_by_node([nodes[b] for b in self.bundles])
+        self.bundles = [self.bundles[i] for i in order]
+        self.actors = [self.actors[i] for i in order]
+        master_addr = _node_ips()[nodes[self.bundles[0]]]
+        port = ray.get(self.actors[0].free_port.remote(master_addr))
+        worlds = ranks_env_from_counts(counts, master_addr, port)
         env = {k: os.environ[k] for k in PASSTHROUGH_ENV if k in os.environ}
         cfg = self.cfg.to_dict()
         ray.get(
             [
-                a.start.remote({**env, **w.to_env()}, cfg, resume, os.getcwd(), list(sys.path), self.entry, extra or {})
+                a.start.remote(
+                    {**env, **w.to_env()}, cfg, resume, os.getcwd(), list(sys.path), self.entry, extra or {}, resize
+                )
                 for a, w in zip(self.actors, worlds)
             ]
         )
+
+    # ---------------------------------------------------------------- elastic: shrink, and grow back
+
+    def shrink(self, lost: set[int]) -> None:
+        """Drop the ranks `lost` (killed, if their process lingers); the others stay, torch loaded, for the next start.
+        A spare rank is asked for in each freed bundle: the group grows back once the cluster can place it."""
+        import ray
+
+        for rank in sorted(lost):
+            ray.kill(self.actors[rank], no_restart=True)
+            spare = self._actor(-1, self.bundles[rank])
+            self.spares.append((self.bundles[rank], spare, spare.ready.remote()))
+        keep = [r for r in range(len(self.actors)) if r not in lost]
+        self.actors = [self.actors[r] for r in keep]
+        self.bundles = [self.bundles[r] for r in keep]
+        self.size = len(self.actors)
+
+    def can_grow(self) -> bool:
+        """Whether a spare rank is placed and loaded (it answers `ready`)."""
+        import ray
+
+        if not self.spares:
+            return False
+        ready, _ = ray.wait([ref for _, _, ref in self.spares], num_returns=len(self.spares), timeout=0)
+        return bool(ready)
+
+    def grow(self) -> int:
+        """Take in every spare that is ready; the ranks now."""
+        import ray
+
+        waiting = []
+        for bundle, actor, ref in self.spares:
+            done, _ = ray.wait([ref], timeout=0)
+            if done:
+                self.actors.append(actor)
+                self.bundles.append(bundle)
+            else:
+                waiting.append((bundle, actor, ref))
+        self.spares = waiting
+        self.size = len(self.actors)
+        return self.size
+
+    def idle(self, timeout_s: float) -> set[int]:
+        """Ranks whose training thread is still running after timeout_s (stuck past a peer's death)."""
+        deadline = time.monotonic() + timeout_s
+        busy = set(range(len(self.actors)))
+        while busy and time.monotonic() < deadline:
+            for rank, status in enumerate(self.poll()):
+                if status.state != RankState.RUNNING or status.error is not None:
+                    busy.discard(rank)
+            if busy:
+                time.sleep(0.05)
+        return busy
 
     def poll(self) -> list[RankStatus]:
         """Every rank's status; a dead actor is 'failed' naming its rank, a silent one 'unanswered'."""
@@ -200,9 +281,22 @@ class WorkerGroup:
     def kill(self) -> None:
         import ray
 
-        for a in self.actors:
+        for a in [*self.actors, *(actor for _, actor, _ in self.spares)]:
             ray.kill(a, no_restart=True)
         ray.util.remove_placement_group(self.pg)
+
+
+def _node_of_bundles(pg: Any) -> dict[int, str]:
+    """The node each bundle of a placement group is on now (a rescheduled bundle may have moved)."""
+    import ray
+
+    return dict(ray.util.placement_group_table(pg)["bundles_to_node_id"])
+
+
+def _node_ips() -> dict[str, str]:
+    import ray
+
+    return {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
 
 
 def order_by_node(bundle_nodes: list[str]) -> tuple[list[int], list[int]]:

@@ -287,6 +287,13 @@ def build_loaders(cfg: JobConfig, world: WorldInfo, device: torch.device) -> Loa
 def _plan(cfg: JobConfig, train: Any, world: WorldInfo) -> Any:
     """The order this rank reads training samples in: by shard window for shards, by sample in memory."""
     data = cfg.data
+    if cfg.scaling.elastic:  # the same samples in every step at any world size
+        unit = data.batch_size * cfg.scaling.num_workers
+        if data.format == "shards":
+            ids = partition.shard_ids(train.shard_counts, cfg.seed, data.shuffle_buffer, data.shuffle)
+        else:
+            ids = partition.memory_ids(len(train), cfg.seed, data.shuffle)
+        return partition.UnitPlan(len(train), ids, unit, world.rank, world.world_size, data.batch_size)
     if data.format == "shards":
         return partition.ShardPlan(
             train.shard_counts,

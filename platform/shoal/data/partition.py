@@ -11,7 +11,7 @@ most once and at most world_size x batch_size - 1 samples are left out.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -124,19 +124,17 @@ def merge(intervals: Intervals) -> Intervals:
     return out
 
 
-class SpanLayout:
-    """Where each rank's and loader worker's batches lie among the positions left this epoch."""
+class _Remaining:
+    """The positions of an epoch not yet consumed, indexed 0.. in order, without materialising them."""
 
-    def __init__(self, n: int, consumed: Intervals, world_size: int, batch_size: int, loader_workers: int):
+    def __init__(self, n: int, consumed: Intervals):
         self.remaining = complement(n, consumed)
         lengths = np.array([hi - lo for lo, hi in self.remaining], dtype=np.int64)
         self.cum = np.concatenate([[0], np.cumsum(lengths)])
-        self.world, self.batch = world_size, batch_size
-        self.nw = max(1, loader_workers)
-        self.batches_per_rank = int(self.cum[-1]) // (world_size * batch_size)
-        per = self.batches_per_rank
-        self.worker_counts = [per // self.nw + (1 if w < per % self.nw else 0) for w in range(self.nw)]
-        self.worker_starts = np.concatenate([[0], np.cumsum(self.worker_counts)])
+
+    @property
+    def left(self) -> int:
+        return int(self.cum[-1])
 
     def _positions(self, lo: int, hi: int) -> np.ndarray:
         """Global positions of remaining-index range [lo, hi)."""
@@ -144,7 +142,7 @@ class SpanLayout:
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
     def _intervals(self, lo: int, hi: int) -> Intervals:
-        """Global position intervals of remaining-index range [lo, hi), without materialising it."""
+        """Global position intervals of remaining-index range [lo, hi)."""
         out: Intervals = []
         k = int(np.searchsorted(self.cum, lo, side="right")) - 1
         while lo < hi and k < len(self.remaining):
@@ -155,6 +153,19 @@ class SpanLayout:
             lo += b - a
             k += 1
         return out
+
+
+class SpanLayout(_Remaining):
+    """Where each rank's and loader worker's batches lie among the positions left this epoch."""
+
+    def __init__(self, n: int, consumed: Intervals, world_size: int, batch_size: int, loader_workers: int):
+        super().__init__(n, consumed)
+        self.world, self.batch = world_size, batch_size
+        self.nw = max(1, loader_workers)
+        self.batches_per_rank = self.left // (world_size * batch_size)
+        per = self.batches_per_rank
+        self.worker_counts = [per // self.nw + (1 if w < per % self.nw else 0) for w in range(self.nw)]
+        self.worker_starts = np.concatenate([[0], np.cumsum(self.worker_counts)])
 
     def _batch_range(self, rank: int, worker: int, j: int) -> tuple[int, int]:
         start = (rank * self.batches_per_rank + int(self.worker_starts[worker]) + j) * self.batch
@@ -203,15 +214,28 @@ class MemoryPlan:
     def fresh(self) -> int:
         return 0
 
-    def batches(self, epoch: int, consumed: int, loader_workers: int) -> Iterator[np.ndarray]:
+    def batches(self, epoch: int, consumed: int | Intervals, loader_workers: int) -> Iterator[np.ndarray]:
         order = epoch_order(self.n, self.seed, epoch, self.shuffle)
-        return rank_batches(order, self.rank, self.world, self.batch, consumed)
+        return rank_batches(order, self.rank, self.world, self.batch, as_count(consumed))
 
-    def after(self, epoch: int, consumed: int, taken: int, loader_workers: int) -> int:
-        return consumed + taken * self.world * self.batch
+    def after(self, epoch: int, consumed: int | Intervals, taken: int, loader_workers: int) -> int:
+        return as_count(consumed) + taken * self.world * self.batch
 
-    def num_batches(self, consumed: int) -> int:
-        return batches_per_epoch(self.n, self.world, self.batch, consumed)
+    def num_batches(self, consumed: int | Intervals) -> int:
+        return batches_per_epoch(self.n, self.world, self.batch, as_count(consumed))
+
+
+def as_count(consumed: int | Intervals) -> int:
+    """An in-memory plan's position: a count, or (from an elastic run's checkpoint) the one prefix interval it was."""
+    if isinstance(consumed, int):
+        return consumed
+    spans = merge(list(consumed))
+    if not spans:
+        return 0
+    if len(spans) > 1 or spans[0][0] != 0:
+        # an elastic run stopped inside a unit: its consumed set is no prefix of the order
+        raise ValueError("the data position is not a prefix of the epoch; resume with scaling.min_workers as saved")
+    return spans[0][1]
 
 
 class ShardPlan:
@@ -246,3 +270,117 @@ class ShardPlan:
 
     def num_batches(self, consumed: Intervals) -> int:
         return SpanLayout(self.n, consumed, self.world, self.batch, 1).batches_per_rank
+
+
+# ------------------------------------------------------------------ elastic plans
+#
+# With scaling.min_workers the world may change mid-epoch, and the run must stay the run it would have
+# been: the same samples in every optimizer step whatever the world size. The positions left are cut
+# into units of the configured global micro-batch (num_workers x batch_size samples, whatever the world
+# now); step s takes the next k units (k = the accumulation count of that step). A unit is cut into
+# pieces_per_rank x world pieces of sizes as even as possible (differing by at most one sample, none
+# larger than batch_size); rank r takes pieces r x pieces_per_rank ... of every unit. What a step
+# consumes is therefore a prefix of the positions left, the same set at any world size, so a resize at a
+# step boundary reads exactly the positions not yet seen. Loader workers take batches round robin and
+# leave the order as it is.
+
+
+def pieces_per_rank(unit: int, world_size: int, batch_size: int) -> int:
+    """Micro-batches each rank takes of one unit of `unit` samples, so that none exceeds batch_size."""
+    return max(1, -(-unit // (world_size * batch_size)))
+
+
+class UnitLayout(_Remaining):
+    """Where each rank's pieces of every unit lie among the positions left this epoch."""
+
+    def __init__(self, n: int, consumed: Intervals, unit: int, world_size: int, batch_size: int):
+        super().__init__(n, consumed)
+        self.unit, self.world = unit, world_size
+        self.pieces = pieces_per_rank(unit, world_size, batch_size)
+        self.units = self.left // unit
+
+    def _piece(self, u: int, p: int) -> tuple[int, int]:
+        """Remaining-index range of piece p of unit u."""
+        total = self.pieces * self.world
+        return u * self.unit + self.unit * p // total, u * self.unit + self.unit * (p + 1) // total
+
+    def rank_batches(self, rank: int) -> Iterator[np.ndarray]:
+        for u in range(self.units):
+            for j in range(self.pieces):
+                yield self._positions(*self._piece(u, rank * self.pieces + j))
+
+    def consumed_after(self, taken: int) -> Intervals:
+        """Positions consumed when every rank has taken `taken` pieces: whole units, then the same pieces of the next."""
+        whole, part = divmod(taken, self.pieces)
+        done = self._intervals(0, whole * self.unit)
+        if whole < self.units:
+            for rank in range(self.world):
+                for j in range(part):
+                    done.extend(self._intervals(*self._piece(whole, rank * self.pieces + j)))
+        return merge(done)
+
+
+def as_intervals(consumed: int | Intervals) -> Intervals:
+    """A count of consumed positions (an in-memory plan's) as the interval it names."""
+    return [(0, consumed)] if isinstance(consumed, int) else [tuple(c) for c in consumed]
+
+
+class UnitPlan:
+    """Elastic: units of the configured global micro-batch dealt to the ranks now present (see UnitLayout).
+    `ids` maps (epoch, positions) to sample ids: the shard plan's EpochOrder, or an in-memory permutation."""
+
+    def __init__(
+        self,
+        n: int,
+        ids: Callable[[int, np.ndarray], np.ndarray],
+        unit: int,
+        rank: int,
+        world_size: int,
+        batch_size: int,
+    ):
+        self.n, self.ids, self.unit = n, ids, unit
+        self.rank, self.world, self.batch = rank, world_size, batch_size
+        self.pieces = pieces_per_rank(unit, world_size, batch_size)
+
+    def fresh(self) -> Intervals:
+        return []
+
+    def _layout(self, consumed: int | Intervals) -> UnitLayout:
+        return UnitLayout(self.n, as_intervals(consumed), self.unit, self.world, self.batch)
+
+    def batches(self, epoch: int, consumed: int | Intervals, loader_workers: int) -> Iterator[np.ndarray]:
+        return (self.ids(epoch, pos) for pos in self._layout(consumed).rank_batches(self.rank))
+
+    def after(self, epoch: int, consumed: int | Intervals, taken: int, loader_workers: int) -> Intervals:
+        return merge(as_intervals(consumed) + self._layout(consumed).consumed_after(taken))
+
+    def num_batches(self, consumed: int | Intervals) -> int:
+        return self._layout(consumed).units * self.pieces
+
+
+def memory_ids(n: int, seed: int, shuffle: bool) -> Callable[[int, np.ndarray], np.ndarray]:
+    """Positions -> sample ids of in-memory data (one permutation per epoch, kept for the epoch)."""
+    cache: dict[int, np.ndarray] = {}
+
+    def ids(epoch: int, positions: np.ndarray) -> np.ndarray:
+        if epoch not in cache:
+            cache.clear()
+            cache[epoch] = epoch_order(n, seed, epoch, shuffle)
+        return cache[epoch][positions]
+
+    return ids
+
+
+def shard_ids(
+    shard_counts: list[int], seed: int, window: int, shuffle: bool
+) -> Callable[[int, np.ndarray], np.ndarray]:
+    """Positions -> sample ids of sharded data (EpochOrder, kept for the epoch)."""
+    cache: dict[int, EpochOrder] = {}
+
+    def ids(epoch: int, positions: np.ndarray) -> np.ndarray:
+        if epoch not in cache:
+            cache.clear()
+            cache[epoch] = EpochOrder(shard_counts, seed, epoch, window, shuffle)
+        return cache[epoch].ids(positions)
+
+    return ids

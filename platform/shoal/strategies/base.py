@@ -93,17 +93,22 @@ class Strategy(abc.ABC):
         return contextlib.nullcontext()
 
     def forward_backward(
-        self, batches: Sequence[Batch], counts: Sequence[int], loss_fn: Loss, precision: Precision
+        self,
+        batches: Sequence[Batch],
+        counts: Sequence[int],
+        loss_fn: Loss,
+        precision: Precision,
+        total: float | None = None,
     ) -> torch.Tensor:
         """Forward and backward of the step's micro-batches; returns this rank's summed loss (on device).
 
-        Each micro-batch's loss enters as its share of the samples actually accumulated, so the
-        step's gradient is the mean over all of them. Forward and backward of micro-batches
+        Each micro-batch's loss enters as its share of `total` (default: the samples this rank accumulated), so
+        the step's gradient is the mean over all of them. Forward and backward of micro-batches
         1..k-1 run with gradient sync off: exactly one reduction per optimizer step.
         """
         model = self.module
         assert model is not None, "wrap the model first"
-        total = sum(counts)
+        total = total or sum(counts)
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         for i, ((x, y), n) in enumerate(zip(batches, counts)):
             with self.sync(enabled=i == len(batches) - 1):

@@ -62,8 +62,8 @@ class DDPStrategy(Strategy):
             return contextlib.nullcontext()
         return self.module.no_sync()
 
-    def forward_backward(self, batches, counts, loss_fn, precision):  # types as Strategy's
-        loss_sum = super().forward_backward(batches, counts, loss_fn, precision)
+    def forward_backward(self, batches, counts, loss_fn, precision, total=None):  # types as Strategy's
+        loss_sum = super().forward_backward(batches, counts, loss_fn, precision, total)
         if self.noise_probe and self.noise_probe.armed:
             self.noise_probe.reduce()
         return loss_sum

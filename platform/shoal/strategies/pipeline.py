@@ -184,7 +184,12 @@ class PipelineStrategy(Strategy):
     # ---------------------------------------------------------------- one step
 
     def forward_backward(
-        self, batches: Sequence[Batch], counts: Sequence[int], loss_fn: Loss, precision: Precision
+        self,
+        batches: Sequence[Batch],
+        counts: Sequence[int],
+        loss_fn: Loss,
+        precision: Precision,
+        total: float | None = None,  # pipelines are never elastic: the stage counts its own
     ) -> torch.Tensor:
         """One schedule over the step's micro-batches cut into k x parallel.microbatches pieces: one gradient
         reduction per step, after the schedule's last backward. Each piece's loss enters weighted by its share

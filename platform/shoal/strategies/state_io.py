@@ -99,8 +99,12 @@ class ShardedStateIO:
             target = get_optimizer_state_dict(self.module, optimizer)
             read_optimizer_into(target, state.path)
             set_optimizer_state_dict(self.module, optimizer, target)
-        elif _keyed_by_name(state):  # an in-memory snapshot of this run (a rollback)
-            set_optimizer_state_dict(self.module, optimizer, state)
+        elif _keyed_by_name(
+            state
+        ):  # an in-memory state of this run: a rollback's (shards) or a snapshot's (joined whole)
+            whole = not any(is_sharded_dict(v) for v in state["state"].values())
+            options = StateDictOptions(full_state_dict=True) if whole else None
+            set_optimizer_state_dict(self.module, optimizer, state, options=options)
         else:  # torch's own format, keyed by parameter index: name the parameters as DCP does
             full = by_name(state, self.module, optimizer)
             set_optimizer_state_dict(self.module, optimizer, full, options=StateDictOptions(full_state_dict=True))
