@@ -84,7 +84,11 @@ def test_resolved_config_round_trips(tmp_path):
             [],
             ["scaling.min_workers", "pipelines cannot resize"],
         ),
-        ("strategy: async_ps\nscaling:\n  min_workers: 1\n  max_failures: 1\n", [], ["scaling.min_workers", "async_ps"]),
+        (
+            "strategy: async_ps\nscaling:\n  min_workers: 1\n  max_failures: 1\n",
+            [],
+            ["scaling.min_workers", "async_ps"],
+        ),
     ],
 )
 def test_bad_values_name_file_and_key(tmp_path, text, overrides, needles):

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from _ranks import spawn_ranks
 
 from shoal import checkpoint, snapshot
 from shoal.config import JobConfig, config_from_dict
 from shoal.dcp import gather
 from shoal.dist import WorldInfo
+
+from _ranks import spawn_ranks
 
 STOP_AT = 5
 STEPS = 12

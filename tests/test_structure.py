@@ -21,7 +21,20 @@ PACKAGE = REPO / "platform" / "shoal"
 LAYERS = [
     {"errors", "imports", "progress", "signals", "startup", "plots", "toolchain"},  # no Shoal imports of their own
     {"config"},  # the typed job and its rules
-    {"dist", "raynode", "keeper", "cluster", "rundir", "dcp", "state", "weights", "checkpoint", "snapshot", "metrics", "precision"},
+    {
+        "dist",
+        "raynode",
+        "keeper",
+        "cluster",
+        "rundir",
+        "dcp",
+        "state",
+        "weights",
+        "checkpoint",
+        "snapshot",
+        "metrics",
+        "precision",
+    },
     {"data", "hf", "model_io", "models", "losses", "optim", "batch", "gns", "health", "trained", "report", "tracking"},
     {"strategies"},
     {"job", "check", "preflight", "batchfind", "export"},
