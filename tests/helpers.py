@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -315,10 +316,11 @@ class KillingMLP(nn.Module):
     """A digits MLP whose rank `kill_rank` SIGKILLs its own process at its `at_call`-th training forward, once per
     `marker` file (a real death: no exception, no cleanup). The replacement that grows the group back lives on."""
 
-    def __init__(self, marker: str, kill_rank: int, at_call: int):
+    def __init__(self, marker: str, kill_rank: int, at_call: int, sleep_s: float, drop: str | None):
         super().__init__()
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
         self.marker, self.kill_rank, self.at_call, self.calls = Path(marker), kill_rank, at_call, 0
+        self.sleep_s, self.drop = sleep_s, drop  # drop: a directory removed first (the node's snapshots, lost with it)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         import signal
@@ -329,10 +331,18 @@ class KillingMLP(nn.Module):
             self.calls += 1
             rank = dist.get_rank() if dist.is_initialized() else 0
             if rank == self.kill_rank and self.calls == self.at_call and not self.marker.exists():
-                self.marker.write_text(str(os.getpid()))
+                if self.drop:
+                    import shutil
+
+                    shutil.rmtree(self.drop, ignore_errors=True)
+                self.marker.write_text(json.dumps({"pid": os.getpid(), "time": time.time()}))
                 os.kill(os.getpid(), signal.SIGKILL)
+            if self.sleep_s:
+                time.sleep(self.sleep_s)
         return self.net(x)
 
 
-def killing_mlp(marker: str, kill_rank: int = 1, at_call: int = 8) -> nn.Module:
-    return KillingMLP(marker, kill_rank, at_call)
+def killing_mlp(
+    marker: str, kill_rank: int = 1, at_call: int = 8, sleep_s: float = 0.0, drop: str | None = None
+) -> nn.Module:
+    return KillingMLP(marker, kill_rank, at_call, sleep_s, drop)

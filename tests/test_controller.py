@@ -171,3 +171,13 @@ def test_a_rank_error_is_typed_from_what_the_rank_raised():
 
 def test_only_finished_and_errored_end_a_run():
     assert {s for s in State if s.terminal} == {State.FINISHED, State.ERRORED}
+
+
+@pytest.mark.parametrize(
+    "left, min_workers, restarts, expected",
+    [(1, 1, 0, "resize"), (1, 2, 0, RESTART), (2, 1, 0, "resize"), (1, 1, 2, RAISE), (1, None, 0, RESTART)],
+)
+def test_elastic_failures_resize_while_enough_ranks_are_left(left, min_workers, restarts, expected):
+    f = Failure(1, "rank 1 failed: WorkerDied: process died (SIGKILL)")
+    assert decide(f, restarts, 2, ranks_left=left, min_workers=min_workers) == expected
+    assert decide(Failure(1, "bad shard", user_error=True), 0, 2, left, min_workers) == RAISE

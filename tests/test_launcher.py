@@ -308,3 +308,80 @@ def test_a_running_embedded_job_listens_on_loopback_only_and_starts_no_dashboard
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 143, out[-2000:]
+
+
+# ---------------------------------------------------------------- elastic: a rank SIGKILLed, the group resized
+
+
+def elastic_job(tmp_path: Path, steps: int, **kill: object) -> tuple[object, dict]:
+    """Digits on 2 ranks that may go down to 1: rank 1 SIGKILLs itself at its 8th training forward."""
+    from test_snapshot import elastic_cfg
+
+    from shoal.config import config_from_dict
+
+    kwargs = {"marker": str(tmp_path / "killed"), "kill_rank": 1, "at_call": 8, **kill}
+    updates = {
+        "model.target": "helpers:killing_mlp",
+        "model.kwargs": kwargs,
+        "train.max_steps": steps,
+        "scaling.max_failures": 2,
+        "scaling.cpus_per_worker": 1,
+        "checkpoint.every_steps": 5,
+    }
+    data = elastic_cfg(tmp_path / "run", **updates)
+    return config_from_dict(data), data
+
+
+def reference_params(tmp_path: Path, data: dict) -> dict:
+    """The same job on 2 gloo ranks, never interrupted (the kill's marker is already there)."""
+    from test_snapshot import final_params, train_until
+
+    from _ranks import spawn_ranks
+
+    (tmp_path / "killed").write_text("{}")
+    reference = {**data, "run": {**data["run"], "dir": str(tmp_path / "reference")}}
+    model = reference["model"]
+    reference["model"] = {**model, "kwargs": {**model["kwargs"], "sleep_s": 0.0, "drop": None}}
+    spawn_ranks(train_until, 2, reference, None)
+    return final_params(tmp_path / "reference")
+
+
+def steps_logged(run: Path) -> list[dict]:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "batch" in r]
+
+
+def test_a_rank_sigkilled_the_job_goes_on_with_one_and_grows_back_to_two(ray_cluster, tmp_path, capsys):
+    from test_snapshot import assert_same_params, final_params
+
+    # 30 ms per forward: the spare rank has time to load while one rank trains alone
+    cfg, data = elastic_job(tmp_path, 200, sleep_s=0.03)
+    cfg = cfg.replace({"checkpoint.memory_every": 1})
+    summary = launcher.run(cfg)
+    assert summary["status"] == "completed" and summary["steps"] == 200
+    shrink, grow = summary["resizes"]
+    killed_at = json.loads((tmp_path / "killed").read_text())["time"]
+    assert (shrink["old_world"], shrink["new_world"], shrink["resumed_from"]) == (2, 1, "memory")
+    assert shrink["steps_lost"] <= 1  # checkpoint.memory_every = 1
+    assert 0 < shrink["recovery_s"] < 30 and shrink["time"] > killed_at
+    assert (grow["old_world"], grow["new_world"], grow["reason"]) == (1, 2, "resources returned")
+    out = capsys.readouterr().out
+    assert "resized 2 -> 1 workers" in out and "recovered in" in out and "growing from 1 to 2 workers" in out
+    steps = steps_logged(tmp_path / "run")
+    assert [r["step"] for r in steps] == list(range(1, 201))  # the lost steps' records were rewritten
+    assert {r["batch"] for r in steps} == {16}
+    assert_same_params(final_params(tmp_path / "run"), reference_params(tmp_path, data))
+
+
+def test_a_rank_lost_with_its_snapshots_resumes_from_disk_and_says_so(ray_cluster, tmp_path, capsys):
+    from test_snapshot import assert_same_params, final_params
+
+    from shoal import snapshot
+
+    cfg, data = elastic_job(tmp_path, 30, drop=str(snapshot.snapshot_dir(tmp_path / "run")))
+    summary = launcher.run(cfg)
+    assert summary["status"] == "completed" and summary["steps"] == 30
+    shrink = summary["resizes"][0]
+    assert (shrink["new_world"], shrink["resumed_from"]) == (1, "disk")
+    assert 1 <= shrink["steps_lost"] <= 5  # since the disk checkpoint (checkpoint.every_steps = 5)
+    assert "from disk" in capsys.readouterr().out
+    assert_same_params(final_params(tmp_path / "run"), reference_params(tmp_path, data))

@@ -147,18 +147,22 @@ def test_uneven_pieces_three_ranks_to_two_equal_one_rank_on_the_same_samples(tmp
 def test_a_slot_torn_by_a_killed_writer_leaves_the_other_whole(tmp_path):
     run = tmp_path / "run"
     state = {"w": torch.arange(6, dtype=torch.float32), "meta": {"step": 0, "pairs": (1, 2), 3: float("nan")}}
-    snaps = snapshot.Snapshots(1, run, WorldInfo(), lambda: state)
+    snaps = snapshot.Snapshots(1, run, WorldInfo(), lambda: {"model": state}, lambda: {"rng": torch.ones(3)})
     try:
         snaps.save(1)
         state["w"] += 1
         snaps.save(2)
         newest = max(snapshot.slots(run), key=lambda s: s.step)
         back = snapshot.read(newest)
-        assert torch.equal(back["w"], torch.arange(6, dtype=torch.float32) + 1)
-        assert back["meta"]["pairs"] == (1, 2) and back["meta"][3] != back["meta"][3]  # tuples, int keys, NaN
-        newest.path.unlink()  # the writer of step 3 died after removing the slot's description
+        assert torch.equal(back["model"]["w"], torch.arange(6, dtype=torch.float32) + 1)  # the bytes of the step
+        meta = back["model"]["meta"]
+        assert meta["pairs"] == (1, 2) and meta[3] != meta[3]  # tuples, int keys, NaN
+        assert torch.equal(back["state"]["rng"], torch.ones(3))
+        with open(newest.path, "r+b") as f:  # the writer of step 3 died after clearing the slot's whole flag
+            f.seek(8)
+            f.write(b"\0")
         assert [s.step for s in snapshot.slots(run)] == [1]
-        again = snapshot.Snapshots(1, run, WorldInfo(), lambda: state)
+        again = snapshot.Snapshots(1, run, WorldInfo(), lambda: {"model": state}, dict)
         assert again.slot == int(newest.path.name.split(".")[1])  # a restarted writer fills the torn slot first
         assert snapshot.restorable_steps(snapshot.slots(run), sharded=False) == {1}
     finally:

@@ -132,7 +132,7 @@ def build_job(cfg: JobConfig, world: WorldInfo, device: torch.device, run_dir: P
     )
     if cfg.health.on_nonfinite == "rollback":
         job.health.rollback = Rollback(cfg.health, job.state, job.checkpointer)
-    job.snapshots = Snapshots(cadence(cfg), run_dir, world, job.state.local)
+    job.snapshots = Snapshots(cadence(cfg), run_dir, world, job.state.held, job.state.progress, job.state.generation)
     return job
 
 

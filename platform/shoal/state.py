@@ -118,17 +118,23 @@ class TrainState:
             STATE: state,
         }
 
-    def local(self) -> dict[str, Any]:
-        """What this rank holds, as `collect` lays it out but with no collective: its own generators, and the
-        model and optimizer as the strategy keeps them here (whole, or this rank's shards). Memory snapshots."""
+    def held(self) -> dict[str, Any]:
+        """The model and optimizer as the strategy keeps them on this rank (whole, or its shards): no collective."""
+        return {MODEL: self.state_io.model_state(), OPTIMIZER: self.state_io.optimizer_state(self.optimizer)}
+
+    def progress(self) -> dict[str, Any]:
+        """The named parts and this rank's own generators, as `collect` lays out STATE but with no collective."""
         state = {name: part.state_dict() for name, part in self.parts.items()}
-        state[RNG] = rng_state()
+        # torch's generators only: Python's and NumPy's global ones (30-50 us to read, every step) Shoal never draws
+        # from; disk checkpoints keep them
+        state[RNG] = rng_state(host_libraries=False)
         state[WORLD_SIZE] = self.world.world_size
-        return {
-            MODEL: self.state_io.model_state(),
-            OPTIMIZER: self.state_io.optimizer_state(self.optimizer),
-            STATE: state,
-        }
+        return state
+
+    def generation(self) -> tuple[int, ...]:
+        """Changes when the optimizer's state is replaced or grows (a load, a first step): the tensors a snapshot
+        keeps are then found anew; otherwise they are the same storage, updated in place."""
+        return id(self.optimizer.state), len(self.optimizer.state), id(self.state_io)
 
     def restore(self, data: dict[str, Any], source: Path | str, keep: tuple[str, ...] = ()) -> None:
         """Load a checkpoint's parts (as `collect` gave them) into this rank; parts named in keep stay as they are."""
@@ -154,32 +160,39 @@ class TrainState:
 # ---------------------------------------------------------------- RNG
 
 
-def rng_state() -> dict[str, Any]:
-    """This process's generators as tensors and plain data (weights_only-loadable)."""
+def rng_state(host_libraries: bool = True) -> dict[str, Any]:
+    """This process's generators as tensors and plain data (weights_only-loadable); torch's alone unless
+    host_libraries (Python's and NumPy's global generators too)."""
+    torch_state = {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    if not host_libraries:
+        return torch_state
     np_state = np.random.get_state()
+    version, internal, gauss = random.getstate()
     return {
-        "python": _plain(random.getstate()),
+        "python": [version, torch.from_numpy(np.asarray(internal, dtype=np.int64)), gauss],  # one tensor: cheap to copy
         "numpy": {
             "keys": torch.from_numpy(np_state[1].astype(np.int64)),
             "pos": int(np_state[2]),
             "gauss": [int(np_state[3]), float(np_state[4])],
         },
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        **torch_state,
     }
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(_tuples(state["python"]))
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["gauss"][0], n["gauss"][1]))
+    if "python" in state:  # (a memory snapshot keeps torch's generators only)
+        version, internal, gauss = state["python"]
+        if isinstance(internal, torch.Tensor):
+            internal = tuple(internal.tolist())
+        random.setstate((version, _tuples(internal), gauss))  # older checkpoints hold it as a list
+        n = state["numpy"]
+        np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["gauss"][0], n["gauss"][1]))
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _plain(x: Any) -> Any:
-    return [_plain(v) for v in x] if isinstance(x, (tuple, list)) else x
 
 
 def _tuples(x: Any) -> Any:
