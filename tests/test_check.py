@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -233,6 +234,7 @@ def test_doctor_labels_estimates_the_noise_from_the_trained_models_view_of_valid
     proc = shoal_cli("doctor", str(run_dir), "--labels")
     assert proc.returncode == 0, proc.stderr
     doc = json.loads((run_dir / "doctor" / "labels.json").read_text())
+    assert (doc["split"], doc["method"]) == ("val", "predictions")
     val = open_shards(DataConfig(format="shards", path=str(shards_val)))[1]
     x, y, _ = val.get_batch(np.arange(len(val)))
     wrong = {i for i in range(len(y)) if truth[_key(x[i].numpy())] != int(y[i])}
@@ -241,6 +243,70 @@ def test_doctor_labels_estimates_the_noise_from_the_trained_models_view_of_valid
     top = [index[s["at"]] for s in doc["suspects"][:50]]
     assert sum(t in wrong for t in top) >= 40, sum(t in wrong for t in top)
     assert doc["finding"]["kind"] == "label_noise" and "Suspected wrong labels" in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def noisy_run(tmp_path_factory) -> tuple[Path, Path, dict[bytes, int]]:
+    """A digits classifier trained on shards with 30% planted wrong labels and no validation split:
+    (run directory, shards, the true label of each image)."""
+    tmp = tmp_path_factory.mktemp("noisy-run")
+    planted, labels = _planted(0.3, seed=1)
+    shards = _shard(tmp, "noisy-train", planted.reshape(-1, 1, 8, 8), labels, val=0)
+    run_dir = tmp / "run"
+    proc = shoal_cli(
+        "worker", DIGITS_SHARDS, f"data.path={shards}", "train.max_steps=150", "train.eval_every=0",
+        f"run.dir={run_dir}", "log.tensorboard=false",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return run_dir, shards, {_key(row): int(t) for row, t in zip(*_digits())}
+
+
+def test_doctor_labels_on_the_training_split_judges_it_by_kfold_on_the_trained_models_features(noisy_run):
+    run_dir, shards, truth = noisy_run
+    proc = shoal_cli("doctor", str(run_dir), "--labels", "--split", "train")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads((run_dir / "doctor" / "labels.json").read_text())
+    assert (doc["split"], doc["method"], doc["folds"]) == ("train", "kfold", 5)
+    train = open_shards(DataConfig(format="shards", path=str(shards)))[0]
+    x, y, _ = train.get_batch(np.arange(len(train)))
+    wrong = {i for i in range(len(y)) if truth[_key(x[i].numpy().reshape(-1))] != int(y[i])}
+    assert doc["samples"] == len(y)  # under SAMPLE: every training sample judged
+    assert abs(doc["rate"] - len(wrong) / len(y)) < 0.1, (doc["rate"], len(wrong) / len(y))
+    index = {f"{s.name}#{i}": k for k, (s, i) in enumerate(_places(train))}
+    top = [index[s["at"]] for s in doc["suspects"][:50]]
+    assert sum(t in wrong for t in top) >= 40, sum(t in wrong for t in top)
+    assert doc["finding"]["kind"] == "label_noise" and "no validation split" not in proc.stdout
+    assert "## Labels (training split: 5-fold logistic regression on the trained model's penultimate" in proc.stdout
+
+
+def test_doctor_labels_without_a_validation_split_says_it_uses_the_training_split(noisy_run):
+    run_dir, _, _ = noisy_run
+    proc = shoal_cli("doctor", str(run_dir), "--labels")
+    assert proc.returncode == 0, proc.stderr
+    said = [line for line in proc.stdout.splitlines() if "no validation split" in line]
+    assert len(said) == 1 and said[0].startswith("[shoal] --labels: the run has no validation split; judging the train")
+    assert json.loads((run_dir / "doctor" / "labels.json").read_text())["split"] == "train"
+    proc = shoal_cli("doctor", str(run_dir), "--labels", "--split", "val")
+    assert proc.returncode == 2 and "no validation split" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _one_line_error(proc, *words: str) -> None:
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("shoal: error: --labels:"), proc.stderr
+    assert all(w in lines[0] for w in words), lines
+
+
+def test_doctor_labels_on_the_training_split_refuses_a_regression_run_and_a_run_without_checkpoint(tmp_path, noisy_run):
+    run_dir = tmp_path / "regression"
+    proc = shoal_cli(
+        "worker", QUICKSTART, "data.dataset=synthetic", "data.task=regression", "train.loss=mse", "train.max_steps=2",
+        "train.eval_every=0", f"run.dir={run_dir}", "log.tensorboard=false",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    _one_line_error(shoal_cli("doctor", str(run_dir), "--labels", "--split", "train"), "regression", "classes")
+    bare = tmp_path / "no-checkpoint"
+    shutil.copytree(noisy_run[0], bare, ignore=shutil.ignore_patterns("checkpoints", "doctor"))
+    _one_line_error(shoal_cli("doctor", str(bare), "--labels", "--split", "train"), "no complete checkpoint")
 
 
 def test_a_systematic_mislabelling_names_the_confused_pair(tmp_path):

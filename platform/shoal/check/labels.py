@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from threadpoolctl import threadpool_limits
 
 from shoal.check.findings import Finding
+from shoal.errors import ShoalError
 
 FOLDS = 5
 SUSPECTS_KEPT = 200  # in report.json (report.md shows the first SHOWN)
@@ -46,16 +49,19 @@ def spread(n: int) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, num=min(n, SAMPLE)).astype(np.int64))
 
 
-def out_of_sample(x: np.ndarray, y: np.ndarray, classes: int, seed: int) -> np.ndarray | None:
+def out_of_sample(x: np.ndarray, y: np.ndarray, classes: int, seed: int, folds: int = FOLDS) -> np.ndarray | None:
     """Each sample's class probabilities from a model fitted on the other folds (None: too few per class)."""
     counts = np.bincount(y, minlength=classes)
     present = counts[counts > 0]
-    if len(present) < 2 or present.min() < FOLDS:
+    if len(present) < 2 or present.min() < max(folds, FOLDS):
         return None
     x = (x - x.mean(0)) / (x.std(0) + 1e-8)
-    folds = StratifiedKFold(FOLDS, shuffle=True, random_state=seed)
-    model = LogisticRegression(max_iter=ITERATIONS, C=_regularisation(x, y, seed))
-    probs = cross_val_predict(model, x, y, cv=folds, method="predict_proba")
+    split = StratifiedKFold(folds, shuffle=True, random_state=seed)
+    # one BLAS thread: the matrices are small, and threads that wait for a busy core (torch's, other jobs')
+    # made the eight fits 40x slower on a loaded 2-core machine (0.3 s against 12 s)
+    with threadpool_limits(1, user_api="blas"):
+        model = LogisticRegression(max_iter=ITERATIONS, C=_regularisation(x, y, seed))
+        probs = cross_val_predict(model, x, y, cv=split, method="predict_proba")
     full = np.zeros((len(y), classes))
     full[:, np.flatnonzero(counts)] = probs  # classes absent from the sample keep probability 0
     return full
@@ -168,37 +174,96 @@ def markdown(noise: dict[str, Any]) -> list[str]:
     return lines + ["", f"Most confused (given -> likely): {pairs}", ""]
 
 
-def after_training(run_dir: Any) -> tuple[Finding | None, dict[str, Any]]:
-    """`shoal doctor RUN_DIR --labels`: the same estimate from the trained model's view of the validation
-    split (samples it never trained on), its suspects by shard and index."""
+def after_training(
+    run_dir: Path, split: str | None = None, kfold: int | None = None
+) -> tuple[Finding | None, dict[str, Any]]:
+    """`shoal doctor RUN_DIR --labels`: the same estimate from the trained model's view of one split, its
+    suspects by shard and index; report() plus `split` and `method` (and `folds`).
+
+    Validation (the default): the model's own predictions, out-of-sample since it never trained on them.
+    Training (`--split train`, or the default when the run has no validation split): the model's predictions
+    there are in-sample (it fitted those very labels), so the view is K-fold logistic regression on its
+    penultimate features (the input of the last module with parameters the forward calls) of a spread sample
+    of up to SAMPLE rows: each row judged by a head that never saw its label. `--kfold K` asks for that on
+    the validation split too."""
     import torch  # the trained model: only this command needs it here
 
     from shoal.data.loaders import open_splits
-    from shoal.errors import ShoalError
+
+    trained = _trained(run_dir)
+    train, val = open_splits(trained.cfg)
+    split = split or ("val" if val is not None else "train")
+    source = train if split == "train" else val
+    if source is None or len(source) < 2:
+        raise ShoalError("--labels: the run has no validation split to judge its labels on (data.val_fraction > 0)")
+    folds = kfold or (FOLDS if split == "train" else None)
+    rows = spread(len(source)) if folds else np.arange(len(source))
+    with torch.inference_mode():
+        seen, given = _views(trained.model, source, rows, penultimate=bool(folds))
+    names = (getattr(source, "manifest", None) or getattr(train, "manifest", None) or {}).get("classes")
+    if folds:
+        classes = max(trained.spec.num_classes, int(given.max()) + 1)
+        probs = out_of_sample(seen, given, classes, trained.cfg.seed, folds)
+        if probs is None:
+            raise ShoalError(f"--labels: too few samples of some class in the {split} split for {folds}-fold")
+    else:
+        probs = torch.softmax(torch.from_numpy(seen).float(), dim=-1).numpy()
+    noise = estimate(probs, given)
+    found = finding(noise, trained.cfg.check.label_noise_threshold, names)
+    method = {"method": "kfold", "folds": folds} if folds else {"method": "predictions"}
+    return found, {"split": split, **method, **report(noise, _places(source, rows, split), names, given)}
+
+
+def _trained(run_dir: Path) -> Any:
+    """The run's trained classifier (its latest checkpoint); ShoalError when there is none or no classes."""
+    from shoal.checkpoint import find_latest
     from shoal.trained import load
 
+    if find_latest(run_dir) is None:
+        raise ShoalError(
+            f"--labels: {run_dir} has no complete checkpoint to load the trained model from "
+            "(checkpoint.at_end: true saves one when training ends)"
+        )
     trained = load(run_dir)
     if trained.spec.task != "classification":
         raise ShoalError(f"--labels: {run_dir} trained a {trained.spec.task} model; label noise needs classes")
-    val = open_splits(trained.cfg)[1]
-    if val is None or len(val) < 2:
-        raise ShoalError("--labels: the run has no validation split to judge its labels on (data.val_fraction > 0)")
-    probs, given = [], []
-    with torch.inference_mode():
-        for start in range(0, len(val), 256):
-            x, y, *_ = val.get_batch(np.arange(start, min(start + 256, len(val))))
-            probs.append(torch.softmax(trained.model(x).float(), dim=-1).numpy())
-            given.append(y.numpy())
-    y = np.concatenate(given).astype(np.int64)
-    noise = estimate(np.concatenate(probs), y)
-    names = (getattr(val, "manifest", None) or {}).get("classes")
-    found = finding(noise, trained.cfg.check.label_noise_threshold, names)
-    return found, report(noise, _places(val), names, y)
+    return trained
 
 
-def _places(source: Any) -> list[str]:
-    """shard#index of every sample of a split read in order (val#index for in-memory data)."""
+def _views(model: Any, source: Any, rows: np.ndarray, penultimate: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The model's logits (or penultimate features) of these rows of a split, and their given labels."""
+    out, given = [], []
+    for start in range(0, len(rows), 256):
+        x, y, *_ = source.get_batch(rows[start : start + 256])
+        out.append((_penultimate(model, x) if penultimate else model(x)).float().numpy())
+        given.append(y.numpy())
+    return np.concatenate(out), np.concatenate(given).astype(np.int64)
+
+
+def _penultimate(model: Any, x: Any) -> Any:
+    """The input of the last module with parameters of its own that the forward calls (a classifier's head):
+    what the trained layers make of x, one row a sample (the logits when nothing was caught)."""
+    caught: dict[str, Any] = {}
+
+    def keep(module: Any, args: tuple) -> None:
+        if args and hasattr(args[0], "flatten"):
+            caught["x"] = args[0]
+
+    owners = [m for m in model.modules() if next(m.parameters(recurse=False), None) is not None]
+    handles = [m.register_forward_pre_hook(keep) for m in owners]
+    try:
+        logits = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return caught.get("x", logits).flatten(1)
+
+
+def _places(source: Any, rows: np.ndarray, split: str) -> list[str]:
+    """shard#index of these rows of a split read in order (split#index for in-memory data)."""
     shards = getattr(source, "shards", None)
     if shards is None:
-        return [f"val#{i}" for i in range(len(source))]
-    return [f"{s.name}#{i}" for s in shards for i in range(s.samples)]
+        return [f"{split}#{r}" for r in rows]
+    starts = np.cumsum([0] + [s.samples for s in shards])
+    at = np.searchsorted(starts, rows, side="right") - 1
+    return [f"{shards[k].name}#{r - starts[k]}" for k, r in zip(at, rows)]
