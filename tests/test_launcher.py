@@ -369,6 +369,12 @@ def test_a_rank_sigkilled_the_job_goes_on_with_one_and_grows_back_to_two(ray_clu
     steps = steps_logged(tmp_path / "run")
     assert [r["step"] for r in steps] == list(range(1, 201))  # the lost steps' records were rewritten
     assert {r["batch"] for r in steps} == {16}
+    from shoal.health.doctor import diagnose
+    from shoal.report import write
+
+    doctor = diagnose(tmp_path / "run").read_text()
+    assert "## Workers (elastic resizes)" in doctor and "| 2 -> 1 |" in doctor and "| 1 -> 2 |" in doctor
+    assert "<table id='resizes'>" in write(tmp_path / "run").read_text()
     assert_same_params(final_params(tmp_path / "run"), reference_params(tmp_path, data))
 
 

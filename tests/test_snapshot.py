@@ -46,9 +46,15 @@ def elastic_cfg(run_dir: Path, **updates: object) -> dict:
     return JobConfig().replace({**base, **updates}).to_dict()
 
 
-def train_until(cfg: dict, stop_at: int | None, resume: bool = False) -> dict:
-    """One rank of run_worker: stopped (as by SIGTERM, agreed at a step boundary) once step `stop_at` is done."""
+def train_until(cfg: dict, stop_at: int | None, resume: bool = False, torchrun_restart: bool = False) -> dict:
+    """One rank of run_worker: stopped (as by SIGTERM, agreed at a step boundary) once step `stop_at` is done.
+    torchrun_restart: started as torchrun restarts a group (TORCHELASTIC_RESTART_COUNT=1), without --resume."""
+    import os
+
     from shoal.worker import run_worker
+
+    if torchrun_restart:
+        os.environ["TORCHELASTIC_RESTART_COUNT"] = "1"
 
     stop = threading.Event()
 
@@ -81,7 +87,9 @@ def assert_same_params(a: dict, b: dict) -> None:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
-def interrupt_and_resume(tmp_path: Path, before: int, after: int, drop_snapshot: bool = False, **updates) -> Path:
+def interrupt_and_resume(
+    tmp_path: Path, before: int, after: int, drop_snapshot: bool = False, torchrun: bool = False, **updates
+) -> Path:
     run = tmp_path / "run"
     cfg = elastic_cfg(run, **updates)
     first = spawn_ranks(train_until, before, cfg, STOP_AT)
@@ -90,7 +98,7 @@ def interrupt_and_resume(tmp_path: Path, before: int, after: int, drop_snapshot:
         shutil.rmtree(snapshot.snapshot_dir(run))
     else:
         assert snapshot.slots(run), "a stopped run keeps its snapshots"
-    second = spawn_ranks(train_until, after, cfg, None, True)
+    second = spawn_ranks(train_until, after, cfg, None, not torchrun, torchrun)
     assert second[0]["status"] == "completed" and second[0]["steps"] == STEPS
     assert not snapshot.snapshot_dir(run).exists(), "a completed run frees its shared memory"
     return run
@@ -122,8 +130,9 @@ def test_two_ranks_stopped_go_on_as_one_from_memory_and_end_as_the_uninterrupted
     assert_same_params(final_params(run), final_params(reference))
 
 
-def test_with_the_snapshot_gone_the_group_resumes_from_disk_and_says_so(tmp_path):
-    run = interrupt_and_resume(tmp_path, 2, 1, drop_snapshot=True)
+def test_with_the_snapshot_gone_a_torchrun_restart_resumes_from_disk(tmp_path):
+    """As `torchrun --nnodes=1:2` restarts the group at one node (TORCHELASTIC_RESTART_COUNT, no --resume)."""
+    run = interrupt_and_resume(tmp_path, 2, 1, drop_snapshot=True, torchrun=True)
     assert resize_record(run)["resumed_from"] == "disk"
     summary = json.loads((run / "summary.json").read_text())
     assert "/checkpoints/step-" in summary["resumed_from"]

@@ -38,6 +38,7 @@ class WorldInfo:
     node_rank: int = 0
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
+    restart: int = 0  # torchrun's restart of this worker group (TORCHELASTIC_RESTART_COUNT): >0 resumes
 
     @property
     def is_main(self) -> bool:
@@ -73,6 +74,7 @@ class WorldInfo:
             node_rank=node_rank,
             master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
             master_port=_int(env, "MASTER_PORT", 29500, low=1),
+            restart=_int(env, "TORCHELASTIC_RESTART_COUNT", 0, low=0),
         )
 
     def to_env(self) -> dict[str, str]:

@@ -154,3 +154,22 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+RESIZE_COLUMNS = ["step", "workers", "reason", "recovery s", "steps lost", "resumed from"]
+
+
+def resizes(records: list[dict[str, Any]]) -> list[list[Any]]:
+    """The elastic group's resizes (metrics.jsonl's resize records), as rows under RESIZE_COLUMNS."""
+    return [
+        [
+            r["step"],
+            f"{r['old_world']} -> {r['new_world']}",
+            r.get("reason", ""),
+            r.get("recovery_s"),
+            r.get("steps_lost"),
+            r.get("resumed_from", ""),
+        ]
+        for r in records
+        if r.get("event") == "resize"
+    ]

@@ -18,7 +18,7 @@ import yaml
 
 from shoal.errors import ShoalError
 from shoal.health.doctor import diagnose, read_alerts, series
-from shoal.metrics import read_metrics
+from shoal.metrics import RESIZE_COLUMNS, read_metrics, resizes
 from shoal.rundir import CONFIG, METRICS, read_summary
 
 CURVES = [  # (title, metric keys, log scale)
@@ -66,6 +66,7 @@ def _run_page(run_dir: Path) -> str:
         "<h2>Check findings</h2>",
         _findings(run_dir / "check" / "report.json"),
         _classes(run_dir),
+        _resizes(records),
         "<h2>Throughput and memory</h2>",
         _throughput(summary),
         "<h2>Checkpoints</h2>",
@@ -285,6 +286,14 @@ def _doctor_pngs(run_dir: Path) -> str:
         data = base64.b64encode(png.read_bytes()).decode()
         imgs.append(f"<img class='plot' alt='{png.stem}' src='data:image/png;base64,{data}'>")
     return "<div class='grid'>" + "".join(imgs) + "</div>"
+
+
+def _resizes(records: list[dict[str, Any]]) -> str:
+    """Elastic training's resizes (none: nothing shown)."""
+    rows = resizes(records)
+    if not rows:
+        return ""
+    return "<h2>Workers (elastic resizes)</h2>" + _table(RESIZE_COLUMNS, rows, "resizes")
 
 
 def _table(headers: list[str], rows: list[list[Any]], table_id: str) -> str:

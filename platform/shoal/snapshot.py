@@ -45,7 +45,8 @@ log = logging.getLogger("shoal")
 SLOTS = 2
 AUTO = "auto"  # checkpoint.memory_every unset on an elastic job: see Pace
 BUDGET = 0.03  # of the training time, for AUTO
-CALIBRATION = 10  # steps measured before AUTO settles
+WARMUP = 5  # first steps of a run AUTO does not measure (allocations, first calls)
+CALIBRATION = 20  # steps measured before AUTO settles
 ALIGN = 64  # bytes: the header's size, and every tensor starts at a multiple (typed views of the slot's bytes)
 MAGIC = b"SHOALSN1"
 HEADER = struct.Struct("<8sBxxxxxxxqqq")  # magic, whole, step, description offset, description length
@@ -174,30 +175,36 @@ class _Mapped:
 
 
 class Pace:
-    """The cadence of checkpoint.memory_every unset on an elastic job: a snapshot every step while the first
-    CALIBRATION steps of the run measure it, then every k steps, the fewest that keep snapshots within BUDGET of
+    """The cadence of checkpoint.memory_every unset on an elastic job: a snapshot every step while the run's first
+    WARMUP + CALIBRATION steps measure it, then every k steps, the fewest that keep snapshots within BUDGET of
     the training time (on a tiny model a snapshot costs as much as a step). Every rank takes the largest k, once."""
 
     def __init__(self, world: dist.WorldInfo):
         self.world = world
-        self.k, self.start, self.agreed = 1, -1, False
+        self.k, self.start, self.agreed = 1, -1, False  # a snapshot every step until agreed
         self.last: float | None = None
         self.saves: list[float] = []
         self.steps: list[float] = []
 
     def due(self, step: int) -> bool:
-        now = time.perf_counter()
-        if self.last is None:
+        if self.start < 0:
             self.start = step - 1  # the run's first step here: the same on every rank
-        else:
-            self.steps.append(now - self.last - (self.saves[-1] if self.saves else 0.0))
-        self.last = now
-        if not self.agreed and step - self.start > CALIBRATION:
-            self.agree()
+        if not self.agreed:
+            self._measure(step)
         return (step - self.start) % self.k == 0
 
+    def _measure(self, step: int) -> None:
+        """Step times (less the snapshot in them) past the first WARMUP steps; agree at the end of CALIBRATION."""
+        now = time.perf_counter()
+        if self.last is not None and step - self.start > WARMUP:
+            self.steps.append(now - self.last - (self.saves[-1] if self.saves else 0.0))
+        self.last = now
+        if step - self.start >= WARMUP + CALIBRATION:
+            self.agree()
+
     def saved(self, seconds: float) -> None:
-        self.saves.append(seconds)
+        if not self.agreed:
+            self.saves.append(seconds)
 
     def agree(self) -> None:
         """k for every rank: each proposes the fewest steps between snapshots within BUDGET, the largest is taken."""

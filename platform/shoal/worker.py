@@ -36,6 +36,10 @@ def run_worker(
     if not isinstance(run, Run):
         run = Run(run, resume, Hooks(report, stop, on_step))
     world, device, backend = _join_group(run)
+    if world.restart and not run.resume:  # torchrun restarted the group (a worker died, or --nnodes MIN:MAX resized it)
+        run.resume = True
+        if world.is_main:
+            log.info("torchrun restart %d: resuming from the run's newest checkpoint or snapshot", world.restart)
     from shoal import dist
 
     job = None

@@ -265,7 +265,7 @@ class CheckpointConfig(Section):
     """Snapshot the whole train state to the node's shared memory (/dev/shm) every this many steps (a copy, no
     collective); a resized or restarted group resumes from it (falling back to the newest disk checkpoint). None =
     off, or, when scaling.min_workers makes the job elastic, every step stretched to the fewest steps that keep
-    snapshots within 3% of the training time (measured over the run's first 10 steps: a tiny model's snapshot
+    snapshots within 3% of the training time (measured over the run's steps 6-25: a tiny model's snapshot
     costs about as much as its step)."""
     resume_from: str | None = None
     """Start from this checkpoint directory (a fresh run directory is fine); `--resume` uses the run's latest instead."""

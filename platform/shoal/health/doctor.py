@@ -11,7 +11,7 @@ from typing import Any
 from shoal.errors import ShoalError
 from shoal.health import HEALTH_FILE
 from shoal.health.detectors import REMEDIES
-from shoal.metrics import read_metrics
+from shoal.metrics import RESIZE_COLUMNS, read_metrics, resizes
 from shoal.plots import figure, save
 from shoal.rundir import METRICS, read_summary
 
@@ -68,11 +68,22 @@ def _markdown(
         lines.append(f"Error: `{summary['error']}`")
     lines += ["", "| figure | value |", "|---|---|", *_figure_rows(records)]
     lines += ["", "## Alerts", "", *_alert_sections(alerts)]
+    lines += _resize_section(records)
     verdict = batch_verdict(records)
     if verdict:
         lines += ["## Batch size and gradient noise", "", verdict, ""]
     lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     return "\n".join(lines)
+
+
+def _resize_section(records: list[dict[str, Any]]) -> list[str]:
+    """Elastic training: when the group shrank or grew, why, and what it cost."""
+    rows = resizes(records)
+    if not rows:
+        return []
+    cells = [" | ".join("" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v) for v in r) for r in rows]
+    head = ["| " + " | ".join(RESIZE_COLUMNS) + " |", "|" + "---|" * len(RESIZE_COLUMNS)]
+    return ["## Workers (elastic resizes)", "", *head, *(f"| {c} |" for c in cells), ""]
 
 
 def _figure_rows(records: list[dict[str, Any]]) -> list[str]:
