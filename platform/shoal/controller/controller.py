@@ -211,7 +211,8 @@ class Controller:
                     if hung is not None:
                         raise GroupFailed(hung, frozenset({hung.rank}), time.time())
                     if all(p.state == RankState.DONE for p in polls):
-                        if growing and not stop.is_set():
+                        ended = (polls[0].result or {}).get("status") != "preempted"  # done before the stop came
+                        if growing and not stop.is_set() and not ended:
                             raise Regroup(self._grow(group))
                         return {**(polls[0].result or {}), "exit_code": signals.exit_code}
                     if not growing and not stop.is_set() and self._may_grow(group):
