@@ -108,6 +108,7 @@ class Controller:
         self.history = [State.STARTING]
         self.restarts = 0
         self.last_step = -1  # the newest step any rank finished (steps lost in a resize)
+        self.grow_asked = 0.0  # when the group was last asked to stop and grow (wall clock)
         self.resizes: list[dict[str, Any]] = []  # metrics.jsonl's resize records, for summary.json
 
     def to(self, state: State) -> None:
@@ -217,7 +218,7 @@ class Controller:
                         return {**(polls[0].result or {}), "exit_code": signals.exit_code}
                     if not growing and not stop.is_set() and self._may_grow(group):
                         group.request_stop()  # every rank stops at the next step boundary, with a snapshot
-                        growing = True
+                        growing, self.grow_asked = True, time.time()
                     time.sleep(max(self.poll_s, TRAINING_POLL_S) if "first_step" in polls[0].marks else self.poll_s)
         finally:
             progress.close()
@@ -229,7 +230,8 @@ class Controller:
         old = group.size
         new = group.grow()
         self._say(f"resources returned: growing from {old} to {new} workers at step {self.last_step}")
-        return {"reason": "resources returned", "died_at": None, "last_step": self.last_step}
+        # recovery_s is then the pause: from asking the ranks to stop to the first step of the larger group
+        return {"reason": "resources returned", "died_at": self.grow_asked, "last_step": self.last_step}
 
     def _show(self, record: dict[str, Any], progress: Progress) -> None:
         """A metrics record to the display; a resize record is said in one line and kept for summary.json."""
