@@ -309,6 +309,96 @@ def test_doctor_labels_on_the_training_split_refuses_a_regression_run_and_a_run_
     _one_line_error(shoal_cli("doctor", str(bare), "--labels", "--split", "train"), "no complete checkpoint")
 
 
+TOPICS = {  # a text's class is which of these words it holds: what a bag of tokens can learn
+    "food": "bread cheese soup recipe oven spice butter garlic noodle salad".split(),
+    "money": "bank loan stock market price budget invoice salary pension profit".split(),
+    "sport": "goal match team score coach league striker referee season trophy".split(),
+    "travel": "train airport hotel ticket luggage beach passport museum island harbour".split(),
+}
+FILLER = "the a of and to in is it was for on with as at by this that from we they he she you had have been".split()
+
+
+def _topic_texts(n: int, noise: float, seed: int = 0) -> tuple[list[str], list[str], np.ndarray]:
+    """n texts of filler words and one to three words of their topic; their labels with `noise` of them
+    replaced by another topic; which were replaced."""
+    import random
+
+    rng, names = random.Random(seed), sorted(TOPICS)
+    texts, given, wrong = [], [], np.zeros(n, dtype=bool)
+    for i in range(n):
+        topic = rng.randrange(len(names))
+        words = [rng.choice(FILLER) for _ in range(rng.randint(5, 12))]
+        words += [rng.choice(TOPICS[names[topic]]) for _ in range(rng.randint(1, 3))]
+        rng.shuffle(words)
+        texts.append(" ".join(words))
+        wrong[i] = rng.random() < noise
+        given.append(names[(topic + rng.randint(1, len(names) - 1)) % len(names)] if wrong[i] else names[topic])
+    return texts, given, wrong
+
+
+def _topic_shards(tmp: Path, noise: float) -> tuple[Path, np.ndarray, list[str]]:
+    """The texts as `shoal shard --tokenizer --label-column --seq-len` rows (in order, no validation split)
+    through a BPE trained on them; which rows are planted; the check's overrides for a bag-of-embeddings model."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from shoal.data import tokens
+
+    texts, given, wrong = _topic_texts(2000, noise)
+    pq.write_table(pa.table({"text": texts, "label": given}), tmp / "t.parquet")
+    tokens.train_bpe(texts, 400, tmp / "tok.json", say=lambda *_: None)
+    out = tmp / "topics"
+    r = shoal_cli(
+        "shard", str(tmp / "t.parquet"), str(out), "--tokenizer", str(tmp / "tok.json"), "--label-column", "label",
+        "--seq-len", "24", "--no-shuffle", "--val-fraction", "0",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    overrides = [
+        "data.format=shards", f"data.path={out}", "check.overfit_steps=20", "model.target=helpers:token_bag",
+        f"model.kwargs.vocab_size={manifest['vocab_size']}", f"model.kwargs.pad_id={manifest['pad_id']}",
+        f"model.kwargs.classes={len(TOPICS)}",
+    ]  # fmt: skip
+    return out, wrong, overrides
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.3])
+def test_label_noise_in_text_classification_is_estimated_on_the_bag_of_tokens(tmp_path, noise):
+    shards, wrong, overrides = _topic_shards(tmp_path, noise)
+    result = _run(tmp_path, QUICKSTART, *overrides)
+    est = result.numbers["label_noise"]
+    assert est["samples"] == len(wrong) and est["inputs"] == "bag of tokens (TF-IDF)"
+    assert ("label_noise" in _kinds(result)) == (noise > 0), result.findings
+    if noise == 0:
+        assert est["rate"] < 0.03, est["rate"]
+        return
+    assert abs(est["rate"] - wrong.mean()) < 0.08, (est["rate"], wrong.mean())
+    train = open_shards(DataConfig(format="shards", path=str(shards)))[0]
+    index = {f"{s.name}#{i}": k for k, (s, i) in enumerate(_places(train))}  # rows in the texts' order
+    top = [index[s["at"]] for s in est["suspects"][:50]]
+    assert sum(wrong[t] for t in top) >= 40, sum(wrong[t] for t in top)
+    assert {s["given"] for s in est["suspects"]} <= set(TOPICS)  # by class name
+
+
+def test_doctor_labels_on_the_training_split_of_a_text_classifier(tmp_path):
+    shards, wrong, overrides = _topic_shards(tmp_path, 0.3)
+    run_dir = tmp_path / "run"
+    train = [*overrides, "train.max_steps=150", "optim.lr=0.06", "train.eval_every=0", f"run.dir={run_dir}"]
+    proc = shoal_cli("worker", QUICKSTART, *train, "log.tensorboard=false")
+    assert proc.returncode == 0, proc.stderr
+    proc = shoal_cli("doctor", str(run_dir), "--labels", "--split", "train")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads((run_dir / "doctor" / "labels.json").read_text())
+    assert (doc["split"], doc["method"], doc["samples"]) == ("train", "kfold", len(wrong))
+    assert abs(doc["rate"] - wrong.mean()) < 0.08, (doc["rate"], wrong.mean())
+    index = {
+        f"{s.name}#{i}": k
+        for k, (s, i) in enumerate(_places(open_shards(DataConfig(format="shards", path=str(shards)))[0]))
+    }
+    top = [index[s["at"]] for s in doc["suspects"][:50]]
+    assert sum(wrong[t] for t in top) >= 40, sum(wrong[t] for t in top)
+
+
 def test_a_systematic_mislabelling_names_the_confused_pair(tmp_path):
     x, y = _digits()
     rng = np.random.default_rng(0)

@@ -85,24 +85,29 @@ def _model_findings(cfg: Any, spec: DataSpec, scanned: Any, labels_ok: bool, say
 def _label_noise(
     cfg: Any, spec: DataSpec, scanned: Any, names: Any, say: Any
 ) -> tuple[Finding | None, dict, list] | None:
-    """Confident learning on the training sample (classification on features; token ids and images of raw
-    pixels alike are fitted by the linear baseline, which is what the estimate rests on)."""
+    """Confident learning on the training sample (classification): K-fold logistic regression on the
+    standardised features (images of raw pixels alike), or on the bag of tokens of rows of token ids."""
     from shoal.check import labels  # sklearn, as the baselines
 
     x, y = scanned.sample
-    if spec.task != "classification" or spec.token_ids or len(x) < 2 * labels.FOLDS:
+    if spec.task != "classification" or len(x) < 2 * labels.FOLDS:
         return None
-    say(f"[shoal] check: estimating label noise on {min(len(x), labels.SAMPLE):,} samples ({labels.FOLDS}-fold)")
-    start = time.perf_counter()
     keep = labels.spread(len(x))
-    xs, ys = x[keep].reshape(len(keep), -1).double().numpy(), y[keep].numpy().astype("int64")
+    inputs = "bag of tokens (TF-IDF)" if spec.token_ids else "features"
+    say(f"[shoal] check: estimating label noise on {len(keep):,} samples ({labels.FOLDS}-fold, {inputs})")
+    start = time.perf_counter()
+    rows, ys = x[keep].reshape(len(keep), -1).numpy(), y[keep].numpy().astype("int64")
     places = [scanned.train.places[i] for i in keep] if len(scanned.train.places) == len(x) else []
-    probs = labels.out_of_sample(xs, ys, spec.num_classes, cfg.seed)
+    if spec.token_ids:
+        bag = labels.bag_of_tokens(rows.astype("int64"), spec.pad_id)
+        probs = labels.out_of_sample(bag, ys, spec.num_classes, cfg.seed, grid=labels.TEXT_REGULARISATION)
+    else:
+        probs = labels.out_of_sample(rows.astype("float64"), ys, spec.num_classes, cfg.seed)
     if probs is None:
         return None
     noise = labels.estimate(probs, ys)
     found = labels.finding(noise, cfg.check.label_noise_threshold, names)
-    report = {**labels.report(noise, places, names, ys), "seconds": time.perf_counter() - start}
+    report = {**labels.report(noise, places, names, ys), "inputs": inputs, "seconds": time.perf_counter() - start}
     images = len(spec.input_shape) == 3
     thumbs = [(x[keep[r]].numpy(), report["suspects"][i]) for i, (r, _, _) in enumerate(noise.suspects[:20])]
     return found, report, thumbs if images else []
