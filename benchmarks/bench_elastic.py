@@ -30,6 +30,8 @@ from pathlib import Path
 
 import psutil
 
+from shoal.metrics import read_metrics
+
 from _common import machine, median, table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,19 +68,6 @@ def rank_processes(state_dir: Path) -> list[psutil.Process]:
     return out
 
 
-def records(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue  # a line being written
-    return out
-
-
 def wait_for(check, proc: subprocess.Popen, timeout_s: float, what: str):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -100,12 +89,12 @@ def recovery(job: str, run_dir: Path, state_dir: Path, kill_at: int) -> dict:
         [shoal, "train", str(QUICKSTART), *sets], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO
     )
     try:
-        wait_for(lambda: any(r.get("step", 0) >= kill_at for r in records(run_dir)), proc, 300, f"step {kill_at}")
+        wait_for(lambda: any(r.get("step", 0) >= kill_at for r in read_metrics(run_dir)), proc, 300, f"step {kill_at}")
         victim = max(rank_processes(state_dir), key=lambda p: p.pid)
         killed = time.time()
         victim.send_signal(signal.SIGKILL)
         found = wait_for(
-            lambda: [r for r in records(run_dir) if r.get("event") == "resize"], proc, 120, "resize record"
+            lambda: [r for r in read_metrics(run_dir) if r.get("event") == "resize"], proc, 120, "resize record"
         )[0]
     finally:
         proc.send_signal(signal.SIGTERM)  # a stop: every rank finishes its step and ends

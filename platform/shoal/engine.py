@@ -99,14 +99,15 @@ def compute_gradients(job: Job, step: int) -> Gradients:
     return Gradients(loss_sum, job.strategy.counted(counts), rows, grad_norm, norm, data_s, tokens)
 
 
-def loss_total(job: Job, counts: list[int]) -> float:
+def loss_total(job: Job, counts: list[int]) -> float | torch.Tensor:
     """What this rank's summed loss is divided by: its own count; elastic, where ranks read uneven pieces, its even
     share of the global count (the ranks' gradients are averaged), so the step's gradient is the exact mean over
     every counted element whatever the world size."""
     if not job.batch.elastic:
         return float(sum(counts))
-    mine = torch.tensor([float(sum(counts))], dtype=torch.float64, device=job.device)
-    return float(dist.all_sum(mine).item()) / job.data.world.world_size
+    mine = torch.tensor(float(sum(counts)), dtype=torch.float64, device=job.device)
+    # left on device (the step's one host read stays the norm's), in the losses' dtype
+    return (dist.all_sum(mine) / job.data.world.world_size).float()
 
 
 @torch.no_grad()

@@ -150,10 +150,20 @@ def _step_of(line: str) -> float:
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """All records of metrics.jsonl."""
-    path = run_dir / METRICS
+    return read_jsonl(run_dir / METRICS)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file; a torn line (being written, or its writer killed mid-write) is left out."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
 
 
 RESIZE_COLUMNS = ["step", "workers", "reason", "recovery s", "steps lost", "resumed from"]

@@ -3,7 +3,6 @@ from the files it writes: metrics.jsonl, health.jsonl, summary.json."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -11,22 +10,13 @@ from typing import Any
 from shoal.errors import ShoalError
 from shoal.health import HEALTH_FILE
 from shoal.health.detectors import REMEDIES
-from shoal.metrics import RESIZE_COLUMNS, read_metrics, resizes
+from shoal.metrics import RESIZE_COLUMNS, read_jsonl, read_metrics, resizes
 from shoal.plots import figure, save
 from shoal.rundir import METRICS, read_summary
 
 
 def read_alerts(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / HEALTH_FILE
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue  # a line being written right now
-    return out
+    return read_jsonl(run_dir / HEALTH_FILE)
 
 
 def diagnose(run_dir: Path) -> Path:

@@ -98,7 +98,7 @@ class Strategy(abc.ABC):
         counts: Sequence[int],
         loss_fn: Loss,
         precision: Precision,
-        total: float | None = None,
+        total: float | torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Forward and backward of the step's micro-batches; returns this rank's summed loss (on device).
 
@@ -108,7 +108,7 @@ class Strategy(abc.ABC):
         """
         model = self.module
         assert model is not None, "wrap the model first"
-        total = total or sum(counts)
+        total = sum(counts) if total is None else total
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         for i, ((x, y), n) in enumerate(zip(batches, counts)):
             with self.sync(enabled=i == len(batches) - 1):
